@@ -26,4 +26,6 @@
 //! Modules follow the data path: [`socks`] is the sans-IO protocol core shared by
 //! the client side ([`upstream`]) and the reference server ([`server`]).
 
+pub mod config;
 pub mod socks;
+pub mod upstream;

@@ -1,0 +1,451 @@
+//! The client side of SOCKS on tokio: dial the proxy, drive
+//! [`socks::ClientHandshake`](crate::socks::ClientHandshake), hand back a connected
+//! stream ([`Upstream::connect`]) or a UDP association ([`Upstream::udp_associate`]).
+//!
+//! Stage: between the flows and the proxy. It must not parse or build SOCKS bytes
+//! itself (the codec does), must not retry behind the caller's back, and must never
+//! dial through the TUN: when a fwmark or an outbound interface is configured, every
+//! socket it opens carries it.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+
+use crate::config::{ProxyHost, ProxyUrl};
+use crate::socks::{self, Address, ClientHandshake, ClientStatus, Command, ReplyCode, udp};
+
+/// How sockets to the proxy are opened.
+#[derive(Debug, Clone)]
+pub struct DialOptions {
+    /// Give up connecting to the proxy after this long.
+    pub connect_timeout: Duration,
+    /// Give up on a proxy that has not finished the handshake after this long.
+    pub handshake_timeout: Duration,
+    /// `SO_MARK` for every socket to the proxy (policy routing keeps it off the TUN).
+    pub fwmark: Option<u32>,
+    /// `SO_BINDTODEVICE`: send to the proxy through this interface only.
+    pub interface: Option<String>,
+}
+
+impl Default for DialOptions {
+    fn default() -> Self {
+        DialOptions {
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            fwmark: None,
+            interface: None,
+        }
+    }
+}
+
+/// Why a session with the proxy could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The proxy's host name did not resolve.
+    #[error("cannot resolve proxy host {host}: {source}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// The resolver's error.
+        source: io::Error,
+    },
+    /// No TCP connection to the proxy (refused, unreachable, ...).
+    #[error("cannot connect to proxy {proxy}: {source}")]
+    Dial {
+        /// The proxy's address.
+        proxy: SocketAddr,
+        /// The socket error.
+        source: io::Error,
+    },
+    /// The proxy did not accept the TCP connection in time.
+    #[error("proxy {proxy} did not accept within {timeout:?}")]
+    DialTimeout {
+        /// The proxy's address.
+        proxy: SocketAddr,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The proxy answered, but the handshake failed (refused method or login,
+    /// an error reply carrying its code, a malformed message).
+    #[error("proxy {proxy}: {source}")]
+    Protocol {
+        /// The proxy's address.
+        proxy: SocketAddr,
+        /// What went wrong, as the codec sees it.
+        source: socks::Error,
+    },
+    /// The proxy closed the connection before the handshake completed.
+    #[error("proxy {proxy} closed the connection during the handshake")]
+    Closed {
+        /// The proxy's address.
+        proxy: SocketAddr,
+    },
+    /// A socket error during the handshake.
+    #[error("I/O error talking to proxy {proxy}: {source}")]
+    Io {
+        /// The proxy's address.
+        proxy: SocketAddr,
+        /// The socket error.
+        source: io::Error,
+    },
+    /// The proxy did not finish the handshake in time.
+    #[error("proxy {proxy} did not answer within {timeout:?}")]
+    HandshakeTimeout {
+        /// The proxy's address.
+        proxy: SocketAddr,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The destination or command cannot be expressed in the proxy's protocol
+    /// (an IPv6 destination over SOCKS4, UDP over SOCKS4).
+    #[error("{0}")]
+    Unsupported(socks::Error),
+}
+
+impl UpstreamError {
+    /// The proxy's SOCKS5 reply code when it refused the request; SOCKS4 refusals map
+    /// to 0x01 (SOCKS4 has one failure code).
+    pub fn reply_code(&self) -> Option<ReplyCode> {
+        match self {
+            UpstreamError::Protocol {
+                source: socks::Error::Rejected { reply },
+                ..
+            } => Some(*reply),
+            UpstreamError::Protocol {
+                source: socks::Error::Rejected4 { .. },
+                ..
+            } => Some(ReplyCode::GENERAL_FAILURE),
+            _ => None,
+        }
+    }
+
+    /// True when the proxy itself could not be reached (as opposed to the proxy
+    /// refusing or failing the request).
+    pub fn proxy_unreachable(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Resolve { .. }
+                | UpstreamError::Dial { .. }
+                | UpstreamError::DialTimeout { .. }
+        )
+    }
+}
+
+/// A TCP stream through the proxy to the destination.
+#[derive(Debug)]
+pub struct Connected {
+    /// The stream; after the handshake it carries the destination's bytes.
+    pub stream: TcpStream,
+    /// BND.ADDR/BND.PORT of the reply (the proxy's outbound socket).
+    pub bound: Address,
+    /// Bytes that arrived after the reply: the first bytes from the destination.
+    /// Deliver them before reading `stream`.
+    pub leftover: Vec<u8>,
+}
+
+/// The upstream proxy and how to reach it.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    proxy: ProxyUrl,
+    options: DialOptions,
+}
+
+impl Upstream {
+    /// A client for `proxy`.
+    pub fn new(proxy: ProxyUrl, options: DialOptions) -> Self {
+        Upstream { proxy, options }
+    }
+
+    /// The proxy URL (safe to log: `Display` hides the password).
+    pub fn proxy(&self) -> &ProxyUrl {
+        &self.proxy
+    }
+
+    /// The dial options.
+    pub fn options(&self) -> &DialOptions {
+        &self.options
+    }
+
+    /// Opens a stream to `target` through the proxy (SOCKS CONNECT).
+    pub async fn connect(&self, target: Address) -> Result<Connected, UpstreamError> {
+        let mut hs = ClientHandshake::new(
+            self.proxy.protocol,
+            self.proxy.auth.clone(),
+            Command::CONNECT,
+            target,
+        )
+        .map_err(UpstreamError::Unsupported)?;
+        let mut stream = self.dial().await?;
+        let proxy = peer(&stream);
+        let mut buf = Vec::with_capacity(512);
+        let bound = self
+            .with_handshake_timeout(proxy, negotiate(&mut stream, &mut hs, &mut buf, proxy))
+            .await?;
+        let ClientStatus::Done(bound) = bound else {
+            // CONNECT has a single reply; `Bound` belongs to BIND.
+            return Err(UpstreamError::Protocol {
+                proxy,
+                source: socks::Error::Failed,
+            });
+        };
+        Ok(Connected {
+            stream,
+            bound,
+            leftover: buf,
+        })
+    }
+
+    /// Sets up a SOCKS5 UDP ASSOCIATE: a control connection and a UDP socket that
+    /// talks to the proxy's relay.
+    pub async fn udp_associate(&self) -> Result<UdpAssociation, UpstreamError> {
+        let mut control = self.dial().await?;
+        let proxy = peer(&control);
+        let io_err = |source| UpstreamError::Io { proxy, source };
+        // The relay accepts datagrams from the control connection's client address:
+        // send from that address, and declare the port so the relay can check it.
+        let local = control.local_addr().map_err(io_err)?;
+        let socket = UdpSocket::bind(SocketAddr::new(local.ip(), 0))
+            .await
+            .map_err(io_err)?;
+        self.mark(&SockRef::from(&socket)).map_err(io_err)?;
+        let declared = socket.local_addr().map_err(io_err)?;
+        let mut hs = ClientHandshake::new(
+            self.proxy.protocol,
+            self.proxy.auth.clone(),
+            Command::UDP_ASSOCIATE,
+            Address::from(declared),
+        )
+        .map_err(UpstreamError::Unsupported)?;
+        let mut buf = Vec::with_capacity(512);
+        let status = self
+            .with_handshake_timeout(proxy, negotiate(&mut control, &mut hs, &mut buf, proxy))
+            .await?;
+        let ClientStatus::Done(relay) = status else {
+            return Err(UpstreamError::Protocol {
+                proxy,
+                source: socks::Error::Failed,
+            });
+        };
+        let relay = resolve_relay(&relay, proxy).await?;
+        socket.connect(relay).await.map_err(io_err)?;
+        Ok(UdpAssociation {
+            control,
+            socket,
+            relay,
+        })
+    }
+
+    async fn with_handshake_timeout<T>(
+        &self,
+        proxy: SocketAddr,
+        fut: impl Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
+        let timeout = self.options.handshake_timeout;
+        tokio::time::timeout(timeout, fut)
+            .await
+            .unwrap_or(Err(UpstreamError::HandshakeTimeout { proxy, timeout }))
+    }
+
+    /// Opens a TCP connection to the proxy, trying each of its addresses in turn.
+    pub async fn dial(&self) -> Result<TcpStream, UpstreamError> {
+        let addrs: Vec<SocketAddr> = match &self.proxy.host {
+            ProxyHost::Ip(ip) => vec![SocketAddr::new(*ip, self.proxy.port)],
+            ProxyHost::Name(name) => tokio::net::lookup_host((name.as_str(), self.proxy.port))
+                .await
+                .map_err(|source| UpstreamError::Resolve {
+                    host: name.clone(),
+                    source,
+                })?
+                .collect(),
+        };
+        let mut last = None;
+        for addr in addrs {
+            match self.dial_one(addr).await {
+                Ok(stream) => return Ok(stream),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| UpstreamError::Resolve {
+            host: self.proxy.host.to_string(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+        }))
+    }
+
+    async fn dial_one(&self, proxy: SocketAddr) -> Result<TcpStream, UpstreamError> {
+        let dial_err = |source| UpstreamError::Dial { proxy, source };
+        let socket = match proxy {
+            SocketAddr::V4(_) => TcpSocket::new_v4(),
+            SocketAddr::V6(_) => TcpSocket::new_v6(),
+        }
+        .map_err(dial_err)?;
+        self.mark(&SockRef::from(&socket)).map_err(dial_err)?;
+        socket.set_nodelay(true).map_err(dial_err)?;
+        let timeout = self.options.connect_timeout;
+        match tokio::time::timeout(timeout, socket.connect(proxy)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(source)) => Err(UpstreamError::Dial { proxy, source }),
+            Err(_) => Err(UpstreamError::DialTimeout { proxy, timeout }),
+        }
+    }
+
+    /// Applies the fwmark and outbound interface to a socket before it is used.
+    fn mark(&self, socket: &SockRef<'_>) -> io::Result<()> {
+        if let Some(mark) = self.options.fwmark {
+            socket.set_mark(mark)?;
+        }
+        if let Some(interface) = &self.options.interface {
+            socket.bind_device(Some(interface.as_bytes()))?;
+        }
+        Ok(())
+    }
+}
+
+fn peer(stream: &TcpStream) -> SocketAddr {
+    stream
+        .peer_addr()
+        .unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))
+}
+
+/// Where to send datagrams for the relay a proxy announced. Many servers announce
+/// `0.0.0.0` (meaning "my address"): use the proxy's own address then.
+async fn resolve_relay(relay: &Address, proxy: SocketAddr) -> Result<SocketAddr, UpstreamError> {
+    match relay {
+        Address::Ip(addr) if addr.ip().is_unspecified() => {
+            Ok(SocketAddr::new(proxy.ip(), addr.port()))
+        }
+        Address::Ip(addr) => Ok(*addr),
+        Address::Domain(name, port) => tokio::net::lookup_host((name.as_str(), *port))
+            .await
+            .map_err(|source| UpstreamError::Resolve {
+                host: name.to_string(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| UpstreamError::Resolve {
+                host: name.to_string(),
+                source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+            }),
+    }
+}
+
+/// Runs a client handshake over `stream` until the proxy's reply (or, for BIND, one
+/// of its two replies) arrives. `buf` holds received bytes not consumed yet; on
+/// success whatever follows the reply stays in it.
+pub async fn negotiate<S>(
+    stream: &mut S,
+    hs: &mut ClientHandshake,
+    buf: &mut Vec<u8>,
+    proxy: SocketAddr,
+) -> Result<ClientStatus, UpstreamError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let io_err = |source| UpstreamError::Io { proxy, source };
+    let first = hs.start();
+    if !first.is_empty() {
+        stream.write_all(&first).await.map_err(io_err)?;
+    }
+    loop {
+        let step = hs
+            .handshake(buf)
+            .map_err(|source| UpstreamError::Protocol { proxy, source })?;
+        buf.drain(..step.consumed.min(buf.len()));
+        if !step.send.is_empty() {
+            stream.write_all(&step.send).await.map_err(io_err)?;
+        }
+        match step.status {
+            ClientStatus::NeedMore if step.consumed > 0 => continue,
+            ClientStatus::NeedMore => {}
+            done => return Ok(done),
+        }
+        if buf.len() >= socks::MAX_MESSAGE {
+            return Err(UpstreamError::Protocol {
+                proxy,
+                source: socks::Error::FieldLength {
+                    field: "proxy reply",
+                    len: buf.len(),
+                    min: 0,
+                    max: socks::MAX_MESSAGE,
+                },
+            });
+        }
+        let mut chunk = [0u8; 512];
+        let n = stream.read(&mut chunk).await.map_err(io_err)?;
+        if n == 0 {
+            return Err(UpstreamError::Closed { proxy });
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+    }
+}
+
+/// A SOCKS5 UDP association: datagrams to and from any destination through the
+/// proxy's relay. It lives as long as the control connection; when the proxy closes
+/// that, [`UdpAssociation::closed`] returns and the relay is gone.
+#[derive(Debug)]
+pub struct UdpAssociation {
+    control: TcpStream,
+    socket: UdpSocket,
+    relay: SocketAddr,
+}
+
+impl UdpAssociation {
+    /// The relay's address.
+    pub fn relay(&self) -> SocketAddr {
+        self.relay
+    }
+
+    /// The local address datagrams are sent from.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Sends `payload` to `target` through the relay.
+    pub async fn send_to(&self, payload: &[u8], target: &Address) -> io::Result<()> {
+        let mut datagram = Vec::with_capacity(udp::MAX_HEADER_LEN.saturating_add(payload.len()));
+        udp::encode_datagram(target, payload, &mut datagram);
+        self.socket.send(&datagram).await.map(|_| ())
+    }
+
+    /// Receives the next well-formed datagram from the relay into `buf`: returns its
+    /// source and where its payload lies in `buf`. Malformed datagrams and fragments
+    /// (FRAG != 0) are dropped and logged.
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(Address, Range<usize>)> {
+        loop {
+            let n = self.socket.recv(buf).await?;
+            let datagram = buf.get(..n).unwrap_or_default();
+            match udp::parse_datagram(datagram) {
+                Ok((header, _)) if header.frag != 0 => {
+                    tracing::debug!(frag = header.frag, "dropped a fragment from the relay");
+                }
+                Ok((header, payload)) => {
+                    let start = n.saturating_sub(payload.len());
+                    return Ok((header.target, start..n));
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "dropped a malformed datagram from the relay")
+                }
+            }
+        }
+    }
+
+    /// Resolves when the proxy closes the control connection (the association is over).
+    pub async fn closed(&self) {
+        let mut scratch = [0u8; 64];
+        loop {
+            if self.control.readable().await.is_err() {
+                return;
+            }
+            match self.control.try_read(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
