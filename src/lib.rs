@@ -27,5 +27,6 @@
 //! the client side ([`upstream`]) and the reference server ([`server`]).
 
 pub mod config;
+pub mod server;
 pub mod socks;
 pub mod upstream;

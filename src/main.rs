@@ -1,1 +1,223 @@
-fn main() {}
+//! The `tun2socks` binary: command line -> plain config; tracing; signals -> shutdown;
+//! errors -> exit codes. The library never sees clap.
+//!
+//! Exit codes: 0 success; 1 runtime failure; 2 invalid arguments (bad URL, bad CIDR,
+//! open-proxy refusal); 3 no permission (CAP_NET_ADMIN); 4 device busy.
+
+use std::net::{IpAddr, SocketAddr};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+use tun2socks::config::ProxyUrl;
+use tun2socks::server::{self, ServerConfig};
+use tun2socks::socks::{Credentials, ServerPolicy, Users};
+
+/// Exit code for invalid arguments or configuration.
+const EXIT_USAGE: u8 = 2;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tun2socks",
+    version,
+    about = "System-wide SOCKS proxifier: a TUN device whose TCP and UDP flows go through a SOCKS proxy",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    tunnel: TunnelArgs,
+
+    /// Log level (error, warn, info, debug, trace) or a tracing filter; overrides RUST_LOG.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the reference SOCKS4/4a/5 server.
+    Server(ServerArgs),
+}
+
+#[derive(Debug, Args)]
+struct TunnelArgs {
+    /// Upstream proxy: socks5://[user:pass@]host:port, socks4://[userid@]host:port or socks4a://...
+    #[arg(long, value_name = "URL", required = true)]
+    proxy: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ServerArgs {
+    /// Address to listen on (repeatable).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1080")]
+    listen: Vec<SocketAddr>,
+    /// Require RFC 1929 login with this account (repeatable); SOCKS4 is then refused.
+    #[arg(long, value_name = "NAME:PASS")]
+    user: Vec<String>,
+    /// Only serve clients from this network (repeatable).
+    #[arg(long, value_name = "CIDR", value_parser = parse_net)]
+    allow: Vec<IpNet>,
+    /// Refuse destinations in this network with reply 0x02 (repeatable).
+    #[arg(long, value_name = "CIDR", value_parser = parse_net)]
+    deny: Vec<IpNet>,
+    /// Address to listen on and announce for BIND (default: the interface towards the peer).
+    #[arg(long, value_name = "IP")]
+    bind_external: Option<IpAddr>,
+    /// Refuse UDP ASSOCIATE (reply 0x07).
+    #[arg(long)]
+    no_udp: bool,
+    /// Refuse BIND (reply 0x07).
+    #[arg(long)]
+    no_bind: bool,
+    /// Seconds a client has to complete its handshake.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    handshake_timeout: u64,
+    /// Seconds to wait for a destination to accept a connection.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    connect_timeout: u64,
+    /// Seconds a BIND waits for the peer.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    bind_timeout: u64,
+    /// Seconds without traffic after which a UDP association is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    udp_timeout: u64,
+    /// Sessions served at once; clients beyond are closed immediately.
+    #[arg(long, value_name = "N", default_value_t = 4096)]
+    max_connections: usize,
+}
+
+/// A CIDR, or a bare address meaning a single host.
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not a CIDR (like 10.0.0.0/8) or an IP address"))
+}
+
+fn parse_user(s: &str) -> Result<Credentials, String> {
+    let (name, pass) = s
+        .split_once(':')
+        .ok_or_else(|| format!("--user {s:?}: expected NAME:PASS"))?;
+    Credentials::new(name, pass).map_err(|e| format!("--user {name:?}: {e}"))
+}
+
+impl ServerArgs {
+    fn config(&self) -> Result<ServerConfig, String> {
+        let users = self
+            .user
+            .iter()
+            .map(|u| parse_user(u))
+            .collect::<Result<Vec<_>, _>>()?;
+        let config = ServerConfig {
+            policy: ServerPolicy {
+                users: Arc::new(Users::new(users)),
+                bind: !self.no_bind,
+                udp_associate: !self.no_udp,
+            },
+            allow: self.allow.clone(),
+            deny: self.deny.clone(),
+            bind_external: self.bind_external,
+            handshake_timeout: Duration::from_secs(self.handshake_timeout),
+            connect_timeout: Duration::from_secs(self.connect_timeout),
+            bind_timeout: Duration::from_secs(self.bind_timeout),
+            udp_idle_timeout: Duration::from_secs(self.udp_timeout),
+            max_connections: self.max_connections,
+        };
+        config.validate(&self.listen).map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+fn init_tracing(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(level) => EnvFilter::try_new(level),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
+    }
+    .unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => tracing::info!("SIGINT"),
+        _ = term.recv() => tracing::info!("SIGTERM"),
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+}
+
+fn run_server(args: &ServerArgs) -> ExitCode {
+    let config = match args.config() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tun2socks server: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let mut listeners = Vec::new();
+            for addr in &args.listen {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                })?;
+                listeners.push(listener);
+            }
+            server::run(listeners, config, shutdown_signal()).await
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tun2socks server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_tunnel(args: &TunnelArgs) -> ExitCode {
+    let Some(proxy) = &args.proxy else {
+        eprintln!("tun2socks: --proxy URL is required");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    let proxy: ProxyUrl = match proxy.parse() {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            eprintln!("tun2socks: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    eprintln!("tun2socks: the tunnel is not built yet (proxy {proxy})");
+    ExitCode::FAILURE
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_level.as_deref());
+    match &cli.command {
+        Some(Command::Server(args)) => run_server(args),
+        None => run_tunnel(&cli.tunnel),
+    }
+}

@@ -1,0 +1,74 @@
+//! Reads a client's handshake under a timeout, with a bounded buffer, driving the
+//! sans-IO [`ServerHandshake`] and sending its replies.
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::ServerConfig;
+use crate::socks::{self, Request, ServerHandshake, ServerStatus};
+
+/// Why a handshake ended without a request.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// The client broke the protocol or was refused (the reply, if any, was sent).
+    #[error("{0}")]
+    Protocol(#[from] socks::Error),
+    /// The client closed before finishing.
+    #[error("client closed the connection during the handshake")]
+    Closed,
+    /// The client took too long.
+    #[error("handshake not completed within {0:?}")]
+    Timeout(std::time::Duration),
+    /// A socket error.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Runs the handshake to its end. On success returns the request and any bytes the
+/// client pipelined after it (to be forwarded once the request is carried out).
+pub async fn read_request(
+    stream: &mut TcpStream,
+    config: &ServerConfig,
+) -> Result<(Request, Vec<u8>), HandshakeError> {
+    let timeout = config.handshake_timeout;
+    tokio::time::timeout(
+        timeout,
+        drive(stream, ServerHandshake::new(config.policy.clone())),
+    )
+    .await
+    .unwrap_or(Err(HandshakeError::Timeout(timeout)))
+}
+
+async fn drive(
+    stream: &mut TcpStream,
+    mut hs: ServerHandshake,
+) -> Result<(Request, Vec<u8>), HandshakeError> {
+    // Every handshake message fits in MAX_MESSAGE bytes (the codec caps each field),
+    // so the buffer never holds more than that plus one read.
+    let mut buf = Vec::with_capacity(socks::MAX_MESSAGE);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let step = hs.handshake(&buf);
+        if !step.reply.is_empty() {
+            stream.write_all(&step.reply).await?;
+        }
+        buf.drain(..step.consumed.min(buf.len()));
+        match step.status {
+            ServerStatus::Done(request) => return Ok((request, buf)),
+            ServerStatus::Failed(error) => {
+                let _ = stream.shutdown().await;
+                return Err(error.into());
+            }
+            ServerStatus::NeedMore => {}
+        }
+        if buf.len() > socks::MAX_MESSAGE {
+            // Unreachable while the codec caps every field; kept as a hard stop.
+            return Err(socks::Error::Failed.into());
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HandshakeError::Closed);
+        }
+        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
+    }
+}

@@ -1,0 +1,264 @@
+//! The reference SOCKS server: SOCKS4, SOCKS4a and SOCKS5 on one port; CONNECT, BIND
+//! and UDP ASSOCIATE; IPv4, IPv6 and host names; RFC 1929 logins.
+//!
+//! Stage: a peer of the tunnel, used to test the whole path and usable on its own.
+//! It drives [`crate::socks::ServerHandshake`] and must not parse SOCKS bytes itself.
+//! One session's failure never ends the accept loop; every session holds a permit of
+//! a bounded semaphore, has its own tracing span, and logs its byte counts at close.
+//!
+//! - [`handshake`]: reads the handshake under a timeout, with a bounded buffer;
+//! - [`connect`], [`bind`], [`associate`]: the three commands;
+//! - [`relay`]: copies a TCP pair both ways with half-close;
+//! - [`reply`]: OS errors to reply codes, in one place.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod associate;
+mod bind;
+mod connect;
+mod handshake;
+pub mod relay;
+pub mod reply;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::socks::{Address, Command, ReplyCode, Request, ServerPolicy};
+
+/// How long sessions get to wind down after shutdown is requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
+/// Everything the server needs to know; built by `main.rs` from the command line.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Accounts (RFC 1929 required when non-empty) and which commands are served.
+    pub policy: ServerPolicy,
+    /// Clients allowed to use the server; empty allows every client.
+    pub allow: Vec<IpNet>,
+    /// Destinations refused with reply 0x02 (SOCKS4: 91).
+    pub deny: Vec<IpNet>,
+    /// The address announced and listened on for BIND; by default, the address of the
+    /// interface that routes towards the expected peer.
+    pub bind_external: Option<IpAddr>,
+    /// Limit for a client to complete its handshake.
+    pub handshake_timeout: Duration,
+    /// Limit for connecting to a destination (per address tried).
+    pub connect_timeout: Duration,
+    /// Limit for the expected peer to connect to a BIND listener.
+    pub bind_timeout: Duration,
+    /// A UDP association without traffic for this long is closed.
+    pub udp_idle_timeout: Duration,
+    /// Sessions served at once; further clients are closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            policy: ServerPolicy::default(),
+            allow: Vec::new(),
+            deny: Vec::new(),
+            bind_external: None,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            bind_timeout: Duration::from_secs(60),
+            udp_idle_timeout: Duration::from_secs(300),
+            max_connections: 4096,
+        }
+    }
+}
+
+/// Why a configuration cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A non-loopback listener with neither `--user` nor `--allow` would be an open
+    /// proxy.
+    #[error(
+        "refusing to listen on {addr} without --user or --allow: that would be an open proxy \
+         (listen on 127.0.0.1/::1, or restrict clients with --allow CIDR, or require logins \
+         with --user NAME:PASS)"
+    )]
+    OpenProxy {
+        /// The listen address.
+        addr: SocketAddr,
+    },
+    /// `--max-connections 0`.
+    #[error("--max-connections must be at least 1")]
+    NoConnections,
+}
+
+impl ServerConfig {
+    /// Checks the configuration against the addresses it will listen on.
+    pub fn validate(&self, listen: &[SocketAddr]) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(ConfigError::NoConnections);
+        }
+        let guarded = !self.policy.users.is_empty() || !self.allow.is_empty();
+        match listen.iter().find(|a| !a.ip().is_loopback()) {
+            Some(addr) if !guarded => Err(ConfigError::OpenProxy { addr: *addr }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// State shared by all sessions.
+#[derive(Debug)]
+struct Shared {
+    config: ServerConfig,
+    sessions: Arc<Semaphore>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn client_allowed(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.config.allow.is_empty() || self.config.allow.iter().any(|net| net.contains(&ip))
+    }
+
+    fn destination_denied(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.config.deny.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Serves SOCKS on `listeners` until `shutdown` resolves, then closes every session
+/// (waiting briefly for them) and returns. Errors of single sessions are logged, never
+/// returned.
+pub async fn run(
+    listeners: Vec<TcpListener>,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let listen: Vec<SocketAddr> = listeners
+        .iter()
+        .map(TcpListener::local_addr)
+        .collect::<io::Result<_>>()?;
+    config
+        .validate(&listen)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let shared = Arc::new(Shared {
+        sessions: Arc::new(Semaphore::new(config.max_connections)),
+        config,
+        next_id: AtomicU64::new(1),
+    });
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    for listener in listeners {
+        let (shared, cancel, sessions) = (shared.clone(), cancel.clone(), tracker.clone());
+        tracker.spawn(accept_loop(listener, shared, cancel, sessions));
+    }
+    tracing::info!(?listen, "serving SOCKS4/4a/5");
+    shutdown.await;
+    tracing::info!("shutting down");
+    cancel.cancel();
+    tracker.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            sessions = tracker.len(),
+            "sessions still open after the grace period"
+        );
+    }
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    sessions: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; the loop goes on.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
+            tracing::warn!(client = %peer, "connection limit reached; closing");
+            drop(stream);
+            continue;
+        };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("session", id, client = %peer);
+        let (shared, cancel) = (shared.clone(), cancel.child_token());
+        sessions.spawn(
+            async move {
+                let _permit = permit;
+                tokio::select! {
+                    () = cancel.cancelled() => tracing::debug!("closed by shutdown"),
+                    () = session(stream, peer, shared) => {}
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// One client, from the first byte to the close.
+async fn session(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let _ = stream.set_nodelay(true);
+    let hs = handshake::read_request(&mut stream, &shared.config).await;
+    let (request, leftover) = match hs {
+        Ok(done) => done,
+        Err(e) => {
+            tracing::info!(error = %e, "handshake failed");
+            return;
+        }
+    };
+    tracing::debug!(version = %request.version, command = %request.command,
+        target = %request.target, user = ?request.user, "request");
+    if !shared.client_allowed(peer.ip()) {
+        tracing::info!("client not in --allow; refused");
+        refuse(&mut stream, &request, ReplyCode::NOT_ALLOWED).await;
+        return;
+    }
+    let result = match request.command {
+        Command::CONNECT => connect::serve(stream, &request, leftover, &shared).await,
+        Command::BIND => bind::serve(stream, &request, leftover, &shared).await,
+        Command::UDP_ASSOCIATE => associate::serve(stream, &request, &shared).await,
+        // The handshake only lets the three commands through.
+        other => {
+            tracing::warn!(command = %other, "unexpected command");
+            Ok(())
+        }
+    };
+    if let Err(e) = result {
+        tracing::info!(error = %e, "session ended with an error");
+    }
+}
+
+/// Sends a failure reply and lets the connection close.
+async fn refuse(stream: &mut TcpStream, request: &Request, code: ReplyCode) {
+    use tokio::io::AsyncWriteExt;
+    let reply = request.reply(code, &Address::UNSPECIFIED);
+    if let Err(e) = stream.write_all(&reply).await {
+        tracing::debug!(error = %e, "could not send the refusal");
+    }
+    let _ = stream.shutdown().await;
+}
