@@ -1,0 +1,615 @@
+//! The reference server spoken to with hand-written bytes (not our codec), on random
+//! loopback ports: every reply code the server can produce, BIND v4/v5, UDP
+//! ASSOCIATE rules, hostile input, limits and shutdown.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tun2socks::server::ServerConfig;
+use tun2socks::socks::{Credentials, ServerPolicy, Users};
+
+fn v4_bytes(addr: SocketAddr) -> Vec<u8> {
+    let SocketAddr::V4(a) = addr else {
+        panic!("{addr}")
+    };
+    let mut out = a.port().to_be_bytes().to_vec();
+    out.extend_from_slice(&a.ip().octets());
+    out
+}
+
+/// SOCKS5 request bytes for an IPv4 destination.
+fn v5_request(cmd: u8, addr: SocketAddr) -> Vec<u8> {
+    let SocketAddr::V4(a) = addr else {
+        panic!("{addr}")
+    };
+    let mut out = vec![5, cmd, 0, 1];
+    out.extend_from_slice(&a.ip().octets());
+    out.extend_from_slice(&a.port().to_be_bytes());
+    out
+}
+
+/// Connects and completes the no-auth method negotiation.
+async fn v5_session(server: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(server).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 2, 5).await, [5, 0]);
+    s
+}
+
+/// Reads a SOCKS5 reply with an IPv4 address: (REP, address).
+async fn v5_reply_v4(s: &mut TcpStream) -> (u8, SocketAddr) {
+    let r = read_exact_timeout(s, 10, 5).await;
+    assert_eq!((r[0], r[2], r[3]), (5, 0, 1), "reply {r:02x?}");
+    let ip = Ipv4Addr::new(r[4], r[5], r[6], r[7]);
+    (
+        r[1],
+        SocketAddr::from((ip, u16::from_be_bytes([r[8], r[9]]))),
+    )
+}
+
+fn config_with_users(users: &[(&str, &str)]) -> ServerConfig {
+    let users = users
+        .iter()
+        .map(|(u, p)| Credentials::new(*u, *p).unwrap())
+        .collect();
+    ServerConfig {
+        policy: ServerPolicy {
+            users: Arc::new(Users::new(users)),
+            ..ServerPolicy::default()
+        },
+        ..ServerConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn connect_reports_the_real_outbound_address_and_relays() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let echo = tcp_echo("127.0.0.1").await;
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(1, echo)).await.unwrap();
+    let (rep, bound) = v5_reply_v4(&mut s).await;
+    assert_eq!(rep, 0);
+    assert_eq!(
+        bound.ip(),
+        Ipv4Addr::LOCALHOST,
+        "BND.ADDR must not be 0.0.0.0"
+    );
+    assert_ne!(bound.port(), 0);
+    s.write_all(b"hello").await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 5, 5).await, b"hello");
+}
+
+#[tokio::test]
+async fn refused_destination_gets_0x05() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    // Bind then drop a listener: the port is closed.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(1, closed)).await.unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0x05);
+    assert!(closed_within(&mut s, 5).await);
+}
+
+#[tokio::test]
+async fn unknown_command_gets_0x07_and_unknown_atyp_0x08() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&[5, 0x09, 0, 1, 127, 0, 0, 1, 0, 80])
+        .await
+        .unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0x07);
+    assert!(closed_within(&mut s, 5).await);
+
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&[5, 1, 0, 0x05, 1, 2, 3, 4, 0, 80])
+        .await
+        .unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0x08);
+    assert!(closed_within(&mut s, 5).await);
+}
+
+#[tokio::test]
+async fn udp_disabled_gets_0x07() {
+    let config = ServerConfig {
+        policy: ServerPolicy {
+            udp_associate: false,
+            ..ServerPolicy::default()
+        },
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(3, "0.0.0.0:0".parse().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0x07);
+}
+
+#[tokio::test]
+async fn deny_rule_gets_0x02_and_socks4_91() {
+    let config = ServerConfig {
+        deny: vec!["127.0.0.0/8".parse::<IpNet>().unwrap()],
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    let echo = tcp_echo("127.0.0.1").await;
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(1, echo)).await.unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0x02);
+
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut req = vec![4, 1];
+    req.extend(v4_bytes(echo));
+    req.push(0);
+    s.write_all(&req).await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 8, 5).await[..2], [0, 91]);
+}
+
+#[tokio::test]
+async fn client_outside_allow_list_gets_0x02() {
+    let config = ServerConfig {
+        allow: vec!["10.0.0.0/8".parse::<IpNet>().unwrap()],
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    let echo = tcp_echo("127.0.0.1").await;
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(1, echo)).await.unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0x02);
+}
+
+#[tokio::test]
+async fn auth_required_no_auth_offer_gets_0xff() {
+    let server = TestServer::start(config_with_users(&[("alice", "secret")])).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 2, 5).await, [5, 0xFF]);
+    assert!(closed_within(&mut s, 5).await);
+}
+
+#[tokio::test]
+async fn auth_wrong_password_fails_right_one_passes() {
+    let server = TestServer::start(config_with_users(&[("alice", "secret")])).await;
+    let echo = tcp_echo("127.0.0.1").await;
+
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(&[5, 2, 0, 2]).await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 2, 5).await, [5, 2]);
+    s.write_all(b"\x01\x05alice\x05wrong").await.unwrap();
+    let status = read_exact_timeout(&mut s, 2, 5).await;
+    assert_eq!(status[0], 1);
+    assert_ne!(status[1], 0);
+    assert!(closed_within(&mut s, 5).await);
+
+    // Greeting, login, request and payload in one segment (pipelined).
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut all = vec![5, 1, 2];
+    all.extend_from_slice(b"\x01\x05alice\x06secret");
+    all.extend(v5_request(1, echo));
+    all.extend_from_slice(b"early data");
+    s.write_all(&all).await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 4, 5).await, [5, 2, 1, 0]);
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0);
+    assert_eq!(read_exact_timeout(&mut s, 10, 5).await, b"early data");
+}
+
+#[tokio::test]
+async fn socks4_is_refused_when_logins_are_required() {
+    let server = TestServer::start(config_with_users(&[("alice", "secret")])).await;
+    let echo = tcp_echo("127.0.0.1").await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut req = vec![4, 1];
+    req.extend(v4_bytes(echo));
+    req.extend_from_slice(b"alice\0");
+    s.write_all(&req).await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 8, 5).await[..2], [0, 91]);
+    assert!(closed_within(&mut s, 5).await);
+}
+
+#[tokio::test]
+async fn socks4a_connects_by_name() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let echo = tcp_echo("127.0.0.1").await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut req = vec![4, 1];
+    req.extend_from_slice(&echo.port().to_be_bytes());
+    req.extend_from_slice(&[0, 0, 0, 7]);
+    req.extend_from_slice(b"user\0localhost\0");
+    s.write_all(&req).await.unwrap();
+    let reply = read_exact_timeout(&mut s, 8, 5).await;
+    assert_eq!(reply[..2], [0, 90], "{reply:?}");
+    s.write_all(b"4a").await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 2, 5).await, b"4a");
+}
+
+#[tokio::test]
+async fn garbage_closes_the_connection_and_the_server_keeps_serving() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    for junk in [
+        &b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        &[0x16, 0x03, 0x01, 0x00, 0xa5][..],
+        &[0xFF; 600][..],
+        &[0x00][..],
+    ] {
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        let _ = s.write_all(junk).await;
+        assert!(closed_within(&mut s, 5).await, "{junk:02x?} not closed");
+    }
+    // A SOCKS4 user id that never ends is cut off with 91 at the cap.
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    let mut req = vec![4, 1, 0, 80, 127, 0, 0, 1];
+    req.extend(std::iter::repeat_n(b'u', 300));
+    s.write_all(&req).await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 8, 5).await[..2], [0, 91]);
+
+    let echo = tcp_echo("127.0.0.1").await;
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(1, echo)).await.unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0);
+}
+
+#[tokio::test]
+async fn silent_client_is_cut_off_by_the_handshake_timeout() {
+    let config = ServerConfig {
+        handshake_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(&[5]).await.unwrap();
+    assert!(closed_within(&mut s, 5).await);
+}
+
+#[tokio::test]
+async fn connection_limit_closes_extra_clients_at_once() {
+    let config = ServerConfig {
+        max_connections: 2,
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    let _a = v5_session(server.addr).await;
+    let _b = v5_session(server.addr).await;
+    let mut c = TcpStream::connect(server.addr).await.unwrap();
+    let _ = c.write_all(&[5, 1, 0]).await;
+    assert!(closed_within(&mut c, 5).await, "third client not closed");
+    drop((_a, _b));
+    // Permits come back once sessions end.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _d = v5_session(server.addr).await;
+}
+
+#[tokio::test]
+async fn two_hundred_parallel_sessions() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let echo = tcp_echo("127.0.0.1").await;
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let proxy = server.addr;
+        tasks.push(tokio::spawn(async move {
+            let mut s = v5_session(proxy).await;
+            s.write_all(&v5_request(1, echo)).await.unwrap();
+            assert_eq!(v5_reply_v4(&mut s).await.0, 0);
+            let data = pattern(4096, i);
+            s.write_all(&data).await.unwrap();
+            assert_eq!(read_exact_timeout(&mut s, data.len(), 20).await, data);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn half_close_is_carried_both_ways() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    // A target that reads to EOF, then answers with the byte count.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        s.write_all(format!("{}", all.len()).as_bytes())
+            .await
+            .unwrap();
+    });
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(1, target)).await.unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0);
+    s.write_all(&pattern(100_000, 1)).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "100000");
+}
+
+#[tokio::test]
+async fn bind_v5_two_replies_then_relay() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(2, "127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let (rep, bound) = v5_reply_v4(&mut s).await;
+    assert_eq!(rep, 0);
+    assert_eq!(
+        bound.ip(),
+        Ipv4Addr::LOCALHOST,
+        "first reply must be reachable"
+    );
+    assert_ne!(bound.port(), 0);
+    let mut peer = TcpStream::connect(bound).await.unwrap();
+    let (rep, announced) = v5_reply_v4(&mut s).await;
+    assert_eq!(rep, 0);
+    assert_eq!(
+        announced,
+        peer.local_addr().unwrap(),
+        "second reply names the peer"
+    );
+    peer.write_all(b"from peer").await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 9, 5).await, b"from peer");
+    s.write_all(b"to peer").await.unwrap();
+    assert_eq!(read_exact_timeout(&mut peer, 7, 5).await, b"to peer");
+}
+
+#[tokio::test]
+async fn bind_v5_unexpected_peer_gets_0x02() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let mut s = v5_session(server.addr).await;
+    // Expect 127.0.0.2; the peer will come from 127.0.0.1.
+    s.write_all(&v5_request(2, "127.0.0.2:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let (rep, bound) = v5_reply_v4(&mut s).await;
+    assert_eq!(rep, 0);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let _peer = socket.connect(bound).await.unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0x02);
+    assert!(closed_within(&mut s, 5).await);
+}
+
+#[tokio::test]
+async fn bind_v5_times_out_with_0x06() {
+    let config = ServerConfig {
+        bind_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(2, "127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0);
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0x06);
+}
+
+#[tokio::test]
+async fn bind_v4_two_replies_and_wrong_peer_91() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let request = |ip: [u8; 4]| {
+        let mut r = vec![4, 2, 0, 0];
+        r.extend_from_slice(&ip);
+        r.extend_from_slice(b"ftp\0");
+        r
+    };
+    let reply4 = |r: Vec<u8>| {
+        let ip = Ipv4Addr::new(r[4], r[5], r[6], r[7]);
+        (
+            r[0],
+            r[1],
+            SocketAddr::from((ip, u16::from_be_bytes([r[2], r[3]]))),
+        )
+    };
+
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(&request([127, 0, 0, 1])).await.unwrap();
+    let (vn, cd, bound) = reply4(read_exact_timeout(&mut s, 8, 5).await);
+    assert_eq!((vn, cd), (0, 90));
+    assert_eq!(bound.ip(), Ipv4Addr::LOCALHOST);
+    let mut peer = TcpStream::connect(bound).await.unwrap();
+    let (_, cd, announced) = reply4(read_exact_timeout(&mut s, 8, 5).await);
+    assert_eq!(cd, 90);
+    assert_eq!(announced, peer.local_addr().unwrap());
+    peer.write_all(b"x").await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 1, 5).await, b"x");
+
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(&request([127, 0, 0, 2])).await.unwrap();
+    let (_, cd, bound) = reply4(read_exact_timeout(&mut s, 8, 5).await);
+    assert_eq!(cd, 90);
+    let _peer = TcpStream::connect(bound).await.unwrap();
+    let (_, cd, _) = reply4(read_exact_timeout(&mut s, 8, 5).await);
+    assert_eq!(cd, 91);
+}
+
+/// Opens a UDP association declaring `declared`; returns (control, relay address).
+async fn associate(server: SocketAddr, declared: SocketAddr) -> (TcpStream, SocketAddr) {
+    let mut control = v5_session(server).await;
+    control.write_all(&v5_request(3, declared)).await.unwrap();
+    let (rep, relay) = v5_reply_v4(&mut control).await;
+    assert_eq!(rep, 0);
+    assert!(!relay.ip().is_unspecified(), "relay announced as 0.0.0.0");
+    (control, relay)
+}
+
+fn udp_datagram(frag: u8, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let mut d = vec![0, 0, frag];
+    d.extend(v5_request(0, dst)[3..].to_vec());
+    d.extend_from_slice(payload);
+    d
+}
+
+async fn recv_within(socket: &UdpSocket, ms: u64) -> Option<Vec<u8>> {
+    let mut buf = vec![0u8; 65536];
+    match tokio::time::timeout(Duration::from_millis(ms), socket.recv_from(&mut buf)).await {
+        Ok(Ok((n, _))) => Some(buf[..n].to_vec()),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn udp_relays_with_source_in_header_and_drops_strangers_and_fragments() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let echo = udp_echo("127.0.0.1").await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (_control, relay) = associate(server.addr, client.local_addr().unwrap()).await;
+
+    client
+        .send_to(&udp_datagram(0, echo, b"ping"), relay)
+        .await
+        .unwrap();
+    let reply = recv_within(&client, 2000).await.expect("no echo");
+    assert_eq!(reply, udp_datagram(0, echo, b"ping"), "source in header");
+
+    // A stranger (another port than the declared one) is ignored.
+    let stranger = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    stranger
+        .send_to(&udp_datagram(0, echo, b"sneak"), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_within(&stranger, 300).await, None);
+    assert_eq!(recv_within(&client, 300).await, None);
+
+    // Fragments are dropped.
+    client
+        .send_to(&udp_datagram(1, echo, b"frag"), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_within(&client, 300).await, None);
+
+    // And the association still works.
+    client
+        .send_to(&udp_datagram(0, echo, b"again"), relay)
+        .await
+        .unwrap();
+    assert_eq!(
+        recv_within(&client, 2000).await,
+        Some(udp_datagram(0, echo, b"again"))
+    );
+}
+
+#[tokio::test]
+async fn udp_port_zero_locks_to_the_first_sender() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let echo = udp_echo("127.0.0.1").await;
+    let (_control, relay) = associate(server.addr, "0.0.0.0:0".parse().unwrap()).await;
+    let first = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let second = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    first
+        .send_to(&udp_datagram(0, echo, b"one"), relay)
+        .await
+        .unwrap();
+    assert!(recv_within(&first, 2000).await.is_some());
+    second
+        .send_to(&udp_datagram(0, echo, b"two"), relay)
+        .await
+        .unwrap();
+    assert_eq!(recv_within(&second, 300).await, None);
+    assert_eq!(recv_within(&first, 300).await, None);
+}
+
+#[tokio::test]
+async fn udp_association_ends_with_its_tcp_connection() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let echo = udp_echo("127.0.0.1").await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (control, relay) = associate(server.addr, client.local_addr().unwrap()).await;
+    client
+        .send_to(&udp_datagram(0, echo, b"alive"), relay)
+        .await
+        .unwrap();
+    assert!(recv_within(&client, 2000).await.is_some());
+    drop(control);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = client.send_to(&udp_datagram(0, echo, b"dead"), relay).await;
+    assert_eq!(recv_within(&client, 500).await, None);
+}
+
+#[tokio::test]
+async fn udp_association_idle_timeout() {
+    let config = ServerConfig {
+        udp_idle_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(config).await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (mut control, _relay) = associate(server.addr, client.local_addr().unwrap()).await;
+    assert!(
+        closed_within(&mut control, 5).await,
+        "idle association kept open"
+    );
+}
+
+#[tokio::test]
+async fn udp_to_ipv6_and_by_name() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let echo6 = udp_echo("::1").await;
+    let echo4 = udp_echo("127.0.0.1").await;
+    let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (_control, relay) = associate(server.addr, client.local_addr().unwrap()).await;
+
+    let mut d = vec![0, 0, 0, 4];
+    d.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+    d.extend_from_slice(&echo6.port().to_be_bytes());
+    let header_len = d.len();
+    d.extend_from_slice(b"six");
+    client.send_to(&d, relay).await.unwrap();
+    let reply = recv_within(&client, 2000).await.expect("no IPv6 echo");
+    assert_eq!(reply, d);
+    assert_eq!(&reply[header_len..], b"six");
+
+    // ATYP 3: "localhost" resolves on the server.
+    let mut d = vec![0, 0, 0, 3, 9];
+    d.extend_from_slice(b"localhost");
+    d.extend_from_slice(&echo4.port().to_be_bytes());
+    d.extend_from_slice(b"name");
+    client.send_to(&d, relay).await.unwrap();
+    let reply = recv_within(&client, 2000).await.expect("no echo by name");
+    assert!(reply.ends_with(b"name"));
+}
+
+#[tokio::test]
+async fn shutdown_closes_sessions_and_returns() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let echo = tcp_echo("127.0.0.1").await;
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(1, echo)).await.unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0);
+    let addr = server.addr;
+    tokio::time::timeout(Duration::from_secs(3), server.stop())
+        .await
+        .expect("run did not return after shutdown")
+        .unwrap();
+    assert!(closed_within(&mut s, 3).await, "session survived shutdown");
+    assert!(TcpStream::connect(addr).await.is_err(), "still listening");
+}
+
+#[tokio::test]
+async fn ipv6_listener_and_destination() {
+    let server = TestServer::start_on("::1", ServerConfig::default()).await;
+    let echo = tcp_echo("::1").await;
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 2, 5).await, [5, 0]);
+    let mut req = vec![5, 1, 0, 4];
+    req.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+    req.extend_from_slice(&echo.port().to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let reply = read_exact_timeout(&mut s, 22, 5).await;
+    assert_eq!(reply[..4], [5, 0, 0, 4]);
+    assert_eq!(reply[4..20], std::net::Ipv6Addr::LOCALHOST.octets());
+    s.write_all(b"v6").await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 2, 5).await, b"v6");
+}
