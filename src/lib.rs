@@ -27,6 +27,8 @@
 //! the client side ([`upstream`]) and the reference server ([`server`]).
 
 pub mod config;
+pub mod flow;
 pub mod server;
 pub mod socks;
+pub mod stack;
 pub mod upstream;

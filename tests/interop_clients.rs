@@ -1,6 +1,7 @@
 //! Independent SOCKS clients against our server on random loopback ports: curl for
 //! SOCKS4, SOCKS4a, SOCKS5 (with and without remote names, with and without logins),
 //! PySocks for SOCKS5 UDP ASSOCIATE and SOCKS4/5 CONNECT, ncat for socks4/socks5.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

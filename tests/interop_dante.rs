@@ -1,5 +1,6 @@
 //! Our upstream client against Dante (`danted`), an independent SOCKS4/5 server started
 //! by the test with a generated configuration on a random loopback port.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

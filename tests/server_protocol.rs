@@ -1,6 +1,7 @@
 //! The reference server spoken to with hand-written bytes (not our codec), on random
 //! loopback ports: every reply code the server can produce, BIND v4/v5, UDP
 //! ASSOCIATE rules, hostile input, limits and shutdown.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

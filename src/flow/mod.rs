@@ -1,0 +1,210 @@
+//! Flows: one per TCP connection the stack accepts from the TUN.
+//!
+//! Stage: between the stack (which owns the smoltcp interface and moves packets) and
+//! the upstream proxy. Each flow is a task with its own tracing span
+//! (`flow{id, proto, src, dst}`) that dials the proxy, then copies bytes between its
+//! smoltcp socket and the proxy stream. A flow shares exactly one thing with the
+//! stack: [`TcpFlow`], its one-socket `SocketSet` behind a mutex, plus a "poll me"
+//! signal. A flow must not touch the interface, the device or another flow; its
+//! failure never reaches beyond itself.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+pub mod tcp;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::{SocketHandle, SocketSet};
+use tokio::sync::Notify;
+
+/// A flow's number, unique within one run.
+pub type FlowId = u64;
+
+/// A connection's addresses as the application sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FourTuple {
+    /// The application's side.
+    pub src: SocketAddr,
+    /// The destination the application connected to.
+    pub dst: SocketAddr,
+}
+
+impl fmt::Display for FourTuple {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} -> {}", self.src, self.dst)
+    }
+}
+
+/// What the stack and one TCP flow's task share.
+#[derive(Debug)]
+pub struct TcpFlow {
+    /// The flow's number.
+    pub id: FlowId,
+    /// Its addresses.
+    pub tuple: FourTuple,
+    /// A set holding exactly the flow's TCP socket. Per-flow sets keep every stack
+    /// operation O(1) in the number of flows (smoltcp walks the whole set on egress).
+    sockets: Mutex<SocketSet<'static>>,
+    /// The socket's handle in `sockets`.
+    pub handle: SocketHandle,
+    /// Set while the flow's id sits in the stack's "poll me" queue.
+    queued: AtomicBool,
+    /// Set when the flow's task has ended; the stack then drops the flow once its
+    /// socket is closed.
+    task_done: AtomicBool,
+}
+
+impl TcpFlow {
+    /// A flow around a socket set that holds its one socket at `handle`.
+    pub fn new(
+        id: FlowId,
+        tuple: FourTuple,
+        sockets: SocketSet<'static>,
+        handle: SocketHandle,
+    ) -> Self {
+        TcpFlow {
+            id,
+            tuple,
+            sockets: Mutex::new(sockets),
+            handle,
+            queued: AtomicBool::new(false),
+            task_done: AtomicBool::new(false),
+        }
+    }
+
+    /// Locks the flow's socket set. A poisoned lock (a panic while it was held) is
+    /// taken over: the socket state is still consistent for smoltcp.
+    pub fn sockets(&self) -> MutexGuard<'_, SocketSet<'static>> {
+        self.sockets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Has the flow's task ended?
+    pub fn task_done(&self) -> bool {
+        self.task_done.load(Ordering::Acquire)
+    }
+
+    /// Clears the queued mark; the stack calls it before it polls the flow.
+    pub fn take_queued(&self) {
+        self.queued.store(false, Ordering::Release);
+    }
+}
+
+/// The flows' way to ask the stack to poll them (after they consumed received data,
+/// queued data to send, or changed state).
+#[derive(Debug, Default)]
+pub struct Signal {
+    queue: Mutex<Vec<FlowId>>,
+    notify: Notify,
+}
+
+impl Signal {
+    /// Asks the stack to poll `flow` soon. Each flow is in the queue at most once, so
+    /// the queue is bounded by the number of flows.
+    pub fn mark(&self, flow: &TcpFlow) {
+        if !flow.queued.swap(true, Ordering::AcqRel) {
+            self.queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(flow.id);
+            self.notify.notify_one();
+        }
+    }
+
+    /// Marks the flow's task as ended and asks for a last poll.
+    pub fn finished(&self, flow: &TcpFlow) {
+        flow.task_done.store(true, Ordering::Release);
+        self.mark(flow);
+    }
+
+    /// Moves the queued flow ids into `out`.
+    pub fn drain_into(&self, out: &mut Vec<FlowId>) {
+        let mut queue = self
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        out.append(&mut queue);
+    }
+
+    /// Resolves when some flow has been marked since the last call.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+}
+
+/// Counters shared by all flows.
+#[derive(Debug, Default)]
+pub struct FlowStats {
+    /// Flows whose upstream CONNECT succeeded.
+    pub connected: AtomicU64,
+    /// Flows reset because the proxy could not be reached or refused.
+    pub failed: AtomicU64,
+    /// Bytes from applications to the proxy.
+    pub bytes_up: AtomicU64,
+    /// Bytes from the proxy to applications.
+    pub bytes_down: AtomicU64,
+}
+
+/// Logs the first failure of a burst and counts the rest, so a dead proxy yields one
+/// line per interval instead of one per connection attempt.
+#[derive(Debug)]
+pub struct BurstLog {
+    interval: Duration,
+    state: Mutex<Option<(Instant, u64)>>,
+}
+
+impl BurstLog {
+    /// A limiter that logs at most once per `interval`.
+    pub fn new(interval: Duration) -> Self {
+        BurstLog {
+            interval,
+            state: Mutex::new(None),
+        }
+    }
+
+    /// Should this event be logged? Returns `Some(suppressed)` (events swallowed since
+    /// the last logged one) when it should.
+    pub fn check(&self, now: Instant) -> Option<u64> {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &mut *state {
+            Some((last, suppressed)) if now.saturating_duration_since(*last) < self.interval => {
+                *suppressed = suppressed.saturating_add(1);
+                None
+            }
+            other => {
+                let suppressed = other.map_or(0, |(_, n)| n);
+                *other = Some((now, 0));
+                Some(suppressed)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_log_logs_once_per_interval_and_counts_the_rest() {
+        let log = BurstLog::new(Duration::from_secs(5));
+        let t0 = Instant::now();
+        assert_eq!(log.check(t0), Some(0));
+        assert_eq!(log.check(t0 + Duration::from_secs(1)), None);
+        assert_eq!(log.check(t0 + Duration::from_secs(2)), None);
+        assert_eq!(log.check(t0 + Duration::from_secs(6)), Some(2));
+        assert_eq!(log.check(t0 + Duration::from_secs(7)), None);
+    }
+}

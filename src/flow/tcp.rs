@@ -1,0 +1,276 @@
+//! One TCP flow's task: SOCKS CONNECT to the destination, then copy both ways.
+//!
+//! The application's SYN already sits in a smoltcp socket whose SYN-ACK is paused:
+//! the application sees the connection accepted only once the proxy has connected,
+//! and sees a reset (connection refused) the moment the proxy cannot.
+//!
+//! The copy is zero-extra-copy: bytes go straight from smoltcp's receive ring into
+//! the upstream socket (`try_write`) and from the upstream socket into smoltcp's send
+//! ring (`try_read`). Backpressure is the rings filling up: a slow proxy leaves data in
+//! the receive ring, which shrinks the window advertised to the application; a slow
+//! application leaves the send ring full, so the upstream socket is not read and the
+//! proxy's window closes. A FIN is carried each way on its own (half-close); a reset on
+//! either side becomes a reset on the other.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use smoltcp::socket::tcp;
+use socket2::SockRef;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{BurstLog, FlowStats, Signal, TcpFlow};
+use crate::socks::Address;
+use crate::upstream::{Upstream, UpstreamError};
+
+/// What a flow task needs besides its flow.
+#[derive(Debug)]
+pub struct FlowContext {
+    /// The proxy.
+    pub upstream: Upstream,
+    /// Where to ask the stack for a poll.
+    pub signal: Arc<Signal>,
+    /// Shared counters.
+    pub stats: Arc<FlowStats>,
+    /// Rate limit for "cannot reach the proxy" messages.
+    pub failures: BurstLog,
+}
+
+/// How a flow ended.
+#[derive(Debug, thiserror::Error)]
+pub enum FlowError {
+    /// The proxy could not be reached, or refused the request.
+    #[error("{0}")]
+    Upstream(#[from] UpstreamError),
+    /// The proxy connection failed after the handshake.
+    #[error("proxy connection: {0}")]
+    UpstreamIo(io::Error),
+    /// The application reset the connection (or its smoltcp socket timed out).
+    #[error("reset by the application")]
+    AppReset,
+}
+
+/// Runs one flow to its end. `permit` is the flow's place under the flow limit.
+pub async fn run(flow: Arc<TcpFlow>, cx: Arc<FlowContext>, permit: OwnedSemaphorePermit) {
+    let _permit = permit;
+    let result = serve(&flow, &cx).await;
+    match result {
+        Ok(bytes) => tracing::debug!(up = bytes.0, down = bytes.1, "closed"),
+        Err(FlowError::Upstream(e)) => {
+            cx.stats.failed.fetch_add(1, Ordering::Relaxed);
+            abort_socket(&flow);
+            match cx.failures.check(std::time::Instant::now()) {
+                Some(suppressed) if e.proxy_unreachable() => tracing::warn!(
+                    error = %e, suppressed,
+                    "proxy unreachable; resetting connections"
+                ),
+                Some(suppressed) => tracing::info!(error = %e, suppressed, "proxy refused"),
+                None => tracing::debug!(error = %e, "connect failed"),
+            }
+        }
+        Err(e) => {
+            abort_socket(&flow);
+            tracing::debug!(error = %e, "closed by error");
+        }
+    }
+    cx.signal.finished(&flow);
+}
+
+fn abort_socket(flow: &TcpFlow) {
+    let mut sockets = flow.sockets();
+    sockets.get_mut::<tcp::Socket>(flow.handle).abort();
+}
+
+async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), FlowError> {
+    let connected = cx.upstream.connect(Address::from(flow.tuple.dst)).await?;
+    cx.stats.connected.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(bound = %connected.bound, "connected");
+    {
+        let mut sockets = flow.sockets();
+        let socket = sockets.get_mut::<tcp::Socket>(flow.handle);
+        if !socket.is_open() {
+            // The application gave up while we were connecting.
+            return Err(FlowError::AppReset);
+        }
+        socket.pause_synack(false);
+    }
+    cx.signal.mark(flow);
+    let mut pump = Pump {
+        flow: flow.clone(),
+        upstream: connected.stream,
+        pending: connected.leftover,
+        up_closed: false,
+        down_eof: false,
+        up: 0,
+        down: 0,
+    };
+    let result = poll_fn(|task| pump.poll(task, &cx.signal)).await;
+    cx.stats.bytes_up.fetch_add(pump.up, Ordering::Relaxed);
+    cx.stats.bytes_down.fetch_add(pump.down, Ordering::Relaxed);
+    if result.is_err() {
+        // Whatever went wrong, the proxy side learns of it as a reset.
+        let _ = SockRef::from(&pump.upstream).set_linger(Some(Duration::ZERO));
+    }
+    result.map(|()| (pump.up, pump.down))
+}
+
+/// The copy loop's state.
+struct Pump {
+    flow: Arc<TcpFlow>,
+    upstream: TcpStream,
+    /// Bytes from the proxy not yet in the socket (those that followed the reply).
+    pending: Vec<u8>,
+    /// The application's FIN has been passed on to the proxy.
+    up_closed: bool,
+    /// The proxy's FIN has been passed on to the application.
+    down_eof: bool,
+    up: u64,
+    down: u64,
+}
+
+/// One direction's outcome within a poll.
+enum Step {
+    /// Nothing more to do until a registered event.
+    Blocked,
+    /// Bytes moved or state changed; try again.
+    Progress,
+}
+
+impl Pump {
+    fn poll(&mut self, task: &mut Context<'_>, signal: &Signal) -> Poll<Result<(), FlowError>> {
+        let flow = self.flow.clone();
+        let mut sockets = flow.sockets();
+        let socket = sockets.get_mut::<tcp::Socket>(flow.handle);
+        let mut changed = false;
+        let result = loop {
+            if socket.state() == tcp::State::Closed {
+                break Err(FlowError::AppReset);
+            }
+            let up = match self.upload(socket, task) {
+                Ok(step) => step,
+                Err(e) => break Err(FlowError::UpstreamIo(e)),
+            };
+            let down = match self.download(socket, task) {
+                Ok(step) => step,
+                Err(e) => break Err(FlowError::UpstreamIo(e)),
+            };
+            if self.up_closed && self.down_eof {
+                // Both FINs passed on; the stack finishes the socket's close.
+                break Ok(());
+            }
+            match (up, down) {
+                (Step::Blocked, Step::Blocked) => {
+                    // A state change (a reset) wakes both wakers; register one always.
+                    socket.register_send_waker(task.waker());
+                    if changed {
+                        signal.mark(&flow);
+                    }
+                    return Poll::Pending;
+                }
+                _ => changed = true,
+            }
+        };
+        if result.is_err() {
+            socket.abort();
+        }
+        drop(sockets);
+        signal.mark(&flow);
+        Poll::Ready(result)
+    }
+
+    /// Application -> proxy.
+    fn upload(&mut self, socket: &mut tcp::Socket<'_>, task: &mut Context<'_>) -> io::Result<Step> {
+        if self.up_closed {
+            return Ok(Step::Blocked);
+        }
+        if !socket.can_recv() {
+            if !socket.may_recv() && socket.state() != tcp::State::SynReceived {
+                // The application's FIN, after all its data: pass it on.
+                SockRef::from(&self.upstream).shutdown(Shutdown::Write)?;
+                self.up_closed = true;
+                return Ok(Step::Progress);
+            }
+            socket.register_recv_waker(task.waker());
+            return Ok(Step::Blocked);
+        }
+        match self.upstream.poll_write_ready(task) {
+            Poll::Pending => return Ok(Step::Blocked),
+            Poll::Ready(result) => result?,
+        }
+        let upstream = &self.upstream;
+        let written = socket.recv(|data| match upstream.try_write(data) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match written {
+            Ok(Ok(n)) => {
+                self.up = self.up.saturating_add(n as u64);
+                Ok(Step::Progress)
+            }
+            // Readiness was stale and is now cleared; the next poll_write_ready
+            // registers for the real event.
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::Progress),
+            Ok(Err(e)) => Err(e),
+            // The socket cannot receive after all; its next state change wakes us.
+            Err(_) => {
+                socket.register_recv_waker(task.waker());
+                Ok(Step::Blocked)
+            }
+        }
+    }
+
+    /// Proxy -> application.
+    fn download(
+        &mut self,
+        socket: &mut tcp::Socket<'_>,
+        task: &mut Context<'_>,
+    ) -> io::Result<Step> {
+        if self.down_eof {
+            return Ok(Step::Blocked);
+        }
+        if !socket.can_send() {
+            // Not established yet, or the send ring is full: wait for ACKs.
+            socket.register_send_waker(task.waker());
+            return Ok(Step::Blocked);
+        }
+        if !self.pending.is_empty() {
+            let n = socket.send_slice(&self.pending).unwrap_or(0);
+            self.pending.drain(..n.min(self.pending.len()));
+            self.down = self.down.saturating_add(n as u64);
+            return Ok(Step::Progress);
+        }
+        match self.upstream.poll_read_ready(task) {
+            Poll::Pending => return Ok(Step::Blocked),
+            Poll::Ready(result) => result?,
+        }
+        let upstream = &self.upstream;
+        let read = socket.send(|space| match upstream.try_read(space) {
+            Ok(n) => (n, Ok(n)),
+            Err(e) => (0, Err(e)),
+        });
+        match read {
+            Ok(Ok(0)) => {
+                // The proxy's FIN: close our sending half once the ring drains.
+                socket.close();
+                self.down_eof = true;
+                Ok(Step::Progress)
+            }
+            Ok(Ok(n)) => {
+                self.down = self.down.saturating_add(n as u64);
+                Ok(Step::Progress)
+            }
+            Ok(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(Step::Progress),
+            Ok(Err(e)) => Err(e),
+            Err(_) => {
+                socket.register_send_waker(task.waker());
+                Ok(Step::Blocked)
+            }
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The userspace TCP/IP stack: smoltcp in any-IP mode over the TUN.
+//!
+//! Stage: between the device and the flows. One task runs the poll loop: it reads
+//! packets from the device in batches, classifies each ([`classify`]), hands TCP
+//! segments to their flow's socket (a SYN to a new destination first gets a socket
+//! of its own, with its SYN-ACK paused until the flow's upstream CONNECT succeeds),
+//! then lets the sockets that changed transmit, and sleeps until the device has a
+//! packet, a flow asks for a poll, or a socket timer is due. It never busy-spins.
+//!
+//! Every socket lives in a one-socket set of its own ([`TcpFlow`]), so the work per
+//! packet does not grow with the number of flows, and timers come from a heap
+//! ([`timers`]) rather than from walking every socket.
+//!
+//! The stack must not talk to the proxy (flows do) and must not block: the only
+//! errors that end it are the device's.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+pub mod classify;
+mod phy;
+mod timers;
+
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::io;
+use std::net::IpAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{HardwareAddress, IpListenEndpoint};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::flow::tcp::FlowContext;
+use crate::flow::{BurstLog, FlowId, FlowStats, FourTuple, Signal, TcpFlow};
+use crate::upstream::Upstream;
+use classify::{Class, DropReason};
+use phy::{OnePacket, TxCounters};
+use timers::Timers;
+
+/// Packets handled per wake-up before the loop yields to flow tasks.
+const BATCH: usize = 256;
+/// Largest packet read from the device (a TUN never hands more than its MTU).
+const RX_BUFFER: usize = 65_536;
+/// Shortest sleep between timer-driven polls of one flow (guards against spinning).
+const MIN_TIMER: Duration = Duration::from_millis(1);
+
+/// A packet device the stack can drive: the TUN, or an in-memory one in tests.
+pub trait PacketIo: Send + Sync + 'static {
+    /// Receives one packet, registering for readiness when none is there.
+    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
+    /// Receives one packet if one is queued; `WouldBlock` otherwise.
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// Sends one packet; an error means it was dropped.
+    fn try_send(&self, packet: &[u8]) -> io::Result<()>;
+    /// The device's MTU (the largest packet it carries).
+    fn mtu(&self) -> usize;
+}
+
+/// Stack settings.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    /// Receive buffer per TCP flow (bytes); it is the window offered to applications.
+    pub tcp_rx_buffer: usize,
+    /// Send buffer per TCP flow (bytes).
+    pub tcp_tx_buffer: usize,
+    /// Flows at once; SYNs beyond are reset.
+    pub max_flows: usize,
+    /// A flow whose application stops acknowledging data for this long is reset.
+    pub tcp_timeout: Duration,
+}
+
+impl Default for StackConfig {
+    fn default() -> Self {
+        StackConfig {
+            tcp_rx_buffer: 512 * 1024,
+            tcp_tx_buffer: 512 * 1024,
+            max_flows: 8192,
+            tcp_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What the stack did, reported when it stops.
+#[derive(Debug, Default, Clone)]
+pub struct StackStats {
+    /// Packets read from the device.
+    pub packets_in: u64,
+    /// Packets written to the device.
+    pub packets_out: u64,
+    /// Packets the device refused.
+    pub packets_out_dropped: u64,
+    /// Packets dropped on the way in, by reason.
+    pub dropped: HashMap<&'static str, u64>,
+    /// TCP flows opened.
+    pub flows_opened: u64,
+    /// SYNs reset because the flow limit was reached.
+    pub flows_over_limit: u64,
+    /// Flows whose upstream CONNECT succeeded.
+    pub flows_connected: u64,
+    /// Flows reset because the proxy could not be reached or refused.
+    pub flows_failed: u64,
+    /// Bytes from applications to the proxy.
+    pub bytes_up: u64,
+    /// Bytes from the proxy to applications.
+    pub bytes_down: u64,
+}
+
+/// Runs the stack on `device` until `shutdown` resolves or the device fails. Every
+/// TCP connection becomes a flow that goes through `upstream`.
+pub async fn run<D: PacketIo>(
+    device: D,
+    config: StackConfig,
+    upstream: Upstream,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<StackStats> {
+    let mut stack = Stack::new(device, config, upstream);
+    let result = stack.run(shutdown).await;
+    stack.close().await;
+    result.map(|()| stack.stats())
+}
+
+struct Stack<D: PacketIo> {
+    device: D,
+    iface: Interface,
+    /// The instant smoltcp's clock counts from.
+    epoch: Instant,
+    config: StackConfig,
+    flows: HashMap<FlowId, Arc<TcpFlow>>,
+    by_tuple: HashMap<FourTuple, FlowId>,
+    next_id: FlowId,
+    timers: Timers,
+    permits: Arc<Semaphore>,
+    cx: Arc<FlowContext>,
+    tasks: JoinSet<()>,
+    /// An empty set: packets of no flow go here, and smoltcp answers them with RST.
+    no_sockets: SocketSet<'static>,
+    scratch: Vec<u8>,
+    tx: TxCounters,
+    dirty: Vec<FlowId>,
+    stats: StackStats,
+    limit_log: BurstLog,
+}
+
+impl<D: PacketIo> Stack<D> {
+    fn new(device: D, config: StackConfig, upstream: Upstream) -> Self {
+        let epoch = Instant::now();
+        let mut scratch = Vec::with_capacity(RX_BUFFER);
+        let mut tx = TxCounters::default();
+        let mut iface_config = Config::new(HardwareAddress::Ip);
+        iface_config.random_seed = random_seed();
+        let iface = {
+            let mut probe = OnePacket::new(None, &device, &mut scratch, &mut tx);
+            let mut iface = Interface::new(iface_config, &mut probe, smol_now(epoch, epoch));
+            // Accept every destination: the TUN is the default route.
+            iface.set_any_ip(true);
+            iface
+        };
+        let cx = Arc::new(FlowContext {
+            upstream,
+            signal: Arc::new(Signal::default()),
+            stats: Arc::new(FlowStats::default()),
+            failures: BurstLog::new(Duration::from_secs(5)),
+        });
+        Stack {
+            device,
+            iface,
+            epoch,
+            permits: Arc::new(Semaphore::new(config.max_flows)),
+            config,
+            flows: HashMap::new(),
+            by_tuple: HashMap::new(),
+            next_id: 1,
+            timers: Timers::default(),
+            cx,
+            tasks: JoinSet::new(),
+            no_sockets: SocketSet::new(Vec::new()),
+            scratch,
+            tx,
+            dirty: Vec::new(),
+            stats: StackStats::default(),
+            limit_log: BurstLog::new(Duration::from_secs(5)),
+        }
+    }
+
+    async fn run(&mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let mut shutdown = pin!(shutdown);
+        let mut rx = vec![0u8; RX_BUFFER];
+        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+        let mut sleep = pin!(tokio::time::sleep_until(far));
+        let signal = self.cx.signal.clone();
+        loop {
+            let received = tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                r = poll_fn(|cx| self.device.poll_recv(cx, &mut rx)) => Some(r?),
+                () = signal.notified() => None,
+                () = &mut sleep => None,
+            };
+            let now = Instant::now();
+            if let Some(n) = received {
+                self.ingress(rx.get(..n).unwrap_or_default(), now);
+                self.ingress_batch(&mut rx, now)?;
+            }
+            self.poll_flows(now);
+            while self.tasks.try_join_next().is_some() {}
+            let next = self
+                .timers
+                .next()
+                .map_or(far, tokio::time::Instant::from_std);
+            sleep.as_mut().reset(next);
+        }
+    }
+
+    /// Reads and handles queued packets, up to a batch.
+    fn ingress_batch(&mut self, rx: &mut [u8], now: Instant) -> io::Result<()> {
+        for _ in 1..BATCH {
+            match self.device.try_recv(rx) {
+                Ok(n) => self.ingress(rx.get(..n).unwrap_or_default(), now),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Polls every flow that received packets, asked for it, or has a timer due.
+    fn poll_flows(&mut self, now: Instant) {
+        let mut asked = Vec::new();
+        self.cx.signal.drain_into(&mut asked);
+        for id in &asked {
+            if let Some(flow) = self.flows.get(id) {
+                flow.take_queued();
+            }
+        }
+        self.dirty.append(&mut asked);
+        self.timers.expire(now, &mut self.dirty);
+        self.dirty.sort_unstable();
+        self.dirty.dedup();
+        let dirty = std::mem::take(&mut self.dirty);
+        for id in &dirty {
+            self.egress(*id, now);
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
+    }
+
+    fn drop_packet(&mut self, reason: DropReason) {
+        let count = self.stats.dropped.entry(reason.name()).or_default();
+        *count = count.saturating_add(1);
+    }
+
+    /// Handles one packet from the device.
+    fn ingress(&mut self, packet: &[u8], now: Instant) {
+        self.stats.packets_in = self.stats.packets_in.saturating_add(1);
+        match classify::classify(packet) {
+            Class::Tcp { tuple, syn } => match self.by_tuple.get(&tuple).copied() {
+                Some(id) => {
+                    if let Some(flow) = self.flows.get(&id).cloned() {
+                        let mut sockets = flow.sockets();
+                        self.deliver(packet, &mut sockets, now);
+                        self.dirty.push(id);
+                    }
+                }
+                None if syn => self.open(tuple, packet, now),
+                None => {
+                    // No such connection: smoltcp answers with RST.
+                    let mut none =
+                        std::mem::replace(&mut self.no_sockets, SocketSet::new(Vec::new()));
+                    self.deliver(packet, &mut none, now);
+                    self.no_sockets = none;
+                }
+            },
+            Class::Udp { tuple } => {
+                tracing::trace!(%tuple, "UDP is not relayed yet; dropped");
+                self.drop_packet(DropReason::OtherProtocol);
+            }
+            Class::Drop(reason) => {
+                tracing::trace!(reason = reason.name(), "packet dropped");
+                self.drop_packet(reason);
+            }
+        }
+    }
+
+    /// Feeds one packet to smoltcp against `sockets`; replies go to the device.
+    fn deliver(&mut self, packet: &[u8], sockets: &mut SocketSet<'static>, now: Instant) {
+        let ts = smol_now(self.epoch, now);
+        let mut dev = OnePacket::new(Some(packet), &self.device, &mut self.scratch, &mut self.tx);
+        self.iface.poll_ingress_single(ts, &mut dev, sockets);
+    }
+
+    /// A SYN to a connection we do not have: give it a socket whose SYN-ACK waits for
+    /// the flow's upstream CONNECT, and start the flow.
+    fn open(&mut self, tuple: FourTuple, syn: &[u8], now: Instant) {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.stats.flows_over_limit = self.stats.flows_over_limit.saturating_add(1);
+            if let Some(suppressed) = self.limit_log.check(now) {
+                tracing::warn!(
+                    limit = self.config.max_flows,
+                    suppressed,
+                    "flow limit reached; resetting new connections"
+                );
+            }
+            let mut none = std::mem::replace(&mut self.no_sockets, SocketSet::new(Vec::new()));
+            self.deliver(syn, &mut none, now);
+            self.no_sockets = none;
+            return;
+        };
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_rx_buffer]),
+            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_tx_buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        socket.set_timeout(Some(self.config.tcp_timeout.into()));
+        socket.pause_synack(true);
+        let endpoint = IpListenEndpoint {
+            addr: Some(ip_of(tuple.dst.ip())),
+            port: tuple.dst.port(),
+        };
+        if socket.listen(endpoint).is_err() {
+            self.drop_packet(DropReason::NotUnicast);
+            return;
+        }
+        let mut sockets = SocketSet::new(Vec::with_capacity(1));
+        let handle = sockets.add(socket);
+        self.deliver(syn, &mut sockets, now);
+        if sockets.get::<tcp::Socket>(handle).state() != tcp::State::SynReceived {
+            // smoltcp did not take the SYN (it answered it, or dropped it).
+            return;
+        }
+        let id = self.next_id;
+        self.next_id = self.next_id.saturating_add(1);
+        let flow = Arc::new(TcpFlow::new(id, tuple, sockets, handle));
+        self.flows.insert(id, flow.clone());
+        self.by_tuple.insert(tuple, id);
+        self.stats.flows_opened = self.stats.flows_opened.saturating_add(1);
+        let span =
+            tracing::info_span!("flow", id, proto = "tcp", src = %tuple.src, dst = %tuple.dst);
+        self.tasks
+            .spawn(crate::flow::tcp::run(flow, self.cx.clone(), permit).instrument(span));
+    }
+
+    /// Lets one flow's socket transmit, then schedules its next timer or, once it is
+    /// closed and its task has ended, forgets the flow.
+    fn egress(&mut self, id: FlowId, now: Instant) {
+        let Some(flow) = self.flows.get(&id).cloned() else {
+            return;
+        };
+        let ts = smol_now(self.epoch, now);
+        let mut sockets = flow.sockets();
+        {
+            let mut dev = OnePacket::new(None, &self.device, &mut self.scratch, &mut self.tx);
+            while self.iface.poll_egress(ts, &mut dev, &mut sockets)
+                == PollResult::SocketStateChanged
+            {}
+        }
+        let state = sockets.get::<tcp::Socket>(flow.handle).state();
+        let closed = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
+        if closed && flow.task_done() {
+            drop(sockets);
+            self.flows.remove(&id);
+            self.by_tuple.remove(&flow.tuple);
+            self.timers.cancel(id);
+            return;
+        }
+        if let Some(at) = self.iface.poll_at(ts, &sockets) {
+            let at = std_at(self.epoch, at).max(now + MIN_TIMER);
+            self.timers.schedule(id, at);
+        }
+    }
+
+    /// Resets every connection (RST to the applications) and ends the flow tasks.
+    async fn close(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<FlowId> = self.flows.keys().copied().collect();
+        for id in &ids {
+            if let Some(flow) = self.flows.get(id) {
+                flow.sockets().get_mut::<tcp::Socket>(flow.handle).abort();
+            }
+            self.egress(*id, now);
+        }
+        self.tasks.shutdown().await;
+        self.flows.clear();
+        self.by_tuple.clear();
+    }
+
+    fn stats(&self) -> StackStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        let flows = &self.cx.stats;
+        StackStats {
+            packets_out: self.tx.sent,
+            packets_out_dropped: self.tx.dropped,
+            flows_connected: flows.connected.load(Relaxed),
+            flows_failed: flows.failed.load(Relaxed),
+            bytes_up: flows.bytes_up.load(Relaxed),
+            bytes_down: flows.bytes_down.load(Relaxed),
+            ..self.stats.clone()
+        }
+    }
+}
+
+fn ip_of(ip: IpAddr) -> smoltcp::wire::IpAddress {
+    match ip {
+        IpAddr::V4(v4) => smoltcp::wire::IpAddress::Ipv4(v4),
+        IpAddr::V6(v6) => smoltcp::wire::IpAddress::Ipv6(v6),
+    }
+}
+
+/// smoltcp's clock: microseconds since the stack started.
+fn smol_now(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
+    let micros = now.saturating_duration_since(epoch).as_micros();
+    smoltcp::time::Instant::from_micros(i64::try_from(micros).unwrap_or(i64::MAX))
+}
+
+fn std_at(epoch: Instant, at: smoltcp::time::Instant) -> Instant {
+    let micros = u64::try_from(at.total_micros()).unwrap_or(0);
+    epoch + Duration::from_micros(micros)
+}
+
+/// A seed for smoltcp's initial sequence numbers, from the OS's randomness (through
+/// std's hash keys, which are seeded per process).
+fn random_seed() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+}
