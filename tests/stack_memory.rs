@@ -1,0 +1,364 @@
+//! The stack driven through an in-memory device with hand-built packets (no TUN, no
+//! root): what an application's kernel would see for new, unknown and refused
+//! connections, and a full handshake with data through our SOCKS server.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use common::*;
+use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use tokio::sync::{mpsc, oneshot};
+use tun2socks::config::ProxyUrl;
+use tun2socks::server::ServerConfig;
+use tun2socks::stack::{self, PacketIo, StackConfig, StackStats};
+use tun2socks::upstream::{DialOptions, Upstream};
+
+const MTU: usize = 1500;
+
+/// A device whose packets come from and go to channels.
+struct MemDevice {
+    rx: Mutex<mpsc::Receiver<Vec<u8>>>,
+    tx: mpsc::Sender<Vec<u8>>,
+}
+
+impl PacketIo for MemDevice {
+    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        match self.rx.lock().unwrap().poll_recv(cx) {
+            Poll::Ready(Some(p)) => {
+                buf[..p.len()].copy_from_slice(&p);
+                Poll::Ready(Ok(p.len()))
+            }
+            Poll::Ready(None) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.rx.lock().unwrap().try_recv() {
+            Ok(p) => {
+                buf[..p.len()].copy_from_slice(&p);
+                Ok(p.len())
+            }
+            Err(_) => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    fn try_send(&self, packet: &[u8]) -> io::Result<()> {
+        self.tx
+            .try_send(packet.to_vec())
+            .map_err(|_| io::Error::other("full"))
+    }
+
+    fn mtu(&self) -> usize {
+        MTU
+    }
+}
+
+/// The application's side of the device, and the running stack.
+struct Harness {
+    to_stack: mpsc::Sender<Vec<u8>>,
+    from_stack: mpsc::Receiver<Vec<u8>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<io::Result<StackStats>>,
+}
+
+impl Harness {
+    fn start(proxy: &str, config: StackConfig) -> Harness {
+        let (to_stack, rx) = mpsc::channel(4096);
+        let (tx, from_stack) = mpsc::channel(4096);
+        let device = MemDevice {
+            rx: Mutex::new(rx),
+            tx,
+        };
+        let upstream = Upstream::new(
+            proxy.parse::<ProxyUrl>().unwrap(),
+            DialOptions {
+                connect_timeout: Duration::from_secs(2),
+                handshake_timeout: Duration::from_secs(2),
+                ..DialOptions::default()
+            },
+        );
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(stack::run(device, config, upstream, async {
+            let _ = stopped.await;
+        }));
+        Harness {
+            to_stack,
+            from_stack,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn send(&self, packet: Vec<u8>) {
+        self.to_stack.send(packet).await.unwrap();
+    }
+
+    /// The next TCP segment from the stack, within `ms`.
+    async fn recv(&mut self, ms: u64) -> Option<Segment> {
+        let p = tokio::time::timeout(Duration::from_millis(ms), self.from_stack.recv())
+            .await
+            .ok()??;
+        Some(Segment::parse(&p))
+    }
+
+    async fn stop(mut self) -> StackStats {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap()
+    }
+}
+
+/// The fields of a TCP segment that the tests look at.
+#[derive(Debug)]
+struct Segment {
+    src: SocketAddr,
+    dst: SocketAddr,
+    seq: u32,
+    ack: Option<u32>,
+    syn: bool,
+    rst: bool,
+    fin: bool,
+    mss: Option<u16>,
+    wscale: Option<u8>,
+    payload: Vec<u8>,
+}
+
+impl Segment {
+    fn parse(p: &[u8]) -> Segment {
+        let s = SlicedPacket::from_ip(p).expect("stack sent a malformed packet");
+        let (src, dst): (IpAddr, IpAddr) = match s.net.unwrap() {
+            NetSlice::Ipv4(ip) => (
+                ip.header().source_addr().into(),
+                ip.header().destination_addr().into(),
+            ),
+            NetSlice::Ipv6(ip) => (
+                ip.header().source_addr().into(),
+                ip.header().destination_addr().into(),
+            ),
+            _ => panic!("not IP"),
+        };
+        let Some(TransportSlice::Tcp(tcp)) = s.transport else {
+            panic!("not TCP")
+        };
+        let mut mss = None;
+        let mut wscale = None;
+        for opt in tcp.options_iterator() {
+            match opt.unwrap() {
+                etherparse::TcpOptionElement::MaximumSegmentSize(m) => mss = Some(m),
+                etherparse::TcpOptionElement::WindowScale(w) => wscale = Some(w),
+                _ => {}
+            }
+        }
+        Segment {
+            src: SocketAddr::new(src, tcp.source_port()),
+            dst: SocketAddr::new(dst, tcp.destination_port()),
+            seq: tcp.sequence_number(),
+            ack: tcp.ack().then(|| tcp.acknowledgment_number()),
+            syn: tcp.syn(),
+            rst: tcp.rst(),
+            fin: tcp.fin(),
+            mss,
+            wscale,
+            payload: tcp.payload().to_vec(),
+        }
+    }
+}
+
+const APP: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(198, 18, 0, 2)), 40000);
+
+/// A segment from the application to `dst`.
+fn segment(
+    src: SocketAddr,
+    dst: SocketAddr,
+    seq: u32,
+    ack: Option<u32>,
+    flags: &str,
+    payload: &[u8],
+) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+        panic!("v4 only")
+    };
+    let mut b =
+        PacketBuilder::ipv4(s.octets(), d.octets(), 64).tcp(src.port(), dst.port(), seq, 65535);
+    if flags.contains('S') {
+        b = b.syn();
+    }
+    if flags.contains('F') {
+        b = b.fin();
+    }
+    if flags.contains('R') {
+        b = b.rst();
+    }
+    if let Some(a) = ack {
+        b = b.ack(a);
+    }
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+fn dead_proxy() -> String {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    format!("socks5://127.0.0.1:{port}")
+}
+
+#[tokio::test]
+async fn unknown_connection_gets_rst() {
+    let mut h = Harness::start(&dead_proxy(), StackConfig::default());
+    let dst: SocketAddr = "10.20.30.40:443".parse().unwrap();
+    h.send(segment(APP, dst, 1000, Some(77), "A", b"stray"))
+        .await;
+    let r = h.recv(2000).await.expect("no answer to a stray segment");
+    assert!(r.rst, "{r:?}");
+    assert_eq!((r.src, r.dst), (dst, APP));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn dead_proxy_means_connection_refused_at_once() {
+    let mut h = Harness::start(&dead_proxy(), StackConfig::default());
+    let dst: SocketAddr = "10.20.30.40:80".parse().unwrap();
+    let started = std::time::Instant::now();
+    h.send(segment(APP, dst, 5000, None, "S", b"")).await;
+    let r = h.recv(3000).await.expect("no answer to the SYN");
+    assert!(r.rst, "expected RST, got {r:?}");
+    assert_eq!(r.ack, Some(5001), "the RST must acknowledge the SYN");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    let stats = h.stop().await;
+    assert_eq!(stats.flows_failed, 1);
+}
+
+#[tokio::test]
+async fn socks_error_reply_becomes_rst() {
+    // Our server refuses the destination with 0x02.
+    let server = TestServer::start(ServerConfig {
+        deny: vec!["10.0.0.0/8".parse().unwrap()],
+        ..ServerConfig::default()
+    })
+    .await;
+    let mut h = Harness::start(&format!("socks5://{}", server.addr), StackConfig::default());
+    h.send(segment(
+        APP,
+        "10.1.1.1:22".parse().unwrap(),
+        1,
+        None,
+        "S",
+        b"",
+    ))
+    .await;
+    let r = h.recv(3000).await.expect("no answer");
+    assert!(r.rst && r.ack == Some(2), "{r:?}");
+}
+
+#[tokio::test]
+async fn flow_limit_resets_new_connections() {
+    // A "proxy" that accepts and never answers keeps the first flow connecting.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("socks5://{}", silent.local_addr().unwrap());
+    let _keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let config = StackConfig {
+        max_flows: 1,
+        ..StackConfig::default()
+    };
+    let mut h = Harness::start(&proxy, config);
+    let dst: SocketAddr = "10.9.9.9:80".parse().unwrap();
+    h.send(segment(APP, dst, 10, None, "S", b"")).await;
+    assert!(
+        h.recv(300).await.is_none(),
+        "SYN-ACK before CONNECT finished"
+    );
+    let other: SocketAddr = "198.18.0.2:40001".parse().unwrap();
+    h.send(segment(other, dst, 20, None, "S", b"")).await;
+    let r = h.recv(2000).await.expect("second SYN not answered");
+    assert!(r.rst && r.dst == other, "{r:?}");
+    let stats = h.stop().await;
+    assert_eq!(stats.flows_over_limit, 1);
+}
+
+#[tokio::test]
+async fn malformed_packets_are_dropped_and_counted() {
+    let mut h = Harness::start(&dead_proxy(), StackConfig::default());
+    for junk in [vec![], vec![0x45], vec![0x60; 39], vec![0xff; 100]] {
+        h.send(junk).await;
+    }
+    assert!(h.recv(300).await.is_none());
+    let stats = h.stop().await;
+    assert_eq!(stats.dropped.get("malformed"), Some(&4), "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_data_and_half_close_through_socks() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let echo = tcp_echo("127.0.0.1").await;
+    let mut h = Harness::start(&format!("socks5://{}", server.addr), StackConfig::default());
+    let dst = echo; // the stack accepts any destination; here it is reachable.
+
+    h.send(segment(APP, dst, 100, None, "S", b"")).await;
+    let synack = h.recv(3000).await.expect("no SYN-ACK");
+    assert!(synack.syn && synack.ack == Some(101), "{synack:?}");
+    assert_eq!(
+        synack.mss,
+        Some((MTU - 40) as u16),
+        "MSS must match the MTU"
+    );
+    assert!(
+        synack.wscale.is_none(),
+        "no window scaling unless the SYN offered it"
+    );
+    let mut seq = 101;
+    let their = synack.seq.wrapping_add(1);
+    h.send(segment(APP, dst, seq, Some(their), "A", b"")).await;
+    h.send(segment(APP, dst, seq, Some(their), "A", b"hello stack"))
+        .await;
+    seq += 11;
+
+    let mut got = Vec::new();
+    let mut acked = false;
+    while got.len() < 11 {
+        let s = h.recv(3000).await.expect("no echo");
+        assert!(!s.rst, "{s:?}");
+        acked |= s.ack == Some(seq);
+        got.extend_from_slice(&s.payload);
+    }
+    assert_eq!(got, b"hello stack");
+    assert!(acked, "our data was not acknowledged");
+
+    // Half-close: the echo server sees EOF and closes; the FIN comes back.
+    let back = their.wrapping_add(11);
+    h.send(segment(APP, dst, seq, Some(back), "FA", b"")).await;
+    let mut fin = false;
+    for _ in 0..5 {
+        match h.recv(3000).await {
+            Some(s) if s.fin => {
+                fin = true;
+                break;
+            }
+            Some(_) => continue,
+            None => break,
+        }
+    }
+    assert!(fin, "the destination's FIN did not reach the application");
+    let stats = h.stop().await;
+    assert_eq!(stats.flows_connected, 1);
+    assert_eq!(stats.bytes_up, 11);
+    assert_eq!(stats.bytes_down, 11);
+}
