@@ -24,6 +24,9 @@
 //! ```
 //!
 //! Modules follow the data path: [`socks`] is the sans-IO protocol core shared by
-//! the client side ([`upstream`]) and the reference server ([`server`]).
+//! the client side ([`upstream`]) and the reference server ([`server`]). Beside the
+//! path, [`testbed`] builds the network-namespace topology that the integration tests
+//! and `tun2socks selftest` run in.
 
 pub mod socks;
+pub mod testbed;
