@@ -24,11 +24,14 @@
 //! ```
 //!
 //! Modules follow the data path: [`socks`] is the sans-IO protocol core shared by
-//! the client side ([`upstream`]) and the reference server ([`server`]).
+//! the client side ([`upstream`]) and the reference server ([`server`]). Beside the
+//! path, [`testbed`] builds the network-namespace topology that the integration tests
+//! and `tun2socks selftest` run in.
 
 pub mod config;
 pub mod flow;
 pub mod server;
 pub mod socks;
 pub mod stack;
+pub mod testbed;
 pub mod upstream;
