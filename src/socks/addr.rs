@@ -93,10 +93,8 @@ pub enum Address {
 
 impl Address {
     /// The unspecified IPv4 address with port 0 (`0.0.0.0:0`).
-    pub const UNSPECIFIED: Address = Address::Ip(SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        0,
-    ));
+    pub const UNSPECIFIED: Address =
+        Address::Ip(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0));
 
     /// A host name and port; fails if the name is not a valid [`DomainName`].
     pub fn domain(name: impl Into<String>, port: u16) -> Result<Self, Error> {
@@ -131,12 +129,9 @@ impl From<SocketAddr> for Address {
         // flowinfo and scope id have no place on the wire; drop them so that an
         // address compares equal to its decoded self.
         match addr {
-            SocketAddr::V6(v6) => Address::Ip(SocketAddr::V6(SocketAddrV6::new(
-                *v6.ip(),
-                v6.port(),
-                0,
-                0,
-            ))),
+            SocketAddr::V6(v6) => {
+                Address::Ip(SocketAddr::V6(SocketAddrV6::new(*v6.ip(), v6.port(), 0, 0)))
+            }
             v4 => Address::Ip(v4),
         }
     }

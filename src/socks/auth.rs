@@ -75,7 +75,9 @@ impl fmt::Debug for Credentials {
 impl Message for Credentials {
     fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, Error> {
         let mut r = Reader::new(buf);
-        let Some(version) = r.u8() else { return Ok(None) };
+        let Some(version) = r.u8() else {
+            return Ok(None);
+        };
         if version != VERSION {
             return Err(Error::VersionMismatch {
                 message: "RFC 1929 request",

@@ -47,7 +47,7 @@ pub use addr::{Address, DomainName};
 pub use auth::{Credentials, Users};
 pub use client::{Auth, ClientHandshake, ClientStatus, ClientStep, Protocol};
 pub use error::Error;
-pub use server::{Request, ServerHandshake, ServerPolicy, ServerStep, ServerStatus, Version};
+pub use server::{Request, ServerHandshake, ServerPolicy, ServerStatus, ServerStep, Version};
 pub use v5::{Command, Method, ReplyCode};
 
 /// Longest domain name, user name, password or SOCKS4 user id accepted (bytes).

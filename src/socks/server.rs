@@ -144,9 +144,17 @@ enum State {
 enum Progress {
     NeedMore,
     /// A message of `consumed` bytes was handled; continue in the new state.
-    Next { consumed: usize },
-    Done { consumed: usize, request: Request },
-    Failed { consumed: usize, error: Error },
+    Next {
+        consumed: usize,
+    },
+    Done {
+        consumed: usize,
+        request: Request,
+    },
+    Failed {
+        consumed: usize,
+        error: Error,
+    },
 }
 
 /// The server side of one SOCKS4/4a/5 handshake.
@@ -179,7 +187,10 @@ impl ServerHandshake {
                     consumed = consumed.saturating_add(n);
                     continue;
                 }
-                Progress::Done { consumed: n, request } => {
+                Progress::Done {
+                    consumed: n,
+                    request,
+                } => {
                     consumed = consumed.saturating_add(n);
                     self.state = State::Finished;
                     ServerStatus::Done(request)

@@ -47,7 +47,10 @@ impl Message for Header {
         let Some((target, n)) = Address::decode(r.rest())? else {
             return Ok(None);
         };
-        Ok(Some((Header { frag, target }, r.consumed().saturating_add(n))))
+        Ok(Some((
+            Header { frag, target },
+            r.consumed().saturating_add(n),
+        )))
     }
 
     fn encoded_len(&self) -> usize {

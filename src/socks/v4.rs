@@ -135,7 +135,9 @@ fn nul_field<'a>(r: &mut Reader<'a>, field: &'static str) -> Result<Option<&'a [
 impl Message for Request {
     fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, Error> {
         let mut r = Reader::new(buf);
-        let Some(version) = r.u8() else { return Ok(None) };
+        let Some(version) = r.u8() else {
+            return Ok(None);
+        };
         if version != VERSION {
             return Err(Error::VersionMismatch {
                 message: "SOCKS4 request",
@@ -208,7 +210,9 @@ pub struct Reply {
 impl Message for Reply {
     fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, Error> {
         let mut r = Reader::new(buf);
-        let Some(version) = r.u8() else { return Ok(None) };
+        let Some(version) = r.u8() else {
+            return Ok(None);
+        };
         // The specification says VN is 0; some servers echo 4. Both are unambiguous.
         if version != REPLY_VERSION && version != VERSION {
             return Err(Error::VersionMismatch {

@@ -184,7 +184,9 @@ impl Message for MethodSelection {
         if check_version(&mut r, "SOCKS5 method selection")?.is_none() {
             return Ok(None);
         }
-        let Some(method) = r.u8() else { return Ok(None) };
+        let Some(method) = r.u8() else {
+            return Ok(None);
+        };
         Ok(Some((
             MethodSelection {
                 method: Method(method),
@@ -234,13 +236,15 @@ pub struct Request {
 
 impl Message for Request {
     fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, Error> {
-        Ok(decode_framed(buf, "SOCKS5 request")?.map(|(cmd, target, n)| {
-            let request = Request {
-                command: Command(cmd),
-                target,
-            };
-            (request, n)
-        }))
+        Ok(
+            decode_framed(buf, "SOCKS5 request")?.map(|(cmd, target, n)| {
+                let request = Request {
+                    command: Command(cmd),
+                    target,
+                };
+                (request, n)
+            }),
+        )
     }
 
     fn encoded_len(&self) -> usize {
