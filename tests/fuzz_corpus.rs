@@ -186,6 +186,15 @@ fn handshake_seeds() {
             write("client_handshake", &name, &seed);
         }
     }
+    // 0.0.0.x over SOCKS4 and SOCKS4a must be refused by `new` (it once was not).
+    for config in [0u8, 1, 3, 4] {
+        let seed = with_chunks(&[config, 3], &[], b"\x00\x5a\x00\x50\x00\x00\x00\x01");
+        write(
+            "client_handshake",
+            &format!("regression-marker-{config:02x}"),
+            &seed,
+        );
+    }
     // What other clients send: several methods, pipelined, refused, malformed.
     let raw: [(&str, u8, &[u8]); 6] = [
         (
