@@ -102,8 +102,9 @@ pub struct ClientHandshake {
 
 impl ClientHandshake {
     /// A handshake asking the proxy to carry out `command` for `target`. Fails if the
-    /// protocol cannot express the target (IPv6 over SOCKS4/4a, a name over SOCKS4) or
-    /// the command (UDP ASSOCIATE over SOCKS4/4a).
+    /// protocol cannot express the target (IPv6 over SOCKS4/4a, a name over SOCKS4,
+    /// an address `0.0.0.x` with x != 0 over SOCKS4/4a) or the command (UDP ASSOCIATE
+    /// over SOCKS4/4a).
     pub fn new(
         protocol: Protocol,
         auth: Auth,
@@ -113,6 +114,9 @@ impl ClientHandshake {
         let fits = match (protocol, &target) {
             (Protocol::Socks5, _) => true,
             (_, Address::Ip(SocketAddr::V6(_))) => false,
+            // DSTIP 0.0.0.x (x != 0) is the SOCKS4a marker: the proxy would wait for a
+            // host name after the user id and take whatever follows for one.
+            (_, Address::Ip(SocketAddr::V4(a))) => !v4::is_socks4a_marker(*a.ip()),
             (Protocol::Socks4, Address::Domain(..)) => false,
             _ => true,
         };

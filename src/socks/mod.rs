@@ -34,6 +34,8 @@ pub mod addr;
 pub mod auth;
 pub mod client;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod reader;
 pub mod server;
 pub mod udp;

@@ -113,7 +113,7 @@ pub struct Request {
 }
 
 /// Is this DSTIP the SOCKS4a marker `0.0.0.x` with x != 0?
-fn is_socks4a_marker(ip: Ipv4Addr) -> bool {
+pub(crate) fn is_socks4a_marker(ip: Ipv4Addr) -> bool {
     let [a, b, c, d] = ip.octets();
     a == 0 && b == 0 && c == 0 && d != 0
 }

@@ -1,0 +1,9 @@
+//! A datagram received on the UDP relay.
+//! The harness and its invariants live in `tun2socks::socks::fuzzing`, so that
+//! `tests/fuzz_corpus.rs` replays this target's corpus on stable.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| tun2socks::socks::fuzzing::udp_datagram(data));
