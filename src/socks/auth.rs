@@ -141,16 +141,11 @@ pub struct Status {
 impl Message for Status {
     fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, Error> {
         let mut r = Reader::new(buf);
-        let (Some(version), Some(status)) = (r.u8(), r.u8()) else {
+        // VER should be 0x01; some servers answer 0x05. Like curl, judge by STATUS
+        // alone: the byte carries no other meaning.
+        let (Some(_version), Some(status)) = (r.u8(), r.u8()) else {
             return Ok(None);
         };
-        if version != VERSION {
-            return Err(Error::VersionMismatch {
-                message: "RFC 1929 response",
-                version,
-                expected: VERSION,
-            });
-        }
         Ok(Some((Status { status }, r.consumed())))
     }
 

@@ -119,6 +119,10 @@ impl Error {
             Error::UnsupportedCommand { .. } => ReplyCode::COMMAND_NOT_SUPPORTED,
             Error::UnknownAddressType { .. } => ReplyCode::ADDRESS_TYPE_NOT_SUPPORTED,
             Error::InvalidDomain { .. } => ReplyCode::HOST_UNREACHABLE,
+            Error::FieldLength {
+                field: "domain name",
+                ..
+            } => ReplyCode::HOST_UNREACHABLE,
             Error::Rejected { reply } => *reply,
             Error::Socks4Refused | Error::AuthFailed { .. } => ReplyCode::NOT_ALLOWED,
             Error::UnsupportedTarget { .. } => ReplyCode::ADDRESS_TYPE_NOT_SUPPORTED,

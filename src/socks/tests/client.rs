@@ -203,10 +203,8 @@ fn malformed_replies() {
     assert_eq!(got, Err(Error::UnknownAddressType { atyp: 7 }));
     let (mut client, _) = started(Protocol::Socks5, password(), Command::CONNECT, "1.2.3.4:80");
     step(&mut client, "05 02").unwrap();
-    assert_eq!(
-        step(&mut client, "05 00"),
-        Err(mismatch("RFC 1929 response", 5, 1))
-    );
+    // A status with version byte 05 (a common server bug) is judged by STATUS alone.
+    assert!(step(&mut client, "05 00").is_ok());
     let (mut client, _) = started(Protocol::Socks4, Auth::None, Command::CONNECT, "1.2.3.4:80");
     assert_eq!(step(&mut client, "05"), Err(mismatch("SOCKS4 reply", 5, 0)));
 }
