@@ -26,4 +26,5 @@
 //! Modules follow the data path: [`socks`] is the sans-IO protocol core shared by
 //! the client side ([`upstream`]) and the reference server ([`server`]).
 
+pub mod device;
 pub mod socks;

@@ -10,7 +10,8 @@
 //! caller that knows the change will vanish anyway (the device is ours and goes away
 //! with its descriptor) calls [`LinkGuard::forget`].
 //!
-//! It must not: run async code, spawn threads, read configuration, or log packets.
+//! It must not: run async code (it only registers the TUN descriptor with tokio),
+//! spawn threads, read configuration, or log packets.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -7,10 +7,11 @@ mod netns;
 
 use std::io;
 use std::os::fd::AsFd;
+use std::time::Duration;
 
 use netns::{Netns, root_or_skip};
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
-use tun2socks_platform::{MAX_NAME_LEN, TunError, open_tun};
+use tun2socks_platform::{Link, MAX_NAME_LEN, TunError, open_tun};
 
 #[test]
 fn bad_names_fail_before_any_system_call() {
@@ -151,5 +152,32 @@ fn without_cap_net_admin_creation_is_permission_denied() {
             }
             other => panic!("expected PermissionDenied, got {other:?}"),
         }
+    });
+}
+
+#[test]
+fn registers_with_the_tokio_reactor() {
+    if !root_or_skip("registers_with_the_tokio_reactor") {
+        return;
+    }
+    let ns = Netns::new("tun-tokio");
+    ns.run(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let tun = open_tun(Some("t2stokio")).expect("create");
+            // The kernel reports a TUN descriptor writable only while the link is up.
+            let _up = Link::new(tun.ifindex()).unwrap().set_up().unwrap();
+            let fd = tun.into_async_fd().expect("register");
+            let ready = tokio::time::timeout(Duration::from_secs(5), fd.writable()).await;
+            drop(
+                ready
+                    .expect("the reactor reports writability")
+                    .expect("writable"),
+            );
+            assert_eq!(fd.get_ref().name(), "t2stokio");
+        });
     });
 }

@@ -12,6 +12,9 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
 use crate::TunError;
 
 use super::MAX_NAME_LEN;
@@ -73,6 +76,22 @@ impl Tun {
                 format!("TUN took {written} of {} bytes", packet.len()),
             ))
         }
+    }
+}
+
+impl Tun {
+    /// Registers the descriptor with the current tokio reactor for read and write
+    /// readiness. Must be called inside a tokio runtime with I/O enabled (tokio
+    /// panics otherwise).
+    pub fn into_async_fd(self) -> io::Result<AsyncFd<Tun>> {
+        // SAFETY: `Tun` owns its descriptor (a `File`) for its whole life,
+        // `as_raw_fd` always returns that same descriptor, and no method of `Tun`
+        // closes or replaces it. The `AsyncFd` owns the `Tun`, so the descriptor stays
+        // open and unchanged until the `AsyncFd` is dropped or gives the `Tun` back.
+        let registered = unsafe {
+            AsyncFd::register_with_interest(self, Interest::READABLE | Interest::WRITABLE)
+        };
+        registered.map_err(|error| error.into_parts().1)
     }
 }
 

@@ -43,6 +43,12 @@ impl Tun {
     pub fn send(&self, _packet: &[u8]) -> io::Result<()> {
         match self.never {}
     }
+
+    /// Registers the descriptor with the tokio reactor.
+    #[cfg(unix)]
+    pub fn into_async_fd(self) -> io::Result<tokio::io::unix::AsyncFd<Tun>> {
+        match self.never {}
+    }
 }
 
 #[cfg(unix)]

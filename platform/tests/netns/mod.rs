@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 use std::fs::File;
+use std::io::Write;
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -25,7 +26,12 @@ pub fn root_or_skip(test: &str) -> bool {
         "{test} needs root (network namespaces, TUN devices); CI is set, so this fails \
          instead of skipping"
     );
-    eprintln!("SKIPPED {test}: needs root for network namespaces and TUN devices (CI unset)");
+    // Written to the real stderr, not eprintln!: the test harness would capture that
+    // and show nothing for a passing (skipped) test.
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "SKIPPED {test}: needs root for network namespaces and TUN devices (CI unset)"
+    );
     false
 }
 
