@@ -49,6 +49,10 @@ fn changes_show_in_ip_and_guards_restore_them() {
         assert_eq!(v4.family, "inet");
         let v6 = find(&addrs, "fd07::1/64").expect("v6 address listed");
         assert!(v6.usable(), "NODAD: usable at once: {v6:?}");
+        // ... and delivered locally at once: add_address waited for the local route,
+        // which the kernel installs from a work queue after acknowledging.
+        let local = ns.ip(&["-6", "route", "show", "table", "local", "dev", "t2slink"]);
+        assert!(local.contains("local fd07::1 "), "{local}");
 
         while let Some(guard) = guards.pop() {
             drop(guard);

@@ -8,7 +8,9 @@
 //! This module must not open TUN devices or decide policy (which values to set).
 
 use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
@@ -16,10 +18,20 @@ use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressScope,
 };
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use super::netlink::{Netlink, NlError};
 use crate::{LinkError, LinkOp};
+
+/// How long [`Link::add_address`] waits for the kernel to accept packets for a new
+/// IPv6 address. Even without DAD, the kernel installs the local route from a work
+/// queue, a little after acknowledging the address; packets arriving before that are
+/// dropped (`Ip6InAddrErrors`). It normally takes well under a millisecond.
+const LOCAL_ROUTE_WAIT: Duration = Duration::from_secs(2);
+
+/// Interval between two checks for the local route.
+const LOCAL_ROUTE_POLL: Duration = Duration::from_millis(1);
 
 /// The state of an interface that the guards may change and restore.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,17 +136,57 @@ impl Link {
     }
 
     /// Adds `address` (with its prefix length, e.g. `10.0.0.1/24`, which also adds the
-    /// prefix route). IPv6 addresses skip duplicate address detection (`IFA_F_NODAD`)
-    /// so they are usable at once. If the address is already present the guard does
-    /// nothing; otherwise it removes the address.
+    /// prefix route). IPv6 addresses skip duplicate address detection (`IFA_F_NODAD`),
+    /// and on a link that is up this returns only once the kernel delivers packets for
+    /// the address locally (bounded wait, normally under a millisecond), so it is
+    /// usable at once. If the address is already present the guard does nothing;
+    /// otherwise it removes the address.
     pub fn add_address(&self, address: IpNet) -> Result<LinkGuard, LinkError> {
         match self.apply(Change::AddAddress(address)) {
-            Ok(()) => Ok(self.guard(Some(Change::DelAddress(address)))),
+            Ok(()) => {
+                let guard = self.guard(Some(Change::DelAddress(address)));
+                if let IpAddr::V6(ip) = address.addr() {
+                    self.wait_until_local(ip, LinkOp::AddAddress(address))?;
+                }
+                Ok(guard)
+            }
             Err(LinkError::Refused {
                 errno: libc::EEXIST,
                 ..
             }) => Ok(self.guard(None)),
             Err(error) => Err(error),
+        }
+    }
+
+    /// Waits until `ip` is routed locally, if the link is up (on a down link the
+    /// kernel installs the local route only when it comes up).
+    fn wait_until_local(&self, ip: Ipv6Addr, op: LinkOp) -> Result<(), LinkError> {
+        if !self.state()?.up {
+            return Ok(());
+        }
+        let deadline = Instant::now() + LOCAL_ROUTE_WAIT;
+        while !self.routes_locally(ip, op)? {
+            if Instant::now() >= deadline {
+                tracing::debug!(ifindex = self.ifindex, %ip, "no local route yet; not waiting longer");
+                break;
+            }
+            std::thread::sleep(LOCAL_ROUTE_POLL);
+        }
+        Ok(())
+    }
+
+    /// Whether the kernel's route lookup for `ip` says "deliver locally".
+    fn routes_locally(&self, ip: Ipv6Addr, op: LinkOp) -> Result<bool, LinkError> {
+        let mut route = RouteMessage::default();
+        route.header.address_family = AddressFamily::Inet6;
+        route.header.destination_prefix_length = 128;
+        route
+            .attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet6(ip)));
+        match self.netlink.get(RouteNetlinkMessage::GetRoute(route)) {
+            Ok(RouteNetlinkMessage::NewRoute(route)) => Ok(route.header.kind == RouteType::Local),
+            Ok(_) | Err(NlError::Refused { .. }) => Ok(false),
+            Err(error) => Err(self.error(op, error)),
         }
     }
 
