@@ -29,6 +29,7 @@
 //! and `tun2socks selftest` run in.
 
 pub mod config;
+pub mod device;
 pub mod flow;
 pub mod server;
 pub mod socks;

@@ -1,3 +1,44 @@
-//! OS-specific parts of tun2socks: opening the TUN device, addresses, routes and
-//! rules. This crate is the only place with `#[cfg(target_os)]` and `unsafe`. Every
-//! change to the system returns a guard that undoes it on drop.
+//! OS-specific parts of tun2socks: opening the TUN device and configuring the
+//! interface (MTU, transmit queue length, up state, addresses).
+//!
+//! This crate is the only place with `#[cfg(target_os)]` and `unsafe`. One module per
+//! OS implements the same API and is chosen here by `#[cfg] #[path]`; callers never
+//! write a `#[cfg]`. Linux is implemented; other systems compile and answer every call
+//! with an `Unsupported` error.
+//!
+//! Every change to the system returns a [`LinkGuard`] that undoes it on drop. A
+//! caller that knows the change will vanish anyway (the device is ours and goes away
+//! with its descriptor) calls [`LinkGuard::forget`].
+//!
+//! It must not: run async code (it only registers the TUN descriptor with tokio),
+//! spawn threads, read configuration, or log packets.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use tun2socks_platform::{Link, open_tun};
+//!
+//! let tun = open_tun(Some("tun0"))?;
+//! let link = Link::new(tun.ifindex())?;
+//! let _mtu = link.set_mtu(1500)?;
+//! let _addr = link.add_address("198.18.0.1/15".parse()?)?;
+//! let _up = link.set_up()?;
+//! // ... use `tun` ...
+//! // dropping the guards restores MTU, removes the address, sets the link down.
+//! # Ok(()) }
+//! ```
+
+mod error;
+
+#[cfg(target_os = "linux")]
+#[path = "linux/mod.rs"]
+mod imp;
+
+#[cfg(not(target_os = "linux"))]
+#[path = "unsupported/mod.rs"]
+mod imp;
+
+pub use error::{LinkError, LinkOp, TunError};
+pub use imp::{Link, LinkGuard, LinkState, Tun, open_tun};
+
+/// The longest interface name the OS accepts, in bytes (without a terminating NUL).
+pub const MAX_NAME_LEN: usize = imp::MAX_NAME_LEN;

@@ -1,0 +1,186 @@
+//! Error types shared by every OS implementation: what went wrong opening a TUN
+//! device ([`TunError`]) or changing an interface ([`LinkError`], naming the
+//! [`LinkOp`] that failed). No OS-specific types appear here, so callers match on the
+//! same variants everywhere. The OS error text is part of each message (the
+//! `Display`), and the errno is kept for matching.
+
+use std::fmt;
+use std::io;
+
+use ipnet::IpNet;
+
+/// Opening a TUN device failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TunError {
+    /// The requested name is longer than the OS allows ([`crate::MAX_NAME_LEN`]).
+    #[error("interface name {name:?} is {len} bytes long; at most {max} are allowed")]
+    NameTooLong {
+        /// The name as requested.
+        name: String,
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The requested name is empty, `.` or `..`, or contains a character the kernel
+    /// refuses (`/`, `:`, whitespace, NUL).
+    #[error("invalid interface name {name:?}: {reason}")]
+    InvalidName {
+        /// The name as requested.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// The OS refused for lack of privilege (EPERM or EACCES). On Linux, creating a
+    /// TUN device, or attaching to one owned by another user, needs `CAP_NET_ADMIN`.
+    #[error(
+        "permission denied opening TUN device {name}: creating or attaching a TUN device \
+         needs CAP_NET_ADMIN (run as root, or grant the capability) ({error})"
+    )]
+    PermissionDenied {
+        /// The requested name (or the kernel's template).
+        name: String,
+        /// The OS error (EPERM or EACCES).
+        error: io::Error,
+    },
+    /// The device exists and another process (or another descriptor of ours) holds it
+    /// open (EBUSY).
+    #[error("TUN device {name} is busy: another process already has it open")]
+    Busy {
+        /// The device name.
+        name: String,
+    },
+    /// An interface of that name exists but is not a TUN device: a TAP, a multi-queue
+    /// TUN, or another kind of link (the kernel answers EINVAL).
+    #[error("interface {name} exists but is not a single-queue TUN device")]
+    NotTun {
+        /// The interface name.
+        name: String,
+    },
+    /// Any other OS error, with the step that failed.
+    #[error("{op} for TUN device {name}: {error}")]
+    Io {
+        /// The step: "open /dev/net/tun", "TUNSETIFF", "look up the ifindex".
+        op: &'static str,
+        /// The requested name (or the kernel's template).
+        name: String,
+        /// The OS error.
+        error: io::Error,
+    },
+    /// TUN devices are not implemented for this OS yet.
+    #[error("TUN devices are not supported on this operating system yet")]
+    Unsupported,
+}
+
+impl TunError {
+    /// The OS error number behind this error, if there is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::PermissionDenied { error, .. } | Self::Io { error, .. } => error.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// A change to an interface, named in [`LinkError`]s and in restore warnings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LinkOp {
+    /// Opening the configuration socket (netlink on Linux).
+    Open,
+    /// Reading the interface's current state.
+    Get,
+    /// Setting the MTU.
+    SetMtu(u32),
+    /// Setting the transmit queue length (packets).
+    SetTxQueueLen(u32),
+    /// Bringing the link up.
+    SetUp,
+    /// Bringing the link down (restoring a previous down state).
+    SetDown,
+    /// Adding an address.
+    AddAddress(IpNet),
+    /// Removing an address.
+    DelAddress(IpNet),
+}
+
+impl fmt::Display for LinkOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Open => f.write_str("open the configuration socket"),
+            Self::Get => f.write_str("read the link state"),
+            Self::SetMtu(mtu) => write!(f, "set MTU {mtu}"),
+            Self::SetTxQueueLen(len) => write!(f, "set txqueuelen {len}"),
+            Self::SetUp => f.write_str("set link up"),
+            Self::SetDown => f.write_str("set link down"),
+            Self::AddAddress(addr) => write!(f, "add address {addr}"),
+            Self::DelAddress(addr) => write!(f, "remove address {addr}"),
+        }
+    }
+}
+
+/// Changing (or reading) an interface failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// The kernel refused the request: its errno and, when it gave one, its own
+    /// explanation (netlink extended ACK).
+    #[error("{op} on interface {ifindex}: {}{}", io::Error::from_raw_os_error(*errno), Explained(message))]
+    Refused {
+        /// What was asked.
+        op: LinkOp,
+        /// The interface.
+        ifindex: u32,
+        /// The positive errno, e.g. `EPERM` (no `CAP_NET_ADMIN`), `ENODEV`, `EINVAL`.
+        errno: i32,
+        /// The kernel's extended-ACK message, if any.
+        message: Option<String>,
+    },
+    /// Talking to the kernel failed (socket, send or receive).
+    #[error("{op} on interface {ifindex}: {error}")]
+    Io {
+        /// What was asked.
+        op: LinkOp,
+        /// The interface.
+        ifindex: u32,
+        /// The OS error.
+        error: io::Error,
+    },
+    /// The kernel's reply could not be understood.
+    #[error("{op} on interface {ifindex}: undecodable reply: {reason}")]
+    Decode {
+        /// What was asked.
+        op: LinkOp,
+        /// The interface.
+        ifindex: u32,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// Interface configuration is not implemented for this OS yet.
+    #[error("interface configuration is not supported on this operating system yet")]
+    Unsupported,
+}
+
+impl LinkError {
+    /// The OS error number behind this error, if there is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Refused { errno, .. } => Some(*errno),
+            Self::Io { error, .. } => error.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Formats an optional kernel explanation as `" (kernel: ...)"`.
+struct Explained<'a>(&'a Option<String>);
+
+impl fmt::Display for Explained<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(message) => write!(f, " (kernel: {message})"),
+            None => Ok(()),
+        }
+    }
+}

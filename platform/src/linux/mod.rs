@@ -1,0 +1,14 @@
+//! Linux: TUN devices through `/dev/net/tun` and `TUNSETIFF`, interface changes
+//! through rtnetlink. Everything here is synchronous and talks to the network
+//! namespace of the calling thread (a socket or device belongs to the namespace it
+//! was created in, whichever thread uses it later).
+
+mod link;
+mod netlink;
+mod tun;
+
+pub use link::{Link, LinkGuard, LinkState};
+pub use tun::{Tun, open_tun};
+
+/// `IFNAMSIZ` less the terminating NUL.
+pub const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;

@@ -1,0 +1,302 @@
+//! Opening a Linux TUN device: `/dev/net/tun` plus the `TUNSETIFF` ioctl, in layer-3
+//! mode without packet information (`IFF_TUN | IFF_NO_PI`), non-blocking.
+//!
+//! Whether we created the device or attached to an existing one is decided by the
+//! kernel, not guessed: the first `TUNSETIFF` carries `IFF_TUN_EXCL`, which only
+//! creates; if the name is taken (EBUSY) a second one without it attaches. This
+//! module must not configure the interface (that is `link.rs`) nor do async I/O.
+
+use std::ffi::{CStr, CString};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use crate::TunError;
+
+use super::MAX_NAME_LEN;
+
+/// The clone device every TUN descriptor comes from.
+const CLONE_DEVICE: &str = "/dev/net/tun";
+
+/// Shown in errors when the caller let the kernel choose the name.
+const KERNEL_TEMPLATE: &str = "tun%d";
+
+/// An open TUN device: a non-blocking descriptor that reads and writes raw IPv4 and
+/// IPv6 packets (no packet-information header).
+///
+/// The interface exists as long as this descriptor is open, unless it was created
+/// persistent by someone else (`ip tuntap add`).
+#[derive(Debug)]
+pub struct Tun {
+    file: File,
+    name: String,
+    ifindex: u32,
+    created: bool,
+}
+
+impl Tun {
+    /// The interface name the kernel gave (it differs from the request only when
+    /// the request was `None` or a template like `tun%d`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The interface index, for netlink ([`crate::Link::new`]).
+    pub fn ifindex(&self) -> u32 {
+        self.ifindex
+    }
+
+    /// `true` if this call created the device (it vanishes when the descriptor
+    /// closes); `false` if it attached to a device that already existed.
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
+    /// Reads one packet into `buf` and returns its length. `buf` should hold at least
+    /// the MTU; the kernel truncates a longer packet. Returns `WouldBlock` when no
+    /// packet is queued.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&self.file).read(buf)
+    }
+
+    /// Writes one packet (a whole IPv4 or IPv6 datagram). Returns `WouldBlock` when
+    /// the device cannot take it now, and the kernel's error for a malformed packet
+    /// (`EINVAL` if the first nibble is neither 4 nor 6).
+    pub fn send(&self, packet: &[u8]) -> io::Result<()> {
+        let written = (&self.file).write(packet)?;
+        if written == packet.len() {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("TUN took {written} of {} bytes", packet.len()),
+            ))
+        }
+    }
+}
+
+impl Tun {
+    /// Registers the descriptor with the current tokio reactor for read and write
+    /// readiness. Must be called inside a tokio runtime with I/O enabled (tokio
+    /// panics otherwise).
+    pub fn into_async_fd(self) -> io::Result<AsyncFd<Tun>> {
+        // SAFETY: `Tun` owns its descriptor (a `File`) for its whole life,
+        // `as_raw_fd` always returns that same descriptor, and no method of `Tun`
+        // closes or replaces it. The `AsyncFd` owns the `Tun`, so the descriptor stays
+        // open and unchanged until the `AsyncFd` is dropped or gives the `Tun` back.
+        let registered = unsafe {
+            AsyncFd::register_with_interest(self, Interest::READABLE | Interest::WRITABLE)
+        };
+        registered.map_err(|error| error.into_parts().1)
+    }
+}
+
+impl AsFd for Tun {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl AsRawFd for Tun {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+}
+
+impl From<Tun> for OwnedFd {
+    fn from(tun: Tun) -> OwnedFd {
+        tun.file.into()
+    }
+}
+
+/// Creates the TUN device `name`, or attaches to an existing TUN device of that
+/// name (for example a persistent one made with `ip tuntap add mode tun`). With
+/// `None` the kernel picks a free `tunN` name. The descriptor is non-blocking and
+/// close-on-exec.
+///
+/// The device is created in the network namespace of the calling thread.
+pub fn open_tun(name: Option<&str>) -> Result<Tun, TunError> {
+    if let Some(name) = name {
+        validate_name(name)?;
+    }
+    let shown = name.unwrap_or(KERNEL_TEMPLATE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(CLONE_DEVICE)
+        .map_err(|error| classify(error, "open /dev/net/tun", shown, false))?;
+
+    let mut created = true;
+    let mut actual = match set_iff(&file, name.unwrap_or(""), libc::IFF_TUN_EXCL) {
+        Ok(actual) => actual,
+        Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {
+            // The name is taken: attach instead of creating.
+            created = false;
+            set_iff(&file, name.unwrap_or(""), 0)
+                .map_err(|error| classify(error, "TUNSETIFF (attach)", shown, true))?
+        }
+        Err(error) => return Err(classify(error, "TUNSETIFF (create)", shown, false)),
+    };
+    if actual.is_empty() {
+        actual = shown.to_owned();
+    }
+    let ifindex = if_index(&actual).map_err(|error| TunError::Io {
+        op: "look up the ifindex",
+        name: actual.clone(),
+        error,
+    })?;
+    Ok(Tun {
+        file,
+        name: actual,
+        ifindex,
+        created,
+    })
+}
+
+/// Applies the kernel's `dev_valid_name` rules, so a bad name fails with a clear
+/// error before any system call.
+fn validate_name(name: &str) -> Result<(), TunError> {
+    let invalid = |reason| TunError::InvalidName {
+        name: name.to_owned(),
+        reason,
+    };
+    if name.len() > MAX_NAME_LEN {
+        return Err(TunError::NameTooLong {
+            name: name.to_owned(),
+            len: name.len(),
+            max: MAX_NAME_LEN,
+        });
+    }
+    if name.is_empty() {
+        return Err(invalid("it is empty"));
+    }
+    if name == "." || name == ".." {
+        return Err(invalid("`.` and `..` are reserved"));
+    }
+    let forbidden =
+        |b: u8| b == b'/' || b == b':' || b == 0 || b == 0x0b || b.is_ascii_whitespace();
+    if name.bytes().any(forbidden) {
+        return Err(invalid("it contains `/`, `:`, NUL or whitespace"));
+    }
+    Ok(())
+}
+
+/// Maps an OS error to a [`TunError`]. `attaching` tells whether the name is
+/// known to exist, which makes EINVAL mean "not a TUN device".
+fn classify(error: io::Error, op: &'static str, name: &str, attaching: bool) -> TunError {
+    let name = name.to_owned();
+    match error.raw_os_error() {
+        Some(libc::EPERM | libc::EACCES) => TunError::PermissionDenied { name, error },
+        Some(libc::EBUSY) => TunError::Busy { name },
+        Some(libc::EINVAL) if attaching => TunError::NotTun { name },
+        _ => TunError::Io { op, name, error },
+    }
+}
+
+/// `TUNSETIFF` with `IFF_TUN | IFF_NO_PI | extra`; returns the name the kernel gave.
+fn set_iff(file: &File, name: &str, extra: libc::c_int) -> io::Result<String> {
+    // SAFETY: `ifreq` is plain old data (a `c_char` array and a union of integers,
+    // `sockaddr`s and a raw pointer); all-zero bytes are a valid value of each.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // `name` has at most MAX_NAME_LEN bytes (validated), so the last byte stays NUL.
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes().take(MAX_NAME_LEN)) {
+        *dst = src as libc::c_char;
+    }
+    // The kernel reads the flags as a `short`; every flag we pass fits in 16 bits.
+    req.ifr_ifru.ifru_flags = (libc::IFF_TUN | libc::IFF_NO_PI | extra) as libc::c_short;
+    // SAFETY: the descriptor is an open `/dev/net/tun`; TUNSETIFF reads and writes back
+    // exactly one `struct ifreq`, and `req` is a live, initialised `ifreq` for the whole
+    // call. The descriptor is borrowed, not closed.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::TUNSETIFF,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The kernel wrote back a NUL-terminated name into the array (IFNAMSIZ bytes).
+    let bytes: Vec<u8> = req
+        .ifr_name
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8)
+        .collect();
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `if_nametoindex(3)` in the calling thread's network namespace.
+fn if_index(name: &str) -> io::Result<u32> {
+    let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let cname: &CStr = &cname;
+    // SAFETY: `cname` is a valid NUL-terminated string that outlives the call; the
+    // function only reads it.
+    let index = unsafe { libc::if_nametoindex(cname.as_ptr()) };
+    if index == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(index)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_kernel_rules() {
+        for good in ["tun0", "t2s-dev-1", "tun%d", "a", "fifteen-chars-x"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "", ".", "..", "a/b", "a:b", "a b", "a\tb", "a\u{b}b", "a\0b",
+        ] {
+            assert!(
+                matches!(validate_name(bad), Err(TunError::InvalidName { .. })),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            validate_name("sixteen-chars-xx"),
+            Err(TunError::NameTooLong {
+                len: 16,
+                max: 15,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn errnos_map_to_variants() {
+        let e = |errno| io::Error::from_raw_os_error(errno);
+        assert!(matches!(
+            classify(e(libc::EPERM), "x", "t", false),
+            TunError::PermissionDenied { .. }
+        ));
+        assert!(matches!(
+            classify(e(libc::EACCES), "x", "t", false),
+            TunError::PermissionDenied { .. }
+        ));
+        assert!(matches!(
+            classify(e(libc::EBUSY), "x", "t", true),
+            TunError::Busy { .. }
+        ));
+        assert!(matches!(
+            classify(e(libc::EINVAL), "x", "t", true),
+            TunError::NotTun { .. }
+        ));
+        assert!(matches!(
+            classify(e(libc::EINVAL), "x", "t", false),
+            TunError::Io { .. }
+        ));
+        let msg = classify(e(libc::EPERM), "x", "t", false).to_string();
+        assert!(msg.contains("CAP_NET_ADMIN"), "{msg}");
+    }
+}

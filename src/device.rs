@@ -1,0 +1,267 @@
+//! The TUN adapter: the first and last stage of the data path. [`Device::open`]
+//! opens (or attaches to) the TUN device, configures it, and registers its
+//! descriptor with tokio; the stack's poll loop then moves raw IP packets with
+//! [`Device::try_recv`] / [`Device::try_send`] and waits with [`Device::readable`] /
+//! [`Device::writable`] (or the `poll_*` forms).
+//!
+//! No allocation per packet: the caller owns the buffers. Every interface change is
+//! held as a guard inside the [`Device`] and undone when it drops, except on a
+//! device we created, whose settings vanish with it.
+//!
+//! This module must not parse packets (that is the stack's classifier), spawn tasks,
+//! or hold packet queues; OS specifics stay in `tun2socks-platform`.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::task::{Context, Poll};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tun2socks_platform::{Link, LinkError, LinkGuard, Tun, TunError, open_tun};
+
+/// Default transmit queue length of the TUN device, in packets. The kernel's default
+/// (500) overflows as soon as several flows have large windows, and smoltcp recovers
+/// from that loss slowly (DESIGN.md: 1.5-1.9 Gbit/s with 4 flows at the default,
+/// 8.0 with 10000).
+pub const DEFAULT_TXQUEUELEN: u32 = 10_000;
+
+/// The default addresses: `198.18.0.1/15` (the RFC 2544 benchmarking range, unused
+/// on real networks) and `fd18::1/64` (unique local).
+pub fn default_addresses() -> Vec<IpNet> {
+    let v4 = Ipv4Net::new_assert(Ipv4Addr::new(198, 18, 0, 1), 15);
+    let v6 = Ipv6Net::new_assert(Ipv6Addr::new(0xfd18, 0, 0, 0, 0, 0, 0, 1), 64);
+    vec![IpNet::V4(v4), IpNet::V6(v6)]
+}
+
+/// How to open and configure the TUN device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Interface name; `None` lets the kernel pick `tunN`. An existing TUN device of
+    /// this name is attached to instead of created.
+    pub name: Option<String>,
+    /// Addresses (with prefix length) to assign. [`DeviceConfig::new`] uses
+    /// [`default_addresses`]: `198.18.0.1/15` and `fd18::1/64`.
+    pub addresses: Vec<IpNet>,
+    /// MTU to set, chosen by the caller (there is no default: it decides throughput,
+    /// see DESIGN.md). IPv6 addresses need at least 1280.
+    pub mtu: u16,
+    /// Transmit queue length in packets; `None` means [`DEFAULT_TXQUEUELEN`] (10000).
+    pub txqueuelen: Option<u32>,
+}
+
+impl DeviceConfig {
+    /// A configuration with the given MTU, a kernel-chosen name, the default
+    /// addresses and the default transmit queue length.
+    pub fn new(mtu: u16) -> DeviceConfig {
+        DeviceConfig {
+            name: None,
+            addresses: default_addresses(),
+            mtu,
+            txqueuelen: None,
+        }
+    }
+}
+
+/// Opening or configuring the device failed. Changes made before the failure have
+/// already been undone.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DeviceError {
+    /// The TUN device could not be opened (permission, busy, bad name, ...).
+    #[error(transparent)]
+    Open(#[from] TunError),
+    /// The interface could not be configured.
+    #[error("configuring TUN device {name}: {error}")]
+    Configure {
+        /// The interface name.
+        name: String,
+        /// The change that failed, with the kernel's errno.
+        error: LinkError,
+    },
+    /// No tokio runtime is running on this thread.
+    #[error("the TUN device needs a tokio runtime with I/O enabled: {0}")]
+    NoRuntime(tokio::runtime::TryCurrentError),
+    /// Registering the descriptor with the tokio reactor failed.
+    #[error("registering TUN device {name} with tokio: {error}")]
+    Register {
+        /// The interface name.
+        name: String,
+        /// The OS error.
+        error: io::Error,
+    },
+}
+
+/// An open, configured TUN device registered with tokio.
+///
+/// Packets are whole IPv4 or IPv6 datagrams, no header. All methods take `&self`, so
+/// one task can read while another writes.
+#[derive(Debug)]
+pub struct Device {
+    /// Undone in reverse order on drop, before the descriptor closes.
+    guards: Vec<LinkGuard>,
+    io: AsyncFd<Tun>,
+    mtu: u16,
+}
+
+impl Device {
+    /// Opens the TUN device `config.name` (creating it, or attaching to an existing
+    /// TUN device of that name), sets its MTU and transmit queue length, brings it up
+    /// and adds the addresses. Must be called inside a tokio runtime with I/O enabled
+    /// (without a runtime it fails with [`DeviceError::NoRuntime`]; a runtime built
+    /// without `enable_io` makes tokio panic).
+    ///
+    /// On a device we attached to, every change is undone when the `Device` drops
+    /// (previous MTU, queue length and down state restored, our addresses removed);
+    /// a device we created disappears with its descriptor instead.
+    pub fn open(config: &DeviceConfig) -> Result<Device, DeviceError> {
+        tokio::runtime::Handle::try_current().map_err(DeviceError::NoRuntime)?;
+        let tun = open_tun(config.name.as_deref())?;
+        let name = tun.name().to_owned();
+        let (ifindex, created) = (tun.ifindex(), tun.created());
+        let io = tun.into_async_fd().map_err(|error| DeviceError::Register {
+            name: name.clone(),
+            error,
+        })?;
+        let guards = configure(ifindex, config).map_err(|error| DeviceError::Configure {
+            name: name.clone(),
+            error,
+        })?;
+        let guards = if created {
+            // Our own device: its settings vanish with it, nothing to restore.
+            guards.into_iter().for_each(LinkGuard::forget);
+            Vec::new()
+        } else {
+            guards
+        };
+        tracing::info!(
+            device = %name,
+            ifindex,
+            created,
+            mtu = config.mtu,
+            addresses = ?config.addresses,
+            "TUN device ready"
+        );
+        Ok(Device {
+            guards,
+            io,
+            mtu: config.mtu,
+        })
+    }
+
+    /// The interface name.
+    pub fn name(&self) -> &str {
+        self.io.get_ref().name()
+    }
+
+    /// The interface index.
+    pub fn ifindex(&self) -> u32 {
+        self.io.get_ref().ifindex()
+    }
+
+    /// The MTU the device was configured with: the largest packet it sends or takes.
+    pub fn mtu(&self) -> u16 {
+        self.mtu
+    }
+
+    /// `true` if [`Device::open`] created the device, `false` if it attached.
+    pub fn created(&self) -> bool {
+        self.io.get_ref().created()
+    }
+
+    /// Reads one packet into `buf` (which should hold at least [`Device::mtu`] bytes;
+    /// a longer packet is truncated) and returns its length. `WouldBlock` means the
+    /// queue is empty: wait with [`Device::readable`], then read again. A poll loop
+    /// drains the device by calling this until `WouldBlock`.
+    pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.try_io(Interest::READABLE, |tun| tun.recv(buf))
+    }
+
+    /// Writes one packet. `WouldBlock` (the device's queue is full, `EAGAIN`) means:
+    /// keep the packet, wait with [`Device::writable`], then retry. Other errors are
+    /// the kernel's verdict on this packet (`EINVAL`: not IPv4 or IPv6; `EIO`: the
+    /// device is down) and do not make the device unusable.
+    pub fn try_send(&self, packet: &[u8]) -> io::Result<()> {
+        self.try_io(Interest::WRITABLE, |tun| tun.send(packet))
+    }
+
+    /// Waits until a packet may be readable. Readiness stays set until
+    /// [`Device::try_recv`] returns `WouldBlock`, so a spurious wake-up costs one
+    /// failed read, never a lost one.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.io.readable().await.map(drop)
+    }
+
+    /// Waits until a packet may be writable (see [`Device::readable`]).
+    pub async fn writable(&self) -> io::Result<()> {
+        self.io.writable().await.map(drop)
+    }
+
+    /// [`Device::readable`] for a hand-written poll loop: `Ready` once a read may
+    /// succeed; `Pending` registers `cx`'s waker.
+    pub fn poll_recv_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io.poll_read_ready(cx).map_ok(drop)
+    }
+
+    /// [`Device::writable`] for a hand-written poll loop.
+    pub fn poll_send_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io.poll_write_ready(cx).map_ok(drop)
+    }
+
+    /// Runs `op` through tokio's readiness tracking, so a `WouldBlock` clears the
+    /// readiness that `readable`/`writable` wait on. When tokio has not yet seen the
+    /// descriptor ready (just after open, or after clearing), `op` is still tried
+    /// once directly: a `WouldBlock` then leaves readiness clear, which is right, and
+    /// a success just delivers the packet without waiting for the reactor.
+    fn try_io<R>(
+        &self,
+        interest: Interest,
+        mut op: impl FnMut(&Tun) -> io::Result<R>,
+    ) -> io::Result<R> {
+        let mut tried = false;
+        let result = self.io.try_io(interest, |tun| {
+            tried = true;
+            op(tun)
+        });
+        match result {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock && !tried => {
+                op(self.io.get_ref())
+            }
+            other => other,
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // Undo in reverse order: addresses go before the link goes down, and the MTU
+        // is restored last. The descriptor closes after this, with the fields.
+        while let Some(guard) = self.guards.pop() {
+            drop(guard);
+        }
+    }
+}
+
+/// MTU first (IPv6 addresses need >= 1280), queue length, up, then addresses. On
+/// failure, what was already changed is undone in reverse order.
+fn configure(ifindex: u32, config: &DeviceConfig) -> Result<Vec<LinkGuard>, LinkError> {
+    let link = Link::new(ifindex)?;
+    let mut guards = Vec::with_capacity(config.addresses.len().saturating_add(3));
+    if let Err(error) = apply(&link, config, &mut guards) {
+        while let Some(guard) = guards.pop() {
+            drop(guard);
+        }
+        return Err(error);
+    }
+    Ok(guards)
+}
+
+fn apply(link: &Link, config: &DeviceConfig, guards: &mut Vec<LinkGuard>) -> Result<(), LinkError> {
+    guards.push(link.set_mtu(u32::from(config.mtu))?);
+    guards.push(link.set_txqueuelen(config.txqueuelen.unwrap_or(DEFAULT_TXQUEUELEN))?);
+    guards.push(link.set_up()?);
+    for address in &config.addresses {
+        guards.push(link.add_address(*address)?);
+    }
+    Ok(())
+}
