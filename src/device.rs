@@ -34,18 +34,22 @@ pub fn default_addresses() -> Vec<IpNet> {
     vec![IpNet::V4(v4), IpNet::V6(v6)]
 }
 
+/// The MTU of a device we create when none is asked for.
+pub const DEFAULT_MTU: u16 = 1500;
+
 /// How to open and configure the TUN device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig {
     /// Interface name; `None` lets the kernel pick `tunN`. An existing TUN device of
     /// this name is attached to instead of created.
     pub name: Option<String>,
-    /// Addresses (with prefix length) to assign. [`DeviceConfig::new`] uses
-    /// [`default_addresses`]: `198.18.0.1/15` and `fd18::1/64`.
-    pub addresses: Vec<IpNet>,
-    /// MTU to set, chosen by the caller (there is no default: it decides throughput,
-    /// see DESIGN.md). IPv6 addresses need at least 1280.
-    pub mtu: u16,
+    /// Addresses (with prefix length) to assign. `None`: [`default_addresses`]
+    /// (`198.18.0.1/15` and `fd18::1/64`) on a device we create, nothing on one we
+    /// attach to (its owner has addressed it).
+    pub addresses: Option<Vec<IpNet>>,
+    /// MTU to set. `None`: [`DEFAULT_MTU`] on a device we create; an attached device
+    /// keeps its own. IPv6 addresses need at least 1280.
+    pub mtu: Option<u16>,
     /// Transmit queue length in packets; `None` means [`DEFAULT_TXQUEUELEN`] (10000).
     pub txqueuelen: Option<u32>,
 }
@@ -56,8 +60,8 @@ impl DeviceConfig {
     pub fn new(mtu: u16) -> DeviceConfig {
         DeviceConfig {
             name: None,
-            addresses: default_addresses(),
-            mtu,
+            addresses: None,
+            mtu: Some(mtu),
             txqueuelen: None,
         }
     }
@@ -123,10 +127,11 @@ impl Device {
             name: name.clone(),
             error,
         })?;
-        let guards = configure(ifindex, config).map_err(|error| DeviceError::Configure {
+        let configure_err = |error| DeviceError::Configure {
             name: name.clone(),
             error,
-        })?;
+        };
+        let (guards, mtu) = configure(ifindex, created, config).map_err(configure_err)?;
         let guards = if created {
             // Our own device: its settings vanish with it, nothing to restore.
             guards.into_iter().for_each(LinkGuard::forget);
@@ -138,15 +143,10 @@ impl Device {
             device = %name,
             ifindex,
             created,
-            mtu = config.mtu,
-            addresses = ?config.addresses,
+            mtu,
             "TUN device ready"
         );
-        Ok(Device {
-            guards,
-            io,
-            mtu: config.mtu,
-        })
+        Ok(Device { guards, io, mtu })
     }
 
     /// The interface name.
@@ -243,25 +243,52 @@ impl Drop for Device {
 }
 
 /// MTU first (IPv6 addresses need >= 1280), queue length, up, then addresses. On
-/// failure, what was already changed is undone in reverse order.
-fn configure(ifindex: u32, config: &DeviceConfig) -> Result<Vec<LinkGuard>, LinkError> {
+/// failure, what was already changed is undone in reverse order. Returns the guards
+/// and the MTU the device ends up with.
+fn configure(
+    ifindex: u32,
+    created: bool,
+    config: &DeviceConfig,
+) -> Result<(Vec<LinkGuard>, u16), LinkError> {
     let link = Link::new(ifindex)?;
-    let mut guards = Vec::with_capacity(config.addresses.len().saturating_add(3));
-    if let Err(error) = apply(&link, config, &mut guards) {
-        while let Some(guard) = guards.pop() {
-            drop(guard);
+    let mut guards = Vec::new();
+    match apply(&link, created, config, &mut guards) {
+        Ok(mtu) => Ok((guards, mtu)),
+        Err(error) => {
+            while let Some(guard) = guards.pop() {
+                drop(guard);
+            }
+            Err(error)
         }
-        return Err(error);
     }
-    Ok(guards)
 }
 
-fn apply(link: &Link, config: &DeviceConfig, guards: &mut Vec<LinkGuard>) -> Result<(), LinkError> {
-    guards.push(link.set_mtu(u32::from(config.mtu))?);
+fn apply(
+    link: &Link,
+    created: bool,
+    config: &DeviceConfig,
+    guards: &mut Vec<LinkGuard>,
+) -> Result<u16, LinkError> {
+    let mtu = match (config.mtu, created) {
+        (Some(mtu), _) => {
+            guards.push(link.set_mtu(u32::from(mtu))?);
+            mtu
+        }
+        (None, true) => {
+            guards.push(link.set_mtu(u32::from(DEFAULT_MTU))?);
+            DEFAULT_MTU
+        }
+        (None, false) => u16::try_from(link.state()?.mtu).unwrap_or(u16::MAX),
+    };
     guards.push(link.set_txqueuelen(config.txqueuelen.unwrap_or(DEFAULT_TXQUEUELEN))?);
     guards.push(link.set_up()?);
-    for address in &config.addresses {
-        guards.push(link.add_address(*address)?);
+    let addresses = match (&config.addresses, created) {
+        (Some(addresses), _) => addresses.clone(),
+        (None, true) => default_addresses(),
+        (None, false) => Vec::new(),
+    };
+    for address in addresses {
+        guards.push(link.add_address(address)?);
     }
-    Ok(())
+    Ok(mtu)
 }

@@ -40,11 +40,13 @@ where
 fn config(name: &str, addresses: &[&str], mtu: u16, txqueuelen: Option<u32>) -> DeviceConfig {
     DeviceConfig {
         name: Some(name.to_owned()),
-        addresses: addresses
-            .iter()
-            .map(|a| a.parse::<IpNet>().unwrap())
-            .collect(),
-        mtu,
+        addresses: Some(
+            addresses
+                .iter()
+                .map(|a| a.parse::<IpNet>().unwrap())
+                .collect(),
+        ),
+        mtu: Some(mtu),
         txqueuelen,
     }
 }
@@ -365,6 +367,39 @@ fn attaching_restores_the_previous_settings_on_drop() {
         ["10.5.0.1/24"],
         "only the address that was there before"
     );
+}
+
+#[test]
+fn attaching_without_settings_keeps_the_owners_mtu_and_addresses() {
+    if !root_or_skip("attaching_without_settings_keeps_the_owners_mtu_and_addresses") {
+        return;
+    }
+    let ns = Netns::new("dev-keep");
+    ns.ip(&["tuntap", "add", "dev", "t2skeep", "mode", "tun"]);
+    ns.ip(&["link", "set", "t2skeep", "mtu", "4000"]);
+    ns.ip(&["addr", "add", "10.6.0.1/24", "dev", "t2skeep"]);
+    block_on(&ns, || async {
+        let cfg = DeviceConfig {
+            name: Some("t2skeep".into()),
+            addresses: None,
+            mtu: None,
+            txqueuelen: None,
+        };
+        let device = Device::open(&cfg).expect("attach");
+        assert!(!device.created());
+        assert_eq!(device.mtu(), 4000, "the attached device's MTU is kept");
+        let addrs: Vec<String> = ns
+            .addresses("t2skeep")
+            .into_iter()
+            .map(|a| a.cidr)
+            .collect();
+        assert_eq!(
+            addrs,
+            ["10.6.0.1/24"],
+            "no default addresses on an attached device"
+        );
+        drop(device);
+    });
 }
 
 #[test]
