@@ -67,6 +67,35 @@ pub trait PacketIo: Send + Sync + 'static {
     fn mtu(&self) -> usize;
 }
 
+impl PacketIo for crate::device::Device {
+    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        loop {
+            match self.poll_recv_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {}
+            }
+            match self.try_recv(buf) {
+                // Readiness is cleared: the next poll_recv_ready registers the waker.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                other => return Poll::Ready(other),
+            }
+        }
+    }
+
+    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        crate::device::Device::try_recv(self, buf)
+    }
+
+    fn try_send(&self, packet: &[u8]) -> io::Result<()> {
+        crate::device::Device::try_send(self, packet)
+    }
+
+    fn mtu(&self) -> usize {
+        usize::from(crate::device::Device::mtu(self))
+    }
+}
+
 /// Stack settings.
 #[derive(Debug, Clone)]
 pub struct StackConfig {

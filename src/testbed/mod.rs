@@ -30,13 +30,17 @@
 //! - [`stale`]: unique names per run and [`cleanup_stale`] for crashed runs;
 //! - [`wait`]: [`wait_for_tcp`] and [`wait_for_udp`], polling for a listener;
 //! - [`skip`]: [`require_root`] and the skip-only-outside-CI rule
-//!   ([`require_or_skip!`](crate::require_or_skip)).
+//!   ([`require_or_skip!`](crate::require_or_skip));
+//! - [`services`]: target-side test servers (HTTP blob, SHA-256 upload sink, echo);
+//! - [`tunnel`]: our server and tunnel started as processes in their namespaces.
 
 pub mod namespace;
 pub mod process;
+pub mod services;
 pub mod skip;
 pub mod stale;
 pub mod topology;
+pub mod tunnel;
 pub mod wait;
 
 pub use namespace::Namespace;

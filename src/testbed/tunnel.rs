@@ -1,0 +1,115 @@
+//! Starting the pieces of an end-to-end run as real processes: our SOCKS server in
+//! the proxy namespace, the tunnel in the app namespace with the default routes (v4
+//! and v6) pointing into its TUN. The binary is passed in: the tests use cargo's
+//! build of it, `selftest` uses itself.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::namespace::Namespace;
+use super::process::Process;
+use super::topology::{APP_NET_V4, APP_NET_V6, PROXY_V4, PROXY_V6};
+use super::wait::wait_for_tcp;
+
+/// The TUN device the tunnel creates in the app namespace.
+pub const TUN_NAME: &str = "tun0";
+/// The port our SOCKS server listens on in the proxy namespace.
+pub const PROXY_PORT: u16 = 1080;
+
+/// How long a process gets to come up.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The proxy's address, for URLs (`198.19.1.2:1080`).
+pub fn proxy_addr() -> SocketAddr {
+    (PROXY_V4, PROXY_PORT).into()
+}
+
+/// Starts `binary server` in `ns` on the proxy's addresses (v4 and v6), allowing the
+/// app network, with `extra` arguments; returns once it listens.
+pub fn start_server(ns: &Namespace, binary: &Path, extra: &[&str]) -> io::Result<Process> {
+    let mut cmd = ns.command(binary);
+    cmd.arg("server")
+        .args(["--listen", &proxy_addr().to_string()])
+        .args([
+            "--listen",
+            &SocketAddr::from((PROXY_V6, PROXY_PORT)).to_string(),
+        ])
+        .args(["--allow", &APP_NET_V4.to_string()])
+        .args(["--allow", &APP_NET_V6.to_string()])
+        .args(extra);
+    let mut process = ns.spawn(cmd)?;
+    if let Err(e) = wait_for_tcp(ns, proxy_addr(), START_TIMEOUT) {
+        let log = process.log().unwrap_or_default();
+        let _ = process.try_wait();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("SOCKS server did not listen: {e}\n{log}"),
+        ));
+    }
+    Ok(process)
+}
+
+/// Starts `binary --proxy URL --device tun0 extra...` in `ns`, waits for the TUN to
+/// be up, then routes everything (v4 and v6) into it. Traffic to the proxy still
+/// leaves by the veth: its network is directly connected, a more specific route.
+pub fn start_tunnel(
+    ns: &Namespace,
+    binary: &Path,
+    proxy_url: &str,
+    extra: &[&str],
+) -> io::Result<Process> {
+    let mut cmd = ns.command(binary);
+    cmd.args(["--proxy", proxy_url, "--device", TUN_NAME])
+        .args(extra);
+    let mut process = ns.spawn(cmd)?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if link_is_up(ns, TUN_NAME) {
+            break;
+        }
+        if let Some(status) = process.try_wait()? {
+            return Err(io::Error::other(format!(
+                "tunnel exited with {status} before its device came up:\n{}",
+                process.log().unwrap_or_default()
+            )));
+        }
+        if Instant::now() > deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{TUN_NAME} did not come up:\n{}",
+                    process.log().unwrap_or_default()
+                ),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    ns.ip(["route", "add", "default", "dev", TUN_NAME])?;
+    ns.ip(["-6", "route", "add", "default", "dev", TUN_NAME])?;
+    Ok(process)
+}
+
+/// Is the interface present and administratively up?
+pub fn link_is_up(ns: &Namespace, name: &str) -> bool {
+    ns.ip(["-o", "link", "show", "dev", name])
+        .map(|out| {
+            let text = String::from_utf8_lossy(&out.stdout);
+            text.split(['<', '>'])
+                .nth(1)
+                .is_some_and(|flags| flags.split(',').any(|f| f == "UP"))
+        })
+        .unwrap_or(false)
+}
+
+/// The lines of a process log that show a panic (empty when there is none).
+pub fn panics_in(process: &Process) -> Vec<String> {
+    process
+        .log()
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("panicked"))
+        .map(str::to_owned)
+        .collect()
+}

@@ -1,0 +1,423 @@
+//! The tunnel end to end, in the three-namespace topology of DESIGN.md: the tunnel
+//! in `app` (its TUN the default route), a SOCKS server in `proxy` (ours, or Dante),
+//! test services in `target`. `app` has no other route to `target`, so every byte
+//! that arrives went through the tunnel and the proxy.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tun2socks::require_or_skip;
+use tun2socks::testbed::namespace::join;
+use tun2socks::testbed::services::{ECHO_PORT, HTTP_PORT, Services, UPLOAD_PORT, blob, sha256_hex};
+use tun2socks::testbed::topology::{PROXY_V4, TARGET_V4, TARGET_V6};
+use tun2socks::testbed::tunnel::{
+    PROXY_PORT, TUN_NAME, link_is_up, panics_in, proxy_addr, start_server, start_tunnel,
+};
+use tun2socks::testbed::{Namespace, Process, Topology, require_program, require_root};
+
+const MIB: usize = 1024 * 1024;
+const BLOB: usize = 64 * MIB;
+const SEED: u64 = 64;
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tun2socks"))
+}
+
+/// A topology with services in `target`, a proxy in `proxy` and the tunnel in `app`.
+/// Fields drop in order: processes and services first, the namespaces last.
+struct Net {
+    tunnel: Option<Process>,
+    server: Option<Process>,
+    _services: Services,
+    topo: Topology,
+}
+
+impl Net {
+    /// Our server with `server_args`, the tunnel with `url` and `tunnel_args`.
+    fn ours(tag: &str, server_args: &[&str], url: &str, tunnel_args: &[&str]) -> Net {
+        let topo = Topology::create(tag).unwrap();
+        let services = Services::start(topo.target(), BLOB, SEED).unwrap();
+        let server = start_server(topo.proxy(), &binary(), server_args).unwrap();
+        let tunnel = start_tunnel(topo.app(), &binary(), url, tunnel_args).unwrap();
+        Net {
+            tunnel: Some(tunnel),
+            server: Some(server),
+            _services: services,
+            topo,
+        }
+    }
+
+    fn app(&self) -> &Namespace {
+        self.topo.app()
+    }
+
+    /// Fails the test if the tunnel or the server logged a panic.
+    fn assert_no_panics(&self) {
+        for p in self.tunnel.iter().chain(self.server.iter()) {
+            let panics = panics_in(p);
+            assert!(panics.is_empty(), "{}: {panics:?}", p.command_line());
+        }
+    }
+}
+
+fn socks5_url() -> String {
+    format!("socks5://{}", proxy_addr())
+}
+
+/// Runs an async client inside `ns` and returns its result.
+fn in_ns<F, Fut, T>(ns: &Namespace, f: F) -> io::Result<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = io::Result<T>>,
+    T: Send + 'static,
+{
+    join(ns.enter_async(f))
+}
+
+/// curl (an unmodified application) fetches the blob; returns its SHA-256.
+fn curl_sha(ns: &Namespace, host: &str) -> String {
+    let url = format!("http://{host}:{HTTP_PORT}/blob");
+    let out = ns
+        .run(
+            "sh",
+            [
+                "-c",
+                &format!("curl -sS --fail --max-time 120 '{url}' | sha256sum"),
+            ],
+        )
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Uploads `len` bytes, half-closes, returns the SHA-256 the target answers.
+async fn upload(dst: SocketAddr, len: usize) -> io::Result<String> {
+    let mut s = TcpStream::connect(dst).await?;
+    let data = blob(len, 99);
+    s.write_all(&data).await?;
+    s.shutdown().await?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await?;
+    Ok(answer.trim().to_string())
+}
+
+/// Connects through the tunnel; returns how it went and how long it took.
+async fn try_connect(dst: SocketAddr) -> (io::Result<TcpStream>, Duration) {
+    let started = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(dst))
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in 10 s")));
+    (r, started.elapsed())
+}
+
+/// Echoes a short message through a connection, proving it carries data.
+async fn echo_once(dst: SocketAddr) -> io::Result<()> {
+    let mut s = TcpStream::connect(dst).await?;
+    s.write_all(b"ping through the tunnel").await?;
+    let mut back = [0u8; 23];
+    s.read_exact(&mut back).await?;
+    assert_eq!(&back, b"ping through the tunnel");
+    Ok(())
+}
+
+fn target(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+macro_rules! root_test {
+    ($name:literal) => {
+        require_or_skip!(require_root($name));
+        require_or_skip!(require_program("curl", $name));
+    };
+}
+
+#[test]
+fn http_download_64mib_over_ipv4_and_ipv6() {
+    root_test!("http_download_64mib_over_ipv4_and_ipv6");
+    let net = Net::ours("dl", &[], &socks5_url(), &[]);
+    let expected = sha256_hex(&blob(BLOB, SEED));
+    assert_eq!(
+        curl_sha(net.app(), &TARGET_V4.to_string()),
+        expected,
+        "IPv4"
+    );
+    assert_eq!(
+        curl_sha(net.app(), &format!("[{TARGET_V6}]")),
+        expected,
+        "IPv6"
+    );
+    net.assert_no_panics();
+}
+
+#[test]
+fn upload_64mib_answered_after_half_close() {
+    root_test!("upload_64mib_answered_after_half_close");
+    let net = Net::ours("ul", &[], &socks5_url(), &[]);
+    let expected = sha256_hex(&blob(BLOB, 99));
+    let v4 = in_ns(net.app(), || upload(target(TARGET_V4, UPLOAD_PORT), BLOB)).unwrap();
+    assert_eq!(v4, expected, "IPv4 upload");
+    let v6 = in_ns(net.app(), || {
+        upload(target(TARGET_V6, UPLOAD_PORT), 8 * MIB)
+    })
+    .unwrap();
+    assert_eq!(v6, sha256_hex(&blob(8 * MIB, 99)), "IPv6 upload");
+    net.assert_no_panics();
+}
+
+#[test]
+fn five_hundred_concurrent_flows() {
+    root_test!("five_hundred_concurrent_flows");
+    let net = Net::ours("many", &[], &socks5_url(), &[]);
+    let done = in_ns(net.app(), || async {
+        const FLOWS: usize = 500;
+        // All connections are open before any data moves: 500 flows at once.
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(FLOWS));
+        let mut tasks = Vec::new();
+        for i in 0..FLOWS {
+            let barrier = barrier.clone();
+            let dst = if i % 2 == 0 {
+                target(TARGET_V4, ECHO_PORT)
+            } else {
+                target(TARGET_V6, ECHO_PORT)
+            };
+            tasks.push(tokio::spawn(async move {
+                let mut s = TcpStream::connect(dst).await?;
+                barrier.wait().await;
+                let data = blob(32 * 1024, i as u64);
+                let (mut r, mut w) = s.split();
+                let send = async {
+                    w.write_all(&data).await?;
+                    w.shutdown().await
+                };
+                let mut back = Vec::new();
+                let (sent, got) = tokio::join!(send, r.read_to_end(&mut back));
+                sent?;
+                got?;
+                assert!(back == data, "flow {i}: echo differs");
+                Ok::<_, io::Error>(())
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            t.await.map_err(io::Error::other)??;
+            ok += 1;
+        }
+        Ok(ok)
+    })
+    .unwrap();
+    assert_eq!(done, 500);
+    net.assert_no_panics();
+}
+
+#[test]
+fn socks5_username_password_upstream() {
+    root_test!("socks5_username_password_upstream");
+    let url = format!("socks5://alice:s%40cret@{}", proxy_addr());
+    let net = Net::ours("auth", &["--user", "alice:s@cret"], &url, &[]);
+    in_ns(net.app(), || echo_once(target(TARGET_V4, ECHO_PORT))).unwrap();
+    in_ns(net.app(), || echo_once(target(TARGET_V6, ECHO_PORT))).unwrap();
+    net.assert_no_panics();
+
+    // The wrong password: every connection is refused, at once.
+    let wrong = format!("socks5://alice:nope@{}", proxy_addr());
+    let net = Net::ours("authbad", &["--user", "alice:s@cret"], &wrong, &[]);
+    let (r, took) = in_ns(net.app(), || async {
+        Ok(try_connect(target(TARGET_V4, ECHO_PORT)).await)
+    })
+    .unwrap();
+    assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+}
+
+#[test]
+fn socks4_and_socks4a_upstream() {
+    root_test!("socks4_and_socks4a_upstream");
+    let url = format!("socks4://someone@{}", proxy_addr());
+    let net = Net::ours("s4", &[], &url, &[]);
+    assert_eq!(
+        curl_sha(net.app(), &TARGET_V4.to_string()),
+        sha256_hex(&blob(BLOB, SEED))
+    );
+    // SOCKS4 cannot carry IPv6: reset, with the reason in the log.
+    let (r, _) = in_ns(net.app(), || async {
+        Ok(try_connect(target(TARGET_V6, ECHO_PORT)).await)
+    })
+    .unwrap();
+    assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
+    net.assert_no_panics();
+
+    let url = format!("socks4a://{}", proxy_addr());
+    let net = Net::ours("s4a", &[], &url, &[]);
+    in_ns(net.app(), || echo_once(target(TARGET_V4, ECHO_PORT))).unwrap();
+    net.assert_no_panics();
+}
+
+#[test]
+fn proxy_down_means_connection_refused_within_a_second() {
+    root_test!("proxy_down_means_connection_refused_within_a_second");
+    // Nothing listens on the proxy's port 1081.
+    let url = format!("socks5://{PROXY_V4}:{}", PROXY_PORT + 1);
+    let net = Net::ours("down", &[], &url, &[]);
+    for dst in [target(TARGET_V4, ECHO_PORT), target(TARGET_V6, ECHO_PORT)] {
+        let (r, took) =
+            in_ns(net.app(), move || async move { Ok(try_connect(dst).await) }).unwrap();
+        assert_eq!(
+            r.unwrap_err().kind(),
+            io::ErrorKind::ConnectionRefused,
+            "{dst}"
+        );
+        assert!(took < Duration::from_secs(1), "{dst}: {took:?}");
+    }
+    net.assert_no_panics();
+}
+
+#[test]
+fn socks_error_reply_resets_the_connection() {
+    root_test!("socks_error_reply_resets_the_connection");
+    let deny = format!("{TARGET_V4}/32");
+    let net = Net::ours("deny", &["--deny", &deny], &socks5_url(), &[]);
+    let (r, took) = in_ns(net.app(), || async {
+        Ok(try_connect(target(TARGET_V4, ECHO_PORT)).await)
+    })
+    .unwrap();
+    assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // Only the denied destination is refused.
+    in_ns(net.app(), || echo_once(target(TARGET_V6, ECHO_PORT))).unwrap();
+    net.assert_no_panics();
+}
+
+#[test]
+fn sigterm_stops_the_tunnel_within_a_second_and_removes_the_device() {
+    root_test!("sigterm_stops_the_tunnel_within_a_second_and_removes_the_device");
+    let mut net = Net::ours("term", &[], &socks5_url(), &[]);
+    // An open connection must not hold the exit up.
+    let (open_tx, open_rx) = std::sync::mpsc::channel::<()>();
+    let (close_tx, close_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = net.app().enter_async(move || async move {
+        let _s = TcpStream::connect(target(TARGET_V4, ECHO_PORT)).await?;
+        let _ = open_tx.send(());
+        let _ = close_rx.await;
+        Ok(())
+    });
+    open_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let tunnel = net.tunnel.take().unwrap();
+    let pid = nix::unistd::Pid::from_raw(tunnel.id() as i32);
+    let started = Instant::now();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let mut tunnel = tunnel;
+    let status = tunnel.wait_timeout(Duration::from_secs(3)).unwrap();
+    let took = started.elapsed();
+    let log = tunnel.log().unwrap_or_default();
+    assert_eq!(
+        status.map(|s| s.code()),
+        Some(Some(0)),
+        "exit status; log:\n{log}"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert!(
+        !link_is_up(net.app(), TUN_NAME),
+        "device still up after exit"
+    );
+    let _ = close_tx.send(());
+    let _ = join(holder);
+}
+
+/// Runs the binary in `ns` and returns its exit code and stderr.
+fn run_binary(ns: &Namespace, args: &[&str]) -> (Option<i32>, String) {
+    let out = ns.command(binary()).args(args).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn clear_errors_with_distinct_exit_codes() {
+    root_test!("clear_errors_with_distinct_exit_codes");
+    let net = Net::ours("exits", &[], &socks5_url(), &[]);
+    let ns = net.app();
+
+    let (code, err) = run_binary(ns, &["--proxy", "http://127.0.0.1:1", "--device", "t2sx"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("unknown scheme"), "{err}");
+
+    // tun0 is held by the running tunnel.
+    let (code, err) = run_binary(ns, &["--proxy", &socks5_url(), "--device", TUN_NAME]);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("busy") || err.contains("in use"), "{err}");
+
+    // Without CAP_NET_ADMIN the TUN cannot be opened.
+    if Path::new("/usr/bin/setpriv").exists() {
+        let out = ns
+            .command("setpriv")
+            .args(["--bounding-set=-net_admin", "--inh-caps=-net_admin"])
+            .arg(binary())
+            .args(["--proxy", &socks5_url(), "--device", "t2sperm"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(err.contains("CAP_NET_ADMIN"), "{err}");
+    }
+    net.assert_no_panics();
+}
+
+/// Dante in the proxy namespace, started with a generated configuration.
+fn start_dante(ns: &Namespace) -> Process {
+    let dir = std::env::temp_dir().join(format!("t2s-dante-{}", ns.name()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let conf = dir.join("danted.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "logoutput: stderr\n\
+             internal: {PROXY_V4} port = {PROXY_PORT}\n\
+             external: to-target\n\
+             clientmethod: none\nsocksmethod: none\n\
+             user.privileged: root\nuser.unprivileged: nobody\n\
+             client pass {{ from: 198.19.1.0/24 to: 0.0.0.0/0 }}\n\
+             socks pass {{ from: 198.19.1.0/24 to: 0.0.0.0/0 }}\n"
+        ),
+    )
+    .unwrap();
+    let mut cmd = ns.command("danted");
+    cmd.arg("-f")
+        .arg(&conf)
+        .arg("-p")
+        .arg(dir.join("danted.pid"));
+    let p = ns.spawn(cmd).unwrap();
+    tun2socks::testbed::wait_for_tcp(ns, proxy_addr(), Duration::from_secs(10)).unwrap();
+    p
+}
+
+#[test]
+fn dante_as_the_upstream_server() {
+    root_test!("dante_as_the_upstream_server");
+    require_or_skip!(require_program("danted", "dante_as_the_upstream_server"));
+    let topo = Topology::create("dante").unwrap();
+    let _services = Services::start(topo.target(), BLOB, SEED).unwrap();
+    let dante = start_dante(topo.proxy());
+    let tunnel = start_tunnel(topo.app(), &binary(), &socks5_url(), &[]).unwrap();
+    assert_eq!(
+        curl_sha(topo.app(), &TARGET_V4.to_string()),
+        sha256_hex(&blob(BLOB, SEED))
+    );
+    let v4 = in_ns(topo.app(), || {
+        upload(target(TARGET_V4, UPLOAD_PORT), 16 * MIB)
+    })
+    .unwrap();
+    assert_eq!(v4, sha256_hex(&blob(16 * MIB, 99)));
+    assert!(panics_in(&tunnel).is_empty());
+    drop(tunnel);
+    drop(dante);
+}
