@@ -31,6 +31,7 @@
 pub mod config;
 pub mod device;
 pub mod flow;
+pub mod selftest;
 pub mod server;
 pub mod socks;
 pub mod stack;

@@ -46,6 +46,9 @@ struct Cli {
 enum Command {
     /// Run the reference SOCKS4/4a/5 server.
     Server(ServerArgs),
+    /// Build test namespaces, run server and tunnel, drive TCP through every protocol
+    /// variant, print a table; exit 0 only if every check passes (needs root).
+    Selftest,
 }
 
 #[derive(Debug, Args)]
@@ -320,11 +323,49 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
     })
 }
 
+fn run_selftest() -> ExitCode {
+    let binary = match std::env::current_exe() {
+        Ok(path) => path,
+        Err(e) => {
+            eprintln!("tun2socks selftest: cannot find this executable: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "tun2socks selftest: namespaces, reference server and tunnel ({})",
+        binary.display()
+    );
+    let result = tun2socks::selftest::run(&binary, |check| {
+        let mark = if check.ok { "ok  " } else { "FAIL" };
+        eprintln!("  {mark} {} ({})", check.name, check.detail);
+    });
+    match result {
+        Ok(report) => {
+            println!();
+            println!("{report}");
+            if report.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!("tun2socks selftest: {e} (run it as root: it creates network namespaces)");
+            ExitCode::from(EXIT_NO_PERMISSION)
+        }
+        Err(e) => {
+            eprintln!("tun2socks selftest: setup failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_level.as_deref());
     match &cli.command {
         Some(Command::Server(args)) => run_server(args),
+        Some(Command::Selftest) => run_selftest(),
         None => run_tunnel(&cli.tunnel),
     }
 }

@@ -114,7 +114,9 @@ impl Process {
         self.terminate()
     }
 
-    fn terminate(&mut self) -> io::Result<ExitStatus> {
+    /// [`Process::stop`] without giving the process up: its log stays readable,
+    /// including what it wrote while shutting down.
+    pub fn terminate(&mut self) -> io::Result<ExitStatus> {
         if let Some(status) = self.status {
             return Ok(status);
         }

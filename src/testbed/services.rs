@@ -22,6 +22,11 @@ pub const HTTP_PORT: u16 = 8080;
 pub const UPLOAD_PORT: u16 = 9000;
 /// Port of the echo server.
 pub const ECHO_PORT: u16 = 7007;
+/// Port of the source: streams bytes until the client closes (download throughput).
+pub const SOURCE_PORT: u16 = 9001;
+/// Port of the discard sink: reads to EOF, then answers the byte count in decimal
+/// (upload throughput).
+pub const DISCARD_PORT: u16 = 9002;
 
 /// Deterministic pseudo-random bytes: the blob the HTTP server serves, and what
 /// upload tests send. The same `(len, seed)` always gives the same bytes.
@@ -70,10 +75,12 @@ impl Services {
                     TcpListener::bind(any(HTTP_PORT)).await?,
                     TcpListener::bind(any(UPLOAD_PORT)).await?,
                     TcpListener::bind(any(ECHO_PORT)).await?,
+                    TcpListener::bind(any(SOURCE_PORT)).await?,
+                    TcpListener::bind(any(DISCARD_PORT)).await?,
                 ))
             }
             .await;
-            let (http, upload, echo) = match bound {
+            let (http, upload, echo, source, discard) = match bound {
                 Ok(listeners) => {
                     let _ = ready_tx.send(Ok(()));
                     listeners
@@ -89,6 +96,8 @@ impl Services {
                 () = serve_http(http, body) => {}
                 () = serve_upload(upload) => {}
                 () = serve_echo(echo) => {}
+                () = serve_source(source) => {}
+                () = serve_discard(discard) => {}
             }
             Ok(())
         });
@@ -168,6 +177,33 @@ async fn serve_echo(listener: TcpListener) {
             if tokio::io::copy(&mut r, &mut w).await.is_ok() {
                 let _ = w.shutdown().await;
             }
+        });
+    }
+}
+
+async fn serve_source(listener: TcpListener) {
+    while let Ok((mut stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let chunk = blob(256 * 1024, 3);
+            while stream.write_all(&chunk).await.is_ok() {}
+        });
+    }
+}
+
+async fn serve_discard(listener: TcpListener) {
+    while let Ok((mut stream, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut total: u64 = 0;
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => total = total.saturating_add(n as u64),
+                    Err(_) => return,
+                }
+            }
+            let _ = stream.write_all(format!("{total}\n").as_bytes()).await;
+            let _ = stream.shutdown().await;
         });
     }
 }
