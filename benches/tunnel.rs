@@ -37,9 +37,13 @@ fn iperf(app: &Namespace, secs: u64, reverse: bool) -> f64 {
     }
     let out = app.run("iperf3", &args).expect("iperf3 client");
     let json = String::from_utf8_lossy(&out.stdout);
-    let at = json.find("\"sum_received\"").expect("no sum_received in iperf3 output");
+    let at = json
+        .find("\"sum_received\"")
+        .expect("no sum_received in iperf3 output");
     let rest = &json[at..];
-    let bps = rest.find("\"bits_per_second\"").expect("no bits_per_second");
+    let bps = rest
+        .find("\"bits_per_second\"")
+        .expect("no bits_per_second");
     let number: String = rest[bps + 17..]
         .chars()
         .skip_while(|c| *c == ':' || c.is_whitespace())
@@ -93,7 +97,10 @@ fn main() {
         let _server = iperf_server(topo.target());
         measure(topo.app(), secs, rounds)
     };
-    eprintln!("kernel path: up {:.2} down {:.2} Gbit/s", kernel.0, kernel.1);
+    eprintln!(
+        "kernel path: up {:.2} down {:.2} Gbit/s",
+        kernel.0, kernel.1
+    );
 
     let mut rows = Vec::new();
     for mtu in &mtus {
@@ -124,7 +131,10 @@ fn main() {
         "| {:<34} | {:>13} | {:>9} | {:>15} | {:>9} |",
         "path", "upload Gbit/s", "vs kernel", "download Gbit/s", "vs kernel"
     );
-    println!("|{:-<36}|{:->15}|{:->11}|{:->17}|{:->11}|", "", "", "", "", "");
+    println!(
+        "|{:-<36}|{:->15}|{:->11}|{:->17}|{:->11}|",
+        "", "", "", "", ""
+    );
     println!(
         "| {:<34} | {:>13.2} | {:>8.0}% | {:>15.2} | {:>8.0}% |",
         "kernel (proxy ns forwards)", kernel.0, 100.0, kernel.1, 100.0

@@ -328,11 +328,32 @@ async fn half_close_is_carried_both_ways() {
     let mut s = v5_session(server.addr).await;
     s.write_all(&v5_request(1, target)).await.unwrap();
     assert_eq!(v5_reply_v4(&mut s).await.0, 0);
-    s.write_all(&pattern(100_000, 1)).await.unwrap();
+    // More than SPLICE_AFTER: the upload switches to splice, and its FIN still passes.
+    s.write_all(&pattern(1_000_000, 1)).await.unwrap();
     s.shutdown().await.unwrap();
     let mut answer = String::new();
     s.read_to_string(&mut answer).await.unwrap();
-    assert_eq!(answer, "100000");
+    assert_eq!(answer, "1000000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_both_ways_through_the_splice_path() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let echo = tcp_echo("127.0.0.1").await;
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(1, echo)).await.unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0);
+    let data = pattern(8 * 1024 * 1024, 9);
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let mut back = Vec::new();
+    let ((), got) = tokio::join!(send, r.read_to_end(&mut back));
+    got.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "8 MiB echoed through splice differs");
 }
 
 #[tokio::test]

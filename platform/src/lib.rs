@@ -10,6 +10,9 @@
 //! caller that knows the change will vanish anyway (the device is ours and goes away
 //! with its descriptor) calls [`LinkGuard::forget`].
 //!
+//! [`Pipe`] relays bytes between sockets with `splice(2)`, without copying them
+//! through userspace (the SOCKS server's bulk path).
+//!
 //! It must not: run async code (it only registers the TUN descriptor with tokio),
 //! spawn threads, read configuration, or log packets.
 //!
@@ -38,7 +41,7 @@ mod imp;
 mod imp;
 
 pub use error::{LinkError, LinkOp, TunError};
-pub use imp::{Link, LinkGuard, LinkState, Tun, open_tun};
+pub use imp::{Link, LinkGuard, LinkState, Pipe, Tun, open_tun};
 
 /// The longest interface name the OS accepts, in bytes (without a terminating NUL).
 pub const MAX_NAME_LEN: usize = imp::MAX_NAME_LEN;

@@ -3,20 +3,29 @@
 //! Half-close is carried: end of stream on one side becomes a FIN (write shutdown)
 //! on the other, and the opposite direction goes on. An error on either side (a
 //! reset) ends both, and the other side is reset too (SO_LINGER 0), so a peer sees an
-//! RST where the far end sent one. Buffers start small and grow only for streams that
-//! fill them, so idle sessions stay cheap.
+//! RST where the far end sent one.
+//!
+//! Each direction starts by copying through a small buffer. One that has moved
+//! [`SPLICE_AFTER`] bytes is a bulk stream and switches to `splice(2)` through a
+//! kernel pipe ([`Pipe`]): the bytes then never enter userspace. Short sessions never
+//! pay for the pipe's two descriptors; where pipes are unavailable, copying goes on.
 
 use std::io;
+use std::net::Shutdown;
 use std::time::Duration;
 
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tun2socks_platform::Pipe;
 
-/// First buffer size of each direction.
-const INITIAL_BUFFER: usize = 16 * 1024;
-/// A direction whose reads keep filling the buffer doubles it up to this size.
-const MAX_BUFFER: usize = 256 * 1024;
+/// Buffer of a direction that is still copying.
+const COPY_BUFFER: usize = 16 * 1024;
+/// A direction switches to splice after moving this many bytes.
+pub const SPLICE_AFTER: u64 = 256 * 1024;
+/// Capacity asked for each splice pipe.
+const PIPE_CAPACITY: usize = 512 * 1024;
 
 /// Bytes moved by [`relay`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,26 +66,57 @@ pub async fn relay(mut client: TcpStream, mut remote: TcpStream) -> Outcome {
     Outcome { bytes, error }
 }
 
-/// Copies one direction; on end of stream shuts the writer down (FIN).
-async fn pipe<R, W>(mut from: R, mut to: W, count: &mut u64) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; INITIAL_BUFFER];
+/// One direction: copy, then splice once it proves to be bulk; FIN at the end.
+async fn pipe(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, count: &mut u64) -> io::Result<()> {
+    let mut buf = vec![0u8; COPY_BUFFER];
+    let mut try_splice = true;
     loop {
+        if try_splice && *count >= SPLICE_AFTER {
+            match Pipe::new(PIPE_CAPACITY) {
+                Ok(pipe) => return splice(from.as_ref(), to.as_ref(), pipe, count).await,
+                Err(e) => {
+                    tracing::debug!(error = %e, "no splice pipe; copying");
+                    try_splice = false;
+                }
+            }
+        }
         let n = from.read(&mut buf).await?;
         if n == 0 {
-            return match to.shutdown().await {
-                // The other side may already be gone; that is its direction's business.
-                Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
-                other => other,
-            };
+            return finish(to.as_ref());
         }
         to.write_all(buf.get(..n).unwrap_or_default()).await?;
         *count = count.saturating_add(n as u64);
-        if n == buf.len() && buf.len() < MAX_BUFFER {
-            buf.resize(buf.len().saturating_mul(2), 0);
+    }
+}
+
+/// Zero-copy loop: socket -> pipe -> socket, waiting on readiness between calls.
+async fn splice(
+    from: &TcpStream,
+    to: &TcpStream,
+    mut pipe: Pipe,
+    count: &mut u64,
+) -> io::Result<()> {
+    loop {
+        let n = from
+            .async_io(Interest::READABLE, || pipe.fill_from(from))
+            .await?;
+        if n == 0 {
+            return finish(to);
         }
+        while pipe.buffered() > 0 {
+            let n = to
+                .async_io(Interest::WRITABLE, || pipe.drain_into(to))
+                .await?;
+            *count = count.saturating_add(n as u64);
+        }
+    }
+}
+
+/// End of stream: pass the FIN on. The other side may already be gone; that is its
+/// direction's business.
+fn finish(to: &TcpStream) -> io::Result<()> {
+    match SockRef::from(to).shutdown(Shutdown::Write) {
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+        other => other,
     }
 }

@@ -5,9 +5,11 @@
 
 mod link;
 mod netlink;
+mod splice;
 mod tun;
 
 pub use link::{Link, LinkGuard, LinkState};
+pub use splice::Pipe;
 pub use tun::{Tun, open_tun};
 
 /// `IFNAMSIZ` less the terminating NUL.

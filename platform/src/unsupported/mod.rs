@@ -143,3 +143,31 @@ impl LinkGuard {
         match self.never {}
     }
 }
+
+/// See the Linux implementation: `Pipe::new` fails here, and callers copy instead.
+#[derive(Debug)]
+pub struct Pipe {
+    never: Infallible,
+}
+
+impl Pipe {
+    /// Always `Unsupported`.
+    pub fn new(_capacity: usize) -> io::Result<Pipe> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Unreachable.
+    pub fn buffered(&self) -> usize {
+        match self.never {}
+    }
+
+    /// Unreachable.
+    pub fn fill_from(&mut self, _socket: impl std::os::fd::AsFd) -> io::Result<usize> {
+        match self.never {}
+    }
+
+    /// Unreachable.
+    pub fn drain_into(&mut self, _socket: impl std::os::fd::AsFd) -> io::Result<usize> {
+        match self.never {}
+    }
+}
