@@ -1,5 +1,5 @@
 //! The client side of SOCKS on tokio: dial the proxy, drive
-//! [`socks::ClientHandshake`](crate::socks::ClientHandshake), hand back a connected
+//! [`crate::socks::ClientHandshake`], hand back a connected
 //! stream ([`Upstream::connect`]) or a UDP association ([`Upstream::udp_associate`]).
 //!
 //! Stage: between the flows and the proxy. It must not parse or build SOCKS bytes

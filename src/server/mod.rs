@@ -6,8 +6,8 @@
 //! One session's failure never ends the accept loop; every session holds a permit of
 //! a bounded semaphore, has its own tracing span, and logs its byte counts at close.
 //!
-//! - [`handshake`]: reads the handshake under a timeout, with a bounded buffer;
-//! - [`connect`], [`bind`], [`associate`]: the three commands;
+//! - `handshake`: reads the handshake under a timeout, with a bounded buffer;
+//! - `connect`, `bind`, `associate`: the three commands;
 //! - [`relay`]: copies a TCP pair both ways with half-close;
 //! - [`reply`]: OS errors to reply codes, in one place.
 

@@ -9,7 +9,7 @@
 //!
 //! Every socket lives in a one-socket set of its own ([`TcpFlow`]), so the work per
 //! packet does not grow with the number of flows, and timers come from a heap
-//! ([`timers`]) rather than from walking every socket.
+//! (`timers`) rather than from walking every socket.
 //!
 //! The stack must not talk to the proxy (flows do) and must not block: the only
 //! errors that end it are the device's.
