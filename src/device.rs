@@ -34,8 +34,11 @@ pub fn default_addresses() -> Vec<IpNet> {
     vec![IpNet::V4(v4), IpNet::V6(v6)]
 }
 
-/// The MTU of a device we create when none is asked for.
-pub const DEFAULT_MTU: u16 = 1500;
+/// The MTU of a device we create when none is asked for. The TUN is a local endpoint
+/// (its packets never cross a wire), so a large MTU costs nothing and cuts the
+/// per-packet work several times over: 8-9.5 Gbit/s through the tunnel at 9000
+/// against 3.5-5.6 at 1500 (`cargo bench --bench tunnel`).
+pub const DEFAULT_MTU: u16 = 9000;
 
 /// How to open and configure the TUN device.
 #[derive(Debug, Clone, PartialEq, Eq)]

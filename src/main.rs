@@ -229,11 +229,6 @@ fn run_server(args: &ServerArgs) -> ExitCode {
     }
 }
 
-/// The default MTU of a device we create. The TUN is a local endpoint (its packets
-/// never cross a wire), so a large MTU costs nothing and cuts the per-packet work
-/// several times over (see DESIGN.md's measurements and the tunnel benchmark).
-const DEFAULT_TUNNEL_MTU: u16 = 9000;
-
 /// Exit code when opening the TUN needs privileges we lack.
 const EXIT_NO_PERMISSION: u8 = 3;
 /// Exit code when the TUN device is held by another process.
@@ -246,7 +241,7 @@ impl TunnelArgs {
         let device = DeviceConfig {
             name: Some(self.device.clone()),
             addresses: (!self.address.is_empty()).then(|| self.address.clone()),
-            mtu: Some(self.mtu.unwrap_or(DEFAULT_TUNNEL_MTU)),
+            mtu: self.mtu,
             txqueuelen: None,
         };
         let buffer = usize::try_from(self.tcp_buffer).unwrap_or(512) * 1024;

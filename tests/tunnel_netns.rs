@@ -143,6 +143,25 @@ macro_rules! root_test {
 fn http_download_64mib_over_ipv4_and_ipv6() {
     root_test!("http_download_64mib_over_ipv4_and_ipv6");
     let net = Net::ours("dl", &[], &socks5_url(), &[]);
+    // A created device gets the documented defaults.
+    let link = net
+        .app()
+        .ip(["-o", "link", "show", "dev", TUN_NAME])
+        .unwrap();
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(
+        link.contains("mtu 9000") && link.contains("qlen 10000"),
+        "{link}"
+    );
+    let addrs = net
+        .app()
+        .ip(["-o", "addr", "show", "dev", TUN_NAME])
+        .unwrap();
+    let addrs = String::from_utf8_lossy(&addrs.stdout);
+    assert!(
+        addrs.contains("198.18.0.1/15") && addrs.contains("fd18::1/64"),
+        "{addrs}"
+    );
     let expected = sha256_hex(&blob(BLOB, SEED));
     assert_eq!(
         curl_sha(net.app(), &TARGET_V4.to_string()),
