@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use crate::testbed::namespace::join;
 use crate::testbed::services::{
     DISCARD_PORT, ECHO_PORT, HTTP_PORT, SOURCE_PORT, Services, UPLOAD_PORT, blob, sha256_hex,
+    upload_sha256,
 };
 use crate::testbed::tunnel::{panics_in, proxy_addr, start_server, start_tunnel};
 use crate::testbed::{Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_root};
@@ -252,22 +253,13 @@ async fn download(dst: SocketAddr) -> Result<String, String> {
 
 async fn upload(dst: SocketAddr) -> Result<String, String> {
     let started = Instant::now();
-    let mut s = TcpStream::connect(dst)
-        .await
-        .map_err(|e| format!("connect {dst}: {e}"))?;
     let data = blob(BLOB, 2);
-    s.write_all(&data).await.map_err(|e| e.to_string())?;
-    s.shutdown().await.map_err(|e| e.to_string())?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer)
+    let answer = upload_sha256(dst, &data)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{dst}: {e}"))?;
     let want = sha256_hex(&data);
-    if answer.trim() != want {
-        return Err(format!(
-            "target saw SHA-256 {:?}, expected {want}",
-            answer.trim()
-        ));
+    if answer != want {
+        return Err(format!("target saw SHA-256 {answer:?}, expected {want}"));
     }
     Ok(ms(started.elapsed()))
 }

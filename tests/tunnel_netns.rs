@@ -13,7 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tun2socks::require_or_skip;
 use tun2socks::testbed::namespace::join;
-use tun2socks::testbed::services::{ECHO_PORT, HTTP_PORT, Services, UPLOAD_PORT, blob, sha256_hex};
+use tun2socks::testbed::services::{
+    ECHO_PORT, HTTP_PORT, Services, UPLOAD_PORT, blob, sha256_hex, upload_sha256,
+};
 use tun2socks::testbed::topology::{PROXY_V4, TARGET_V4, TARGET_V6};
 use tun2socks::testbed::tunnel::{
     PROXY_PORT, TUN_NAME, link_is_up, panics_in, proxy_addr, start_server, start_tunnel,
@@ -100,13 +102,7 @@ fn curl_sha(ns: &Namespace, host: &str) -> String {
 
 /// Uploads `len` bytes, half-closes, returns the SHA-256 the target answers.
 async fn upload(dst: SocketAddr, len: usize) -> io::Result<String> {
-    let mut s = TcpStream::connect(dst).await?;
-    let data = blob(len, 99);
-    s.write_all(&data).await?;
-    s.shutdown().await?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).await?;
-    Ok(answer.trim().to_string())
+    upload_sha256(dst, &blob(len, 99)).await
 }
 
 /// Connects through the tunnel; returns how it went and how long it took.

@@ -109,6 +109,16 @@ pub fn encode_reply(version: Version, code: ReplyCode, bound: &Address) -> Vec<u
     }
 }
 
+/// Appends the failure reply for `error` and ends the handshake.
+fn refuse(version: Version, consumed: usize, error: Error, reply: &mut Vec<u8>) -> Progress {
+    reply.extend(encode_reply(
+        version,
+        error.reply_code(),
+        &Address::UNSPECIFIED,
+    ));
+    Progress::Failed { consumed, error }
+}
+
 /// How far a call to [`ServerHandshake::handshake`] got.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerStatus {
@@ -242,14 +252,8 @@ impl ServerHandshake {
     }
 
     fn socks4_request(&mut self, input: &[u8], reply: &mut Vec<u8>) -> Progress {
-        let refuse = |consumed: usize, error: Error, reply: &mut Vec<u8>| {
-            reply.extend(encode_reply(
-                Version::Socks4,
-                error.reply_code(),
-                &Address::UNSPECIFIED,
-            ));
-            Progress::Failed { consumed, error }
-        };
+        let refuse =
+            |consumed, error, reply: &mut Vec<u8>| refuse(Version::Socks4, consumed, error, reply);
         let (request, consumed) = match v4::Request::decode(input) {
             Ok(Some(decoded)) => decoded,
             Ok(None) => return Progress::NeedMore,
@@ -351,14 +355,8 @@ impl ServerHandshake {
         user: Option<String>,
         reply: &mut Vec<u8>,
     ) -> Progress {
-        let refuse = |consumed: usize, error: Error, reply: &mut Vec<u8>| {
-            reply.extend(encode_reply(
-                Version::Socks5,
-                error.reply_code(),
-                &Address::UNSPECIFIED,
-            ));
-            Progress::Failed { consumed, error }
-        };
+        let refuse =
+            |consumed, error, reply: &mut Vec<u8>| refuse(Version::Socks5, consumed, error, reply);
         let (request, consumed) = match v5::Request::decode(input) {
             Ok(Some(decoded)) => decoded,
             Ok(None) => return Progress::NeedMore,

@@ -56,6 +56,17 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// The client side of the upload sink: sends `data` to `dst`, half-closes, and
+/// returns the SHA-256 (hex) that the target answered after the FIN.
+pub async fn upload_sha256(dst: SocketAddr, data: &[u8]) -> io::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(dst).await?;
+    s.write_all(data).await?;
+    s.shutdown().await?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).await?;
+    Ok(answer.trim().to_string())
+}
+
 /// The running services; stopped on drop.
 #[derive(Debug)]
 pub struct Services {
