@@ -3,7 +3,7 @@
 //! targets call, so that CI on stable keeps a fixed crash fixed.
 //!
 //! The seed corpus is generated from real handshakes of our client and server:
-//! `cargo test --test fuzz_corpus -- --ignored write_seed_corpus` rewrites it.
+//! `T2S_WRITE_SEEDS=1 cargo test --test fuzz_corpus seed_corpus` rewrites it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -141,10 +141,22 @@ fn with_chunks(head: &[u8], sizes: &[u8], input: &[u8]) -> Vec<u8> {
     seed
 }
 
+/// With `T2S_WRITE_SEEDS=1`, writes a seed; otherwise checks that the committed
+/// corpus holds exactly this seed (a harness layout change must come with new seeds).
 fn write(target: &str, name: &str, data: &[u8]) {
     let dir = fuzz_dir().join("corpus").join(target);
-    fs::create_dir_all(&dir).unwrap();
-    fs::write(dir.join(name), data).unwrap();
+    if std::env::var_os("T2S_WRITE_SEEDS").is_some() {
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join(name), data).unwrap();
+        return;
+    }
+    let committed = fs::read(dir.join(name))
+        .unwrap_or_else(|e| panic!("{target}/{name}: {e}; regenerate with T2S_WRITE_SEEDS=1"));
+    assert!(
+        committed == data,
+        "{target}/{name} differs from what the harness generates; regenerate with \
+         T2S_WRITE_SEEDS=1 cargo test --test fuzz_corpus seed_corpus"
+    );
 }
 
 const CHUNKINGS: [&[u8]; 3] = [&[], &[1], &[3, 7, 2]];
@@ -355,10 +367,10 @@ fn message_seeds() {
     write("udp_datagram", "seed-truncated", &[0, 0, 0, 3, 10, b'a']);
 }
 
-/// Regenerates the seed corpus (`seed-*` files) from real handshakes and messages.
+/// The seed corpus (`seed-*` files) is what real handshakes and messages generate
+/// today; `T2S_WRITE_SEEDS=1` rewrites it.
 #[test]
-#[ignore = "writes fuzz/corpus; run by hand after changing the harness layouts"]
-fn write_seed_corpus() {
+fn seed_corpus_matches_the_generator() {
     handshake_seeds();
     client_server_seeds();
     message_seeds();
