@@ -286,6 +286,12 @@ async fn flow_limit_resets_new_connections() {
         h.recv(300).await.is_none(),
         "SYN-ACK before CONNECT finished"
     );
+    // The application retransmits its SYN while the proxy is still silent: no
+    // answer, and above all no reset.
+    h.send(segment(APP, dst, 10, None, "S", b"")).await;
+    if let Some(r) = h.recv(300).await {
+        panic!("a retransmitted SYN was answered while CONNECT is pending: {r:?}");
+    }
     let other: SocketAddr = "198.18.0.2:40001".parse().unwrap();
     h.send(segment(other, dst, 20, None, "S", b"")).await;
     let r = h.recv(2000).await.expect("second SYN not answered");
