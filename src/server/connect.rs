@@ -43,12 +43,16 @@ pub(super) async fn allowed_addresses(
     Ok(allowed)
 }
 
-/// Tries each address in turn; the reply code of the last failure if none connects.
-async fn connect_any(addrs: &[SocketAddr], shared: &Shared) -> Result<TcpStream, ReplyCode> {
+/// Tries each address in turn: the stream and the address it reached, or the reply
+/// code of the last failure if none connects.
+async fn connect_any(
+    addrs: &[SocketAddr],
+    shared: &Shared,
+) -> Result<(TcpStream, SocketAddr), ReplyCode> {
     let mut code = ReplyCode::HOST_UNREACHABLE;
     for addr in addrs {
         match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Ok(stream)) => return Ok((stream, *addr)),
             Ok(Err(e)) => {
                 code = reply::for_io_error(&e);
                 tracing::debug!(%addr, error = %e, "connect failed");
@@ -72,8 +76,8 @@ pub(super) async fn serve(
         Ok(addrs) => connect_any(&addrs, shared).await,
         Err(code) => Err(code),
     };
-    let mut remote = match connected {
-        Ok(remote) => remote,
+    let (mut remote, peer) = match connected {
+        Ok(pair) => pair,
         Err(code) => {
             tracing::info!(target = %request.target, reply = %code, "connect failed");
             refuse(&mut client, request, code).await;
@@ -82,7 +86,6 @@ pub(super) async fn serve(
     };
     let _ = remote.set_nodelay(true);
     let bound = Address::from(remote.local_addr()?);
-    let peer = remote.peer_addr()?;
     client
         .write_all(&request.reply(ReplyCode::SUCCEEDED, &bound))
         .await?;

@@ -12,6 +12,7 @@
 
 use std::io;
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -48,12 +49,13 @@ pub struct Outcome {
 /// Relays `client` <-> `remote` until both directions are done or one fails.
 pub async fn relay(mut client: TcpStream, mut remote: TcpStream) -> Outcome {
     let mut bytes = Transferred::default();
+    let one_done = AtomicBool::new(false);
     let result = {
         let (client_read, client_write) = client.split();
         let (remote_read, remote_write) = remote.split();
         tokio::try_join!(
-            pipe(client_read, remote_write, &mut bytes.up),
-            pipe(remote_read, client_write, &mut bytes.down),
+            pipe(client_read, remote_write, &mut bytes.up, &one_done),
+            pipe(remote_read, client_write, &mut bytes.down, &one_done),
         )
     };
     let error = result.err();
@@ -67,13 +69,20 @@ pub async fn relay(mut client: TcpStream, mut remote: TcpStream) -> Outcome {
 }
 
 /// One direction: copy, then splice once it proves to be bulk; FIN at the end.
-async fn pipe(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, count: &mut u64) -> io::Result<()> {
+async fn pipe(
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    count: &mut u64,
+    one_done: &AtomicBool,
+) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUFFER];
     let mut try_splice = true;
     loop {
         if try_splice && *count >= SPLICE_AFTER {
             match Pipe::new(PIPE_CAPACITY) {
-                Ok(pipe) => return splice(from.as_ref(), to.as_ref(), pipe, count).await,
+                Ok(pipe) => {
+                    return splice(from.as_ref(), to.as_ref(), pipe, count, one_done).await;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "no splice pipe; copying");
                     try_splice = false;
@@ -82,7 +91,7 @@ async fn pipe(mut from: ReadHalf<'_>, mut to: WriteHalf<'_>, count: &mut u64) ->
         }
         let n = from.read(&mut buf).await?;
         if n == 0 {
-            return finish(to.as_ref());
+            return finish(to.as_ref(), one_done);
         }
         to.write_all(buf.get(..n).unwrap_or_default()).await?;
         *count = count.saturating_add(n as u64);
@@ -95,13 +104,14 @@ async fn splice(
     to: &TcpStream,
     mut pipe: Pipe,
     count: &mut u64,
+    one_done: &AtomicBool,
 ) -> io::Result<()> {
     loop {
         let n = from
             .async_io(Interest::READABLE, || pipe.fill_from(from))
             .await?;
         if n == 0 {
-            return finish(to);
+            return finish(to, one_done);
         }
         while pipe.buffered() > 0 {
             let n = to
@@ -112,9 +122,13 @@ async fn splice(
     }
 }
 
-/// End of stream: pass the FIN on. The other side may already be gone; that is its
-/// direction's business.
-fn finish(to: &TcpStream) -> io::Result<()> {
+/// End of stream: pass the FIN on. When the other direction has already ended, the
+/// close that follows sends the FIN and the shutdown call is skipped. The other side
+/// may already be gone; that is its direction's business.
+fn finish(to: &TcpStream, one_done: &AtomicBool) -> io::Result<()> {
+    if one_done.swap(true, Ordering::AcqRel) {
+        return Ok(());
+    }
     match SockRef::from(to).shutdown(Shutdown::Write) {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         other => other,
