@@ -20,8 +20,8 @@ use tokio::net::TcpStream;
 
 use crate::testbed::namespace::join;
 use crate::testbed::services::{
-    DISCARD_PORT, ECHO_PORT, HTTP_PORT, SOURCE_PORT, Services, UPLOAD_PORT, blob, sha256_hex,
-    upload_sha256,
+    DISCARD_PORT, ECHO_PORT, HTTP_PORT, SOURCE_PORT, Services, UPLOAD_PORT, blob, echo_round_trip,
+    sha256_hex, upload_sha256,
 };
 use crate::testbed::tunnel::{panics_in, proxy_addr, start_server, start_tunnel};
 use crate::testbed::{Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_root};
@@ -206,14 +206,9 @@ async fn echo(dst: SocketAddr) -> Result<String, String> {
         .await
         .map_err(|e| format!("connect {dst}: {e}"))?;
     let data = blob(1024 * 1024, 1);
-    let (mut r, mut w) = s.split();
-    let send = async {
-        w.write_all(&data).await?;
-        w.shutdown().await
-    };
-    let mut back = Vec::new();
-    let (sent, got) = tokio::join!(send, r.read_to_end(&mut back));
-    sent.and(got).map_err(|e| format!("{dst}: {e}"))?;
+    let back = echo_round_trip(&mut s, &data)
+        .await
+        .map_err(|e| format!("{dst}: {e}"))?;
     if back != data {
         return Err(format!(
             "echo differs ({} of {} bytes back)",

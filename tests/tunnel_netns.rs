@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tun2socks::require_or_skip;
 use tun2socks::testbed::namespace::join;
 use tun2socks::testbed::services::{
-    ECHO_PORT, HTTP_PORT, Services, UPLOAD_PORT, blob, sha256_hex, upload_sha256,
+    ECHO_PORT, HTTP_PORT, Services, UPLOAD_PORT, blob, echo_round_trip, sha256_hex, upload_sha256,
 };
 use tun2socks::testbed::topology::{PROXY_V4, TARGET_V4, TARGET_V6};
 use tun2socks::testbed::tunnel::{
@@ -207,15 +207,7 @@ fn five_hundred_concurrent_flows() {
                 let mut s = TcpStream::connect(dst).await?;
                 barrier.wait().await;
                 let data = blob(32 * 1024, i as u64);
-                let (mut r, mut w) = s.split();
-                let send = async {
-                    w.write_all(&data).await?;
-                    w.shutdown().await
-                };
-                let mut back = Vec::new();
-                let (sent, got) = tokio::join!(send, r.read_to_end(&mut back));
-                sent?;
-                got?;
+                let back = echo_round_trip(&mut s, &data).await?;
                 assert!(back == data, "flow {i}: echo differs");
                 Ok::<_, io::Error>(())
             }));

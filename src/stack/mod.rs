@@ -266,14 +266,14 @@ impl<D: PacketIo> Stack<D> {
 
     /// Polls every flow that received packets, asked for it, or has a timer due.
     fn poll_flows(&mut self, now: Instant) {
-        let mut asked = Vec::new();
-        self.cx.signal.drain_into(&mut asked);
-        for id in &asked {
+        // Every queued id is in `dirty` once the queue is drained, so clearing the
+        // queued mark of every dirty flow loses no request.
+        self.cx.signal.drain_into(&mut self.dirty);
+        for id in &self.dirty {
             if let Some(flow) = self.flows.get(id) {
                 flow.take_queued();
             }
         }
-        self.dirty.append(&mut asked);
         self.timers.expire(now, &mut self.dirty);
         self.dirty.sort_unstable();
         self.dirty.dedup();

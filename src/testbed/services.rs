@@ -67,6 +67,24 @@ pub async fn upload_sha256(dst: SocketAddr, data: &[u8]) -> io::Result<String> {
     Ok(answer.trim().to_string())
 }
 
+/// The client side of the echo server, on a connected stream: sends `data` while
+/// reading, half-closes, and returns everything that came back before the FIN.
+pub async fn echo_round_trip(
+    stream: &mut tokio::net::TcpStream,
+    data: &[u8],
+) -> io::Result<Vec<u8>> {
+    let (mut r, mut w) = stream.split();
+    let send = async {
+        w.write_all(data).await?;
+        w.shutdown().await
+    };
+    let mut back = Vec::new();
+    let (sent, got) = tokio::join!(send, r.read_to_end(&mut back));
+    sent?;
+    got?;
+    Ok(back)
+}
+
 /// The running services; stopped on drop.
 #[derive(Debug)]
 pub struct Services {
