@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use tun2socks::config::{ProxyUrl, ProxyUrlError};
 use tun2socks::device::{Device, DeviceConfig, DeviceError};
+use tun2socks::flow::udp::UdpConfig;
 use tun2socks::server::{self, ServerConfig};
 use tun2socks::socks::{Credentials, ServerPolicy, Users};
 use tun2socks::stack::{self, StackConfig};
@@ -81,6 +82,14 @@ struct TunnelArgs {
     /// Seconds to wait for the proxy to accept and answer.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     connect_timeout: u64,
+    /// Seconds without traffic after which a UDP association is closed (associations
+    /// that only carried DNS: 10 s or this, whichever is shorter).
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    udp_timeout: u64,
+    /// UDP associations at once (one per application socket); datagrams from further
+    /// sockets are dropped and the limit is logged.
+    #[arg(long, value_name = "N", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
+    max_udp: u64,
 }
 
 #[derive(Debug, Args)]
@@ -245,10 +254,22 @@ impl TunnelArgs {
             txqueuelen: None,
         };
         let buffer = usize::try_from(self.tcp_buffer).unwrap_or(512) * 1024;
+        let udp_timeout = Duration::from_secs(self.udp_timeout);
+        let udp = UdpConfig {
+            idle_timeout: udp_timeout,
+            dns_idle_timeout: udp_timeout.min(UdpConfig::default().dns_idle_timeout),
+            max_associations: usize::try_from(self.max_udp).unwrap_or(usize::MAX),
+            local_nets: device
+                .addresses
+                .clone()
+                .unwrap_or_else(tun2socks::device::default_addresses),
+            ..UdpConfig::default()
+        };
         let stack = StackConfig {
             tcp_rx_buffer: buffer,
             tcp_tx_buffer: buffer,
             max_flows: self.max_flows.max(1),
+            udp,
             ..StackConfig::default()
         };
         let timeout = Duration::from_secs(self.connect_timeout.max(1));
@@ -304,6 +325,11 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
                 return ExitCode::from(device_exit_code(&e));
             }
         };
+        // The proxy's name is looked up once, here, and again only if every address
+        // fails: once the host's DNS goes through the tunnel, a lookup per flow loops.
+        if let Err(e) = upstream.resolve().await {
+            tracing::warn!(error = %e, "cannot resolve the proxy yet; will retry with backoff");
+        }
         tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
         match stack::run(device, stack_config, upstream, shutdown_signal()).await {
             Ok(stats) => {

@@ -16,6 +16,7 @@
 )]
 
 pub mod tcp;
+pub mod udp;
 
 use std::fmt;
 use std::net::SocketAddr;
