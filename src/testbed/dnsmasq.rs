@@ -142,12 +142,13 @@ pub fn dnsmasq_args(records: &[(&str, Ipv4Addr, Ipv6Addr)], log_queries: bool) -
     for (name, v4, v6) in records {
         args.push(format!("--host-record={name},{v4},{v6}"));
     }
-    args.push(format!("--txt-record={TXT_NAME},\"{TXT_VALUE}\""));
-    let big: Vec<String> = big_txt_strings()
-        .iter()
-        .map(|s| format!("\"{s}\""))
-        .collect();
-    args.push(format!("--txt-record={BIG_TXT_NAME},{}", big.join(",")));
+    // On the command line the strings are bare (quotes would be part of the text);
+    // commas separate the character-strings.
+    args.push(format!("--txt-record={TXT_NAME},{TXT_VALUE}"));
+    args.push(format!(
+        "--txt-record={BIG_TXT_NAME},{}",
+        big_txt_strings().join(",")
+    ));
     args
 }
 
