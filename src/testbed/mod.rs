@@ -32,8 +32,18 @@
 //! - [`skip`]: [`require_root`] and the skip-only-outside-CI rule
 //!   ([`require_or_skip!`](crate::require_or_skip));
 //! - [`services`]: target-side test servers (HTTP blob, SHA-256 upload sink, echo);
-//! - [`tunnel`]: our server and tunnel started as processes in their namespaces.
+//! - [`tunnel`]: our server and tunnel started as processes in their namespaces;
+//! - [`attach`]: a hand-made TUN device the tunnel attaches to; a process's RSS;
+//! - [`udp`]: target-side UDP services (echo, full-cone reply from a second port);
+//! - [`udp_client`]: app-side UDP clients (echo checks, latency, rate, many ports, cone);
+//! - [`dnsmasq`]: a resolver in the target, `dig` in a namespace, a proxy-only name;
+//! - [`dns_client`]: hand-built DNS queries and a query-rate client;
+//! - [`dante`]: danted in the proxy namespace with CONNECT and UDP.
 
+pub mod attach;
+pub mod dante;
+pub mod dns_client;
+pub mod dnsmasq;
 pub mod namespace;
 pub mod process;
 pub mod services;
@@ -41,6 +51,8 @@ pub mod skip;
 pub mod stale;
 pub mod topology;
 pub mod tunnel;
+pub mod udp;
+pub mod udp_client;
 pub mod wait;
 
 pub use namespace::Namespace;
