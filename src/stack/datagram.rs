@@ -54,6 +54,12 @@ impl Datagrams {
         &self.egress
     }
 
+    /// Where a flow to `dst` (TCP or UDP) must go, as the proxy is to be asked; `None`
+    /// when it must be refused.
+    pub(super) fn target_for(&self, dst: SocketAddr, _now: Instant) -> Option<Address> {
+        Some(Address::from(dst))
+    }
+
     /// Handles one UDP datagram from the TUN; `payload` is where its payload lies.
     pub(super) fn ingress(&mut self, tuple: FourTuple, payload: &[u8], now: Instant) {
         if self.upstream.is_proxy(tuple.dst) {
@@ -61,7 +67,10 @@ impl Datagrams {
             self.egress.port_unreachable(tuple.src, tuple.dst, payload);
             return;
         }
-        let target = Address::from(tuple.dst);
+        let Some(target) = self.target_for(tuple.dst, now) else {
+            self.egress.port_unreachable(tuple.src, tuple.dst, payload);
+            return;
+        };
         self.send(tuple.src, tuple.dst, &target, payload, now);
     }
 

@@ -376,6 +376,12 @@ impl<D: PacketIo> Stack<D> {
             self.refuse(syn, now);
             return;
         }
+        let Some(target) = self.datagrams.target_for(tuple.dst, now) else {
+            // A fake-IP address that maps to no name (any more): never a wrong
+            // destination, a reset.
+            self.refuse(syn, now);
+            return;
+        };
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             self.stats.flows_over_limit = self.stats.flows_over_limit.saturating_add(1);
             if let Some(suppressed) = self.limit_log.check(now) {
@@ -412,7 +418,7 @@ impl<D: PacketIo> Stack<D> {
         }
         let id = self.next_id;
         self.next_id = self.next_id.saturating_add(1);
-        let flow = Arc::new(TcpFlow::new(id, tuple, sockets, handle));
+        let flow = Arc::new(TcpFlow::new(id, tuple, target, sockets, handle));
         self.flows.insert(id, flow.clone());
         self.by_tuple.insert(tuple, id);
         self.stats.flows_opened = self.stats.flows_opened.saturating_add(1);
