@@ -33,6 +33,7 @@ pub mod device;
 pub mod flow;
 pub mod selftest;
 pub mod server;
+pub mod setup;
 pub mod socks;
 pub mod stack;
 pub mod testbed;
