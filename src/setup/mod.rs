@@ -35,6 +35,7 @@ use tun2socks_platform::{
 };
 
 use crate::config::{ProxyHost, ProxyUrl};
+use crate::device::Device;
 use crate::upstream::DialOptions;
 
 pub use state::Lock;
@@ -306,6 +307,24 @@ pub fn begin(device: &str, config: &SetupConfig) -> Result<Lock, SetupError> {
         );
     }
     Ok(lock)
+}
+
+/// After the device is open: resolves the proxy, sets up routing when `setup` holds
+/// the lock from [`begin`] and its configuration, then runs [`check_loop`] (in every
+/// mode). The returned [`Setup`] undoes the routing when dropped.
+pub async fn start(
+    device: &Device,
+    proxy: &ProxyUrl,
+    options: &DialOptions,
+    setup: Option<(Lock, &SetupConfig)>,
+) -> Result<Option<Setup>, SetupError> {
+    let addresses = proxy_addresses(proxy).await?;
+    let setup = match setup {
+        Some((lock, config)) => Some(Setup::apply(lock, device.ifindex(), &addresses, config)?),
+        None => None,
+    };
+    check_loop(device.ifindex(), device.name(), &addresses, options)?;
+    Ok(setup)
 }
 
 /// The proxy's addresses: its IP, or every address its name resolves to (once, at
