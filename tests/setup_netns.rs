@@ -20,7 +20,7 @@ use tun2socks::testbed::topology::{
     APP_LINK, PROXY_OUT_V4, TARGET_NET_V4, TARGET_NET_V6, TARGET_V4, TARGET_V6,
 };
 use tun2socks::testbed::tunnel::{
-    PROXY_PORT, TUN_NAME, panics_in, proxy_addr, start_server, start_tunnel_setup,
+    PROXY_PORT, TUN_NAME, panics_in, proxy_addr, routing_snapshot, start_server, start_tunnel_setup,
 };
 use tun2socks::testbed::{Namespace, Process, Topology, require_program, require_root};
 
@@ -47,19 +47,8 @@ macro_rules! root_test {
     };
 }
 
-/// `ip rule`, `ip -6 rule`, `ip route show table all` and its IPv6 twin.
 fn snapshot(ns: &Namespace) -> String {
-    let commands: [&[&str]; 4] = [
-        &["rule"],
-        &["-6", "rule"],
-        &["route", "show", "table", "all"],
-        &["-6", "route", "show", "table", "all"],
-    ];
-    commands
-        .iter()
-        .map(|args| String::from_utf8_lossy(&ns.ip(*args).unwrap().stdout).into_owned())
-        .collect::<Vec<_>>()
-        .join("--\n")
+    routing_snapshot(ns).unwrap()
 }
 
 /// Waits (the device's teardown may trail the exit by a moment) until the snapshot

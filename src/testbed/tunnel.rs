@@ -140,6 +140,24 @@ fn spawn_until(
     }
 }
 
+/// The routing state of `ns` as `ip` prints it: `ip rule`, `ip -6 rule`,
+/// `ip route show table all` and `ip -6 route show table all`, separated by `--`
+/// lines. Equal before and after a `--setup` run means everything was restored.
+pub fn routing_snapshot(ns: &Namespace) -> io::Result<String> {
+    let commands: [&[&str]; 4] = [
+        &["rule"],
+        &["-6", "rule"],
+        &["route", "show", "table", "all"],
+        &["-6", "route", "show", "table", "all"],
+    ];
+    let mut text = String::new();
+    for args in commands {
+        text.push_str(&String::from_utf8_lossy(&ns.ip(args)?.stdout));
+        text.push_str("--\n");
+    }
+    Ok(text)
+}
+
 /// Is the interface present and administratively up?
 pub fn link_is_up(ns: &Namespace, name: &str) -> bool {
     ns.ip(["-o", "link", "show", "dev", name])
