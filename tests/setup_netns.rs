@@ -282,3 +282,59 @@ fn a_second_instance_on_the_same_device_is_refused() {
     assert_clean_exit(first);
     assert_restored(topo.app(), &before);
 }
+
+#[test]
+fn setup_runs_as_an_unprivileged_user_with_net_admin_and_net_raw_only() {
+    root_test!("setup_runs_as_an_unprivileged_user_with_net_admin_and_net_raw_only");
+    require_or_skip!(require_program("setpriv", "unprivileged --setup"));
+    require_or_skip!(require_program("unshare", "unprivileged --setup"));
+    let (topo, _services) = ordinary_host("setup-nonroot");
+    let _server = start_server(topo.proxy(), &binary(), &[]).unwrap();
+    topo.set_forwarding(false).unwrap();
+    let before = snapshot(topo.app());
+
+    // What the systemd unit provides, without touching the host: in a private mount
+    // namespace, a TUN node anyone may open over /dev/net/tun (here it is 0600) and a
+    // state directory the user owns over /run/tun2socks.
+    let dir = std::env::temp_dir().join(format!("t2s-nonroot-{}", std::process::id()));
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    nix::unistd::chown(&state, Some(nobody), None).unwrap();
+    let node = dir.join("tun");
+    let url = format!("socks5://{}", proxy_addr());
+    let script = format!(
+        "mknod {node} c 10 200 && chmod 0666 {node} && mount --bind {node} /dev/net/tun && \
+         mkdir -p /run/tun2socks && mount --bind {state} /run/tun2socks && \
+         exec ip netns exec {ns} setpriv --reuid=65534 --regid=65534 --clear-groups \
+         --inh-caps=+net_admin,+net_raw --ambient-caps=+net_admin,+net_raw \
+         {binary} --proxy {url} --device {TUN_NAME} --setup {addresses}",
+        node = node.display(),
+        state = state.display(),
+        ns = topo.app().name(),
+        binary = binary().display(),
+        addresses = TUN_ADDRESSES.join(" "),
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("RUST_LOG", "info");
+    let mut tunnel = Process::spawn(
+        cmd,
+        Process::log_dir().join(format!("{}-nonroot.log", topo.app().name())),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tunnel.log().unwrap_or_default().contains("routing set up") {
+        let log = tunnel.log().unwrap_or_default();
+        assert!(tunnel.try_wait().unwrap().is_none(), "exited: {log}");
+        assert!(Instant::now() < deadline, "not ready: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tunnel.id())).unwrap();
+    assert!(status.contains("Uid:\t65534"), "{status}");
+    assert!(status.contains("CapEff:\t0000000000003000"), "{status}");
+    assert_reaches_target(topo.app(), "as an unprivileged user");
+    assert_clean_exit(tunnel);
+    assert_restored(topo.app(), &before);
+    let _ = std::fs::remove_dir_all(&dir);
+}
