@@ -86,14 +86,14 @@ impl Default for SetupConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SetupError {
-    /// Another instance holds the lock of this device in this network namespace.
+    /// Another instance runs `--setup` in this network namespace.
     #[error(
-        "another tun2socks{} already runs --setup on device {device} in this network \
-         namespace (lock {lock:?}); stop it first",
+        "another tun2socks{} already runs --setup in this network namespace, on device \
+         {device} (lock {lock:?}); stop it first",
         Pid(*pid)
     )]
     Busy {
-        /// The device.
+        /// The holder's device, as its lock file says.
         device: String,
         /// The holder's pid, if the lock file says.
         pid: Option<u32>,
@@ -295,8 +295,9 @@ impl Drop for Setup {
     }
 }
 
-/// Takes the lock of `device` and deletes what a crashed run left; the first step
-/// of `--setup`, before the device is opened.
+/// Takes the `--setup` lock of this network namespace (for `device`) and deletes
+/// what a crashed run left; the first step of `--setup`, before the device is
+/// opened.
 pub fn begin(device: &str, config: &SetupConfig) -> Result<Lock, SetupError> {
     let lock = Lock::acquire(&config.state_dir, device)?;
     let removed = lock.clean_leftovers()?;

@@ -1,17 +1,20 @@
-//! The lock and the state file of `--setup`, one pair per device and network
-//! namespace under [`DEFAULT_STATE_DIR`](super::DEFAULT_STATE_DIR):
+//! The lock and the state file of `--setup`, one pair per network namespace under
+//! [`DEFAULT_STATE_DIR`](super::DEFAULT_STATE_DIR) (the routing table and rule
+//! priorities are fixed, so two `--setup` instances in one namespace would fight
+//! over them):
 //!
-//! - `DEVICE.netNSINODE.lock`: held with `flock(2)` for the life of the run, so a
-//!   second instance on the same device is refused (the kernel drops the lock when
-//!   the holder dies, even by `kill -9`). It holds the holder's pid, for the message.
-//!   It is never deleted (deleting a lock file races with the next locker).
-//! - `DEVICE.netNSINODE.state`: one [`RoutingEntry`] per line in its text form
-//!   (`route ...`, `rule ...`), written before each change is made and removed once
-//!   everything is undone. A start that finds it removes those entries first (a crashed
-//!   run's leftovers), newest first.
+//! - `netINODE.lock`: held with `flock(2)` for the life of the run, so a second
+//!   instance (on the same device, or another) is refused; the kernel drops the lock
+//!   when the holder dies, even by `kill -9`. It holds the holder's pid and device,
+//!   for the message. The holder deletes it on a clean exit, while still holding it;
+//!   a locker that finds its file deleted or replaced after locking tries again.
+//! - `netINODE.state`: one [`RoutingEntry`] per line in its text form (`route ...`,
+//!   `rule ...`), written before each change is made and removed once everything is
+//!   undone. A start that finds it removes those entries first (a crashed run's
+//!   leftovers), newest first.
 //!
-//! The namespace's inode (`/proc/self/ns/net`) is in the names because `/run` is
-//! shared by every network namespace of the host, and `tun0` is a common name.
+//! INODE is the network namespace's (`stat -L /proc/self/ns/net`): `/run` is shared
+//! by every network namespace of the host.
 //!
 //! Stage: beside the data path (start and exit only). It must not decide which
 //! entries exist (that is `setup`), only record and replay them.
@@ -27,63 +30,91 @@ use tun2socks_platform::{Routing, RoutingEntry};
 
 use super::SetupError;
 
+fn state_err(path: &Path) -> impl FnOnce(io::Error) -> SetupError {
+    let path = path.to_owned();
+    move |error| SetupError::StateFile { path, error }
+}
+
+/// Opens (creating) and locks `path`. `None` if the file was deleted or replaced
+/// between opening and locking (its holder was exiting): try again.
+fn try_lock(path: &Path) -> Result<Option<Flock<File>>, SetupError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(state_err(path))?;
+    let lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => lock,
+        Err((mut file, Errno::EWOULDBLOCK)) => {
+            let mut owner = String::new();
+            let _ = file.read_to_string(&mut owner);
+            let mut words = owner.split_whitespace();
+            return Err(SetupError::Busy {
+                pid: words.next().and_then(|pid| pid.parse().ok()),
+                device: words.next().unwrap_or("?").to_owned(),
+                lock: path.to_owned(),
+            });
+        }
+        Err((_, errno)) => return Err(state_err(path)(errno.into())),
+    };
+    let ours = lock.metadata().map_err(state_err(path))?.ino();
+    match fs::metadata(path) {
+        Ok(meta) if meta.ino() == ours => Ok(Some(lock)),
+        Ok(_) => Ok(None),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(state_err(path)(error)),
+    }
+}
+
 /// The first line of every state file.
 const HEADER: &str = "# tun2socks --setup: routes and rules this run made; a later start deletes what is listed here";
 
-/// The exclusive right to set up one device in this network namespace, and its
-/// state file.
+/// The exclusive right to run `--setup` in this network namespace, and its state
+/// file.
 #[derive(Debug)]
 pub struct Lock {
     _lock: Flock<File>,
+    lock_path: PathBuf,
     state: PathBuf,
 }
 
+/// Attempts at taking the lock when its file is replaced under us (an instance that
+/// was exiting deleted it).
+const LOCK_ATTEMPTS: usize = 3;
+
 impl Lock {
-    /// Takes the lock for `device` in `dir` (created if missing), or fails with
-    /// [`SetupError::Busy`] naming the pid that holds it.
+    /// Takes the `--setup` lock of this network namespace in `dir` (created if
+    /// missing) for `device`, or fails with [`SetupError::Busy`] naming the pid and
+    /// device of the holder.
     pub fn acquire(dir: &Path, device: &str) -> Result<Lock, SetupError> {
-        let state_err = |path: &Path| {
-            let path = path.to_owned();
-            move |error| SetupError::StateFile { path, error }
-        };
         fs::create_dir_all(dir).map_err(state_err(dir))?;
         let namespace = fs::metadata("/proc/self/ns/net")
             .map_err(state_err(Path::new("/proc/self/ns/net")))?
             .ino();
-        let lock_path = dir.join(format!("{device}.net{namespace}.lock"));
-        let state = dir.join(format!("{device}.net{namespace}.state"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(state_err(&lock_path))?;
-        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(lock) => lock,
-            Err((mut file, Errno::EWOULDBLOCK)) => {
-                let mut pid = String::new();
-                let _ = file.read_to_string(&mut pid);
-                return Err(SetupError::Busy {
-                    device: device.to_owned(),
-                    pid: pid.trim().parse().ok(),
-                    lock: lock_path,
-                });
-            }
-            Err((_, errno)) => {
-                return Err(SetupError::StateFile {
-                    path: lock_path,
-                    error: errno.into(),
-                });
-            }
-        };
-        let write_pid = |file: &mut File| -> io::Result<()> {
-            file.set_len(0)?;
-            file.rewind()?;
-            writeln!(file, "{}", std::process::id())
-        };
-        write_pid(&mut lock).map_err(state_err(&lock_path))?;
-        Ok(Lock { _lock: lock, state })
+        let lock_path = dir.join(format!("net{namespace}.lock"));
+        let state = dir.join(format!("net{namespace}.state"));
+        for _ in 0..LOCK_ATTEMPTS {
+            let Some(mut lock) = try_lock(&lock_path)? else {
+                continue;
+            };
+            let write_owner = |file: &mut File| -> io::Result<()> {
+                file.set_len(0)?;
+                file.rewind()?;
+                writeln!(file, "{} {device}", std::process::id())
+            };
+            write_owner(&mut lock).map_err(state_err(&lock_path))?;
+            return Ok(Lock {
+                _lock: lock,
+                lock_path,
+                state,
+            });
+        }
+        Err(SetupError::StateFile {
+            path: lock_path,
+            error: io::Error::other("the lock file keeps being replaced"),
+        })
     }
 
     /// The state file's path.
@@ -156,6 +187,15 @@ impl Lock {
                 path: self.state.clone(),
                 error,
             }),
+        }
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        // Still locked here: a waiting locker sees the file gone and starts over.
+        if let Err(error) = fs::remove_file(&self.lock_path) {
+            tracing::debug!(%error, path = %self.lock_path.display(), "lock file not removed");
         }
     }
 }

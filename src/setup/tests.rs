@@ -82,7 +82,7 @@ fn messages_say_what_to_do() {
     let busy = SetupError::Busy {
         device: "tun0".into(),
         pid: Some(42),
-        lock: "/run/tun2socks/tun0.net1.lock".into(),
+        lock: "/run/tun2socks/net1.lock".into(),
     };
     assert!(busy.to_string().contains("(pid 42)"), "{busy}");
 }
