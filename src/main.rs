@@ -3,9 +3,9 @@
 //!
 //! Exit codes: 0 success; 1 runtime failure; 2 invalid arguments (bad URL, bad CIDR,
 //! open-proxy refusal); 3 no permission (CAP_NET_ADMIN); 4 device busy (another
-//! process has the TUN open, or another instance runs `--setup` on it); 5 routing loop
-//! (the route to the proxy enters the TUN and neither a mark nor `--interface` keeps
-//! it off).
+//! process has the TUN open, or another instance runs `--setup` in this network
+//! namespace); 5 routing loop (the route to the proxy enters the TUN and neither a
+//! mark nor `--interface` keeps it off).
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;

@@ -310,16 +310,21 @@ pub fn begin(device: &str, config: &SetupConfig) -> Result<Lock, SetupError> {
     Ok(lock)
 }
 
-/// After the device is open: resolves the proxy, sets up routing when `setup` holds
-/// the lock from [`begin`] and its configuration, then runs [`check_loop`] (in every
-/// mode). The returned [`Setup`] undoes the routing when dropped.
+/// After the device is open: resolves the proxy (a failure is logged, not fatal),
+/// sets up routing when `setup` holds the lock from [`begin`] and its configuration,
+/// then runs [`check_loop`] (in every mode). The returned [`Setup`] undoes the routing when dropped.
 pub async fn start(
     device: &Device,
     proxy: &ProxyUrl,
     options: &DialOptions,
     setup: Option<(Lock, &SetupConfig)>,
 ) -> Result<Option<Setup>, SetupError> {
-    let addresses = proxy_addresses(proxy).await?;
+    // A name that does not resolve now may later (the upstream resolves per dial):
+    // go on without the proxy's direct rule and loop check rather than refuse.
+    let addresses = proxy_addresses(proxy).await.unwrap_or_else(|error| {
+        tracing::warn!(%error, "no loop check and no direct rule for the proxy");
+        Vec::new()
+    });
     let setup = match setup {
         Some((lock, config)) => Some(Setup::apply(lock, device.ifindex(), &addresses, config)?),
         None => None,
