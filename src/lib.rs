@@ -34,6 +34,7 @@ pub mod egress;
 pub mod flow;
 pub mod selftest;
 pub mod server;
+pub mod setup;
 pub mod socks;
 pub mod stack;
 pub mod testbed;

@@ -341,7 +341,7 @@ fn broadcast_multicast_and_malformed_udp_never_reach_the_proxy() -> Result<()> {
         s.send_to(b"dhcp", (Ipv4Addr::BROADCAST, 67))?;
         s.send_to(b"mdns", (Ipv4Addr::new(224, 0, 0, 251), 5353))?;
         s.send_to(b"ssdp", (Ipv4Addr::new(239, 255, 255, 250), 1900))?;
-        s.send_to(b"directed", (Ipv4Addr::new(198, 19, 255, 255), 137))?;
+        s.send_to(b"directed", (Ipv4Addr::new(198, 18, 255, 255), 137))?;
         Ok(())
     })?;
     let good = {

@@ -258,11 +258,11 @@ async fn idle_associations_end_and_the_limit_holds() {
 async fn oversized_and_directed_broadcast_are_dropped() {
     let capture = Arc::new(Capture::default());
     let config = UdpConfig {
-        local_nets: vec!["198.18.0.1/15".parse().unwrap()],
+        local_nets: vec!["198.18.0.1/16".parse().unwrap()],
         ..UdpConfig::default()
     };
     let mut nat = nat("127.0.0.1:9".parse().unwrap(), "socks5", capture, config);
-    send(&mut nat, "198.19.255.255:137".parse().unwrap(), b"netbios");
+    send(&mut nat, "198.18.255.255:137".parse().unwrap(), b"netbios");
     assert_eq!(nat.stats().broadcast.load(Relaxed), 1);
     let big = vec![0u8; MAX_RELAY_DATAGRAM];
     send(&mut nat, "198.19.2.2:7".parse().unwrap(), &big);
