@@ -30,6 +30,7 @@
 
 pub mod config;
 pub mod device;
+pub mod dns;
 pub mod egress;
 pub mod flow;
 pub mod selftest;

@@ -1,0 +1,495 @@
+//! DNS: what happens to every UDP datagram to port 53 that enters the TUN, whatever
+//! its destination address, per `--dns` mode:
+//!
+//! - `udp`: relayed as ordinary UDP through the SOCKS5 association, to the queried
+//!   address or to `--dns-server` ([`Decision::Relay`]);
+//! - `tcp`: sent as DNS over TCP (RFC 7766) through a SOCKS CONNECT to the queried
+//!   address or `--dns-server`; the answer comes back as UDP, truncated (TC=1) when
+//!   the client cannot take it whole ([`Decision::Tcp`], then [`Dns::query_tcp`]);
+//! - `fake-ip`: A / AAAA (class IN, one question) answered at once with an address
+//!   from the pool; a flow to that address goes to the proxy by name
+//!   ([`Dns::target_for`]). Other queries go over TCP as in `tcp` mode.
+//!
+//! Stage: beside the stack, which classifies packets and hands port-53 datagrams
+//! here, and asks where each new flow goes. The synchronous calls
+//! ([`Dns::on_query`], [`Dns::target_for`]) take short std locks and never block on
+//! I/O; the async one ([`Dns::query_tcp`]) holds no lock across an `.await`. This
+//! module writes no packets (the caller sends answers back through the egress path)
+//! and never resolves a name itself.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+pub mod config;
+pub mod fakeip;
+pub mod message;
+pub mod tcp;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::{DNSClass, RecordType};
+use ipnet::IpNet;
+
+pub use config::{DnsConfig, DnsMode};
+use fakeip::{Assigned, FakeTable, Lookup};
+use message::{MAX_NAME_LEN, Message, MessageError};
+pub use tcp::TcpError;
+use tcp::{TcpClient, TcpSettings};
+
+use crate::socks::Address;
+use crate::upstream::Upstream;
+
+/// The DNS port.
+pub const DNS_PORT: u16 = 53;
+/// At most one "fake-IP pool exhausted" warning per this long.
+const EXHAUSTED_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Errors of the DNS module.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// `--dns` got something other than `udp`, `tcp` or `fake-ip`.
+    #[error("unknown DNS mode {given:?} (expected udp, tcp or fake-ip)")]
+    UnknownMode {
+        /// What was given.
+        given: String,
+    },
+    /// A fake-IP pool contains one of the TUN device's own addresses.
+    #[error("fake-IP pool {pool} contains the device address {addr}")]
+    PoolContainsDevice {
+        /// The pool.
+        pool: IpNet,
+        /// The device address.
+        addr: IpAddr,
+    },
+    /// A fake-IP pool contains the `--dns-server` address.
+    #[error("fake-IP pool {pool} contains the DNS server {server}")]
+    PoolContainsServer {
+        /// The pool.
+        pool: IpNet,
+        /// The server.
+        server: IpAddr,
+    },
+    /// Two fake-IP pools overlap.
+    #[error("fake-IP pools {a} and {b} overlap")]
+    PoolsOverlap {
+        /// One pool.
+        a: IpNet,
+        /// The other.
+        b: IpNet,
+    },
+    /// A limit is out of range.
+    #[error("{name}: {reason}")]
+    InvalidSetting {
+        /// The setting.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The query to send over TCP does not decode.
+    #[error("{0}")]
+    Message(#[from] MessageError),
+    /// The query over TCP got no answer.
+    #[error("{0}")]
+    Tcp(#[from] TcpError),
+}
+
+/// What the caller does with one query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Send this back to the client now (a fake-IP answer, or FORMERR / SERVFAIL /
+    /// "no data" built here), from the address the query went to.
+    Answer(Vec<u8>),
+    /// `udp` mode: relay the datagram as UDP to `resolver` (the queried address, or
+    /// `--dns-server`); the reply goes back as if from the queried address.
+    Relay {
+        /// Where to send it.
+        resolver: SocketAddr,
+    },
+    /// Spawn [`Dns::query_tcp`]`(resolver, payload, ..)` and send its answer back.
+    Tcp {
+        /// Where to send it.
+        resolver: SocketAddr,
+    },
+    /// Drop the datagram (counted): not a DNS query at all.
+    Drop(&'static str),
+}
+
+/// Where a new TCP or UDP flow goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// To the address itself.
+    Direct(SocketAddr),
+    /// A fake address: to this name (the proxy resolves it).
+    Name(Address),
+    /// A fake address no name holds (never handed out, or recycled): refuse the flow
+    /// (TCP reset, ICMP port unreachable); never send it anywhere.
+    Unknown,
+}
+
+/// A snapshot of the DNS counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DnsStats {
+    /// Queries seen by [`Dns::on_query`].
+    pub queries: u64,
+    /// Relayed as UDP (`udp` mode).
+    pub via_udp: u64,
+    /// Sent over TCP (decisions; `tcp` mode and fake-ip's other queries).
+    pub via_tcp: u64,
+    /// Answered over TCP and handed back by [`Dns::query_tcp`].
+    pub tcp_answers: u64,
+    /// Answered from the fake-IP pool.
+    pub answered_fake: u64,
+    /// A / AAAA answered with no records (no pool of that family).
+    pub answered_empty: u64,
+    /// Answers truncated to the client's UDP limit.
+    pub truncated: u64,
+    /// SERVFAIL built here (fake-IP pool exhausted).
+    pub servfail: u64,
+    /// Queries that did not decode (FORMERR, or dropped when shorter than a header).
+    pub malformed: u64,
+    /// Datagrams dropped for another reason (a response sent to port 53).
+    pub dropped: u64,
+    /// Queries over TCP that failed (connection lost twice, or deadline).
+    pub tcp_errors: u64,
+    /// Of those, deadline reached.
+    pub tcp_timeouts: u64,
+    /// Queries retried after their connection failed.
+    pub tcp_retries: u64,
+    /// DNS-over-TCP connections opened.
+    pub tcp_connections: u64,
+    /// Fake-IP entries recycled for a new name.
+    pub fake_recycled: u64,
+    /// Flows to a fake address that no name holds.
+    pub fake_unknown: u64,
+    /// Names held in the fake-IP map now (both families).
+    pub fake_entries: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    queries: AtomicU64,
+    via_udp: AtomicU64,
+    via_tcp: AtomicU64,
+    tcp_answers: AtomicU64,
+    answered_fake: AtomicU64,
+    answered_empty: AtomicU64,
+    truncated: AtomicU64,
+    servfail: AtomicU64,
+    malformed: AtomicU64,
+    dropped: AtomicU64,
+    tcp_errors: AtomicU64,
+    fake_recycled: AtomicU64,
+    fake_unknown: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The DNS module: `Send + Sync`, shared as `Arc<Dns>` by the stack and flow tasks.
+#[derive(Debug)]
+pub struct Dns {
+    config: DnsConfig,
+    /// Fake-IP tables (fake-ip mode only; `None` when no pool of the family exists).
+    v4: Option<Mutex<FakeTable>>,
+    v6: Option<Mutex<FakeTable>>,
+    tcp: TcpClient,
+    counters: Counters,
+}
+
+impl Dns {
+    /// The module for `config` (checked with [`DnsConfig::validate`] beforehand),
+    /// reaching resolvers over TCP through `upstream`.
+    pub fn new(config: DnsConfig, upstream: Upstream) -> Self {
+        let hold = config.fake_ttl.saturating_add(config.fake_grace);
+        let table = |v6: bool| {
+            (config.mode == DnsMode::FakeIp)
+                .then(|| FakeTable::new(&config.fake_pools, v6, config.max_fake_entries, hold))
+                .flatten()
+                .map(Mutex::new)
+        };
+        let (v4, v6) = (table(false), table(true));
+        let tcp = TcpClient::new(
+            upstream,
+            TcpSettings {
+                connections: config.tcp_connections,
+                pipeline: config.tcp_pipeline,
+                timeout: config.query_timeout,
+                idle: config.tcp_idle,
+            },
+        );
+        Dns {
+            config,
+            v4,
+            v6,
+            tcp,
+            counters: Counters::default(),
+        }
+    }
+
+    /// The mode.
+    pub fn mode(&self) -> DnsMode {
+        self.config.mode
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &DnsConfig {
+        &self.config
+    }
+
+    /// Where a query addressed to `dst` goes: `dst`, or `--dns-server` on port 53.
+    pub fn resolver_for(&self, dst: SocketAddr) -> SocketAddr {
+        self.config
+            .server
+            .map_or(dst, |server| SocketAddr::new(server, DNS_PORT))
+    }
+
+    /// One UDP datagram to port 53 from the TUN (`payload` = the DNS message).
+    /// Synchronous and cheap: in fake-ip mode an A / AAAA query is answered here.
+    pub fn on_query(
+        &self,
+        payload: &[u8],
+        _src: SocketAddr,
+        dst: SocketAddr,
+        now: Instant,
+    ) -> Decision {
+        bump(&self.counters.queries);
+        let Some(&flags) = payload
+            .get(2)
+            .filter(|_| payload.len() >= message::HEADER_LEN)
+        else {
+            bump(&self.counters.malformed);
+            return Decision::Drop("shorter than a DNS header");
+        };
+        if flags & 0x80 != 0 {
+            bump(&self.counters.dropped);
+            return Decision::Drop("a DNS response sent to port 53");
+        }
+        let resolver = self.resolver_for(dst);
+        match self.config.mode {
+            DnsMode::Udp => {
+                bump(&self.counters.via_udp);
+                Decision::Relay { resolver }
+            }
+            DnsMode::Tcp => match Message::decode_query(payload) {
+                Ok(_) => self.via_tcp(resolver),
+                Err(_) => self.format_error(payload),
+            },
+            DnsMode::FakeIp => match Message::decode_query(payload) {
+                Ok(query) => self.fake(&query, resolver, now),
+                Err(_) => self.format_error(payload),
+            },
+        }
+    }
+
+    fn via_tcp(&self, resolver: SocketAddr) -> Decision {
+        bump(&self.counters.via_tcp);
+        Decision::Tcp { resolver }
+    }
+
+    fn format_error(&self, payload: &[u8]) -> Decision {
+        bump(&self.counters.malformed);
+        let mut out = Vec::with_capacity(message::HEADER_LEN);
+        match message::format_error(payload, &mut out) {
+            Some(()) => Decision::Answer(out),
+            None => Decision::Drop("shorter than a DNS header"),
+        }
+    }
+
+    /// fake-ip mode: A / AAAA of one IN question with a name the proxy can take is
+    /// answered from the pool; anything else goes over TCP.
+    fn fake(&self, query: &Message<'_>, resolver: SocketAddr, now: Instant) -> Decision {
+        let Some(question) = query.question() else {
+            return self.via_tcp(resolver);
+        };
+        let v6 = match question.qtype {
+            RecordType::A => false,
+            RecordType::AAAA => true,
+            _ => return self.via_tcp(resolver),
+        };
+        if !query.is_standard_query()
+            || query.question_count() != 1
+            || question.qclass != DNSClass::IN
+        {
+            return self.via_tcp(resolver);
+        }
+        let mut buf = [0u8; MAX_NAME_LEN];
+        let Some(name) = message::map_name(&question.name, &mut buf) else {
+            return self.via_tcp(resolver);
+        };
+        let mut out = Vec::with_capacity(query_answer_len(query));
+        let Some(table) = (if v6 { &self.v6 } else { &self.v4 }) else {
+            bump(&self.counters.answered_empty);
+            message::empty_response(query, message::RCODE_NOERROR, &mut out);
+            return Decision::Answer(out);
+        };
+        let (assigned, warn) = {
+            let mut table = lock(table);
+            let assigned = table.assign(name, now);
+            let warn = assigned.is_err() && table.warn_exhausted(now, EXHAUSTED_LOG_EVERY);
+            (assigned, warn)
+        };
+        match assigned {
+            Ok((ip, how)) => {
+                if how == Assigned::Recycled {
+                    bump(&self.counters.fake_recycled);
+                }
+                bump(&self.counters.answered_fake);
+                let ttl = u32::try_from(self.config.fake_ttl.as_secs()).unwrap_or(u32::MAX);
+                message::address_answer(query, ip, ttl, &mut out);
+            }
+            Err(_) => {
+                bump(&self.counters.servfail);
+                if warn {
+                    tracing::warn!(
+                        name,
+                        family = if v6 { "IPv6" } else { "IPv4" },
+                        "fake-IP pool exhausted: every address was used within the TTL \
+                         and grace period; answering SERVFAIL"
+                    );
+                }
+                message::empty_response(query, message::RCODE_SERVFAIL, &mut out);
+            }
+        }
+        Decision::Answer(out)
+    }
+
+    fn table(&self, ip: IpAddr) -> Option<&Mutex<FakeTable>> {
+        match ip {
+            IpAddr::V4(_) => self.v4.as_ref(),
+            IpAddr::V6(_) => self.v6.as_ref(),
+        }
+    }
+
+    /// Where a TCP/UDP flow to `dst` must go: the address itself; the name a fake
+    /// address stands for (its entry counts as used at `now`); or `Unknown` for a fake
+    /// address no name holds.
+    pub fn target_for(&self, dst: SocketAddr, now: Instant) -> Target {
+        let Some(table) = self.table(dst.ip()) else {
+            return Target::Direct(dst);
+        };
+        let lookup = lock(table).lookup(dst.ip(), now, true);
+        match lookup {
+            Lookup::NotFake => Target::Direct(dst),
+            Lookup::Name(name) => match Address::domain(name.as_ref(), dst.port()) {
+                Ok(address) => Target::Name(address),
+                Err(_) => self.unknown(),
+            },
+            Lookup::Unmapped => self.unknown(),
+        }
+    }
+
+    fn unknown(&self) -> Target {
+        bump(&self.counters.fake_unknown);
+        Target::Unknown
+    }
+
+    /// Marks the entry of a fake address as used at `now` (a live flow keeps its
+    /// address from being recycled). No effect on other addresses.
+    pub fn touch(&self, ip: IpAddr, now: Instant) {
+        if let Some(table) = self.table(ip) {
+            lock(table).lookup(ip, now, true);
+        }
+    }
+
+    /// For UDP replies in fake-ip mode: the fake address of `name` (any case, with or
+    /// without the trailing dot), if mapped.
+    pub fn fake_address_of(&self, name: &str, family_v6: bool) -> Option<IpAddr> {
+        let table = if family_v6 { &self.v6 } else { &self.v4 };
+        let key = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        lock(table.as_ref()?).address_of(&key)
+    }
+
+    /// DNS over TCP through the proxy to `resolver` (tcp mode, and fake-ip's other
+    /// queries). Returns the answer to send back as UDP: the client's ID restored, and
+    /// truncated (TC=1, header and question) if larger than the client accepts (512
+    /// bytes, or its EDNS0 size) or than `max_udp_payload`.
+    pub async fn query_tcp(
+        &self,
+        resolver: SocketAddr,
+        query: &[u8],
+        max_udp_payload: usize,
+    ) -> Result<Vec<u8>, DnsError> {
+        let parsed = Message::decode_query(query)?;
+        let limit = parsed.udp_limit(max_udp_payload);
+        let answer = match self.tcp.exchange(resolver, query).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                bump(&self.counters.tcp_errors);
+                return Err(e.into());
+            }
+        };
+        bump(&self.counters.tcp_answers);
+        if answer.len() <= limit {
+            return Ok(answer);
+        }
+        bump(&self.counters.truncated);
+        let mut out = Vec::with_capacity(query.len().saturating_add(16));
+        message::truncated(&answer, &parsed, &mut out);
+        Ok(out)
+    }
+
+    /// A SERVFAIL answer to `query` (for a query over TCP that failed); `None` if the
+    /// query does not decode.
+    pub fn servfail(&self, query: &[u8]) -> Option<Vec<u8>> {
+        let parsed = Message::decode_query(query).ok()?;
+        bump(&self.counters.servfail);
+        let mut out = Vec::with_capacity(query.len().saturating_add(16));
+        message::empty_response(&parsed, message::RCODE_SERVFAIL, &mut out);
+        Some(out)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> DnsStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let t = self.tcp.counters();
+        let entries = |t: &Option<Mutex<FakeTable>>| {
+            t.as_ref()
+                .map_or(0, |t| u64::try_from(lock(t).len()).unwrap_or(u64::MAX))
+        };
+        DnsStats {
+            queries: get(&c.queries),
+            via_udp: get(&c.via_udp),
+            via_tcp: get(&c.via_tcp),
+            tcp_answers: get(&c.tcp_answers),
+            answered_fake: get(&c.answered_fake),
+            answered_empty: get(&c.answered_empty),
+            truncated: get(&c.truncated),
+            servfail: get(&c.servfail),
+            malformed: get(&c.malformed),
+            dropped: get(&c.dropped),
+            tcp_errors: get(&c.tcp_errors),
+            tcp_timeouts: get(&t.timeouts),
+            tcp_retries: get(&t.retries),
+            tcp_connections: get(&t.connections),
+            fake_recycled: get(&c.fake_recycled),
+            fake_unknown: get(&c.fake_unknown),
+            fake_entries: entries(&self.v4).saturating_add(entries(&self.v6)),
+        }
+    }
+
+    /// Open DNS-over-TCP connections to `resolver`.
+    pub fn tcp_connections(&self, resolver: SocketAddr) -> usize {
+        self.tcp.open_connections(resolver)
+    }
+}
+
+/// Room for an answer to `query`: header, question, one record, one OPT record.
+fn query_answer_len(query: &Message<'_>) -> usize {
+    message::HEADER_LEN + query.question_wire_len() + 28 + 11
+}
