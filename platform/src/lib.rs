@@ -10,6 +10,9 @@
 //! caller that knows the change will vanish anyway (the device is ours and goes away
 //! with its descriptor) calls [`LinkGuard::forget`].
 //!
+//! [`Sandbox`] runs a program in a private network namespace whose only route is a
+//! TUN device served by the caller (`tun2socks exec`).
+//!
 //! [`Pipe`] relays bytes between sockets with `splice(2)`, without copying them
 //! through userspace (the SOCKS server's bulk path).
 //!
@@ -40,8 +43,11 @@ mod imp;
 #[path = "unsupported/mod.rs"]
 mod imp;
 
-pub use error::{LinkError, LinkOp, TunError};
-pub use imp::{Link, LinkGuard, LinkState, Pipe, Tun, open_tun};
+pub use error::{LinkError, LinkOp, SandboxError, TunError};
+pub use imp::{
+    Link, LinkGuard, LinkState, Pipe, ProgramExit, Sandbox, SandboxSignal, SandboxSpec, Tun,
+    open_tun,
+};
 
 /// The longest interface name the OS accepts, in bytes (without a terminating NUL).
 pub const MAX_NAME_LEN: usize = imp::MAX_NAME_LEN;

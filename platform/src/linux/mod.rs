@@ -5,10 +5,12 @@
 
 mod link;
 mod netlink;
+mod sandbox;
 mod splice;
 mod tun;
 
 pub use link::{Link, LinkGuard, LinkState};
+pub use sandbox::{ProgramExit, Sandbox, SandboxSignal, SandboxSpec};
 pub use splice::Pipe;
 pub use tun::{Tun, open_tun};
 
