@@ -2,8 +2,11 @@
 //! errors -> exit codes. The library never sees clap.
 //!
 //! Exit codes: 0 success; 1 runtime failure; 2 invalid arguments (bad URL, bad CIDR,
-//! open-proxy refusal); 3 no permission (CAP_NET_ADMIN); 4 device busy.
+//! open-proxy refusal); 3 no permission (CAP_NET_ADMIN); 4 device busy. `exec`
+//! returns the program's status (128 + signal if killed), or 125 if it failed itself.
 
+use std::ffi::OsString;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,6 +16,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use tun2socks::config::{ProxyUrl, ProxyUrlError};
 use tun2socks::device::{Device, DeviceConfig, DeviceError};
+use tun2socks::exec::{self, ExecConfig};
 use tun2socks::server::{self, ServerConfig};
 use tun2socks::socks::{Credentials, ServerPolicy, Users};
 use tun2socks::stack::{self, StackConfig};
@@ -46,6 +50,9 @@ struct Cli {
 enum Command {
     /// Run the reference SOCKS4/4a/5 server.
     Server(ServerArgs),
+    /// Run PROGRAM in a private network namespace whose only route is the tunnel
+    /// (as root, or as an ordinary user where user namespaces are allowed).
+    Exec(ExecArgs),
     /// Build test namespaces, run server and tunnel, drive TCP through every protocol
     /// variant, print a table; exit 0 only if every check passes (needs root).
     Selftest,
@@ -81,6 +88,15 @@ struct TunnelArgs {
     /// Seconds to wait for the proxy to accept and answer.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     connect_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct ExecArgs {
+    #[command(flatten)]
+    tunnel: TunnelArgs,
+    /// The program and its arguments, best after `--`.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
+    command: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -164,11 +180,11 @@ impl ServerArgs {
     }
 }
 
-fn init_tracing(level: Option<&str>) {
+fn init_tracing(level: Option<&str>, default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(level) => EnvFilter::try_new(level),
-        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default)),
     }
     .unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -304,18 +320,52 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
                 return ExitCode::from(device_exit_code(&e));
             }
         };
-        tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
-        match stack::run(device, stack_config, upstream, shutdown_signal()).await {
-            Ok(stats) => {
-                tracing::info!(?stats, "stopped");
-                ExitCode::SUCCESS
-            }
+        match serve(device, stack_config, upstream, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("tun2socks: device failed: {e}");
+                eprintln!("tun2socks: {e}");
                 ExitCode::FAILURE
             }
         }
     })
+}
+
+/// The tunnel, the same for `tun2socks` and `tun2socks exec`: serves `device` until
+/// `shutdown` resolves.
+async fn serve(
+    device: Device,
+    stack_config: StackConfig,
+    upstream: Upstream,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
+    match stack::run(device, stack_config, upstream, shutdown).await {
+        Ok(stats) => {
+            tracing::info!(?stats, "stopped");
+            Ok(())
+        }
+        Err(e) => Err(format!("device failed: {e}")),
+    }
+}
+
+/// `tun2socks exec`: forks the sandbox before any runtime exists (`exec::run`).
+fn run_exec(args: &ExecArgs) -> ExitCode {
+    let (device_config, stack_config, upstream) = match args.tunnel.configs() {
+        Ok(configs) => configs,
+        Err(e) => {
+            eprintln!("tun2socks exec: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let config = ExecConfig::new(device_config);
+    let tunnel = |device, stop| serve(device, stack_config, upstream, stop);
+    match exec::run(&config, &args.command, tunnel) {
+        Ok(exit) => ExitCode::from(exit.shell_status()),
+        Err(e) => {
+            eprintln!("tun2socks exec: {e}");
+            ExitCode::from(exec::EXIT_EXEC_FAILED)
+        }
+    }
 }
 
 fn run_selftest() -> ExitCode {
@@ -357,9 +407,15 @@ fn run_selftest() -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_level.as_deref());
+    // `exec` shares the terminal with its program: only warnings unless asked.
+    let default_level = match &cli.command {
+        Some(Command::Exec(_)) => "warn",
+        _ => "info",
+    };
+    init_tracing(cli.log_level.as_deref(), default_level);
     match &cli.command {
         Some(Command::Server(args)) => run_server(args),
+        Some(Command::Exec(args)) => run_exec(args),
         Some(Command::Selftest) => run_selftest(),
         None => run_tunnel(&cli.tunnel),
     }
