@@ -1,0 +1,369 @@
+//! `tun2socks exec` end to end, in the three-namespace topology: `tun2socks exec`
+//! runs in `app` (so its upstream sockets reach the proxy at 198.19.1.2:1080), the
+//! program runs in a private namespace of its own whose only route is the TUN, and
+//! `app` itself has no route to `target`: whatever the program reaches there went
+//! through the tunnel and the SOCKS server. As root, and as an ordinary user (uid
+//! 65534) in a user namespace.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tun2socks::require_or_skip;
+use tun2socks::testbed::services::{HTTP_PORT, Services, blob, sha256_hex};
+use tun2socks::testbed::topology::{TARGET_V4, TARGET_V6};
+use tun2socks::testbed::tunnel::{panics_in, proxy_addr, start_server};
+use tun2socks::testbed::{Process, Skip, Topology, require_program, require_root};
+
+const BLOB: usize = 1024 * 1024;
+const SEED: u64 = 17;
+/// The unprivileged user the tests run `exec` as.
+const NOBODY: u32 = 65534;
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tun2socks"))
+}
+
+/// Target services and our SOCKS server; the namespaces drop last.
+struct Net {
+    server: Process,
+    _services: Services,
+    topo: Topology,
+}
+
+impl Net {
+    fn new(tag: &str) -> Net {
+        let topo = Topology::create(tag).unwrap();
+        let services = Services::start(topo.target(), BLOB, SEED).unwrap();
+        let server = start_server(topo.proxy(), &binary(), &[]).unwrap();
+        // The proof that traffic went through SOCKS: app cannot reach the target.
+        assert!(
+            topo.app()
+                .ip(["route", "get", &TARGET_V4.to_string()])
+                .is_err(),
+            "app must have no route to the target"
+        );
+        Net {
+            server,
+            _services: services,
+            topo,
+        }
+    }
+
+    /// `BINARY exec --proxy URL -- sh -c SCRIPT`, run in `app` by `prefix` (e.g.
+    /// setpriv), as a command ready to run or spawn.
+    fn exec_command(&self, binary: &Path, prefix: &[&str], script: &str) -> Command {
+        let mut command = match prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = self.topo.app().command(first);
+                c.args(rest).arg(binary);
+                c
+            }
+            None => self.topo.app().command(binary),
+        };
+        command
+            .args(["exec", "--proxy", &format!("socks5://{}", proxy_addr())])
+            .args(["--", "sh", "-c", script]);
+        command
+    }
+
+    fn assert_server_ok(&self) {
+        let panics = panics_in(&self.server);
+        assert!(panics.is_empty(), "server panicked: {panics:?}");
+    }
+}
+
+/// Fetches the blob over IPv4 and IPv6 with curl, printing each SHA-256.
+fn fetch_script() -> String {
+    format!(
+        "curl -sS --fail --max-time 30 http://{TARGET_V4}:{HTTP_PORT}/blob | sha256sum && \
+         curl -sS --fail --max-time 30 -g 'http://[{TARGET_V6}]:{HTTP_PORT}/blob' | sha256sum"
+    )
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Both fetches arrived whole (two lines with the blob's SHA-256).
+fn assert_fetched(out: &Output) {
+    let want = sha256_hex(&blob(BLOB, SEED));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let hashes = stdout.lines().filter(|l| l.starts_with(&want)).count();
+    assert_eq!(hashes, 2, "expected IPv4 and IPv6 downloads:\n{}", text(out));
+}
+
+#[test]
+fn exec_as_root_reaches_the_target_through_socks_over_ipv4_and_ipv6() {
+    require_or_skip!(require_root("exec_as_root_reaches_the_target"));
+    require_or_skip!(require_program("curl", "exec_as_root_reaches_the_target"));
+    let net = Net::new("exec-root");
+    let script = format!(
+        "{} && cat /etc/resolv.conf && ip -o link | wc -l && id -u",
+        fetch_script()
+    );
+    let out = net.exec_command(&binary(), &[], &script).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_fetched(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The resolver inside points into the tunnel; the namespace has lo and tun0 only.
+    assert!(stdout.contains("nameserver 198.18.0.2"), "{}", text(&out));
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[lines.len() - 2], "2", "{}", text(&out));
+    assert_eq!(lines[lines.len() - 1], "0", "{}", text(&out));
+    net.assert_server_ok();
+}
+
+#[test]
+fn exec_returns_the_program_exit_status() {
+    require_or_skip!(require_root("exec_returns_the_program_exit_status"));
+    require_or_skip!(require_program("curl", "exec_returns_the_program_exit_status"));
+    let net = Net::new("exec-codes");
+    let cases = [
+        ("exit 7".to_owned(), 7),
+        ("exit 0".to_owned(), 0),
+        ("kill -KILL $$".to_owned(), 128 + 9),
+        // The proxy answers "connection refused" for a closed port: curl's 7.
+        (
+            format!("exec curl -sS --max-time 20 http://{TARGET_V4}:1/"),
+            7,
+        ),
+        ("exec /nonexistent/t2s-no-such-program".to_owned(), 127),
+    ];
+    for (script, want) in cases {
+        let out = net.exec_command(&binary(), &[], &script).output().unwrap();
+        assert_eq!(out.status.code(), Some(want), "{script}: {}", text(&out));
+    }
+    // A program `exec` itself cannot start: 127, like a shell.
+    let mut command = net.topo.app().command(binary());
+    command.args(["exec", "--proxy", &format!("socks5://{}", proxy_addr())]);
+    command.args(["--", "/nonexistent/t2s-no-such-program"]);
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(127), "{}", text(&out));
+    net.assert_server_ok();
+}
+
+#[test]
+fn sigterm_and_sigint_reach_the_program() {
+    require_or_skip!(require_root("sigterm_and_sigint_reach_the_program"));
+    let net = Net::new("exec-signals");
+    for (signal, trap, code) in [(Signal::SIGTERM, "TERM", 42), (Signal::SIGINT, "INT", 43)] {
+        let script =
+            format!("trap 'exit {code}' {trap}; echo ready; while :; do sleep 0.05; done");
+        let mut process = net
+            .topo
+            .app()
+            .spawn(net.exec_command(&binary(), &[], &script))
+            .unwrap();
+        wait_for_line(&process, "ready");
+        // To tun2socks only (`ip netns exec` execs in place: the pid is ours), not to
+        // its process group: it must pass the signal on.
+        kill(Pid::from_raw(process.id() as i32), signal).unwrap();
+        let status = process.wait_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(code),
+            "{signal}: {}",
+            process.log().unwrap()
+        );
+        assert!(panics_in(&process).is_empty(), "{}", process.log().unwrap());
+    }
+}
+
+#[test]
+fn nothing_is_left_behind() {
+    require_or_skip!(require_root("nothing_is_left_behind"));
+    let net = Net::new("exec-leftovers");
+    let namespaces_before = netns_list();
+    let resolv_before = std::fs::read("/etc/resolv.conf").ok();
+    let marker = "1234.567";
+    // The program leaves a process running in the background and exits.
+    let script = format!("sleep {marker} & echo started");
+    let child = net
+        .exec_command(&binary(), &[], &script)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `ip netns exec` execs in place: this is the pid of tun2socks itself.
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("started"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_with(marker) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(processes_with(marker), 0, "the background sleep survived");
+    assert_eq!(netns_list(), namespaces_before, "a namespace file appeared");
+    assert_eq!(std::fs::read("/etc/resolv.conf").ok(), resolv_before);
+    let resolver = std::env::temp_dir().join(format!("tun2socks-exec-{pid}.resolv.conf"));
+    assert!(!resolver.exists(), "{} left behind", resolver.display());
+}
+
+#[test]
+fn exec_as_an_ordinary_user_reaches_the_target_and_returns_its_status() {
+    const TEST: &str = "exec_as_an_ordinary_user";
+    require_or_skip!(require_root(TEST));
+    require_or_skip!(require_program("setpriv", TEST));
+    require_or_skip!(require_program("curl", TEST));
+    require_or_skip!(user_namespaces_allowed(TEST));
+    let net = Net::new("exec-user");
+    let mode = TunModeGuard::set(0o666);
+    let copy = ExecutableCopy::new();
+    let setpriv = [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ];
+    let script = format!("{} && id -u && exit 5", fetch_script());
+    let out = net
+        .exec_command(copy.path(), &setpriv, &script)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert_fetched(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // The program runs as the same ordinary user, not as root of its namespace.
+    assert_eq!(stdout.lines().last(), Some(NOBODY.to_string().as_str()), "{}", text(&out));
+
+    // SIGTERM reaches the program here too.
+    let script = "trap 'exit 42' TERM; echo ready; while :; do sleep 0.05; done";
+    let mut process = net
+        .topo
+        .app()
+        .spawn(net.exec_command(copy.path(), &setpriv, script))
+        .unwrap();
+    wait_for_line(&process, "ready");
+    kill(Pid::from_raw(process.id() as i32), Signal::SIGTERM).unwrap();
+    let status = process.wait_timeout(Duration::from_secs(20)).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(42), "{}", process.log().unwrap());
+    net.assert_server_ok();
+    let old = mode.old;
+    drop(mode);
+    let mode = std::fs::metadata(TunModeGuard::PATH).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, old, "the mode of /dev/net/tun was not restored");
+}
+
+/// Unprivileged user namespaces are allowed on this kernel.
+fn user_namespaces_allowed(test: &str) -> Result<(), Skip> {
+    let read = |path: &str| std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned());
+    let max = read("/proc/sys/user/max_user_namespaces");
+    let clone = read("/proc/sys/kernel/unprivileged_userns_clone");
+    let apparmor = read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns");
+    let allowed = max.as_deref() != Some("0")
+        && clone.as_deref() != Some("0")
+        && apparmor.as_deref() != Some("1");
+    if allowed {
+        Ok(())
+    } else {
+        Err(Skip {
+            what: test.to_owned(),
+            needs: format!(
+                "unprivileged user namespaces (max_user_namespaces={max:?}, \
+                 unprivileged_userns_clone={clone:?}, apparmor_restrict={apparmor:?})"
+            ),
+        })
+    }
+}
+
+/// Sets the mode of /dev/net/tun and restores the old one on drop (even on panic).
+struct TunModeGuard {
+    old: u32,
+}
+
+impl TunModeGuard {
+    const PATH: &str = "/dev/net/tun";
+
+    fn set(mode: u32) -> TunModeGuard {
+        let old = std::fs::metadata(Self::PATH).unwrap().permissions().mode() & 0o7777;
+        std::fs::set_permissions(Self::PATH, std::fs::Permissions::from_mode(mode)).unwrap();
+        TunModeGuard { old }
+    }
+}
+
+impl Drop for TunModeGuard {
+    fn drop(&mut self) {
+        let restored =
+            std::fs::set_permissions(Self::PATH, std::fs::Permissions::from_mode(self.old));
+        if let Err(e) = restored {
+            eprintln!("could not restore the mode of {}: {e}", Self::PATH);
+        }
+    }
+}
+
+/// A copy of the binary that uid 65534 may execute, wherever the checkout lives.
+struct ExecutableCopy {
+    dir: PathBuf,
+    path: PathBuf,
+}
+
+impl ExecutableCopy {
+    fn new() -> ExecutableCopy {
+        let dir = std::env::temp_dir().join(format!("t2s-exec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = dir.join("tun2socks");
+        let copy = ExecutableCopy { dir, path };
+        std::fs::copy(binary(), copy.path()).unwrap();
+        std::fs::set_permissions(copy.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        copy
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ExecutableCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_for_line(process: &Process, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if process.log().unwrap_or_default().lines().any(|l| l == line) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no {line:?} in {}", process.log().unwrap_or_default());
+}
+
+/// How many processes have `needle` in their command line.
+fn processes_with(needle: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u32>().is_ok()))
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(needle))
+        .count()
+}
+
+fn netns_list() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| !n.starts_with("t2s-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
