@@ -131,7 +131,9 @@ pub enum ExecError {
 /// `Sandbox::spawn`); it builds its own current-thread runtime afterwards.
 /// `tunnel(device, shutdown)` is the same function the plain `tun2socks` runs: it
 /// must serve `device` until `shutdown` resolves, which happens when the program has
-/// exited. SIGINT and SIGTERM that reach this process are passed on to the program.
+/// exited. SIGINT and SIGTERM that reach this process are passed on to the program
+/// (SIGINT not while we share the terminal's foreground process group with it: the
+/// terminal's Ctrl-C reaches it directly).
 pub fn run<F, Fut, E>(
     config: &ExecConfig,
     command: &[OsString],
@@ -213,7 +215,13 @@ where
                 forward(&sandbox, SandboxSignal::Kill);
                 kill_after.as_mut().reset(tokio::time::Instant::now() + Duration::from_secs(86_400));
             }
-            _ = interrupt.recv() => forward(&sandbox, SandboxSignal::Interrupt),
+            _ = interrupt.recv() => {
+                if sandbox.shares_terminal() {
+                    tracing::debug!("SIGINT from the terminal: the program has it too");
+                } else {
+                    forward(&sandbox, SandboxSignal::Interrupt);
+                }
+            }
             _ = terminate.recv() => forward(&sandbox, SandboxSignal::Terminate),
         }
     };

@@ -30,7 +30,7 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
-use nix::unistd::{ForkResult, Pid, fork, getpid};
+use nix::unistd::{ForkResult, Pid, fork, getpgrp, getpid, tcgetpgrp};
 
 use super::tun::Tun;
 use crate::SandboxError;
@@ -269,6 +269,14 @@ impl Sandbox {
                 error: e.into(),
             }),
         }
+    }
+
+    /// Whether a Ctrl-C at the terminal reaches the program without our help: this
+    /// process's group is the foreground group of the terminal on stdin, and the
+    /// program, which never leaves our group on its own, is in it too. A SIGINT then
+    /// most likely came from the terminal, and passing it on would deliver it twice.
+    pub fn shares_terminal(&self) -> bool {
+        tcgetpgrp(io::stdin()).is_ok_and(|foreground| foreground == getpgrp())
     }
 
     /// SIGKILLs every process still in the sandbox's network namespace (what the
