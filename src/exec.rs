@@ -73,7 +73,11 @@ impl ExecConfig {
         Ok(SandboxSpec {
             program: program.clone(),
             args: args.to_vec(),
-            device: self.device.name.clone().unwrap_or_else(|| "tun0".to_owned()),
+            device: self
+                .device
+                .name
+                .clone()
+                .unwrap_or_else(|| "tun0".to_owned()),
             mtu: u32::from(self.mtu()),
             txqueuelen: self.device.txqueuelen.unwrap_or(DEFAULT_TXQUEUELEN),
             addresses: self
@@ -158,7 +162,10 @@ where
     });
     let leftovers = sandbox.kill_leftovers();
     if leftovers > 0 {
-        tracing::info!(leftovers, "killed what the program left running in its namespace");
+        tracing::info!(
+            leftovers,
+            "killed what the program left running in its namespace"
+        );
     }
     result
 }
@@ -260,7 +267,10 @@ mod tests {
         let command: Vec<OsString> = vec!["curl".into(), "-v".into(), "http://x".into()];
         let spec = config.spec(&command).unwrap();
         assert_eq!(spec.program, "curl");
-        assert_eq!(spec.args, vec![OsString::from("-v"), OsString::from("http://x")]);
+        assert_eq!(
+            spec.args,
+            vec![OsString::from("-v"), OsString::from("http://x")]
+        );
         assert_eq!(spec.device, "tun0");
         assert_eq!(spec.mtu, u32::from(DEFAULT_MTU));
         assert_eq!(spec.txqueuelen, DEFAULT_TXQUEUELEN);

@@ -95,7 +95,12 @@ struct ExecArgs {
     #[command(flatten)]
     tunnel: TunnelArgs,
     /// The program and its arguments, best after `--`.
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "PROGRAM")]
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROGRAM"
+    )]
     command: Vec<OsString>,
 }
 

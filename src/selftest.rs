@@ -188,9 +188,17 @@ pub fn run(binary: &Path, mut progress: impl FnMut(&Check)) -> io::Result<Report
     let server = start_server(topo.proxy(), binary, &[])?;
     let url = format!("socks5://{}", proxy_addr());
     let name = "exec: curl in a private namespace, HTTP GET 8 MiB IPv4 + IPv6, SHA-256";
-    record(&mut report, name.into(), exec_fetch(topo.app(), binary, &url));
+    record(
+        &mut report,
+        name.into(),
+        exec_fetch(topo.app(), binary, &url),
+    );
     let name = "exec: the program's exit status comes back";
-    record(&mut report, name.into(), exec_status(topo.app(), binary, &url));
+    record(
+        &mut report,
+        name.into(),
+        exec_status(topo.app(), binary, &url),
+    );
     drop(server);
     Ok(report)
 }

@@ -99,7 +99,12 @@ fn assert_fetched(out: &Output) {
     let want = sha256_hex(&blob(BLOB, SEED));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let hashes = stdout.lines().filter(|l| l.starts_with(&want)).count();
-    assert_eq!(hashes, 2, "expected IPv4 and IPv6 downloads:\n{}", text(out));
+    assert_eq!(
+        hashes,
+        2,
+        "expected IPv4 and IPv6 downloads:\n{}",
+        text(out)
+    );
 }
 
 #[test]
@@ -126,7 +131,10 @@ fn exec_as_root_reaches_the_target_through_socks_over_ipv4_and_ipv6() {
 #[test]
 fn exec_returns_the_program_exit_status() {
     require_or_skip!(require_root("exec_returns_the_program_exit_status"));
-    require_or_skip!(require_program("curl", "exec_returns_the_program_exit_status"));
+    require_or_skip!(require_program(
+        "curl",
+        "exec_returns_the_program_exit_status"
+    ));
     let net = Net::new("exec-codes");
     let cases = [
         ("exit 7".to_owned(), 7),
@@ -157,8 +165,7 @@ fn sigterm_and_sigint_reach_the_program() {
     require_or_skip!(require_root("sigterm_and_sigint_reach_the_program"));
     let net = Net::new("exec-signals");
     for (signal, trap, code) in [(Signal::SIGTERM, "TERM", 42), (Signal::SIGINT, "INT", 43)] {
-        let script =
-            format!("trap 'exit {code}' {trap}; echo ready; while :; do sleep 0.05; done");
+        let script = format!("trap 'exit {code}' {trap}; echo ready; while :; do sleep 0.05; done");
         let mut process = net
             .topo
             .app()
@@ -235,7 +242,12 @@ fn exec_as_an_ordinary_user_reaches_the_target_and_returns_its_status() {
     assert_fetched(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     // The program runs as the same ordinary user, not as root of its namespace.
-    assert_eq!(stdout.lines().last(), Some(NOBODY.to_string().as_str()), "{}", text(&out));
+    assert_eq!(
+        stdout.lines().last(),
+        Some(NOBODY.to_string().as_str()),
+        "{}",
+        text(&out)
+    );
 
     // SIGTERM reaches the program here too.
     let script = "trap 'exit 42' TERM; echo ready; while :; do sleep 0.05; done";
@@ -247,17 +259,30 @@ fn exec_as_an_ordinary_user_reaches_the_target_and_returns_its_status() {
     wait_for_line(&process, "ready");
     kill(Pid::from_raw(process.id() as i32), Signal::SIGTERM).unwrap();
     let status = process.wait_timeout(Duration::from_secs(20)).unwrap();
-    assert_eq!(status.and_then(|s| s.code()), Some(42), "{}", process.log().unwrap());
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(42),
+        "{}",
+        process.log().unwrap()
+    );
     net.assert_server_ok();
     let old = mode.old;
     drop(mode);
-    let mode = std::fs::metadata(TunModeGuard::PATH).unwrap().permissions().mode() & 0o7777;
+    let mode = std::fs::metadata(TunModeGuard::PATH)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o7777;
     assert_eq!(mode, old, "the mode of /dev/net/tun was not restored");
 }
 
 /// Unprivileged user namespaces are allowed on this kernel.
 fn user_namespaces_allowed(test: &str) -> Result<(), Skip> {
-    let read = |path: &str| std::fs::read_to_string(path).ok().map(|s| s.trim().to_owned());
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .map(|s| s.trim().to_owned())
+    };
     let max = read("/proc/sys/user/max_user_namespaces");
     let clone = read("/proc/sys/kernel/unprivileged_userns_clone");
     let apparmor = read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns");
@@ -349,7 +374,11 @@ fn processes_with(needle: &str) -> usize {
     };
     entries
         .flatten()
-        .filter(|e| e.file_name().to_str().is_some_and(|n| n.parse::<u32>().is_ok()))
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+        })
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(needle))
         .count()

@@ -212,6 +212,8 @@ pub enum SandboxError {
         error: io::Error,
     },
     /// Sandboxes are not implemented for this OS yet.
-    #[error("running a program in a private network namespace is not supported on this operating system yet")]
+    #[error(
+        "running a program in a private network namespace is not supported on this operating system yet"
+    )]
     Unsupported,
 }

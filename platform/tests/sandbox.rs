@@ -26,7 +26,10 @@ fn spec(script: &str) -> SandboxSpec {
         device: "tun0".into(),
         mtu: 1500,
         txqueuelen: 1000,
-        addresses: vec!["198.18.0.1/15".parse().unwrap(), "fd18::1/64".parse().unwrap()],
+        addresses: vec![
+            "198.18.0.1/15".parse().unwrap(),
+            "fd18::1/64".parse().unwrap(),
+        ],
         resolv_conf: Some(RESOLV.to_owned()),
     }
 }
@@ -51,10 +54,20 @@ fn sees_only_the_tunnel_and_our_resolver() {
     let links: Vec<&str> = view.lines().filter(|l| l.contains("link/")).collect();
     assert_eq!(links.len(), 2, "only lo and tun0:\n{view}");
     assert!(view.contains("default dev tun0"), "{view}");
-    assert!(view.lines().filter(|l| l.starts_with("default dev tun0")).count() == 2, "v4 and v6:\n{view}");
+    assert!(
+        view.lines()
+            .filter(|l| l.starts_with("default dev tun0"))
+            .count()
+            == 2,
+        "v4 and v6:\n{view}"
+    );
     assert!(view.contains("nameserver 198.18.0.2"), "{view}");
     // The host's resolver file is untouched, and ours is gone from the disk.
-    assert!(!std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default().contains("# test"));
+    assert!(
+        !std::fs::read_to_string("/etc/resolv.conf")
+            .unwrap_or_default()
+            .contains("# test")
+    );
     assert_eq!(sandbox.kill_leftovers(), 0);
 }
 
@@ -157,7 +170,10 @@ fn leftovers_are_killed() {
     // SIGKILL takes effect asynchronously; then nothing is left in the namespace.
     let deadline = Instant::now() + Duration::from_secs(5);
     while sandbox.kill_leftovers() > 0 {
-        assert!(Instant::now() < deadline, "killed, yet still in the namespace");
+        assert!(
+            Instant::now() < deadline,
+            "killed, yet still in the namespace"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -174,9 +190,18 @@ fn main() {
         return;
     }
     let checks: [(&str, fn()); 7] = [
-        ("sees_only_the_tunnel_and_our_resolver", sees_only_the_tunnel_and_our_resolver),
-        ("its_packets_reach_our_descriptor", its_packets_reach_our_descriptor),
-        ("name_lookups_enter_the_tunnel", name_lookups_enter_the_tunnel),
+        (
+            "sees_only_the_tunnel_and_our_resolver",
+            sees_only_the_tunnel_and_our_resolver,
+        ),
+        (
+            "its_packets_reach_our_descriptor",
+            its_packets_reach_our_descriptor,
+        ),
+        (
+            "name_lookups_enter_the_tunnel",
+            name_lookups_enter_the_tunnel,
+        ),
         ("signals_reach_the_program", signals_reach_the_program),
         ("a_missing_program_exits_127", a_missing_program_exits_127),
         ("setup_failures_are_reported", setup_failures_are_reported),

@@ -88,8 +88,14 @@ fn set_up(spec: &SandboxSpec, resolv: Option<&Path>) -> Result<Tun, String> {
         .map_err(|e| format!("bring loopback up: {e}"))?;
     let tun = open_tun(Some(&spec.device)).map_err(tun_error)?;
     configure(&tun, spec)?;
-    add_default_routes(tun.ifindex())
-        .map_err(|f| format!("add the {} default route via {}: {}", f.family, tun.name(), f.reason))?;
+    add_default_routes(tun.ifindex()).map_err(|f| {
+        format!(
+            "add the {} default route via {}: {}",
+            f.family,
+            tun.name(),
+            f.reason
+        )
+    })?;
     Ok(tun)
 }
 
@@ -129,9 +135,7 @@ fn bind_resolv_conf(resolv: &Path) -> Result<(), String> {
         // Nothing to bind over (or a dangling link). Creating /etc/resolv.conf would
         // change the host; without it the resolver asks 127.0.0.1, which answers
         // nothing in here. Say so and go on: the program may not need names.
-        eprintln!(
-            "tun2socks exec: {RESOLV_CONF} does not exist; names will not resolve inside"
-        );
+        eprintln!("tun2socks exec: {RESOLV_CONF} does not exist; names will not resolve inside");
         return Ok(());
     }
     mount(

@@ -152,7 +152,12 @@ impl Sandbox {
         let pid = match forked {
             ForkResult::Child => {
                 drop(parent_end);
-                child::run(spec, child_end, parent, resolv.as_ref().map(|r| r.path.as_path()))
+                child::run(
+                    spec,
+                    child_end,
+                    parent,
+                    resolv.as_ref().map(|r| r.path.as_path()),
+                )
             }
             ForkResult::Parent { child } => child,
         };
@@ -215,10 +220,12 @@ impl Sandbox {
             });
         };
         let mut socket = fs::File::from(socket);
-        socket.write_all(&[wire::GO]).map_err(|error| SandboxError::Io {
-            op: "tell the setup process to start the program",
-            error,
-        })
+        socket
+            .write_all(&[wire::GO])
+            .map_err(|error| SandboxError::Io {
+                op: "tell the setup process to start the program",
+                error,
+            })
     }
 
     /// Blocks until the program exits and returns how. May run on another thread
@@ -231,7 +238,10 @@ impl Sandbox {
         // Wait without reaping: until we mark it exited, the pid stays reserved
         // (a zombie), so a concurrent signal cannot hit another process.
         loop {
-            match waitid(Id::Pid(self.pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            match waitid(
+                Id::Pid(self.pid),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
+            ) {
                 Ok(_) => break,
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(io(e)),
@@ -292,7 +302,11 @@ impl Sandbox {
         };
         let mut killed = 0;
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
                 continue;
             };
             let pid = Pid::from_raw(pid);
@@ -400,7 +414,10 @@ mod tests {
     fn the_resolver_file_is_removed_with_its_guard() {
         let file = ResolvFile::create("nameserver 198.18.0.2\n").unwrap();
         let path = file.path.clone();
-        assert_eq!(fs::read_to_string(&path).unwrap(), "nameserver 198.18.0.2\n");
+        assert_eq!(
+            fs::read_to_string(&path).unwrap(),
+            "nameserver 198.18.0.2\n"
+        );
         drop(file);
         assert!(!path.exists());
     }

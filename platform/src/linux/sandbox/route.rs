@@ -27,7 +27,10 @@ pub(crate) fn add_default_routes(ifindex: u32) -> Result<(), RouteFailure> {
         family: "any",
         reason: format!("netlink socket: {e}"),
     })?;
-    for (family, name) in [(AddressFamily::Inet, "IPv4"), (AddressFamily::Inet6, "IPv6")] {
+    for (family, name) in [
+        (AddressFamily::Inet, "IPv4"),
+        (AddressFamily::Inet6, "IPv6"),
+    ] {
         let message = RouteNetlinkMessage::NewRoute(default_route(family, ifindex));
         match netlink.ack(message, NLM_F_CREATE | NLM_F_EXCL) {
             Ok(()) => {}

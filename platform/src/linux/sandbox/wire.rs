@@ -13,9 +13,7 @@
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
-use nix::sys::socket::{
-    ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, sendmsg,
-};
+use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr, recvmsg, sendmsg};
 
 /// The largest message either side sends (an error text is cut to fit).
 pub(crate) const MAX_MESSAGE: usize = 4096;
@@ -80,12 +78,18 @@ pub(crate) fn send(
     let bytes = report.encode();
     let iov = [IoSlice::new(&bytes)];
     let fds = fd.map(|fd| [fd.as_raw_fd()]);
-    let cmsgs: Vec<ControlMessage<'_>> = fds.iter().map(|fds| ControlMessage::ScmRights(fds)).collect();
+    let cmsgs: Vec<ControlMessage<'_>> = fds
+        .iter()
+        .map(|fds| ControlMessage::ScmRights(fds))
+        .collect();
     let sent = sendmsg::<UnixAddr>(socket.as_raw_fd(), &iov, &cmsgs, MsgFlags::empty(), None)?;
     if sent == bytes.len() {
         Ok(())
     } else {
-        Err(io::Error::new(io::ErrorKind::WriteZero, "report sent partially"))
+        Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            "report sent partially",
+        ))
     }
 }
 
