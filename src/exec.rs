@@ -192,9 +192,11 @@ where
         }),
     );
     tokio::pin!(tunnel);
+    // Started before the waiter exists: if this fails, nothing blocks on the
+    // program, and dropping the sandbox kills and reaps it.
+    sandbox.start()?;
     let waiter = Arc::clone(&sandbox);
     let mut exited = tokio::task::spawn_blocking(move || waiter.wait());
-    sandbox.start()?;
 
     let mut tunnel_failure: Option<String> = None;
     let mut tunnel_done = false;
