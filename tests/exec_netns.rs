@@ -151,6 +151,11 @@ fn exec_returns_the_program_exit_status() {
         let out = net.exec_command(&binary(), &[], &script).output().unwrap();
         assert_eq!(out.status.code(), Some(want), "{script}: {}", text(&out));
     }
+    // No program at all: a usage error.
+    let mut command = net.topo.app().command(binary());
+    command.args(["exec", "--proxy", &format!("socks5://{}", proxy_addr()), "--"]);
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     // A program `exec` itself cannot start: 127, like a shell.
     let mut command = net.topo.app().command(binary());
     command.args(["exec", "--proxy", &format!("socks5://{}", proxy_addr())]);
@@ -274,6 +279,17 @@ fn exec_as_an_ordinary_user_reaches_the_target_and_returns_its_status() {
         .mode()
         & 0o7777;
     assert_eq!(mode, old, "the mode of /dev/net/tun was not restored");
+
+    // Where an ordinary user may not open /dev/net/tun, exec says so and exits 125.
+    if mode & 0o006 != 0o006 {
+        let out = net
+            .exec_command(copy.path(), &setpriv, "exit 0")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(125), "{}", text(&out));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("/dev/net/tun") && stderr.contains("0666"), "{stderr}");
+    }
 }
 
 /// Unprivileged user namespaces are allowed on this kernel.
