@@ -153,7 +153,12 @@ fn exec_returns_the_program_exit_status() {
     }
     // No program at all: a usage error.
     let mut command = net.topo.app().command(binary());
-    command.args(["exec", "--proxy", &format!("socks5://{}", proxy_addr()), "--"]);
+    command.args([
+        "exec",
+        "--proxy",
+        &format!("socks5://{}", proxy_addr()),
+        "--",
+    ]);
     let out = command.output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     // A program `exec` itself cannot start: 127, like a shell.
@@ -189,6 +194,65 @@ fn sigterm_and_sigint_reach_the_program() {
         );
         assert!(panics_in(&process).is_empty(), "{}", process.log().unwrap());
     }
+}
+
+#[test]
+fn ctrl_c_at_a_terminal_reaches_the_program_once() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    const TEST: &str = "ctrl_c_at_a_terminal_reaches_the_program_once";
+    require_or_skip!(require_root(TEST));
+    require_or_skip!(require_program("script", TEST));
+    require_or_skip!(require_program("python3", TEST));
+    let net = Net::new("exec-tty");
+    // In a pseudo-terminal (util-linux `script`), tun2socks exec and the program share
+    // the foreground process group: the terminal's Ctrl-C reaches both. The program
+    // counts the SIGINTs it takes (blocked, and picked up one by one with
+    // sigtimedwait, so that two arriving a moment apart count as two) in three seconds.
+    let counter = std::env::temp_dir().join(format!("t2s-exec-count-{}.py", std::process::id()));
+    std::fs::write(
+        &counter,
+        "import signal, time\n\
+         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})\n\
+         print('ready', flush=True)\n\
+         n = 0\n\
+         end = time.time() + 3\n\
+         while time.time() < end:\n\
+         \x20   if signal.sigtimedwait({signal.SIGINT}, max(0.0, end - time.time())):\n\
+         \x20       n += 1\n\
+         print('ints=%d' % n, flush=True)\n",
+    )
+    .unwrap();
+    let inner = format!(
+        "{} exec --proxy socks5://{} -- python3 {}",
+        binary().display(),
+        proxy_addr(),
+        counter.display()
+    );
+    let mut child = net
+        .topo
+        .app()
+        .command("script")
+        .args(["-qec", &inner, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains("ready") {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "no ready: {seen}");
+        seen.push_str(&line);
+    }
+    stdin.write_all(b"\x03").unwrap();
+    stdin.flush().unwrap();
+    stdout.read_to_string(&mut seen).unwrap();
+    drop(stdin);
+    let status = child.wait().unwrap();
+    let _ = std::fs::remove_file(&counter);
+    assert!(seen.contains("ints=1"), "{status}: {seen}");
 }
 
 #[test]
@@ -288,7 +352,10 @@ fn exec_as_an_ordinary_user_reaches_the_target_and_returns_its_status() {
             .unwrap();
         assert_eq!(out.status.code(), Some(125), "{}", text(&out));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("/dev/net/tun") && stderr.contains("0666"), "{stderr}");
+        assert!(
+            stderr.contains("/dev/net/tun") && stderr.contains("0666"),
+            "{stderr}"
+        );
     }
 }
 
