@@ -318,6 +318,20 @@ fn exec_as_an_ordinary_user_reaches_the_target_and_returns_its_status() {
         text(&out)
     );
 
+    // What the program leaves running is killed here too (its processes are ours).
+    let marker = "2345.678";
+    let script = format!("sleep {marker} & exit 0");
+    let out = net
+        .exec_command(copy.path(), &setpriv, &script)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_with(marker) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(processes_with(marker), 0, "the background sleep survived");
+
     // SIGTERM reaches the program here too.
     let script = "trap 'exit 42' TERM; echo ready; while :; do sleep 0.05; done";
     let mut process = net
