@@ -6,6 +6,9 @@
 //! 65534) in a user namespace.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "exec_netns/support.rs"]
+mod support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -17,7 +20,12 @@ use tun2socks::require_or_skip;
 use tun2socks::testbed::services::{HTTP_PORT, Services, blob, sha256_hex};
 use tun2socks::testbed::topology::{TARGET_V4, TARGET_V6};
 use tun2socks::testbed::tunnel::{panics_in, proxy_addr, start_server};
-use tun2socks::testbed::{Process, Skip, Topology, require_program, require_root};
+use tun2socks::testbed::{Process, Topology, require_program, require_root};
+
+use support::{
+    ExecutableCopy, TunModeGuard, netns_list, processes_with, user_namespaces_allowed,
+    wait_for_line,
+};
 
 const BLOB: usize = 1024 * 1024;
 const SEED: u64 = 17;
@@ -284,6 +292,28 @@ fn nothing_is_left_behind() {
     assert_eq!(std::fs::read("/etc/resolv.conf").ok(), resolv_before);
     let resolver = std::env::temp_dir().join(format!("tun2socks-exec-{pid}.resolv.conf"));
     assert!(!resolver.exists(), "{} left behind", resolver.display());
+
+    // If tun2socks itself is killed (no chance to clean up), the program dies too.
+    let marker = "3456.789";
+    let script = format!("echo ready; exec sleep {marker}");
+    let mut process = net
+        .topo
+        .app()
+        .spawn(net.exec_command(&binary(), &[], &script))
+        .unwrap();
+    wait_for_line(&process, "ready");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_with(marker) == 0 {
+        assert!(Instant::now() < deadline, "the program did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kill(Pid::from_raw(process.id() as i32), Signal::SIGKILL).unwrap();
+    let _ = process.wait_timeout(Duration::from_secs(5)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while processes_with(marker) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(processes_with(marker), 0, "the program outlived tun2socks");
 }
 
 #[test]
@@ -371,125 +401,4 @@ fn exec_as_an_ordinary_user_reaches_the_target_and_returns_its_status() {
             "{stderr}"
         );
     }
-}
-
-/// Unprivileged user namespaces are allowed on this kernel.
-fn user_namespaces_allowed(test: &str) -> Result<(), Skip> {
-    let read = |path: &str| {
-        std::fs::read_to_string(path)
-            .ok()
-            .map(|s| s.trim().to_owned())
-    };
-    let max = read("/proc/sys/user/max_user_namespaces");
-    let clone = read("/proc/sys/kernel/unprivileged_userns_clone");
-    let apparmor = read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns");
-    let allowed = max.as_deref() != Some("0")
-        && clone.as_deref() != Some("0")
-        && apparmor.as_deref() != Some("1");
-    if allowed {
-        Ok(())
-    } else {
-        Err(Skip {
-            what: test.to_owned(),
-            needs: format!(
-                "unprivileged user namespaces (max_user_namespaces={max:?}, \
-                 unprivileged_userns_clone={clone:?}, apparmor_restrict={apparmor:?})"
-            ),
-        })
-    }
-}
-
-/// Sets the mode of /dev/net/tun and restores the old one on drop (even on panic).
-struct TunModeGuard {
-    old: u32,
-}
-
-impl TunModeGuard {
-    const PATH: &str = "/dev/net/tun";
-
-    fn set(mode: u32) -> TunModeGuard {
-        let old = std::fs::metadata(Self::PATH).unwrap().permissions().mode() & 0o7777;
-        std::fs::set_permissions(Self::PATH, std::fs::Permissions::from_mode(mode)).unwrap();
-        TunModeGuard { old }
-    }
-}
-
-impl Drop for TunModeGuard {
-    fn drop(&mut self) {
-        let restored =
-            std::fs::set_permissions(Self::PATH, std::fs::Permissions::from_mode(self.old));
-        if let Err(e) = restored {
-            eprintln!("could not restore the mode of {}: {e}", Self::PATH);
-        }
-    }
-}
-
-/// A copy of the binary that uid 65534 may execute, wherever the checkout lives.
-struct ExecutableCopy {
-    dir: PathBuf,
-    path: PathBuf,
-}
-
-impl ExecutableCopy {
-    fn new() -> ExecutableCopy {
-        let dir = std::env::temp_dir().join(format!("t2s-exec-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let path = dir.join("tun2socks");
-        let copy = ExecutableCopy { dir, path };
-        std::fs::copy(binary(), copy.path()).unwrap();
-        std::fs::set_permissions(copy.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        copy
-    }
-
-    fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for ExecutableCopy {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn wait_for_line(process: &Process, line: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if process.log().unwrap_or_default().lines().any(|l| l == line) {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    panic!("no {line:?} in {}", process.log().unwrap_or_default());
-}
-
-/// How many processes have `needle` in their command line.
-fn processes_with(needle: &str) -> usize {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_str()
-                .is_some_and(|n| n.parse::<u32>().is_ok())
-        })
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|cmdline| String::from_utf8_lossy(cmdline).contains(needle))
-        .count()
-}
-
-fn netns_list() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.starts_with("t2s-"))
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
 }
