@@ -348,6 +348,29 @@ fn exec_as_an_ordinary_user_reaches_the_target_and_returns_its_status() {
         text(&out)
     );
 
+    // Installed set-user-ID root, exec must never run the program as root.
+    let suid = copy.path().with_file_name("tun2socks-suid");
+    std::fs::copy(copy.path(), &suid).unwrap();
+    std::fs::set_permissions(&suid, std::fs::Permissions::from_mode(0o4755)).unwrap();
+    // (`id` itself, not through sh, which drops a set-user-ID identity on its own.)
+    let mut command = net.topo.app().command(setpriv[0]);
+    command.args(&setpriv[1..]).arg(&suid);
+    command.args(["exec", "--proxy", &format!("socks5://{}", proxy_addr())]);
+    let out = command.args(["--", "id", "-u"]).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.lines().any(|l| l == "0"),
+        "ran as root: {}",
+        text(&out)
+    );
+    if out.status.code() == Some(125) {
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("set-user-ID"),
+            "{}",
+            text(&out)
+        );
+    }
+
     // What the program leaves running is killed here too (its processes are ours).
     let marker = "2345.678";
     let script = format!("sleep {marker} & exit 0");

@@ -30,7 +30,9 @@ use nix::errno::Errno;
 use nix::sys::signal::{Signal, kill};
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
-use nix::unistd::{ForkResult, Pid, fork, getpgrp, getpid, tcgetpgrp};
+use nix::unistd::{
+    ForkResult, Pid, fork, getegid, geteuid, getgid, getpgrp, getpid, getuid, tcgetpgrp,
+};
 
 use super::tun::Tun;
 use crate::SandboxError;
@@ -117,6 +119,8 @@ impl Sandbox {
     /// Must be called while this process has a single thread (before any async
     /// runtime or thread pool starts): otherwise it fails with
     /// [`SandboxError::Threads`] rather than fork a copy of a multi-threaded process.
+    /// A set-user-ID or set-group-ID process is refused: the program would inherit
+    /// the owner's identity.
     pub fn spawn(spec: &SandboxSpec) -> Result<(Sandbox, Tun), SandboxError> {
         let threads = thread_count().map_err(|error| SandboxError::Io {
             op: "count this process's threads (/proc/self/task)",
@@ -124,6 +128,16 @@ impl Sandbox {
         })?;
         if threads != 1 {
             return Err(SandboxError::Threads { threads });
+        }
+        if getuid() != geteuid() || getgid() != getegid() {
+            // Installed set-user-ID (or set-group-ID): the program would run with the
+            // owner's identity instead of the caller's.
+            return Err(SandboxError::Setup {
+                message: "refusing to run a program from a set-user-ID or set-group-ID \
+                          tun2socks: it would run with the owner's privileges; use the \
+                          user namespace (no privileges needed) or file capabilities"
+                    .to_owned(),
+            });
         }
         let resolv = spec
             .resolv_conf
