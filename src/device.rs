@@ -152,6 +152,24 @@ impl Device {
         Ok(Device { guards, io, mtu })
     }
 
+    /// Serves a TUN device that is already open and configured, possibly in another
+    /// network namespace (`tun2socks exec` receives it from the sandbox). `mtu` is
+    /// the MTU it was configured with. Nothing is changed and nothing restored: the
+    /// device belongs to whoever configured it. Must be called inside a tokio runtime
+    /// with I/O enabled, like [`Device::open`].
+    pub fn from_tun(tun: Tun, mtu: u16) -> Result<Device, DeviceError> {
+        tokio::runtime::Handle::try_current().map_err(DeviceError::NoRuntime)?;
+        let name = tun.name().to_owned();
+        let io = tun
+            .into_async_fd()
+            .map_err(|error| DeviceError::Register { name, error })?;
+        Ok(Device {
+            guards: Vec::new(),
+            io,
+            mtu,
+        })
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         self.io.get_ref().name()

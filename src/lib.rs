@@ -25,13 +25,15 @@
 //!
 //! Modules follow the data path: [`socks`] is the sans-IO protocol core shared by
 //! the client side ([`upstream`]) and the reference server ([`server`]). Beside the
-//! path, [`testbed`] builds the network-namespace topology that the integration tests
+//! path, [`exec`] runs one program in a private namespace whose only route is the
+//! tunnel, and [`testbed`] builds the network-namespace topology that the integration tests
 //! and `tun2socks selftest` run in.
 
 pub mod config;
 pub mod device;
 pub mod dns;
 pub mod egress;
+pub mod exec;
 pub mod flow;
 pub mod selftest;
 pub mod server;

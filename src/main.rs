@@ -5,8 +5,11 @@
 //! open-proxy refusal); 3 no permission (CAP_NET_ADMIN); 4 device busy (another
 //! process has the TUN open, or another instance runs `--setup` in this network
 //! namespace); 5 routing loop (the route to the proxy enters the TUN and neither a
-//! mark nor `--interface` keeps it off).
+//! mark nor `--interface` keeps it off). `exec` returns the program's status
+//! (128 + signal if killed), or 125 if it failed itself.
 
+use std::ffi::OsString;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use tun2socks::config::{ProxyUrl, ProxyUrlError};
 use tun2socks::device::{Device, DeviceConfig, DeviceError};
+use tun2socks::exec::{self, ExecConfig};
 use tun2socks::flow::udp::UdpConfig;
 use tun2socks::server::{self, ServerConfig};
 use tun2socks::setup::{self, SetupConfig, SetupError};
@@ -51,6 +55,9 @@ struct Cli {
 enum Command {
     /// Run the reference SOCKS4/4a/5 server.
     Server(ServerArgs),
+    /// Run PROGRAM in a private network namespace whose only route is the tunnel
+    /// (as root, or as an ordinary user where user namespaces are allowed).
+    Exec(ExecArgs),
     /// Build test namespaces, run server and tunnel, drive TCP through every protocol
     /// variant, print a table; exit 0 only if every check passes (needs root).
     Selftest,
@@ -102,6 +109,20 @@ struct TunnelArgs {
     /// sockets are dropped and the limit is logged.
     #[arg(long, value_name = "N", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
     max_udp: u64,
+}
+
+#[derive(Debug, Args)]
+struct ExecArgs {
+    #[command(flatten)]
+    tunnel: TunnelArgs,
+    /// The program and its arguments, best after `--`.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROGRAM"
+    )]
+    command: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -194,11 +215,11 @@ impl ServerArgs {
     }
 }
 
-fn init_tracing(level: Option<&str>) {
+fn init_tracing(level: Option<&str>, default: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
         Some(level) => EnvFilter::try_new(level),
-        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(default)),
     }
     .unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt()
@@ -373,11 +394,7 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
                 return ExitCode::from(device_exit_code(&e));
             }
         };
-        // The proxy's name is looked up once, here, and again only if every address
-        // fails: once the host's DNS goes through the tunnel, a lookup per flow loops.
-        if let Err(e) = upstream.resolve().await {
-            tracing::warn!(error = %e, "cannot resolve the proxy yet; will retry with backoff");
-        }
+        resolve_proxy(&upstream).await;
         let lock = lock.zip(setup_config.as_ref());
         let routing = match setup::start(&device, &upstream, lock) {
             Ok(routing) => routing,
@@ -386,19 +403,64 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
                 return ExitCode::from(setup_exit_code(&e));
             }
         };
-        tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
         let _routing = routing; // undone when this block ends, after the stack stopped
-        match stack::run(device, stack_config, upstream, shutdown_signal()).await {
-            Ok(stats) => {
-                tracing::info!(?stats, "stopped");
-                ExitCode::SUCCESS
-            }
+        match serve(device, stack_config, upstream, shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("tun2socks: device failed: {e}");
+                eprintln!("tun2socks: {e}");
                 ExitCode::FAILURE
             }
         }
     })
+}
+
+/// The tunnel, the same for `tun2socks` and `tun2socks exec`: serves `device` until
+/// `shutdown` resolves.
+/// Looks the proxy's name up, once, at start; again later only if every address fails:
+/// once the host's DNS goes through the tunnel, a lookup per flow would loop.
+async fn resolve_proxy(upstream: &Upstream) {
+    if let Err(e) = upstream.resolve().await {
+        tracing::warn!(error = %e, "cannot resolve the proxy yet; will retry with backoff");
+    }
+}
+
+async fn serve(
+    device: Device,
+    stack_config: StackConfig,
+    upstream: Upstream,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    if upstream.proxy_addrs().is_empty() {
+        resolve_proxy(&upstream).await;
+    }
+    tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
+    match stack::run(device, stack_config, upstream, shutdown).await {
+        Ok(stats) => {
+            tracing::info!(?stats, "stopped");
+            Ok(())
+        }
+        Err(e) => Err(format!("device failed: {e}")),
+    }
+}
+
+/// `tun2socks exec`: forks the sandbox before any runtime exists (`exec::run`).
+fn run_exec(args: &ExecArgs) -> ExitCode {
+    let (device_config, stack_config, upstream) = match args.tunnel.configs() {
+        Ok(configs) => configs,
+        Err(e) => {
+            eprintln!("tun2socks exec: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let config = ExecConfig::new(device_config);
+    let tunnel = |device, stop| serve(device, stack_config, upstream, stop);
+    match exec::run(&config, &args.command, tunnel) {
+        Ok(exit) => ExitCode::from(exit.shell_status()),
+        Err(e) => {
+            eprintln!("tun2socks exec: {e}");
+            ExitCode::from(exec::EXIT_EXEC_FAILED)
+        }
+    }
 }
 
 fn run_selftest() -> ExitCode {
@@ -440,9 +502,15 @@ fn run_selftest() -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_level.as_deref());
+    // `exec` shares the terminal with its program: only warnings unless asked.
+    let default_level = match &cli.command {
+        Some(Command::Exec(_)) => "warn",
+        _ => "info",
+    };
+    init_tracing(cli.log_level.as_deref(), default_level);
     match &cli.command {
         Some(Command::Server(args)) => run_server(args),
+        Some(Command::Exec(args)) => run_exec(args),
         Some(Command::Selftest) => run_selftest(),
         None => run_tunnel(&cli.tunnel),
     }

@@ -6,7 +6,9 @@
 //! binary, as real processes; the tunnel with `--setup`, so it makes itself the
 //! default gateway and must leave `app`'s routing as it found it), and drives TCP
 //! over IPv4 and IPv6 through them from `app`, which has no other way to reach
-//! `target`. Ends with a throughput figure.
+//! `target`. Ends with a throughput figure, then runs curl through `tun2socks exec`
+//! (a private namespace whose only route is the tunnel) and checks that the
+//! program's exit status comes back.
 //! Everything is torn down afterwards, also on failure.
 //!
 //! Not part of the data path; it uses it from the outside like any application.
@@ -15,6 +17,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,7 +31,9 @@ use crate::testbed::services::{
 use crate::testbed::tunnel::{
     panics_in, proxy_addr, routing_snapshot, start_server, start_tunnel_setup,
 };
-use crate::testbed::{Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_root};
+use crate::testbed::{
+    Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_program, require_root,
+};
 
 /// Size of the blob downloaded and uploaded in each variant.
 const BLOB: usize = 8 * 1024 * 1024;
@@ -187,7 +192,68 @@ pub fn run(binary: &Path, mut progress: impl FnMut(&Check)) -> io::Result<Report
         let name = format!("{} --setup: ip rule/route (v4, v6) restored", v.name);
         record(&mut report, name, routing_restored(app, &routing_before));
     }
+    let server = start_server(topo.proxy(), binary, &[])?;
+    let url = format!("socks5://{}", proxy_addr());
+    let name = "exec: curl in a private namespace, HTTP GET 8 MiB IPv4 + IPv6, SHA-256";
+    record(
+        &mut report,
+        name.into(),
+        exec_fetch(topo.app(), binary, &url),
+    );
+    let name = "exec: the program's exit status comes back";
+    record(
+        &mut report,
+        name.into(),
+        exec_status(topo.app(), binary, &url),
+    );
+    drop(server);
     Ok(report)
+}
+
+/// `binary exec --proxy URL -- sh -c SCRIPT` in `app`, to completion.
+fn exec_sh(app: &Namespace, binary: &Path, url: &str, script: &str) -> Result<Output, String> {
+    app.command(binary)
+        .args(["exec", "--proxy", url, "--", "sh", "-c", script])
+        .output()
+        .map_err(|e| format!("cannot run `{} exec`: {e}", binary.display()))
+}
+
+/// curl inside `tun2socks exec` fetches the blob over IPv4 and IPv6.
+fn exec_fetch(app: &Namespace, binary: &Path, url: &str) -> Result<String, String> {
+    if require_program("curl", "the exec check").is_err() {
+        return Ok("skipped: curl is not in PATH".into());
+    }
+    let started = Instant::now();
+    let script = format!(
+        "curl -sS --fail --max-time 20 http://{TARGET_V4}:{HTTP_PORT}/blob | sha256sum && \
+         curl -sS --fail --max-time 20 -g 'http://[{TARGET_V6}]:{HTTP_PORT}/blob' | sha256sum"
+    );
+    let out = exec_sh(app, binary, url, &script)?;
+    let want = sha256_hex(&blob(BLOB, SEED));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let whole = stdout.lines().filter(|l| l.starts_with(&want)).count();
+    if out.status.success() && whole == 2 {
+        Ok(ms(started.elapsed()))
+    } else {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        Err(format!(
+            "{}; {whole} of 2 downloads whole; {}",
+            out.status,
+            stderr.trim()
+        ))
+    }
+}
+
+/// `sh -c 'exit 7'` inside `tun2socks exec` makes it exit 7.
+fn exec_status(app: &Namespace, binary: &Path, url: &str) -> Result<String, String> {
+    let out = exec_sh(app, binary, url, "exit 7")?;
+    match out.status.code() {
+        Some(7) => Ok("sh -c 'exit 7' -> 7".into()),
+        other => Err(format!(
+            "expected 7, got {other:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
 }
 
 /// Runs an async check inside `ns` with a timeout.

@@ -15,12 +15,14 @@ fn selftest_passes_and_prints_its_table() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "selftest failed:\n{stdout}\n{stderr}");
     assert!(stdout.contains("Gbit/s"), "no throughput figure:\n{stdout}");
-    for variant in ["socks5 ", "socks5+login ", "socks4 ", "socks4a "] {
+    for variant in ["socks5 ", "socks5+login ", "socks4 ", "socks4a ", "exec: "] {
         assert!(stdout.contains(variant), "no {variant} rows:\n{stdout}");
     }
     let summary = stdout.lines().last().unwrap_or_default();
     assert!(summary.ends_with(" 0 failed"), "{summary}");
     assert!(!stdout.contains("FAIL"), "{stdout}");
+    // CI installs curl: the exec row must really run there.
+    assert!(!stdout.contains("skipped"), "{stdout}");
 }
 
 #[test]

@@ -257,3 +257,35 @@ impl RouteError {
         }
     }
 }
+/// Running a program in a sandbox (a private network namespace) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SandboxError {
+    /// The process has more than one thread; forking it would copy a process whose
+    /// other threads may hold locks. Create the sandbox before starting any runtime.
+    #[error("a sandbox must be created while the process has one thread (it has {threads})")]
+    Threads {
+        /// How many threads there were.
+        threads: usize,
+    },
+    /// A setup step inside the new namespaces failed; the message names the step,
+    /// the OS error and, where one is known, the usual cause.
+    #[error("{message}")]
+    Setup {
+        /// What the setup process reported.
+        message: String,
+    },
+    /// A system call in this process failed.
+    #[error("{op}: {error}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        error: io::Error,
+    },
+    /// Sandboxes are not implemented for this OS yet.
+    #[error(
+        "running a program in a private network namespace is not supported on this operating system yet"
+    )]
+    Unsupported,
+}

@@ -13,6 +13,8 @@
 //! [`Routing`] adds routes and policy rules ([`RoutingEntry`]), each returning a
 //! [`RouteGuard`] that deletes it on drop, deletes a described entry (what a crashed
 //! run left), and asks the kernel which interface a packet would leave by.
+//! [`Sandbox`] runs a program in a private network namespace whose only route is a
+//! TUN device served by the caller (`tun2socks exec`).
 //!
 //! [`Pipe`] relays bytes between sockets with `splice(2)`, without copying them
 //! through userspace (the SOCKS server's bulk path).
@@ -45,8 +47,11 @@ mod imp;
 #[path = "unsupported/mod.rs"]
 mod imp;
 
-pub use error::{LinkError, LinkOp, RouteError, RouteOp, TunError};
-pub use imp::{Link, LinkGuard, LinkState, Pipe, RouteGuard, Routing, Tun, open_tun};
+pub use error::{LinkError, LinkOp, RouteError, RouteOp, SandboxError, TunError};
+pub use imp::{
+    Link, LinkGuard, LinkState, Pipe, ProgramExit, RouteGuard, Routing, Sandbox, SandboxSignal,
+    SandboxSpec, Tun, open_tun,
+};
 pub use routing::{Family, MAIN_TABLE, ParseError, Route, RoutingEntry, Rule};
 
 /// The longest interface name the OS accepts, in bytes (without a terminating NUL).

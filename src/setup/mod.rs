@@ -34,7 +34,6 @@ use tun2socks_platform::{
     Family, MAIN_TABLE, Route, RouteError, RouteGuard, Routing, RoutingEntry, Rule,
 };
 
-
 use crate::device::Device;
 use crate::upstream::{DialOptions, Upstream};
 
@@ -334,7 +333,12 @@ pub fn start(
         Some((lock, config)) => Some(Setup::apply(lock, device.ifindex(), &addresses, config)?),
         None => None,
     };
-    check_loop(device.ifindex(), device.name(), &addresses, upstream.options())?;
+    check_loop(
+        device.ifindex(),
+        device.name(),
+        &addresses,
+        upstream.options(),
+    )?;
     Ok(setup)
 }
 

@@ -6,11 +6,13 @@
 mod link;
 mod netlink;
 mod route;
+mod sandbox;
 mod splice;
 mod tun;
 
 pub use link::{Link, LinkGuard, LinkState};
 pub use route::{RouteGuard, Routing};
+pub use sandbox::{ProgramExit, Sandbox, SandboxSignal, SandboxSpec};
 pub use splice::Pipe;
 pub use tun::{Tun, open_tun};
 

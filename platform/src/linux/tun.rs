@@ -80,6 +80,39 @@ impl Tun {
 }
 
 impl Tun {
+    /// Takes over the descriptor of a TUN device opened elsewhere: by another process
+    /// that passed it here (`SCM_RIGHTS`), possibly in another network namespace.
+    /// `name` and `ifindex` are the interface's there; they are only reported, never
+    /// used to find it. The descriptor is made non-blocking. Whether it really is a
+    /// TUN device in layer-3 mode without packet information is the caller's word.
+    pub fn from_fd(fd: OwnedFd, name: String, ifindex: u32) -> Result<Tun, TunError> {
+        let file = File::from(fd);
+        let flags = nix::fcntl::fcntl(&file, nix::fcntl::FcntlArg::F_GETFL)
+            .map(nix::fcntl::OFlag::from_bits_truncate)
+            .and_then(|flags| {
+                nix::fcntl::fcntl(
+                    &file,
+                    nix::fcntl::FcntlArg::F_SETFL(flags | nix::fcntl::OFlag::O_NONBLOCK),
+                )
+            });
+        flags.map_err(|errno| TunError::Io {
+            op: "make the descriptor non-blocking",
+            name: name.clone(),
+            error: errno.into(),
+        })?;
+        Ok(Tun::from_parts(file.into(), name, ifindex, true))
+    }
+
+    /// A `Tun` from a descriptor known to be an open, non-blocking TUN device.
+    pub(crate) fn from_parts(fd: OwnedFd, name: String, ifindex: u32, created: bool) -> Tun {
+        Tun {
+            file: File::from(fd),
+            name,
+            ifindex,
+            created,
+        }
+    }
+
     /// Registers the descriptor with the current tokio reactor for read and write
     /// readiness. Must be called inside a tokio runtime with I/O enabled (tokio
     /// panics otherwise).

@@ -7,7 +7,7 @@ use std::io;
 
 use ipnet::IpNet;
 
-use crate::{LinkError, LinkOp, RouteError, RoutingEntry, TunError};
+use crate::{LinkError, LinkOp, RouteError, RoutingEntry, SandboxError, TunError};
 
 /// A common limit (BSD and macOS `IFNAMSIZ` less the NUL).
 pub const MAX_NAME_LEN: usize = 15;
@@ -19,6 +19,16 @@ pub struct Tun {
 }
 
 impl Tun {
+    /// Always fails with [`TunError::Unsupported`].
+    #[cfg(unix)]
+    pub fn from_fd(
+        _fd: std::os::fd::OwnedFd,
+        _name: String,
+        _ifindex: u32,
+    ) -> Result<Tun, TunError> {
+        Err(TunError::Unsupported)
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         match self.never {}
@@ -201,6 +211,55 @@ impl Routing {
         _mark: Option<u32>,
     ) -> Result<Option<u32>, RouteError> {
         match self.never {}
+/// See the Linux implementation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSpec {
+    /// The program.
+    pub program: std::ffi::OsString,
+    /// Its arguments.
+    pub args: Vec<std::ffi::OsString>,
+    /// The TUN device's name inside.
+    pub device: String,
+    /// The device's MTU.
+    pub mtu: u32,
+    /// The device's transmit queue length.
+    pub txqueuelen: u32,
+    /// Addresses of the device.
+    pub addresses: Vec<IpNet>,
+    /// Contents of `/etc/resolv.conf` inside.
+    pub resolv_conf: Option<String>,
+}
+
+/// See the Linux implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SandboxSignal {
+    /// SIGINT.
+    Interrupt,
+    /// SIGTERM.
+    Terminate,
+    /// SIGKILL.
+    Kill,
+}
+
+/// See the Linux implementation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ProgramExit {
+    /// Exit status.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+}
+
+impl ProgramExit {
+    /// The exit code, or 128 + the signal number.
+    pub fn shell_status(self) -> u8 {
+        let status = match self {
+            ProgramExit::Code(code) => code,
+            ProgramExit::Signal(signal) => signal.saturating_add(128),
+        };
+        u8::try_from(status & 0xff).unwrap_or(u8::MAX)
     }
 }
 
@@ -224,6 +283,43 @@ impl RouteGuard {
 
     /// The entry this guard will delete.
     pub fn undoes(&self) -> Option<RoutingEntry> {
+pub struct Sandbox {
+    never: Infallible,
+}
+
+impl Sandbox {
+    /// Always fails with [`SandboxError::Unsupported`].
+    pub fn spawn(_spec: &SandboxSpec) -> Result<(Sandbox, Tun), SandboxError> {
+        Err(SandboxError::Unsupported)
+    }
+
+    /// Unreachable.
+    pub fn id(&self) -> u32 {
+        match self.never {}
+    }
+
+    /// Unreachable.
+    pub fn start(&self) -> Result<(), SandboxError> {
+        match self.never {}
+    }
+
+    /// Unreachable.
+    pub fn wait(&self) -> Result<ProgramExit, SandboxError> {
+        match self.never {}
+    }
+
+    /// Unreachable.
+    pub fn signal(&self, _signal: SandboxSignal) -> Result<(), SandboxError> {
+        match self.never {}
+    }
+
+    /// Unreachable.
+    pub fn shares_terminal(&self) -> bool {
+        match self.never {}
+    }
+
+    /// Unreachable.
+    pub fn kill_leftovers(&self) -> usize {
         match self.never {}
     }
 }
