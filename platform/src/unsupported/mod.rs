@@ -211,6 +211,33 @@ impl Routing {
         _mark: Option<u32>,
     ) -> Result<Option<u32>, RouteError> {
         match self.never {}
+    }
+}
+
+/// See the Linux implementation; never constructed here.
+#[derive(Debug)]
+#[must_use = "dropping the guard deletes the entry at once"]
+pub struct RouteGuard {
+    never: Infallible,
+}
+
+impl RouteGuard {
+    /// Keeps the entry.
+    pub fn forget(self) {
+        match self.never {}
+    }
+
+    /// Deletes the entry now.
+    pub fn restore(self) -> Result<(), RouteError> {
+        match self.never {}
+    }
+
+    /// The entry this guard will delete.
+    pub fn undoes(&self) -> Option<RoutingEntry> {
+        match self.never {}
+    }
+}
+
 /// See the Linux implementation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxSpec {
@@ -265,24 +292,6 @@ impl ProgramExit {
 
 /// See the Linux implementation; never constructed here.
 #[derive(Debug)]
-#[must_use = "dropping the guard deletes the entry at once"]
-pub struct RouteGuard {
-    never: Infallible,
-}
-
-impl RouteGuard {
-    /// Keeps the entry.
-    pub fn forget(self) {
-        match self.never {}
-    }
-
-    /// Deletes the entry now.
-    pub fn restore(self) -> Result<(), RouteError> {
-        match self.never {}
-    }
-
-    /// The entry this guard will delete.
-    pub fn undoes(&self) -> Option<RoutingEntry> {
 pub struct Sandbox {
     never: Infallible,
 }
