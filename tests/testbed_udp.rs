@@ -106,7 +106,10 @@ fn cone_reply_comes_from_the_second_port() -> Result<()> {
     let (topo, _services) = kernel_path("udpcone")?;
     for (ip, _) in targets() {
         let reply = udp_cone_check(topo.app(), ip)?;
-        ensure!(reply.from == SocketAddr::new(ip, CONE_REPLY_PORT), "{reply:?}");
+        ensure!(
+            reply.from == SocketAddr::new(ip, CONE_REPLY_PORT),
+            "{reply:?}"
+        );
         // Any port the client names: the reply comes from there.
         let other = udp_cone(topo.app(), ip, 40_123, Duration::from_secs(2))?;
         ensure!(
@@ -134,7 +137,11 @@ fn rate_sender_counts_replies() -> Result<()> {
 
 #[test]
 fn dnsmasq_answers_a_aaaa_txt_over_udp_and_tcp() -> Result<()> {
-    needs!("dnsmasq_answers_a_aaaa_txt_over_udp_and_tcp", "dnsmasq", "dig");
+    needs!(
+        "dnsmasq_answers_a_aaaa_txt_over_udp_and_tcp",
+        "dnsmasq",
+        "dig"
+    );
     let topo = Topology::create("dnsmasq")?;
     topo.enable_kernel_path()?;
     let dnsmasq = Dnsmasq::start(topo.target(), &default_records())?;
@@ -142,11 +149,20 @@ fn dnsmasq_answers_a_aaaa_txt_over_udp_and_tcp() -> Result<()> {
     for server in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
         for transport in [DigTransport::Udp, DigTransport::Tcp] {
             let a = dig(app, server, TARGET_NAME, "A", transport)?;
-            ensure!(a == [TARGET_V4.to_string()], "{server} {transport:?} A: {a:?}");
+            ensure!(
+                a == [TARGET_V4.to_string()],
+                "{server} {transport:?} A: {a:?}"
+            );
             let aaaa = dig(app, server, TARGET_NAME, "AAAA", transport)?;
-            ensure!(aaaa == [TARGET_V6.to_string()], "{server} {transport:?}: {aaaa:?}");
+            ensure!(
+                aaaa == [TARGET_V6.to_string()],
+                "{server} {transport:?}: {aaaa:?}"
+            );
             let txt = dig(app, server, TXT_NAME, "TXT", transport)?;
-            ensure!(txt == [format!("\"{TXT_VALUE}\"")], "{transport:?} TXT: {txt:?}");
+            ensure!(
+                txt == [format!("\"{TXT_VALUE}\"")],
+                "{transport:?} TXT: {txt:?}"
+            );
             let none = dig(app, server, "nothing.t2s.test", "A", transport)?;
             ensure!(none.is_empty(), "{transport:?} unknown name: {none:?}");
         }
@@ -158,8 +174,17 @@ fn dnsmasq_answers_a_aaaa_txt_over_udp_and_tcp() -> Result<()> {
     );
 
     // The big TXT record: whole over TCP, truncated over UDP without EDNS.
-    let big = dig(app, TARGET_V4.into(), BIG_TXT_NAME, "TXT", DigTransport::Tcp)?;
-    let expected: Vec<String> = big_txt_strings().iter().map(|s| format!("\"{s}\"")).collect();
+    let big = dig(
+        app,
+        TARGET_V4.into(),
+        BIG_TXT_NAME,
+        "TXT",
+        DigTransport::Tcp,
+    )?;
+    let expected: Vec<String> = big_txt_strings()
+        .iter()
+        .map(|s| format!("\"{s}\""))
+        .collect();
     ensure!(big == [expected.join(" ")], "big TXT over TCP: {big:?}");
     let udp = dig_raw(
         app,
@@ -172,18 +197,27 @@ fn dnsmasq_answers_a_aaaa_txt_over_udp_and_tcp() -> Result<()> {
         .lines()
         .find(|l| l.contains("flags:"))
         .context("no flags line")?;
-    ensure!(flags.contains(" tc"), "big TXT over UDP not truncated:\n{udp}");
+    ensure!(
+        flags.contains(" tc"),
+        "big TXT over UDP not truncated:\n{udp}"
+    );
 
     // The hand-built client agrees with dig.
     let server = SocketAddr::new(TARGET_V4.into(), DNS_PORT);
     let timeout = Duration::from_secs(2);
     let a = dns_query(app, server, TARGET_NAME, TYPE_A, timeout)?;
-    ensure!(a.rcode == 0 && a.addresses() == [IpAddr::from(TARGET_V4)], "{a:?}");
+    ensure!(
+        a.rcode == 0 && a.addresses() == [IpAddr::from(TARGET_V4)],
+        "{a:?}"
+    );
     let server6 = SocketAddr::new(TARGET_V6.into(), DNS_PORT);
     let aaaa = dns_query(app, server6, TARGET_NAME, TYPE_AAAA, timeout)?;
     ensure!(aaaa.addresses() == [IpAddr::from(TARGET_V6)], "{aaaa:?}");
     let txt = dns_query(app, server, TXT_NAME, TYPE_TXT, timeout)?;
-    ensure!(txt.answers.len() == 1 && txt.addresses().is_empty(), "{txt:?}");
+    ensure!(
+        txt.answers.len() == 1 && txt.addresses().is_empty(),
+        "{txt:?}"
+    );
     let nx = dns_query(app, server, "nothing.t2s.test", TYPE_A, timeout)?;
     ensure!(nx.rcode == 3 && nx.answers.is_empty(), "{nx:?}");
     let rate = dns_query_rate(
@@ -234,10 +268,16 @@ fn only_the_proxy_namespace_resolves_the_proxy_only_name() -> Result<()> {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     };
     let by_name = code("--socks5-hostname")?;
-    ensure!(by_name == "200", "curl through the proxy by name: {by_name:?}");
+    ensure!(
+        by_name == "200",
+        "curl through the proxy by name: {by_name:?}"
+    );
     // Resolving in the app (--socks5) must fail: the app does not know the name.
     let resolved_locally = code("--socks5")?;
-    ensure!(resolved_locally != "200", "the app resolved {PROXY_ONLY_NAME}");
+    ensure!(
+        resolved_locally != "200",
+        "the app resolved {PROXY_ONLY_NAME}"
+    );
     Ok(())
 }
 

@@ -18,9 +18,7 @@ use super::context;
 use super::namespace::Namespace;
 use super::process::Process;
 use super::stale::unique_id;
-use super::topology::{
-    APP_NET_V4, APP_NET_V6, PROXY_OUT_V4, PROXY_OUT_V6, PROXY_V4, PROXY_V6,
-};
+use super::topology::{APP_NET_V4, APP_NET_V6, PROXY_OUT_V4, PROXY_OUT_V6, PROXY_V4, PROXY_V6};
 use super::wait::wait_for_tcp;
 
 /// The port danted listens on (beside our server's 1080).

@@ -182,7 +182,11 @@ pub fn dns_query(
                     }
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
             Err(e) => return Err(context(format!("dns: recv from {server}"))(e)),
         }
     }
@@ -278,7 +282,12 @@ pub fn dns_query_rate(
                     report.failed += 1;
                 }
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 report.lost += in_flight.len() as u64;
                 in_flight.clear();
                 if !sending {

@@ -10,11 +10,11 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
+use super::context;
 use super::namespace::Namespace;
 use super::process::Process;
 use super::topology::{TARGET_V4, TARGET_V6, Topology};
 use super::wait::{wait_for_tcp, wait_for_udp};
-use super::context;
 
 /// The DNS port.
 pub const DNS_PORT: u16 = 53;
@@ -94,7 +94,10 @@ impl Dnsmasq {
                 let _ = process.try_wait();
                 return Err(io::Error::new(
                     e.kind(),
-                    format!("dnsmasq did not listen: {e}\n{}", process.log().unwrap_or_default()),
+                    format!(
+                        "dnsmasq did not listen: {e}\n{}",
+                        process.log().unwrap_or_default()
+                    ),
                 ));
             }
         }
@@ -156,9 +159,7 @@ pub fn dnsmasq_args(records: &[(&str, Ipv4Addr, Ipv6Addr)], log_queries: bool) -
 fn query_lines(log: &str, name: Option<&str>) -> usize {
     log.lines()
         .filter_map(|line| line.split_once("query[").map(|(_, rest)| rest))
-        .filter(|rest| {
-            name.is_none_or(|name| rest.split_whitespace().nth(1) == Some(name))
-        })
+        .filter(|rest| name.is_none_or(|name| rest.split_whitespace().nth(1) == Some(name)))
         .count()
 }
 

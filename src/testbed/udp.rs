@@ -168,7 +168,9 @@ fn serve_echo(socket: &UdpSocket, stop: &AtomicBool) -> io::Result<()> {
 
 fn serve_cone(socket: &UdpSocket, stop: &AtomicBool) -> io::Result<()> {
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let local = socket.local_addr().map_err(context("cone: local address"))?;
+    let local = socket
+        .local_addr()
+        .map_err(context("cone: local address"))?;
     while !stop.load(Ordering::Relaxed) {
         match socket.recv_from(&mut buf) {
             Ok((n, from)) => {

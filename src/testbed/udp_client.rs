@@ -67,7 +67,12 @@ impl std::fmt::Display for EchoReport {
             self.sent, self.received, self.lost, self.corrupted, self.late
         )?;
         if let (Some(p50), Some(p99)) = (self.percentile(50.0), self.percentile(99.0)) {
-            write!(f, ", p50 {} µs, p99 {} µs", p50.as_micros(), p99.as_micros())?;
+            write!(
+                f,
+                ", p50 {} µs, p99 {} µs",
+                p50.as_micros(),
+                p99.as_micros()
+            )?;
         }
         Ok(())
     }
@@ -158,10 +163,12 @@ pub fn udp_echo_windowed(
         while next < count && in_flight.len() < window {
             let len = echo_size(next, &sizes);
             let seq = next as u64;
+            let payload = echo_payload(seq, len);
+            let sent_at = Instant::now();
             socket
-                .send(&echo_payload(seq, len))
+                .send(&payload)
                 .map_err(context(format!("udp echo: send to {target}")))?;
-            in_flight.insert(seq, (Instant::now(), len));
+            in_flight.insert(seq, (sent_at, len));
             report.sent += 1;
             next += 1;
         }
@@ -487,9 +494,9 @@ pub fn udp_cone(
         .send_to(&cone_request(reply_port), service)
         .map_err(context(format!("cone: send to {service}")))?;
     let mut buf = vec![0u8; 2048];
-    let (n, from) = socket
-        .recv_from(&mut buf)
-        .map_err(context(format!("cone: no reply from {target} port {reply_port}")))?;
+    let (n, from) = socket.recv_from(&mut buf).map_err(context(format!(
+        "cone: no reply from {target} port {reply_port}"
+    )))?;
     Ok(ConeReply {
         from,
         payload_ok: buf.get(..n) == Some(cone_reply(reply_port).as_slice()),
