@@ -21,12 +21,14 @@ use tun2socks::testbed::dnsmasq::{
 };
 use tun2socks::testbed::services::{HTTP_PORT, Services};
 use tun2socks::testbed::tunnel::{proxy_addr, start_server};
-use tun2socks::testbed::udp::{CONE_PORT, CONE_REPLY_PORT, UDP_ECHO_PORT, UdpServices};
-use tun2socks::testbed::udp_client::{
-    max_udp_payload, udp_cone, udp_cone_check, udp_echo_check, udp_echo_windowed, udp_latency,
-    udp_many_ports, udp_rate,
+use tun2socks::testbed::udp::{
+    CONE_PORT, CONE_REPLY_PORT, UDP_ECHO_PORT, UDP_SINK_PORT, UdpServices,
 };
-use tun2socks::testbed::{TARGET_V4, TARGET_V6, Topology, require_program, require_root};
+use tun2socks::testbed::udp_client::{
+    connected_socket, max_udp_payload, udp_cone, udp_cone_check, udp_echo_check, udp_echo_windowed,
+    udp_expect_unreachable, udp_latency, udp_many_ports, udp_rate, udp_send_broadcast,
+};
+use tun2socks::testbed::{PROXY_V4, TARGET_V4, TARGET_V6, Topology, require_program, require_root};
 
 /// Every test starts here: root or skip/fail per the CI rule.
 macro_rules! needs {
@@ -131,6 +133,54 @@ fn rate_sender_counts_replies() -> Result<()> {
     ensure!(
         (800..=1_200).contains(&report.sent) && report.loss_percent() < 10.0,
         "{report:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn port_unreachable_is_seen_and_timed() -> Result<()> {
+    needs!("port_unreachable_is_seen_and_timed");
+    let (topo, _services) = kernel_path("udpunreach")?;
+    for (ip, _) in targets() {
+        // Warm the path first: on fresh links the first IPv6 packet can wait about a
+        // second for neighbour discovery, which is not what is timed here.
+        let warm = udp_echo_check(topo.app(), SocketAddr::new(ip, UDP_ECHO_PORT), 1, 8..=8)?;
+        ensure!(warm.all_ok(), "{ip}: {warm}");
+        // Port 9: nothing listens there.
+        let took =
+            udp_expect_unreachable(topo.app(), SocketAddr::new(ip, 9), Duration::from_secs(2))?;
+        ensure!(took < Duration::from_millis(500), "{ip}: {took:?}");
+        // The echo answers instead: that is an error, not a pass.
+        let echo = SocketAddr::new(ip, UDP_ECHO_PORT);
+        let answered = udp_expect_unreachable(topo.app(), echo, Duration::from_secs(2));
+        ensure!(answered.is_err(), "{echo}: {answered:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn sink_counts_unicast_and_sees_no_broadcast_from_the_app() -> Result<()> {
+    needs!("sink_counts_unicast_and_sees_no_broadcast_from_the_app");
+    let (topo, services) = kernel_path("udpsink")?;
+    // The app has no default route: give the limited broadcast a way out (as the
+    // tunnel's default route would), onto the app's link.
+    topo.app()
+        .ip(["route", "add", "default", "via", &PROXY_V4.to_string()])?;
+    udp_send_broadcast(topo.app(), UDP_SINK_PORT, 5)?;
+    for (ip, _) in targets() {
+        let sink = connected_socket(topo.app(), SocketAddr::new(ip, UDP_SINK_PORT))?;
+        sink.send(b"counted")?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while services.sink_received() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // Two unicasts arrive; the broadcasts stay on the app's link (no router forwards them).
+    ensure!(
+        services.sink_received() == 2,
+        "sink saw {}",
+        services.sink_received()
     );
     Ok(())
 }

@@ -238,6 +238,56 @@ pub fn udp_latency(
     udp_echo_check(ns, target, count, payload..=payload)
 }
 
+/// Sends one datagram from a connected socket in `ns` to `target` (where nothing
+/// listens, or through a proxy without UDP) and waits up to `timeout` for the ICMP /
+/// ICMPv6 port unreachable, which a connected socket reports as `ECONNREFUSED` on
+/// its next receive. Returns how long it took; a reply, silence until `timeout` or
+/// another error is an error.
+pub fn udp_expect_unreachable(
+    ns: &Namespace,
+    target: SocketAddr,
+    timeout: Duration,
+) -> io::Result<Duration> {
+    let socket = connected_socket(ns, target)?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(context("unreachable: read timeout"))?;
+    let start = Instant::now();
+    socket
+        .send(&echo_payload(0, 64))
+        .map_err(context(format!("unreachable: send to {target}")))?;
+    let mut buf = [0u8; 2048];
+    match socket.recv(&mut buf) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(start.elapsed()),
+        Err(e) if is_timeout(&e) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("no port unreachable from {target} within {timeout:?}"),
+        )),
+        Err(e) => Err(context(format!("unreachable: recv from {target}"))(e)),
+        Ok(n) => Err(io::Error::other(format!(
+            "{target} answered ({n} bytes) instead of port unreachable"
+        ))),
+    }
+}
+
+/// Sends `count` datagrams to the IPv4 broadcast address `255.255.255.255:port` from
+/// `ns` (SO_BROADCAST set). Whether they go anywhere is the caller's question: with
+/// the sink's port, [`UdpServices::sink_received`](super::udp::UdpServices::sink_received)
+/// tells whether one was forwarded to the target.
+pub fn udp_send_broadcast(ns: &Namespace, port: u16, count: usize) -> io::Result<()> {
+    let socket = ns.within(|| bind_udp(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))))?;
+    socket
+        .set_broadcast(true)
+        .map_err(context("SO_BROADCAST"))?;
+    let to = SocketAddr::from((Ipv4Addr::BROADCAST, port));
+    for i in 0..count {
+        socket
+            .send_to(&echo_payload(i as u64, 64), to)
+            .map_err(context(format!("send to {to}")))?;
+    }
+    Ok(())
+}
+
 /// What a fixed-rate run saw.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RateReport {
