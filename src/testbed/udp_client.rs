@@ -172,7 +172,7 @@ pub fn udp_echo_windowed(
             report.sent += 1;
             next += 1;
         }
-        match socket.recv(&mut buf) {
+        match recv_retrying(&socket, &mut buf) {
             Ok(n) => check_reply(
                 buf.get(..n).unwrap_or_default(),
                 &mut in_flight,
@@ -227,6 +227,31 @@ fn is_timeout(e: &io::Error) -> bool {
     )
 }
 
+/// `recv` that tries again when a signal interrupts it: with `SO_RCVTIMEO` set, a
+/// signal handler anywhere in the process (the test harness, tokio's SIGCHLD) makes a
+/// blocking receive fail with `EINTR` even under `SA_RESTART`.
+pub(crate) fn recv_retrying(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match socket.recv(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// `recv_from` that tries again when a signal interrupts it (see [`recv_retrying`]).
+pub(crate) fn recv_from_retrying(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr)> {
+    loop {
+        match socket.recv_from(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// Round trips of single datagrams of `payload` bytes (one at a time): use
 /// [`EchoReport::percentile`] for p50 and p99.
 pub fn udp_latency(
@@ -257,7 +282,7 @@ pub fn udp_expect_unreachable(
         .send(&echo_payload(0, 64))
         .map_err(context(format!("unreachable: send to {target}")))?;
     let mut buf = [0u8; 2048];
-    match socket.recv(&mut buf) {
+    match recv_retrying(&socket, &mut buf) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(start.elapsed()),
         Err(e) if is_timeout(&e) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -357,7 +382,7 @@ pub fn udp_rate(
                 if drain_until.is_some_and(|t| Instant::now() >= t) {
                     return received;
                 }
-                if receiver.recv(&mut buf).is_ok() {
+                if recv_retrying(&receiver, &mut buf).is_ok() {
                     received += 1;
                 }
             }
@@ -544,7 +569,7 @@ pub fn udp_cone(
         .send_to(&cone_request(reply_port), service)
         .map_err(context(format!("cone: send to {service}")))?;
     let mut buf = vec![0u8; 2048];
-    let (n, from) = socket.recv_from(&mut buf).map_err(context(format!(
+    let (n, from) = recv_from_retrying(&socket, &mut buf).map_err(context(format!(
         "cone: no reply from {target} port {reply_port}"
     )))?;
     Ok(ConeReply {
