@@ -12,23 +12,28 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use tun2socks::config::ProxyUrl;
 use tun2socks::require_or_skip;
+use tun2socks::socks::Address;
 use tun2socks::testbed::dante::Dante;
 use tun2socks::testbed::dns_client::{TYPE_A, TYPE_AAAA, TYPE_TXT, dns_query, dns_query_rate};
 use tun2socks::testbed::dnsmasq::{
     BIG_TXT_NAME, DNS_PORT, DigTransport, Dnsmasq, PROXY_ONLY_NAME, TARGET_NAME, TXT_NAME,
     TXT_VALUE, big_txt_strings, default_records, dig, dig_raw, resolve_in, set_proxy_only_name,
 };
+use tun2socks::testbed::namespace::join;
 use tun2socks::testbed::services::{HTTP_PORT, Services};
 use tun2socks::testbed::tunnel::{proxy_addr, start_server};
 use tun2socks::testbed::udp::{
-    CONE_PORT, CONE_REPLY_PORT, UDP_ECHO_PORT, UDP_SINK_PORT, UdpServices,
+    CONE_PORT, CONE_REPLY_PORT, UDP_ECHO_PORT, UDP_SINK_PORT, UdpServices, cone_reply, cone_request,
 };
 use tun2socks::testbed::udp_client::{
-    connected_socket, max_udp_payload, udp_cone, udp_cone_check, udp_echo_check, udp_echo_windowed,
-    udp_expect_unreachable, udp_latency, udp_many_ports, udp_rate, udp_send_broadcast,
+    connected_socket, echo_payload, max_udp_payload, udp_cone, udp_cone_check, udp_echo_check,
+    udp_echo_windowed, udp_expect_unreachable, udp_latency, udp_many_ports, udp_rate,
+    udp_send_broadcast,
 };
 use tun2socks::testbed::{PROXY_V4, TARGET_V4, TARGET_V6, Topology, require_program, require_root};
+use tun2socks::upstream::{DialOptions, Upstream};
 
 /// Every test starts here: root or skip/fail per the CI rule.
 macro_rules! needs {
@@ -392,5 +397,68 @@ fn dante_relays_udp_for_pysocks_full_cone() -> Result<()> {
         String::from_utf8_lossy(&out.stderr),
         dante.process().log()?
     );
+    Ok(())
+}
+
+/// Through the association of `url` (from the app namespace): 20 echoes to each target
+/// family, then a cone request whose reply must come back from the second port.
+async fn relay_check(url: String) -> std::io::Result<()> {
+    use std::io::Error;
+    let proxy = url.parse::<ProxyUrl>().map_err(Error::other)?;
+    let upstream = Upstream::new(proxy, DialOptions::default());
+    let assoc = upstream.udp_associate().await.map_err(Error::other)?;
+    let mut buf = vec![0u8; 65_536];
+    let wait = Duration::from_secs(5);
+    for ip in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
+        let echo = SocketAddr::new(ip, UDP_ECHO_PORT);
+        for i in 0..20u64 {
+            let payload = echo_payload(i, 100 + 60 * i as usize);
+            assoc.send_to(&payload, &Address::from(echo)).await?;
+            let (from, range) = tokio::time::timeout(wait, assoc.recv_from(&mut buf))
+                .await
+                .map_err(|_| Error::other(format!("{url}: no echo from {echo} for {i}")))??;
+            if from != Address::from(echo) || buf.get(range) != Some(payload.as_slice()) {
+                return Err(Error::other(format!(
+                    "{url}: echo {i} from {from:?} differs"
+                )));
+            }
+        }
+        let cone = SocketAddr::new(ip, CONE_PORT);
+        assoc
+            .send_to(&cone_request(CONE_REPLY_PORT), &Address::from(cone))
+            .await?;
+        let (from, range) = tokio::time::timeout(wait, assoc.recv_from(&mut buf))
+            .await
+            .map_err(|_| Error::other(format!("{url}: no cone reply for {ip}")))??;
+        let expected = Address::from(SocketAddr::new(ip, CONE_REPLY_PORT));
+        if from != expected || buf.get(range) != Some(cone_reply(CONE_REPLY_PORT).as_slice()) {
+            return Err(Error::other(format!(
+                "{url}: cone reply from {from:?}, expected {expected:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn our_socks_client_relays_udp_and_cone_through_dante_and_our_server() -> Result<()> {
+    needs!(
+        "our_socks_client_relays_udp_and_cone_through_dante_and_our_server",
+        "danted"
+    );
+    let topo = Topology::create("relayudp")?;
+    let _services = UdpServices::start(topo.target())?;
+    let dante = Dante::start(topo.proxy())?;
+    let binary = Path::new(env!("CARGO_BIN_EXE_tun2socks"));
+    let _server = start_server(topo.proxy(), binary, &["--log-level", "warn"])?;
+    for url in [Dante::url(), format!("socks5://{}", proxy_addr())] {
+        let check = url.clone();
+        join(topo.app().enter_async(move || relay_check(check))).with_context(|| {
+            format!(
+                "UDP through {url}; danted log:\n{}",
+                dante.process().log().unwrap_or_default()
+            )
+        })?;
+    }
     Ok(())
 }
