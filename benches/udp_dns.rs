@@ -27,9 +27,8 @@ use tun2socks::testbed::dns_client::{QueryRateReport, TYPE_A, dns_query, dns_que
 use tun2socks::testbed::dnsmasq::{DNS_PORT, Dnsmasq};
 use tun2socks::testbed::tunnel::{proxy_addr, start_server, start_tunnel};
 use tun2socks::testbed::udp::{UDP_ECHO_PORT, UdpServices};
-use tun2socks::testbed::udp_client::{
-    RateReport, UdpFanout, udp_echo_check, udp_latency, udp_rate,
-};
+use tun2socks::testbed::udp_client::{RateReport, udp_echo_check, udp_latency, udp_rate};
+use tun2socks::testbed::udp_probes::UdpFanout;
 use tun2socks::testbed::{Namespace, Process, TARGET_V4, TARGET_V6, Topology};
 
 /// The hand-made device's name (the created one is `tun0`).
@@ -59,8 +58,9 @@ struct Udp {
 
 #[derive(Debug, Default)]
 struct Rss {
-    before_kib: u64,
-    after_kib: u64,
+    /// The tunnel's RSS before and with the idle sockets (none on the kernel path).
+    before_kib: Option<u64>,
+    after_kib: Option<u64>,
     answered: usize,
     sockets: usize,
 }
@@ -125,18 +125,23 @@ fn measure_dns(app: &Namespace, s: &Settings) -> Result<QueryRateReport, String>
 
 /// The tunnel's RSS before and after `idle` sockets each sent one datagram (and got
 /// its echo) and then stay open and silent.
-fn measure_rss(app: &Namespace, tunnel: &Process, idle: usize) -> Result<Rss, String> {
+fn measure_rss(app: &Namespace, tunnel: Option<&Process>, idle: usize) -> Result<Rss, String> {
     let first = udp_echo_check(app, echo_target(), 3, 64..=64).map_err(|e| e.to_string())?;
     if !first.all_ok() {
         return Err(format!("no echo ({first})"));
     }
-    let before_kib = vm_rss_kib(tunnel.id()).map_err(|e| e.to_string())?;
+    let rss = || {
+        tunnel
+            .map(|p| vm_rss_kib(p.id()).map_err(|e| e.to_string()))
+            .transpose()
+    };
+    let before_kib = rss()?;
     let fanout = UdpFanout::open(app, TARGET_V4.into(), idle).map_err(|e| e.to_string())?;
     let report = fanout
         .echo_once(echo_target(), 32, Duration::from_secs(15))
         .map_err(|e| e.to_string())?;
     std::thread::sleep(Duration::from_secs(1));
-    let after_kib = vm_rss_kib(tunnel.id()).map_err(|e| e.to_string())?;
+    let after_kib = rss()?;
     drop(fanout);
     Ok(Rss {
         before_kib,
@@ -176,6 +181,8 @@ fn kernel_row(s: &Settings) -> Row {
         path: "kernel (proxy ns forwards)".into(),
         udp: Some(measure_udp(topo.app(), s)),
         dns: Some(measure_dns(topo.app(), s)),
+        // The client side of the idle test, as a check that it works at this scale.
+        rss: Some(measure_rss(topo.app(), None, s.idle)),
         ..Row::default()
     }
 }
@@ -239,7 +246,7 @@ fn tunnel_rows(s: &Settings, binary: &Path) -> Vec<Row> {
         match tunnel(&topo, binary, hand_made, &extra) {
             Err(reason) => row.refused = Some(reason),
             Ok(mut process) => {
-                row.rss = Some(measure_rss(topo.app(), &process, s.idle));
+                row.rss = Some(measure_rss(topo.app(), Some(&process), s.idle));
                 let _ = process.terminate();
             }
         }
@@ -358,7 +365,10 @@ fn print_table(rows: &[Row], s: &Settings) {
             None => String::new(),
             Some(Ok(r)) => format!(
                 "{} -> {} ({}/{} ok)",
-                r.before_kib, r.after_kib, r.answered, r.sockets
+                opt(r.before_kib.map(u128::from)),
+                opt(r.after_kib.map(u128::from)),
+                r.answered,
+                r.sockets
             ),
             Some(Err(_)) => "err".into(),
         };
@@ -426,8 +436,8 @@ fn json(rows: &[Row]) -> String {
             ));
             fields.push(format!("\"dns_lost\":{}", json_opt(dns.map(|d| d.lost))));
             let rss = row.rss.as_ref().and_then(|r| r.as_ref().ok());
-            fields.push(format!("\"rss_before_kib\":{}", json_opt(rss.map(|r| r.before_kib))));
-            fields.push(format!("\"rss_idle_kib\":{}", json_opt(rss.map(|r| r.after_kib))));
+            fields.push(format!("\"rss_before_kib\":{}", json_opt(rss.and_then(|r| r.before_kib))));
+            fields.push(format!("\"rss_idle_kib\":{}", json_opt(rss.and_then(|r| r.after_kib))));
             fields.push(format!("\"idle_answered\":{}", json_opt(rss.map(|r| r.answered))));
             let errors: Vec<String> = errors(row).into_iter().map(|e| json_str(e)).collect();
             fields.push(format!("\"errors\":[{}]", errors.join(",")));

@@ -28,9 +28,11 @@ use tun2socks::testbed::udp::{
     CONE_PORT, CONE_REPLY_PORT, UDP_ECHO_PORT, UDP_SINK_PORT, UdpServices, cone_reply, cone_request,
 };
 use tun2socks::testbed::udp_client::{
-    connected_socket, echo_payload, max_udp_payload, udp_cone, udp_cone_check, udp_echo_check,
-    udp_echo_windowed, udp_expect_unreachable, udp_latency, udp_many_ports, udp_rate,
-    udp_send_broadcast,
+    connected_socket, echo_payload, max_udp_payload, udp_echo_check, udp_echo_windowed,
+    udp_latency, udp_rate,
+};
+use tun2socks::testbed::udp_probes::{
+    udp_cone, udp_cone_check, udp_expect_unreachable, udp_many_ports, udp_send_broadcast,
 };
 use tun2socks::testbed::{PROXY_V4, TARGET_V4, TARGET_V6, Topology, require_program, require_root};
 use tun2socks::upstream::{DialOptions, Upstream};
