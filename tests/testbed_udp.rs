@@ -15,6 +15,9 @@ use anyhow::{Context, Result, ensure};
 use tun2socks::config::ProxyUrl;
 use tun2socks::require_or_skip;
 use tun2socks::socks::Address;
+use tun2socks::testbed::attach::{
+    create_tun, has_carrier, refusal_reason, start_tunnel_attached, vm_rss_kib,
+};
 use tun2socks::testbed::dante::Dante;
 use tun2socks::testbed::dns_client::{TYPE_A, TYPE_AAAA, TYPE_TXT, dns_query, dns_query_rate};
 use tun2socks::testbed::dnsmasq::{
@@ -22,7 +25,7 @@ use tun2socks::testbed::dnsmasq::{
     TXT_VALUE, big_txt_strings, default_records, dig, dig_raw, resolve_in, set_proxy_only_name,
 };
 use tun2socks::testbed::namespace::join;
-use tun2socks::testbed::services::{HTTP_PORT, Services};
+use tun2socks::testbed::services::{ECHO_PORT, HTTP_PORT, Services};
 use tun2socks::testbed::tunnel::{proxy_addr, start_server};
 use tun2socks::testbed::udp::{
     CONE_PORT, CONE_REPLY_PORT, UDP_ECHO_PORT, UDP_SINK_PORT, UdpServices, cone_reply, cone_request,
@@ -462,5 +465,48 @@ fn our_socks_client_relays_udp_and_cone_through_dante_and_our_server() -> Result
             )
         })?;
     }
+    Ok(())
+}
+
+#[test]
+fn tunnel_attaches_to_a_hand_made_device_or_reports_why_not() -> Result<()> {
+    use std::io::{Read, Write};
+    needs!("tunnel_attaches_to_a_hand_made_device_or_reports_why_not");
+    let topo = Topology::create("attach")?;
+    let _tcp = Services::start(topo.target(), 1000, 1)?;
+    let binary = Path::new(env!("CARGO_BIN_EXE_tun2socks"));
+    let _server = start_server(topo.proxy(), binary, &["--log-level", "warn"])?;
+    create_tun(topo.app(), "tunb", 1500)?;
+    ensure!(
+        !has_carrier(topo.app(), "tunb"),
+        "carrier before any tunnel"
+    );
+    let url = format!("socks5://{}", proxy_addr());
+
+    // Options the tunnel does not know: the start fails with its own words.
+    let refused = start_tunnel_attached(topo.app(), binary, &url, "tunb", &["--no-such-option"])
+        .err()
+        .context("a tunnel with an unknown option started")?;
+    let reason = refusal_reason(&refused.to_string());
+    ensure!(reason.contains("--no-such-option"), "reason: {reason:?}");
+
+    let tunnel = start_tunnel_attached(topo.app(), binary, &url, "tunb", &["--log-level", "warn"])?;
+    ensure!(has_carrier(topo.app(), "tunb"));
+    ensure!(vm_rss_kib(tunnel.id())? > 0);
+    // TCP through the hand-made device and our server: the app has no other way out.
+    let echo = SocketAddr::new(TARGET_V4.into(), ECHO_PORT);
+    let mut stream = topo
+        .app()
+        .within(move || std::net::TcpStream::connect_timeout(&echo, Duration::from_secs(5)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"through tunb")?;
+    let mut back = [0u8; 12];
+    stream.read_exact(&mut back)?;
+    ensure!(&back == b"through tunb", "{back:?}");
+    let mtu = topo.app().ip(["-o", "link", "show", "dev", "tunb"])?;
+    ensure!(
+        String::from_utf8_lossy(&mtu.stdout).contains("mtu 1500"),
+        "{mtu:?}"
+    );
     Ok(())
 }
