@@ -53,6 +53,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 struct Udp {
     p50_us: Option<u128>,
     p99_us: Option<u128>,
+    /// Latency probes without a reply in time.
+    probes_lost: usize,
     rates: Vec<RateReport>,
 }
 
@@ -97,9 +99,11 @@ fn measure_udp(app: &Namespace, s: &Settings) -> Result<Udp, String> {
         return Err(format!("no echo ({first})"));
     }
     let latency = udp_latency(app, echo_target(), s.probes, 64).map_err(|e| e.to_string())?;
+    eprintln!("  latency: {latency}");
     let mut udp = Udp {
         p50_us: latency.percentile(50.0).map(|d| d.as_micros()),
         p99_us: latency.percentile(99.0).map(|d| d.as_micros()),
+        probes_lost: latency.lost,
         rates: Vec::new(),
     };
     for rate in RATES {
@@ -414,6 +418,7 @@ fn json(rows: &[Row]) -> String {
             let udp = row.udp.as_ref().and_then(|u| u.as_ref().ok());
             fields.push(format!("\"udp_p50_us\":{}", json_opt(udp.and_then(|u| u.p50_us))));
             fields.push(format!("\"udp_p99_us\":{}", json_opt(udp.and_then(|u| u.p99_us))));
+            fields.push(format!("\"udp_probes_lost\":{}", json_opt(udp.map(|u| u.probes_lost))));
             let rates: Vec<String> = udp
                 .map(|u| u.rates.as_slice())
                 .unwrap_or_default()
