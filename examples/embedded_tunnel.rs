@@ -21,7 +21,7 @@ async fn main() -> anyhow::Result<()> {
         .parse()?;
     let device = Device::open(&DeviceConfig {
         name: Some(args.next().unwrap_or_else(|| "t2sdemo".into())),
-        addresses: None, // 198.18.0.1/15 and fd18::1/64 on a device we create
+        addresses: None, // 198.18.0.1/16 and fd18::1/64 on a device we create
         mtu: None,       // 9000 on a device we create
         txqueuelen: None,
     })?;

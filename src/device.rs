@@ -26,10 +26,10 @@ use tun2socks_platform::{Link, LinkError, LinkGuard, Tun, TunError, open_tun};
 /// 8.0 with 10000).
 pub const DEFAULT_TXQUEUELEN: u32 = 10_000;
 
-/// The default addresses: `198.18.0.1/15` (the RFC 2544 benchmarking range, unused
+/// The default addresses: `198.18.0.1/16` (the RFC 2544 benchmarking range, unused
 /// on real networks) and `fd18::1/64` (unique local).
 pub fn default_addresses() -> Vec<IpNet> {
-    let v4 = Ipv4Net::new_assert(Ipv4Addr::new(198, 18, 0, 1), 15);
+    let v4 = Ipv4Net::new_assert(Ipv4Addr::new(198, 18, 0, 1), 16);
     let v6 = Ipv6Net::new_assert(Ipv6Addr::new(0xfd18, 0, 0, 0, 0, 0, 0, 1), 64);
     vec![IpNet::V4(v4), IpNet::V6(v6)]
 }
@@ -47,7 +47,7 @@ pub struct DeviceConfig {
     /// this name is attached to instead of created.
     pub name: Option<String>,
     /// Addresses (with prefix length) to assign. `None`: [`default_addresses`]
-    /// (`198.18.0.1/15` and `fd18::1/64`) on a device we create, nothing on one we
+    /// (`198.18.0.1/16` and `fd18::1/64`) on a device we create, nothing on one we
     /// attach to (its owner has addressed it).
     pub addresses: Option<Vec<IpNet>>,
     /// MTU to set. `None`: [`DEFAULT_MTU`] on a device we create; an attached device

@@ -30,9 +30,11 @@
 
 pub mod config;
 pub mod device;
+pub mod egress;
 pub mod flow;
 pub mod selftest;
 pub mod server;
+pub mod setup;
 pub mod socks;
 pub mod stack;
 pub mod testbed;

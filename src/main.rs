@@ -2,7 +2,10 @@
 //! errors -> exit codes. The library never sees clap.
 //!
 //! Exit codes: 0 success; 1 runtime failure; 2 invalid arguments (bad URL, bad CIDR,
-//! open-proxy refusal); 3 no permission (CAP_NET_ADMIN); 4 device busy.
+//! open-proxy refusal); 3 no permission (CAP_NET_ADMIN); 4 device busy (another
+//! process has the TUN open, or another instance runs `--setup` in this network
+//! namespace); 5 routing loop (the route to the proxy enters the TUN and neither a
+//! mark nor `--interface` keeps it off).
 
 use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
@@ -13,7 +16,9 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use tun2socks::config::{ProxyUrl, ProxyUrlError};
 use tun2socks::device::{Device, DeviceConfig, DeviceError};
+use tun2socks::flow::udp::UdpConfig;
 use tun2socks::server::{self, ServerConfig};
+use tun2socks::setup::{self, SetupConfig, SetupError};
 use tun2socks::socks::{Credentials, ServerPolicy, Users};
 use tun2socks::stack::{self, StackConfig};
 use tun2socks::upstream::{DialOptions, Upstream};
@@ -60,7 +65,7 @@ struct TunnelArgs {
     #[arg(long, value_name = "NAME", default_value = "tun0")]
     device: String,
     /// Address of the device (repeatable) [default for a device we create:
-    /// 198.18.0.1/15 and fd18::1/64; an attached device gets none]
+    /// 198.18.0.1/16 and fd18::1/64; an attached device gets none]
     #[arg(long, value_name = "CIDR")]
     address: Vec<IpNet>,
     /// MTU [default for a device we create: 9000; an attached device keeps its own]
@@ -69,9 +74,17 @@ struct TunnelArgs {
     /// Send to the proxy through this interface only (SO_BINDTODEVICE).
     #[arg(long, value_name = "IFNAME")]
     interface: Option<String>,
-    /// Mark sockets to the proxy (SO_MARK), for policy routing around the TUN.
-    #[arg(long, value_name = "N")]
+    /// Mark sockets to the proxy (SO_MARK), for policy routing around the TUN
+    /// [default with --setup: 0x2d7 (727)].
+    #[arg(long, value_name = "N", value_parser = parse_u32)]
     fwmark: Option<u32>,
+    /// Make the TUN the default gateway (v4 and v6: table 727, rules 7260-7270), keep
+    /// the proxy's traffic off it with the fwmark, undo it all on exit.
+    #[arg(long)]
+    setup: bool,
+    /// With --setup: keep this network off the tunnel (repeatable).
+    #[arg(long, value_name = "CIDR", value_parser = parse_net, requires = "setup")]
+    exclude: Vec<IpNet>,
     /// Receive and send buffer of each TCP flow, in KiB.
     #[arg(long, value_name = "KIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(4..=65536))]
     tcp_buffer: u32,
@@ -81,6 +94,14 @@ struct TunnelArgs {
     /// Seconds to wait for the proxy to accept and answer.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     connect_timeout: u64,
+    /// Seconds without traffic after which a UDP association is closed (associations
+    /// that only carried DNS: 10 s or this, whichever is shorter).
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+    udp_timeout: u64,
+    /// UDP associations at once (one per application socket); datagrams from further
+    /// sockets are dropped and the limit is logged.
+    #[arg(long, value_name = "N", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
+    max_udp: u64,
 }
 
 #[derive(Debug, Args)]
@@ -128,6 +149,15 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
     s.parse::<IpNet>()
         .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
         .map_err(|_| format!("{s:?} is not a CIDR (like 10.0.0.0/8) or an IP address"))
+}
+
+/// A number, decimal or `0x` hexadecimal.
+fn parse_u32(s: &str) -> Result<u32, String> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("{s:?} is not a 32-bit number (decimal or 0x hexadecimal)"))
 }
 
 fn parse_user(s: &str) -> Result<Credentials, String> {
@@ -233,6 +263,8 @@ fn run_server(args: &ServerArgs) -> ExitCode {
 const EXIT_NO_PERMISSION: u8 = 3;
 /// Exit code when the TUN device is held by another process.
 const EXIT_BUSY: u8 = 4;
+/// Exit code when the connection to the proxy would loop through the TUN.
+const EXIT_LOOP: u8 = 5;
 
 impl TunnelArgs {
     fn configs(&self) -> Result<(DeviceConfig, StackConfig, Upstream), String> {
@@ -245,10 +277,22 @@ impl TunnelArgs {
             txqueuelen: None,
         };
         let buffer = usize::try_from(self.tcp_buffer).unwrap_or(512) * 1024;
+        let udp_timeout = Duration::from_secs(self.udp_timeout);
+        let udp = UdpConfig {
+            idle_timeout: udp_timeout,
+            dns_idle_timeout: udp_timeout.min(UdpConfig::default().dns_idle_timeout),
+            max_associations: usize::try_from(self.max_udp).unwrap_or(usize::MAX),
+            local_nets: device
+                .addresses
+                .clone()
+                .unwrap_or_else(tun2socks::device::default_addresses),
+            ..UdpConfig::default()
+        };
         let stack = StackConfig {
             tcp_rx_buffer: buffer,
             tcp_tx_buffer: buffer,
             max_flows: self.max_flows.max(1),
+            udp,
             ..StackConfig::default()
         };
         let timeout = Duration::from_secs(self.connect_timeout.max(1));
@@ -257,11 +301,28 @@ impl TunnelArgs {
             DialOptions {
                 connect_timeout: timeout,
                 handshake_timeout: timeout,
-                fwmark: self.fwmark,
+                fwmark: self.fwmark.or(self.setup.then_some(setup::DEFAULT_FWMARK)),
                 interface: self.interface.clone(),
             },
         );
         Ok((device, stack, upstream))
+    }
+
+    fn setup_config(&self) -> Option<SetupConfig> {
+        self.setup.then(|| SetupConfig {
+            fwmark: self.fwmark.unwrap_or(setup::DEFAULT_FWMARK),
+            exclude: self.exclude.clone(),
+            ..SetupConfig::default()
+        })
+    }
+}
+
+fn setup_exit_code(error: &SetupError) -> u8 {
+    match error {
+        SetupError::Busy { .. } => EXIT_BUSY,
+        SetupError::Loop { .. } => EXIT_LOOP,
+        error if error.permission_denied() => EXIT_NO_PERMISSION,
+        _ => 1,
     }
 }
 
@@ -296,7 +357,15 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let setup_config = args.setup_config();
     runtime.block_on(async {
+        let lock = match setup_config.as_ref().map(|c| setup::begin(&args.device, c)) {
+            Some(Err(e)) => {
+                eprintln!("tun2socks: {e}");
+                return ExitCode::from(setup_exit_code(&e));
+            }
+            lock => lock.and_then(Result::ok),
+        };
         let device = match Device::open(&device_config) {
             Ok(device) => device,
             Err(e) => {
@@ -304,7 +373,21 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
                 return ExitCode::from(device_exit_code(&e));
             }
         };
+        // The proxy's name is looked up once, here, and again only if every address
+        // fails: once the host's DNS goes through the tunnel, a lookup per flow loops.
+        if let Err(e) = upstream.resolve().await {
+            tracing::warn!(error = %e, "cannot resolve the proxy yet; will retry with backoff");
+        }
+        let lock = lock.zip(setup_config.as_ref());
+        let routing = match setup::start(&device, &upstream, lock) {
+            Ok(routing) => routing,
+            Err(e) => {
+                eprintln!("tun2socks: {e}");
+                return ExitCode::from(setup_exit_code(&e));
+            }
+        };
         tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
+        let _routing = routing; // undone when this block ends, after the stack stopped
         match stack::run(device, stack_config, upstream, shutdown_signal()).await {
             Ok(stats) => {
                 tracing::info!(?stats, "stopped");

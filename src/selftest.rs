@@ -3,8 +3,10 @@
 //! Builds the three-namespace topology ([`crate::testbed`]), starts test services in
 //! `target`, then for each protocol variant (socks5, socks5 with a login, socks4,
 //! socks4a) starts our SOCKS server in `proxy` and the tunnel in `app` (this very
-//! binary, as real processes), and drives TCP over IPv4 and IPv6 through them from
-//! `app`, which has no other way to reach `target`. Ends with a throughput figure.
+//! binary, as real processes; the tunnel with `--setup`, so it makes itself the
+//! default gateway and must leave `app`'s routing as it found it), and drives TCP
+//! over IPv4 and IPv6 through them from `app`, which has no other way to reach
+//! `target`. Ends with a throughput figure.
 //! Everything is torn down afterwards, also on failure.
 //!
 //! Not part of the data path; it uses it from the outside like any application.
@@ -23,7 +25,9 @@ use crate::testbed::services::{
     DISCARD_PORT, ECHO_PORT, HTTP_PORT, SOURCE_PORT, Services, UPLOAD_PORT, blob, echo_round_trip,
     sha256_hex, upload_sha256,
 };
-use crate::testbed::tunnel::{panics_in, proxy_addr, start_server, start_tunnel};
+use crate::testbed::tunnel::{
+    panics_in, proxy_addr, routing_snapshot, start_server, start_tunnel_setup,
+};
 use crate::testbed::{Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_root};
 
 /// Size of the blob downloaded and uploaded in each variant.
@@ -150,8 +154,9 @@ pub fn run(binary: &Path, mut progress: impl FnMut(&Check)) -> io::Result<Report
     };
     for v in variants() {
         let server = start_server(topo.proxy(), binary, &v.server_args)?;
-        let tunnel = start_tunnel(topo.app(), binary, &v.url, &[])?;
         let app = topo.app();
+        let routing_before = routing_snapshot(app)?;
+        let tunnel = start_tunnel_setup(app, binary, &v.url, &[])?;
         for (family, ip) in [("IPv4", TARGET_V4.into()), ("IPv6", TARGET_V6.into())] {
             let at = |port| SocketAddr::new(ip, port);
             if !v.ipv6 && family == "IPv6" {
@@ -179,6 +184,8 @@ pub fn run(binary: &Path, mut progress: impl FnMut(&Check)) -> io::Result<Report
         }
         let name = format!("{} clean exit on SIGTERM, no panic", v.name);
         record(&mut report, name, stop_cleanly(tunnel, server));
+        let name = format!("{} --setup: ip rule/route (v4, v6) restored", v.name);
+        record(&mut report, name, routing_restored(app, &routing_before));
     }
     Ok(report)
 }
@@ -317,6 +324,24 @@ async fn upload_rate(dst: SocketAddr) -> Result<String, String> {
 }
 
 /// SIGTERM to the tunnel and the server: both must exit 0, promptly, without panics.
+/// Compares the routing of `ns` with `before` (waiting briefly: the kernel removes
+/// the device's routes as the descriptor closes).
+fn routing_restored(ns: &Namespace, before: &str) -> Result<String, String> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let now = routing_snapshot(ns).map_err(|e| e.to_string())?;
+        if now == before {
+            return Ok(format!("{} lines identical", now.lines().count()));
+        }
+        if Instant::now() >= deadline {
+            let extra: Vec<&str> = now.lines().filter(|l| !before.contains(*l)).collect();
+            let missing: Vec<&str> = before.lines().filter(|l| !now.contains(*l)).collect();
+            return Err(format!("left behind {extra:?}; missing {missing:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn stop_cleanly(tunnel: Process, server: Process) -> Result<String, String> {
     let mut problems = Vec::new();
     let mut slowest = Duration::ZERO;

@@ -185,7 +185,7 @@ fn defaults_are_the_documented_addresses_and_a_long_queue() {
         assert_eq!(ns.link("t2sdefault").qlen, DEFAULT_TXQUEUELEN);
         assert_eq!(DEFAULT_TXQUEUELEN, 10_000);
         let addrs = ns.addresses("t2sdefault");
-        assert!(find(&addrs, "198.18.0.1/15").is_some(), "{addrs:?}");
+        assert!(find(&addrs, "198.18.0.1/16").is_some(), "{addrs:?}");
         assert!(find(&addrs, "fd18::1/64").is_some(), "{addrs:?}");
         drop(device);
     });

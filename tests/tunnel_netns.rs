@@ -155,7 +155,7 @@ fn http_download_64mib_over_ipv4_and_ipv6() {
         .unwrap();
     let addrs = String::from_utf8_lossy(&addrs.stdout);
     assert!(
-        addrs.contains("198.18.0.1/15") && addrs.contains("fd18::1/64"),
+        addrs.contains("198.18.0.1/16") && addrs.contains("fd18::1/64"),
         "{addrs}"
     );
     let expected = sha256_hex(&blob(BLOB, SEED));

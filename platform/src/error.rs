@@ -184,3 +184,76 @@ impl fmt::Display for Explained<'_> {
         }
     }
 }
+
+/// A change to routes or policy rules, named in [`RouteError`]s and restore warnings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RouteOp {
+    /// Opening the configuration socket (netlink on Linux).
+    Open,
+    /// Adding a route or rule.
+    Add(crate::RoutingEntry),
+    /// Deleting a route or rule.
+    Delete(crate::RoutingEntry),
+    /// Asking which interface a packet to this address (with this mark) leaves by.
+    Lookup(std::net::IpAddr, Option<u32>),
+}
+
+impl fmt::Display for RouteOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Open => f.write_str("open the routing socket"),
+            Self::Add(entry) => write!(f, "add {entry}"),
+            Self::Delete(entry) => write!(f, "delete {entry}"),
+            Self::Lookup(ip, None) => write!(f, "look up the route to {ip}"),
+            Self::Lookup(ip, Some(mark)) => write!(f, "look up the route to {ip} mark {mark:#x}"),
+        }
+    }
+}
+
+/// Changing or reading routes and rules failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    /// The kernel refused the request: its errno and, when it gave one, its own
+    /// explanation (netlink extended ACK).
+    #[error("{op}: {}{}", io::Error::from_raw_os_error(*errno), Explained(message))]
+    Refused {
+        /// What was asked.
+        op: RouteOp,
+        /// The positive errno, e.g. `EPERM` (no `CAP_NET_ADMIN`), `EEXIST`, `ENOENT`.
+        errno: i32,
+        /// The kernel's extended-ACK message, if any.
+        message: Option<String>,
+    },
+    /// Talking to the kernel failed (socket, send or receive).
+    #[error("{op}: {error}")]
+    Io {
+        /// What was asked.
+        op: RouteOp,
+        /// The OS error.
+        error: io::Error,
+    },
+    /// The kernel's reply could not be understood.
+    #[error("{op}: undecodable reply: {reason}")]
+    Decode {
+        /// What was asked.
+        op: RouteOp,
+        /// What the decoder said.
+        reason: String,
+    },
+    /// Routes and policy rules are not implemented for this OS yet.
+    #[error("routes and policy rules are not supported on this operating system yet")]
+    Unsupported,
+}
+
+impl RouteError {
+    /// The OS error number behind this error, if there is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            Self::Refused { errno, .. } => Some(*errno),
+            Self::Io { error, .. } => error.raw_os_error(),
+            _ => None,
+        }
+    }
+}

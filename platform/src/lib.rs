@@ -10,6 +10,10 @@
 //! caller that knows the change will vanish anyway (the device is ours and goes away
 //! with its descriptor) calls [`LinkGuard::forget`].
 //!
+//! [`Routing`] adds routes and policy rules ([`RoutingEntry`]), each returning a
+//! [`RouteGuard`] that deletes it on drop, deletes a described entry (what a crashed
+//! run left), and asks the kernel which interface a packet would leave by.
+//!
 //! [`Pipe`] relays bytes between sockets with `splice(2)`, without copying them
 //! through userspace (the SOCKS server's bulk path).
 //!
@@ -23,7 +27,7 @@
 //! let tun = open_tun(Some("tun0"))?;
 //! let link = Link::new(tun.ifindex())?;
 //! let _mtu = link.set_mtu(1500)?;
-//! let _addr = link.add_address("198.18.0.1/15".parse()?)?;
+//! let _addr = link.add_address("198.18.0.1/16".parse()?)?;
 //! let _up = link.set_up()?;
 //! // ... use `tun` ...
 //! // dropping the guards restores MTU, removes the address, sets the link down.
@@ -31,6 +35,7 @@
 //! ```
 
 mod error;
+mod routing;
 
 #[cfg(target_os = "linux")]
 #[path = "linux/mod.rs"]
@@ -40,8 +45,9 @@ mod imp;
 #[path = "unsupported/mod.rs"]
 mod imp;
 
-pub use error::{LinkError, LinkOp, TunError};
-pub use imp::{Link, LinkGuard, LinkState, Pipe, Tun, open_tun};
+pub use error::{LinkError, LinkOp, RouteError, RouteOp, TunError};
+pub use imp::{Link, LinkGuard, LinkState, Pipe, RouteGuard, Routing, Tun, open_tun};
+pub use routing::{Family, MAIN_TABLE, ParseError, Route, RoutingEntry, Rule};
 
 /// The longest interface name the OS accepts, in bytes (without a terminating NUL).
 pub const MAX_NAME_LEN: usize = imp::MAX_NAME_LEN;

@@ -16,6 +16,7 @@
 )]
 
 pub mod tcp;
+pub mod udp;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -51,6 +52,9 @@ pub struct TcpFlow {
     pub id: FlowId,
     /// Its addresses.
     pub tuple: FourTuple,
+    /// Where the proxy is asked to connect: the destination address, or a name (a
+    /// fake-IP destination, which the proxy resolves).
+    pub target: crate::socks::Address,
     /// A set holding exactly the flow's TCP socket. Per-flow sets keep every stack
     /// operation O(1) in the number of flows (smoltcp walks the whole set on egress).
     sockets: Mutex<SocketSet<'static>>,
@@ -68,12 +72,14 @@ impl TcpFlow {
     pub fn new(
         id: FlowId,
         tuple: FourTuple,
+        target: crate::socks::Address,
         sockets: SocketSet<'static>,
         handle: SocketHandle,
     ) -> Self {
         TcpFlow {
             id,
             tuple,
+            target,
             sockets: Mutex::new(sockets),
             handle,
             queued: AtomicBool::new(false),

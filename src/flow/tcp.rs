@@ -26,7 +26,6 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::{BurstLog, FlowStats, Signal, TcpFlow};
-use crate::socks::Address;
 use crate::upstream::{Upstream, UpstreamError};
 
 /// What a flow task needs besides its flow.
@@ -88,7 +87,7 @@ fn abort_socket(flow: &TcpFlow) {
 }
 
 async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), FlowError> {
-    let connected = cx.upstream.connect(Address::from(flow.tuple.dst)).await?;
+    let connected = cx.upstream.connect(flow.target.clone()).await?;
     cx.stats.connected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(bound = %connected.bound, "connected");
     {

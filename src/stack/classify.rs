@@ -18,10 +18,12 @@ pub enum Class {
         /// Opens a new connection.
         syn: bool,
     },
-    /// A UDP datagram.
+    /// A UDP datagram whose length and checksum are right.
     Udp {
         /// Its addresses.
         tuple: FourTuple,
+        /// Where its payload lies in the packet: offset and length.
+        payload: (usize, usize),
     },
     /// Not for the stack.
     Drop(DropReason),
@@ -38,8 +40,16 @@ pub enum DropReason {
     Icmp,
     /// Another transport protocol.
     OtherProtocol,
-    /// Source or destination is not a unicast address, or a port is 0.
+    /// Source or destination is unspecified, or a port is 0.
     NotUnicast,
+    /// To a multicast group (mDNS, LLMNR, SSDP, ...): never sent to the proxy.
+    Multicast,
+    /// To a broadcast address (DHCP, NetBIOS, ...): never sent to the proxy.
+    Broadcast,
+    /// UDP to a link-local address: it only means something on the local link.
+    LinkLocal,
+    /// A UDP checksum that does not match (or the IPv6 checksum 0, which is invalid).
+    BadChecksum,
 }
 
 impl DropReason {
@@ -51,12 +61,68 @@ impl DropReason {
             DropReason::Icmp => "icmp",
             DropReason::OtherProtocol => "other-protocol",
             DropReason::NotUnicast => "not-unicast",
+            DropReason::Multicast => "multicast",
+            DropReason::Broadcast => "broadcast",
+            DropReason::LinkLocal => "link-local",
+            DropReason::BadChecksum => "bad-checksum",
         }
     }
 }
 
-fn unicast(ip: IpAddr) -> bool {
-    !(ip.is_unspecified() || ip.is_multicast() || ip == IpAddr::from([255, 255, 255, 255]))
+/// Why a destination is not an ordinary unicast address, if it is not.
+fn special_destination(ip: IpAddr) -> Option<DropReason> {
+    if ip.is_unspecified() {
+        Some(DropReason::NotUnicast)
+    } else if ip.is_multicast() {
+        Some(DropReason::Multicast)
+    } else if ip == IpAddr::from([255, 255, 255, 255]) {
+        Some(DropReason::Broadcast)
+    } else {
+        None
+    }
+}
+
+/// Is `ip` link-local (169.254.0.0/16, fe80::/10)?
+pub fn is_link_local(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments().first().is_some_and(|s| s & 0xffc0 == 0xfe80),
+    }
+}
+
+/// The Internet checksum (RFC 1071) of a UDP datagram with its pseudo-header is
+/// right: the ones' complement sum over both is all ones.
+fn udp_checksum_ok(src: IpAddr, dst: IpAddr, udp: &[u8]) -> bool {
+    let mut sum: u64 = 0;
+    let mut add = |bytes: &[u8]| {
+        let mut chunks = bytes.chunks_exact(2);
+        for c in &mut chunks {
+            if let [a, b] = c {
+                sum += u64::from(u16::from_be_bytes([*a, *b]));
+            }
+        }
+        if let [last] = chunks.remainder() {
+            sum += u64::from(u16::from_be_bytes([*last, 0]));
+        }
+    };
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            add(&s.octets());
+            add(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            add(&s.octets());
+            add(&d.octets());
+        }
+        _ => return false,
+    }
+    let len = udp.len() as u64;
+    add(udp);
+    sum += 17 + len;
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
 }
 
 /// Classifies one IP packet.
@@ -80,24 +146,49 @@ pub fn classify(packet: &[u8]) -> Class {
     if fragmented {
         return Class::Drop(DropReason::Fragment);
     }
-    let tuple = |sport: u16, dport: u16| -> Option<FourTuple> {
-        (unicast(src) && unicast(dst) && sport != 0 && dport != 0).then_some(FourTuple {
+    let tuple = |sport: u16, dport: u16| -> Result<FourTuple, DropReason> {
+        if let Some(reason) = special_destination(dst) {
+            return Err(reason);
+        }
+        if src.is_unspecified() || src.is_multicast() || sport == 0 || dport == 0 {
+            return Err(DropReason::NotUnicast);
+        }
+        Ok(FourTuple {
             src: SocketAddr::new(src, sport),
             dst: SocketAddr::new(dst, dport),
         })
     };
     match &sliced.transport {
         Some(TransportSlice::Tcp(tcp)) => match tuple(tcp.source_port(), tcp.destination_port()) {
-            Some(tuple) => Class::Tcp {
+            Ok(tuple) => Class::Tcp {
                 tuple,
                 syn: tcp.syn() && !tcp.ack() && !tcp.rst(),
             },
-            None => Class::Drop(DropReason::NotUnicast),
+            Err(reason) => Class::Drop(reason),
         },
-        Some(TransportSlice::Udp(udp)) => match tuple(udp.source_port(), udp.destination_port()) {
-            Some(tuple) => Class::Udp { tuple },
-            None => Class::Drop(DropReason::NotUnicast),
-        },
+        Some(TransportSlice::Udp(udp)) => {
+            let tuple = match tuple(udp.source_port(), udp.destination_port()) {
+                Ok(_) if is_link_local(dst) => return Class::Drop(DropReason::LinkLocal),
+                Ok(tuple) => tuple,
+                Err(reason) => return Class::Drop(reason),
+            };
+            let checksum = udp.checksum();
+            let checked = if checksum == 0 {
+                // "No checksum": allowed in IPv4 only (RFC 768; RFC 8200 8.1).
+                src.is_ipv4()
+            } else {
+                udp_checksum_ok(src, dst, udp.slice())
+            };
+            if !checked {
+                return Class::Drop(DropReason::BadChecksum);
+            }
+            let payload = udp.payload();
+            let offset = (payload.as_ptr() as usize).saturating_sub(packet.as_ptr() as usize);
+            Class::Udp {
+                tuple,
+                payload: (offset, payload.len()),
+            }
+        }
         Some(TransportSlice::Icmpv4(_) | TransportSlice::Icmpv6(_)) => {
             Class::Drop(DropReason::Icmp)
         }
@@ -150,7 +241,10 @@ mod tests {
             .udp(5353, 53)
             .write(&mut out, b"q")
             .unwrap();
-        assert!(matches!(classify(&out), Class::Udp { .. }));
+        let Class::Udp { payload, .. } = classify(&out) else {
+            panic!()
+        };
+        assert_eq!(&out[payload.0..payload.0 + payload.1], b"q");
         let mut out = Vec::new();
         PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
             .icmpv4_echo_request(1, 1)
@@ -179,7 +273,29 @@ mod tests {
             .udp(1, 2)
             .write(&mut out, b"")
             .unwrap();
-        assert_eq!(classify(&out), Class::Drop(DropReason::NotUnicast));
+        assert_eq!(classify(&out), Class::Drop(DropReason::Multicast));
+        let mut out = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 2], [255, 255, 255, 255], 64)
+            .udp(68, 67)
+            .write(&mut out, b"dhcp")
+            .unwrap();
+        assert_eq!(classify(&out), Class::Drop(DropReason::Broadcast));
+        let mut out = Vec::new();
+        PacketBuilder::ipv6(
+            [0xfd; 16],
+            [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 3],
+            64,
+        )
+        .udp(5355, 5355)
+        .write(&mut out, b"llmnr")
+        .unwrap();
+        assert_eq!(classify(&out), Class::Drop(DropReason::Multicast));
+        let mut out = Vec::new();
+        PacketBuilder::ipv4([10, 0, 0, 2], [169, 254, 1, 1], 64)
+            .udp(5000, 5000)
+            .write(&mut out, b"ll")
+            .unwrap();
+        assert_eq!(classify(&out), Class::Drop(DropReason::LinkLocal));
         let mut out = Vec::new();
         PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
             .tcp(0, 80, 1, 100)
@@ -187,6 +303,37 @@ mod tests {
             .write(&mut out, b"")
             .unwrap();
         assert_eq!(classify(&out), Class::Drop(DropReason::NotUnicast));
+    }
+
+    #[test]
+    fn udp_checksums_are_checked() {
+        for v6 in [false, true] {
+            let mut out = Vec::new();
+            let b = if v6 {
+                PacketBuilder::ipv6([0xfd; 16], [0x20; 16], 64)
+            } else {
+                PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+            };
+            b.udp(4000, 53).write(&mut out, b"odd").unwrap();
+            assert!(matches!(classify(&out), Class::Udp { .. }), "v6={v6}");
+            let last = out.len() - 1;
+            out[last] ^= 1;
+            assert_eq!(classify(&out), Class::Drop(DropReason::BadChecksum));
+            // Checksum 0: "none" over IPv4, invalid over IPv6.
+            out[last] ^= 1;
+            let at = out.len() - 3 - 2;
+            out[at] = 0;
+            out[at + 1] = 0;
+            let expected = if v6 {
+                Class::Drop(DropReason::BadChecksum)
+            } else {
+                classify(&out)
+            };
+            assert_eq!(classify(&out), expected);
+            if !v6 {
+                assert!(matches!(classify(&out), Class::Udp { .. }));
+            }
+        }
     }
 
     proptest! {

@@ -22,6 +22,7 @@
 )]
 
 pub mod classify;
+mod datagram;
 mod phy;
 mod timers;
 
@@ -41,10 +42,13 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::egress::Egress;
 use crate::flow::tcp::FlowContext;
+use crate::flow::udp::UdpConfig;
 use crate::flow::{BurstLog, FlowId, FlowStats, FourTuple, Signal, TcpFlow};
 use crate::upstream::Upstream;
 use classify::{Class, DropReason};
+use datagram::{Datagrams, DeviceSink};
 use phy::{OnePacket, TxCounters};
 use timers::Timers;
 
@@ -107,6 +111,8 @@ pub struct StackConfig {
     pub max_flows: usize,
     /// A flow whose application stops acknowledging data for this long is reset.
     pub tcp_timeout: Duration,
+    /// UDP associations.
+    pub udp: UdpConfig,
 }
 
 impl Default for StackConfig {
@@ -116,6 +122,7 @@ impl Default for StackConfig {
             tcp_tx_buffer: 512 * 1024,
             max_flows: 8192,
             tcp_timeout: Duration::from_secs(120),
+            udp: UdpConfig::default(),
         }
     }
 }
@@ -143,6 +150,22 @@ pub struct StackStats {
     pub bytes_up: u64,
     /// Bytes from the proxy to applications.
     pub bytes_down: u64,
+    /// TCP SYNs to the proxy's own address and port, reset (they would loop).
+    pub loops_refused: u64,
+    /// UDP associations set up with the proxy.
+    pub udp_associations: u64,
+    /// UDP datagrams from applications sent to the proxy.
+    pub udp_up: u64,
+    /// UDP datagrams from the proxy written to applications.
+    pub udp_down: u64,
+    /// UDP datagrams answered with port unreachable (the proxy has or gives no UDP).
+    pub udp_refused: u64,
+    /// UDP datagrams dropped on the way to the proxy (queue or socket full, limit,
+    /// oversized, broadcast).
+    pub udp_dropped: u64,
+    /// Packets built outside smoltcp (UDP replies, ICMP errors) that the device
+    /// refused.
+    pub egress_dropped: u64,
 }
 
 /// Runs the stack on `device` until `shutdown` resolves or the device fails. Every
@@ -160,7 +183,7 @@ pub async fn run<D: PacketIo>(
 }
 
 struct Stack<D: PacketIo> {
-    device: D,
+    device: Arc<D>,
     iface: Interface,
     /// The instant smoltcp's clock counts from.
     epoch: Instant,
@@ -179,17 +202,22 @@ struct Stack<D: PacketIo> {
     dirty: Vec<FlowId>,
     stats: StackStats,
     limit_log: BurstLog,
+    loop_log: BurstLog,
+    datagrams: Datagrams,
 }
 
 impl<D: PacketIo> Stack<D> {
     fn new(device: D, config: StackConfig, upstream: Upstream) -> Self {
+        let device = Arc::new(device);
+        let egress = Arc::new(Egress::new(Arc::new(DeviceSink(device.clone()))));
+        let datagrams = Datagrams::new(upstream.clone(), egress, config.udp.clone());
         let epoch = Instant::now();
         let mut scratch = Vec::with_capacity(RX_BUFFER);
         let mut tx = TxCounters::default();
         let mut iface_config = Config::new(HardwareAddress::Ip);
         iface_config.random_seed = random_seed();
         let iface = {
-            let mut probe = OnePacket::new(None, &device, &mut scratch, &mut tx);
+            let mut probe = OnePacket::new(None, &*device, &mut scratch, &mut tx);
             let mut iface = Interface::new(iface_config, &mut probe, smol_now(epoch, epoch));
             // Accept every destination: the TUN is the default route.
             iface.set_any_ip(true);
@@ -219,6 +247,8 @@ impl<D: PacketIo> Stack<D> {
             dirty: Vec::new(),
             stats: StackStats::default(),
             limit_log: BurstLog::new(Duration::from_secs(5)),
+            loop_log: BurstLog::new(Duration::from_secs(5)),
+            datagrams,
         }
     }
 
@@ -243,6 +273,7 @@ impl<D: PacketIo> Stack<D> {
             }
             self.poll_flows(now);
             while self.tasks.try_join_next().is_some() {}
+            self.datagrams.reap();
             let next = self
                 .timers
                 .next()
@@ -303,17 +334,17 @@ impl<D: PacketIo> Stack<D> {
                     }
                 }
                 None if syn => self.open(tuple, packet, now),
-                None => {
-                    // No such connection: smoltcp answers with RST.
-                    let mut none =
-                        std::mem::replace(&mut self.no_sockets, SocketSet::new(Vec::new()));
-                    self.deliver(packet, &mut none, now);
-                    self.no_sockets = none;
-                }
+                // No such connection: smoltcp answers with RST.
+                None => self.refuse(packet, now),
             },
-            Class::Udp { tuple } => {
-                tracing::trace!(%tuple, "UDP is not relayed yet; dropped");
-                self.drop_packet(DropReason::OtherProtocol);
+            Class::Udp {
+                tuple,
+                payload: (offset, len),
+            } => {
+                let payload = packet
+                    .get(offset..offset.saturating_add(len))
+                    .unwrap_or_default();
+                self.datagrams.ingress(tuple, payload, now);
             }
             Class::Drop(reason) => {
                 tracing::trace!(reason = reason.name(), "packet dropped");
@@ -325,13 +356,32 @@ impl<D: PacketIo> Stack<D> {
     /// Feeds one packet to smoltcp against `sockets`; replies go to the device.
     fn deliver(&mut self, packet: &[u8], sockets: &mut SocketSet<'static>, now: Instant) {
         let ts = smol_now(self.epoch, now);
-        let mut dev = OnePacket::new(Some(packet), &self.device, &mut self.scratch, &mut self.tx);
+        let mut dev = OnePacket::new(Some(packet), &*self.device, &mut self.scratch, &mut self.tx);
         self.iface.poll_ingress_single(ts, &mut dev, sockets);
     }
 
     /// A SYN to a connection we do not have: give it a socket whose SYN-ACK waits for
     /// the flow's upstream CONNECT, and start the flow.
     fn open(&mut self, tuple: FourTuple, syn: &[u8], now: Instant) {
+        if self.cx.upstream.is_proxy(tuple.dst) {
+            // The proxy's own address through the tunnel would loop: refuse it.
+            self.stats.loops_refused = self.stats.loops_refused.saturating_add(1);
+            if let Some(suppressed) = self.loop_log.check(now) {
+                tracing::warn!(
+                    %tuple, suppressed,
+                    "a connection to the proxy itself entered the tunnel; reset (routing loop: \
+                     use --setup, --fwmark or --interface so the proxy is reached directly)"
+                );
+            }
+            self.refuse(syn, now);
+            return;
+        }
+        let Some(target) = self.datagrams.target_for(tuple.dst, now) else {
+            // A fake-IP address that maps to no name (any more): never a wrong
+            // destination, a reset.
+            self.refuse(syn, now);
+            return;
+        };
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
             self.stats.flows_over_limit = self.stats.flows_over_limit.saturating_add(1);
             if let Some(suppressed) = self.limit_log.check(now) {
@@ -341,9 +391,7 @@ impl<D: PacketIo> Stack<D> {
                     "flow limit reached; resetting new connections"
                 );
             }
-            let mut none = std::mem::replace(&mut self.no_sockets, SocketSet::new(Vec::new()));
-            self.deliver(syn, &mut none, now);
-            self.no_sockets = none;
+            self.refuse(syn, now);
             return;
         };
         let mut socket = tcp::Socket::new(
@@ -370,7 +418,7 @@ impl<D: PacketIo> Stack<D> {
         }
         let id = self.next_id;
         self.next_id = self.next_id.saturating_add(1);
-        let flow = Arc::new(TcpFlow::new(id, tuple, sockets, handle));
+        let flow = Arc::new(TcpFlow::new(id, tuple, target, sockets, handle));
         self.flows.insert(id, flow.clone());
         self.by_tuple.insert(tuple, id);
         self.stats.flows_opened = self.stats.flows_opened.saturating_add(1);
@@ -378,6 +426,13 @@ impl<D: PacketIo> Stack<D> {
             tracing::info_span!("flow", id, proto = "tcp", src = %tuple.src, dst = %tuple.dst);
         self.tasks
             .spawn(crate::flow::tcp::run(flow, self.cx.clone(), permit).instrument(span));
+    }
+
+    /// Answers a segment with RST (smoltcp does it for a segment no socket takes).
+    fn refuse(&mut self, segment: &[u8], now: Instant) {
+        let mut none = std::mem::replace(&mut self.no_sockets, SocketSet::new(Vec::new()));
+        self.deliver(segment, &mut none, now);
+        self.no_sockets = none;
     }
 
     /// Lets one flow's socket transmit, then schedules its next timer or, once it is
@@ -389,7 +444,7 @@ impl<D: PacketIo> Stack<D> {
         let ts = smol_now(self.epoch, now);
         let mut sockets = flow.sockets();
         {
-            let mut dev = OnePacket::new(None, &self.device, &mut self.scratch, &mut self.tx);
+            let mut dev = OnePacket::new(None, &*self.device, &mut self.scratch, &mut self.tx);
             while self.iface.poll_egress(ts, &mut dev, &mut sockets)
                 == PollResult::SocketStateChanged
             {}
@@ -420,6 +475,7 @@ impl<D: PacketIo> Stack<D> {
             self.egress(*id, now);
         }
         self.tasks.shutdown().await;
+        self.datagrams.close().await;
         self.flows.clear();
         self.by_tuple.clear();
     }
@@ -427,9 +483,30 @@ impl<D: PacketIo> Stack<D> {
     fn stats(&self) -> StackStats {
         use std::sync::atomic::Ordering::Relaxed;
         let flows = &self.cx.stats;
+        let udp = self.datagrams.udp().stats();
+        let egress = self.datagrams.egress().stats();
         StackStats {
-            packets_out: self.tx.sent,
+            packets_out: self.tx.sent.saturating_add(egress.sent.load(Relaxed)),
             packets_out_dropped: self.tx.dropped,
+            udp_associations: udp.associations.load(Relaxed),
+            udp_up: udp.datagrams_up.load(Relaxed),
+            udp_down: udp.datagrams_down.load(Relaxed),
+            udp_refused: udp.refused.load(Relaxed),
+            udp_dropped: [
+                &udp.queue_full,
+                &udp.relay_busy,
+                &udp.over_limit,
+                &udp.oversized,
+                &udp.broadcast,
+                &udp.unmappable,
+            ]
+            .iter()
+            .map(|c| c.load(Relaxed))
+            .fold(0u64, u64::saturating_add),
+            egress_dropped: egress
+                .device_full
+                .load(Relaxed)
+                .saturating_add(egress.unsendable.load(Relaxed)),
             flows_connected: flows.connected.load(Relaxed),
             flows_failed: flows.failed.load(Relaxed),
             bytes_up: flows.bytes_up.load(Relaxed),

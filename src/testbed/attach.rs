@@ -15,7 +15,7 @@ use super::namespace::Namespace;
 use super::process::Process;
 
 /// The IPv4 address (and prefix) benchmarks give a hand-made device.
-pub const HAND_TUN_V4: &str = "198.18.0.1/15";
+pub const HAND_TUN_V4: &str = "198.18.0.1/16";
 /// The IPv6 address (and prefix) benchmarks give a hand-made device.
 pub const HAND_TUN_V6: &str = "fd18::1/64";
 

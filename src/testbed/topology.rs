@@ -141,6 +141,46 @@ impl Topology {
         Ok(())
     }
 
+    /// An ordinary host: the app's default routes (v4 and v6) go via the proxy, and the
+    /// target routes the app network back via the proxy. Whether the proxy forwards
+    /// is set apart ([`Topology::set_forwarding`]); without forwarding, the app
+    /// reaches the target only through a program in the proxy namespace.
+    pub fn route_app_via_proxy(&self) -> io::Result<()> {
+        self.app
+            .ip(["route", "add", "default", "via", &PROXY_V4.to_string()])?;
+        self.app.ip([
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &PROXY_V6.to_string(),
+        ])?;
+        self.target.ip([
+            "route",
+            "add",
+            &APP_NET_V4.to_string(),
+            "via",
+            &PROXY_OUT_V4.to_string(),
+        ])?;
+        self.target.ip([
+            "-6",
+            "route",
+            "add",
+            &APP_NET_V6.to_string(),
+            "via",
+            &PROXY_OUT_V6.to_string(),
+        ])?;
+        Ok(())
+    }
+
+    /// Turns IPv4 and IPv6 forwarding in the proxy namespace on or off.
+    pub fn set_forwarding(&self, on: bool) -> io::Result<()> {
+        let value = if on { "1" } else { "0" };
+        self.proxy.set_sysctl("net.ipv4.ip_forward", value)?;
+        self.proxy.set_sysctl("net.ipv6.conf.all.forwarding", value)
+    }
+
     /// Sets the MTU of all four veth ends (benchmarks use large ones).
     pub fn set_mtu(&self, mtu: u32) -> io::Result<()> {
         let mtu = mtu.to_string();

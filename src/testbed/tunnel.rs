@@ -1,6 +1,7 @@
 //! Starting the pieces of an end-to-end run as real processes: our SOCKS server in
 //! the proxy namespace, the tunnel in the app namespace with the default routes (v4
-//! and v6) pointing into its TUN. The binary is passed in: the tests use cargo's
+//! and v6) pointing into its TUN, added by hand ([`start_tunnel`]) or by the tunnel's
+//! own `--setup` ([`start_tunnel_setup`]). The binary is passed in: the tests use cargo's
 //! build of it, `selftest` uses itself.
 
 use std::io;
@@ -12,6 +13,7 @@ use super::namespace::Namespace;
 use super::process::Process;
 use super::topology::{APP_NET_V4, APP_NET_V6, PROXY_V4, PROXY_V6};
 use super::wait::wait_for_tcp;
+use crate::setup;
 
 /// The TUN device the tunnel creates in the app namespace.
 pub const TUN_NAME: &str = "tun0";
@@ -60,18 +62,68 @@ pub fn start_tunnel(
     proxy_url: &str,
     extra: &[&str],
 ) -> io::Result<Process> {
+    let process = spawn_until(ns, binary, proxy_url, extra, None, |_| {
+        link_is_up(ns, TUN_NAME)
+    })?;
+    ns.ip(["route", "add", "default", "dev", TUN_NAME])?;
+    ns.ip(["-6", "route", "add", "default", "dev", TUN_NAME])?;
+    Ok(process)
+}
+
+/// Starts `binary --proxy URL --device tun0 --setup extra...` in `ns`: the tunnel
+/// routes everything into its TUN itself (policy rules, `tun2socks::setup`). Returns
+/// once it logged "routing set up" (at the info level, so `extra` must not lower the
+/// log level) and its last rule (IPv6, priority [`setup::DEFAULT_PRIORITY`]) is in
+/// place. (The rule alone may be a crashed run's leftover.)
+pub fn start_tunnel_setup(
+    ns: &Namespace,
+    binary: &Path,
+    proxy_url: &str,
+    extra: &[&str],
+) -> io::Result<Process> {
+    let mut args = vec!["--setup"];
+    args.extend_from_slice(extra);
+    let priority = setup::DEFAULT_PRIORITY.to_string();
+    // The readiness line is logged at info: keep a more verbose RUST_LOG, else info.
+    let level = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|l| l.contains("debug") || l.contains("trace"))
+        .unwrap_or_else(|| "info".to_owned());
+    spawn_until(ns, binary, proxy_url, &args, Some(&level), |process| {
+        process
+            .log()
+            .is_ok_and(|log| log.contains("routing set up"))
+            && ns
+                .ip(["-6", "rule", "list", "pref", &priority])
+                .is_ok_and(|out| !out.stdout.is_empty())
+    })
+}
+
+/// Spawns the tunnel (with `RUST_LOG` if given) and polls `ready` until it holds, failing if the process exits
+/// first or [`START_TIMEOUT`] passes.
+fn spawn_until(
+    ns: &Namespace,
+    binary: &Path,
+    proxy_url: &str,
+    extra: &[&str],
+    rust_log: Option<&str>,
+    ready: impl Fn(&Process) -> bool,
+) -> io::Result<Process> {
     let mut cmd = ns.command(binary);
     cmd.args(["--proxy", proxy_url, "--device", TUN_NAME])
         .args(extra);
+    if let Some(level) = rust_log {
+        cmd.env("RUST_LOG", level);
+    }
     let mut process = ns.spawn(cmd)?;
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if link_is_up(ns, TUN_NAME) {
-            break;
+        if ready(&process) {
+            return Ok(process);
         }
         if let Some(status) = process.try_wait()? {
             return Err(io::Error::other(format!(
-                "tunnel exited with {status} before its device came up:\n{}",
+                "tunnel exited with {status} before it was ready:\n{}",
                 process.log().unwrap_or_default()
             )));
         }
@@ -79,16 +131,31 @@ pub fn start_tunnel(
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
                 format!(
-                    "{TUN_NAME} did not come up:\n{}",
+                    "{TUN_NAME} was not ready in time:\n{}",
                     process.log().unwrap_or_default()
                 ),
             ));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    ns.ip(["route", "add", "default", "dev", TUN_NAME])?;
-    ns.ip(["-6", "route", "add", "default", "dev", TUN_NAME])?;
-    Ok(process)
+}
+
+/// The routing state of `ns` as `ip` prints it: `ip rule`, `ip -6 rule`,
+/// `ip route show table all` and `ip -6 route show table all`, separated by `--`
+/// lines. Equal before and after a `--setup` run means everything was restored.
+pub fn routing_snapshot(ns: &Namespace) -> io::Result<String> {
+    let commands: [&[&str]; 4] = [
+        &["rule"],
+        &["-6", "rule"],
+        &["route", "show", "table", "all"],
+        &["-6", "route", "show", "table", "all"],
+    ];
+    let mut text = String::new();
+    for args in commands {
+        text.push_str(&String::from_utf8_lossy(&ns.ip(args)?.stdout));
+        text.push_str("--\n");
+    }
+    Ok(text)
 }
 
 /// Is the interface present and administratively up?

@@ -19,6 +19,11 @@ use super::namespace::Namespace;
 use super::services::blob;
 use super::udp::bind_udp;
 
+// The one-off probes moved to `udp_probes`; these paths stay for existing callers.
+pub use super::udp_probes::{
+    ConeReply, FanoutReport, UdpFanout, udp_cone, udp_cone_check, udp_many_ports,
+};
+
 /// The smallest payload an echo check sends: the sequence number.
 pub const MIN_PAYLOAD: usize = 8;
 /// How long a client waits for a reply before it counts the datagram as lost.

@@ -5,10 +5,12 @@
 
 mod link;
 mod netlink;
+mod route;
 mod splice;
 mod tun;
 
 pub use link::{Link, LinkGuard, LinkState};
+pub use route::{RouteGuard, Routing};
 pub use splice::Pipe;
 pub use tun::{Tun, open_tun};
 

@@ -7,7 +7,7 @@ use std::io;
 
 use ipnet::IpNet;
 
-use crate::{LinkError, LinkOp, TunError};
+use crate::{LinkError, LinkOp, RouteError, RoutingEntry, TunError};
 
 /// A common limit (BSD and macOS `IFNAMSIZ` less the NUL).
 pub const MAX_NAME_LEN: usize = 15;
@@ -168,6 +168,62 @@ impl Pipe {
 
     /// Unreachable.
     pub fn drain_into(&mut self, _socket: impl std::os::fd::AsFd) -> io::Result<usize> {
+        match self.never {}
+    }
+}
+
+/// See the Linux implementation; never constructed here.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    never: Infallible,
+}
+
+impl Routing {
+    /// Always fails with [`RouteError::Unsupported`].
+    pub fn new() -> Result<Routing, RouteError> {
+        Err(RouteError::Unsupported)
+    }
+
+    /// Adds a route or rule.
+    pub fn add(&self, _entry: RoutingEntry) -> Result<RouteGuard, RouteError> {
+        match self.never {}
+    }
+
+    /// Deletes a route or rule.
+    pub fn remove(&self, _entry: RoutingEntry) -> Result<bool, RouteError> {
+        match self.never {}
+    }
+
+    /// The interface a packet to `destination` would leave by.
+    pub fn output_interface(
+        &self,
+        _destination: std::net::IpAddr,
+        _mark: Option<u32>,
+    ) -> Result<Option<u32>, RouteError> {
+        match self.never {}
+    }
+}
+
+/// See the Linux implementation; never constructed here.
+#[derive(Debug)]
+#[must_use = "dropping the guard deletes the entry at once"]
+pub struct RouteGuard {
+    never: Infallible,
+}
+
+impl RouteGuard {
+    /// Keeps the entry.
+    pub fn forget(self) {
+        match self.never {}
+    }
+
+    /// Deletes the entry now.
+    pub fn restore(self) -> Result<(), RouteError> {
+        match self.never {}
+    }
+
+    /// The entry this guard will delete.
+    pub fn undoes(&self) -> Option<RoutingEntry> {
         match self.never {}
     }
 }

@@ -7,17 +7,22 @@
 //! dial through the TUN: when a fwmark or an outbound interface is configured, every
 //! socket it opens carries it.
 
+mod resolve;
+mod udp;
+
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+use tokio::net::{TcpSocket, TcpStream};
 
-use crate::config::{ProxyHost, ProxyUrl};
-use crate::socks::{self, Address, ClientHandshake, ClientStatus, Command, ReplyCode, udp};
+use crate::config::ProxyUrl;
+use crate::socks::{self, Address, ClientHandshake, ClientStatus, Command, ReplyCode};
+use resolve::ProxyAddrs;
+pub use udp::{Received, UdpAssociation};
 
 /// How sockets to the proxy are opened.
 #[derive(Debug, Clone)]
@@ -148,17 +153,44 @@ pub struct Connected {
     pub leftover: Vec<u8>,
 }
 
-/// The upstream proxy and how to reach it.
+/// The upstream proxy and how to reach it. Clones share the proxy's resolved
+/// addresses.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     proxy: ProxyUrl,
     options: DialOptions,
+    addrs: Arc<ProxyAddrs>,
 }
 
 impl Upstream {
-    /// A client for `proxy`.
+    /// A client for `proxy`. A proxy given by name is resolved on first use (call
+    /// [`Upstream::resolve`] at start), then again only after every address failed,
+    /// with a growing pause between lookups: never once per flow. Once the host's
+    /// DNS goes through the tunnel, a lookup per flow would loop.
     pub fn new(proxy: ProxyUrl, options: DialOptions) -> Self {
-        Upstream { proxy, options }
+        let addrs = Arc::new(ProxyAddrs::new(&proxy));
+        Upstream {
+            proxy,
+            options,
+            addrs,
+        }
+    }
+
+    /// Resolves the proxy's host name now (a no-op for an address). Returns the
+    /// addresses in use.
+    pub async fn resolve(&self) -> Result<Vec<SocketAddr>, UpstreamError> {
+        self.addrs.resolve(&self.proxy, true).await
+    }
+
+    /// The proxy's addresses as last resolved (empty before the first lookup).
+    pub fn proxy_addrs(&self) -> Vec<SocketAddr> {
+        self.addrs.current()
+    }
+
+    /// Is `addr` the proxy itself (one of its resolved addresses and its port)? A flow
+    /// to it would loop through the tunnel.
+    pub fn is_proxy(&self, addr: SocketAddr) -> bool {
+        self.addrs.contains(addr)
     }
 
     /// The proxy URL (safe to log: `Display` hides the password).
@@ -200,46 +232,6 @@ impl Upstream {
         })
     }
 
-    /// Sets up a SOCKS5 UDP ASSOCIATE: a control connection and a UDP socket that
-    /// talks to the proxy's relay.
-    pub async fn udp_associate(&self) -> Result<UdpAssociation, UpstreamError> {
-        let mut control = self.dial().await?;
-        let proxy = peer(&control);
-        let io_err = |source| UpstreamError::Io { proxy, source };
-        // The relay accepts datagrams from the control connection's client address:
-        // send from that address, and declare the port so the relay can check it.
-        let local = control.local_addr().map_err(io_err)?;
-        let socket = UdpSocket::bind(SocketAddr::new(local.ip(), 0))
-            .await
-            .map_err(io_err)?;
-        self.mark(&SockRef::from(&socket)).map_err(io_err)?;
-        let declared = socket.local_addr().map_err(io_err)?;
-        let mut hs = ClientHandshake::new(
-            self.proxy.protocol,
-            self.proxy.auth.clone(),
-            Command::UDP_ASSOCIATE,
-            Address::from(declared),
-        )
-        .map_err(UpstreamError::Unsupported)?;
-        let mut buf = Vec::with_capacity(512);
-        let status = self
-            .with_handshake_timeout(proxy, negotiate(&mut control, &mut hs, &mut buf, proxy))
-            .await?;
-        let ClientStatus::Done(relay) = status else {
-            return Err(UpstreamError::Protocol {
-                proxy,
-                source: socks::Error::Failed,
-            });
-        };
-        let relay = resolve_relay(&relay, proxy).await?;
-        socket.connect(relay).await.map_err(io_err)?;
-        Ok(UdpAssociation {
-            control,
-            socket,
-            relay,
-        })
-    }
-
     async fn with_handshake_timeout<T>(
         &self,
         proxy: SocketAddr,
@@ -253,23 +245,18 @@ impl Upstream {
 
     /// Opens a TCP connection to the proxy, trying each of its addresses in turn.
     pub async fn dial(&self) -> Result<TcpStream, UpstreamError> {
-        let addrs: Vec<SocketAddr> = match &self.proxy.host {
-            ProxyHost::Ip(ip) => vec![SocketAddr::new(*ip, self.proxy.port)],
-            ProxyHost::Name(name) => tokio::net::lookup_host((name.as_str(), self.proxy.port))
-                .await
-                .map_err(|source| UpstreamError::Resolve {
-                    host: name.clone(),
-                    source,
-                })?
-                .collect(),
-        };
+        let addrs = self.addrs.resolve(&self.proxy, false).await?;
         let mut last = None;
         for addr in addrs {
             match self.dial_one(addr).await {
-                Ok(stream) => return Ok(stream),
+                Ok(stream) => {
+                    self.addrs.dialled();
+                    return Ok(stream);
+                }
                 Err(e) => last = Some(e),
             }
         }
+        self.addrs.all_failed();
         Err(last.unwrap_or_else(|| UpstreamError::Resolve {
             host: self.proxy.host.to_string(),
             source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
@@ -309,28 +296,6 @@ fn peer(stream: &TcpStream) -> SocketAddr {
     stream
         .peer_addr()
         .unwrap_or_else(|_| SocketAddr::new(IpAddr::from([0, 0, 0, 0]), 0))
-}
-
-/// Where to send datagrams for the relay a proxy announced. Many servers announce
-/// `0.0.0.0` (meaning "my address"): use the proxy's own address then.
-async fn resolve_relay(relay: &Address, proxy: SocketAddr) -> Result<SocketAddr, UpstreamError> {
-    match relay {
-        Address::Ip(addr) if addr.ip().is_unspecified() => {
-            Ok(SocketAddr::new(proxy.ip(), addr.port()))
-        }
-        Address::Ip(addr) => Ok(*addr),
-        Address::Domain(name, port) => tokio::net::lookup_host((name.as_str(), *port))
-            .await
-            .map_err(|source| UpstreamError::Resolve {
-                host: name.to_string(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| UpstreamError::Resolve {
-                host: name.to_string(),
-                source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
-            }),
-    }
 }
 
 /// Runs a client handshake over `stream` until the proxy's reply (or, for BIND, one
@@ -380,72 +345,5 @@ where
             return Err(UpstreamError::Closed { proxy });
         }
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-    }
-}
-
-/// A SOCKS5 UDP association: datagrams to and from any destination through the
-/// proxy's relay. It lives as long as the control connection; when the proxy closes
-/// that, [`UdpAssociation::closed`] returns and the relay is gone.
-#[derive(Debug)]
-pub struct UdpAssociation {
-    control: TcpStream,
-    socket: UdpSocket,
-    relay: SocketAddr,
-}
-
-impl UdpAssociation {
-    /// The relay's address.
-    pub fn relay(&self) -> SocketAddr {
-        self.relay
-    }
-
-    /// The local address datagrams are sent from.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
-    }
-
-    /// Sends `payload` to `target` through the relay.
-    pub async fn send_to(&self, payload: &[u8], target: &Address) -> io::Result<()> {
-        let mut datagram = Vec::with_capacity(udp::MAX_HEADER_LEN.saturating_add(payload.len()));
-        udp::encode_datagram(target, payload, &mut datagram);
-        self.socket.send(&datagram).await.map(|_| ())
-    }
-
-    /// Receives the next well-formed datagram from the relay into `buf`: returns its
-    /// source and where its payload lies in `buf`. Malformed datagrams and fragments
-    /// (FRAG != 0) are dropped and logged.
-    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<(Address, Range<usize>)> {
-        loop {
-            let n = self.socket.recv(buf).await?;
-            let datagram = buf.get(..n).unwrap_or_default();
-            match udp::parse_datagram(datagram) {
-                Ok((header, _)) if header.frag != 0 => {
-                    tracing::debug!(frag = header.frag, "dropped a fragment from the relay");
-                }
-                Ok((header, payload)) => {
-                    let start = n.saturating_sub(payload.len());
-                    return Ok((header.target, start..n));
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "dropped a malformed datagram from the relay")
-                }
-            }
-        }
-    }
-
-    /// Resolves when the proxy closes the control connection (the association is over).
-    pub async fn closed(&self) {
-        let mut scratch = [0u8; 64];
-        loop {
-            if self.control.readable().await.is_err() {
-                return;
-            }
-            match self.control.try_read(&mut scratch) {
-                Ok(0) => return,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
-        }
     }
 }

@@ -1,0 +1,347 @@
+//! Egress: the one way that code other than smoltcp writes packets to the TUN.
+//!
+//! Stage: the last stage of the UDP and DNS paths. UDP replies from the proxy's
+//! relay, DNS answers built in the tunnel, and ICMP / ICMPv6 "port unreachable"
+//! errors are built here as whole IP packets (etherparse; IPv4 and IPv6; correct
+//! checksums) and handed to the device with a non-blocking send.
+//!
+//! It is bounded by construction: it holds no queue. A packet the device will not
+//! take at once (its transmit queue is full) is dropped and counted, as a router
+//! drops a datagram; TCP never comes this way (smoltcp writes its own segments and
+//! retransmits). One reused buffer; no allocation per packet.
+//!
+//! It must not parse what it sends, decide policy (who gets an ICMP error is the
+//! caller's choice), or block.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use etherparse::{PacketBuilder, icmpv4, icmpv6};
+
+/// Hop limit of the packets we build.
+const TTL: u8 = 64;
+/// An ICMPv4 error carries at most this much of the offending packet, so that the
+/// whole error fits in 576 bytes (RFC 1812 4.3.2.3).
+const ICMP4_QUOTE: usize = 576 - 20 - 8;
+/// An ICMPv6 error carries at most this much, so that it fits in the IPv6 minimum
+/// MTU of 1280 bytes (RFC 4443 2.4 (c)).
+const ICMP6_QUOTE: usize = 1280 - 40 - 8;
+
+/// Where egress writes: the TUN device (or an in-memory device in tests).
+pub trait PacketSink: Send + Sync + 'static {
+    /// Sends one whole IP packet without blocking; an error means it was not sent.
+    fn send_packet(&self, packet: &[u8]) -> io::Result<()>;
+    /// The largest packet the device carries.
+    fn max_packet(&self) -> usize;
+}
+
+/// What egress did, for the stack's counters.
+#[derive(Debug, Default)]
+pub struct EgressStats {
+    /// Packets written.
+    pub sent: AtomicU64,
+    /// Packets the device refused (its queue was full).
+    pub device_full: AtomicU64,
+    /// Packets not built: larger than the device's MTU, or a source and destination
+    /// of different families.
+    pub unsendable: AtomicU64,
+}
+
+/// Builds packets and writes them to the device. Cheap to share (`Arc`).
+pub struct Egress {
+    sink: Arc<dyn PacketSink>,
+    buf: Mutex<Vec<u8>>,
+    stats: EgressStats,
+}
+
+impl std::fmt::Debug for Egress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Egress")
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl Egress {
+    /// Egress to `sink`.
+    pub fn new(sink: Arc<dyn PacketSink>) -> Self {
+        Egress {
+            buf: Mutex::new(Vec::with_capacity(sink.max_packet())),
+            sink,
+            stats: EgressStats::default(),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &EgressStats {
+        &self.stats
+    }
+
+    /// The largest UDP payload that fits in one packet from `from` (IPv4: 20-byte
+    /// header, IPv6: 40) plus the 8-byte UDP header.
+    pub fn max_udp_payload(&self, from: IpAddr) -> usize {
+        let ip = if from.is_ipv4() { 20 } else { 40 };
+        self.sink.max_packet().saturating_sub(ip + 8)
+    }
+
+    /// Sends a UDP datagram `from` -> `to` carrying `payload`. Returns whether it was
+    /// written. An IPv4-mapped IPv6 address counts as IPv4.
+    pub fn udp(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> bool {
+        let builder = match (canonical(from.ip()), canonical(to.ip())) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), TTL),
+            (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), TTL),
+            _ => return self.unsendable(),
+        };
+        let builder = builder.udp(from.port(), to.port());
+        if builder.size(payload.len()) > self.sink.max_packet() {
+            return self.unsendable();
+        }
+        self.emit(|buf| builder.write(buf, payload).is_ok())
+    }
+
+    /// Tells the application at `app` that its datagram to `remote` was not
+    /// delivered: an ICMP port-unreachable (ICMPv6 destination unreachable, code 4)
+    /// from `remote`, quoting the datagram as the application sent it (rebuilt from
+    /// its addresses and payload; the application's stack matches the error by the
+    /// quoted addresses and ports).
+    pub fn port_unreachable(&self, app: SocketAddr, remote: SocketAddr, payload: &[u8]) -> bool {
+        let mut quote = Vec::new();
+        let (app_ip, remote_ip) = (canonical(app.ip()), canonical(remote.ip()));
+        let original = match (app_ip, remote_ip) {
+            (IpAddr::V4(a), IpAddr::V4(r)) => PacketBuilder::ipv4(a.octets(), r.octets(), TTL),
+            (IpAddr::V6(a), IpAddr::V6(r)) => PacketBuilder::ipv6(a.octets(), r.octets(), TTL),
+            _ => return self.unsendable(),
+        };
+        if original
+            .udp(app.port(), remote.port())
+            .write(&mut quote, payload)
+            .is_err()
+        {
+            return self.unsendable();
+        }
+        match (remote_ip, app_ip) {
+            (IpAddr::V4(r), IpAddr::V4(a)) => {
+                quote.truncate(ICMP4_QUOTE);
+                let b = PacketBuilder::ipv4(r.octets(), a.octets(), TTL).icmpv4(
+                    etherparse::Icmpv4Type::DestinationUnreachable(
+                        icmpv4::DestUnreachableHeader::Port,
+                    ),
+                );
+                self.emit(|buf| b.write(buf, &quote).is_ok())
+            }
+            (IpAddr::V6(r), IpAddr::V6(a)) => {
+                quote.truncate(ICMP6_QUOTE);
+                let b = PacketBuilder::ipv6(r.octets(), a.octets(), TTL).icmpv6(
+                    etherparse::Icmpv6Type::DestinationUnreachable(
+                        icmpv6::DestUnreachableCode::Port,
+                    ),
+                );
+                self.emit(|buf| b.write(buf, &quote).is_ok())
+            }
+            _ => self.unsendable(),
+        }
+    }
+
+    fn unsendable(&self) -> bool {
+        self.stats.unsendable.fetch_add(1, Relaxed);
+        false
+    }
+
+    /// Builds a packet into the reused buffer with `build` and sends it.
+    fn emit(&self, build: impl FnOnce(&mut Vec<u8>) -> bool) -> bool {
+        let mut buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
+        buf.clear();
+        if !build(&mut buf) {
+            return self.unsendable();
+        }
+        match self.sink.send_packet(&buf) {
+            Ok(()) => {
+                self.stats.sent.fetch_add(1, Relaxed);
+                true
+            }
+            Err(e) => {
+                self.stats.device_full.fetch_add(1, Relaxed);
+                tracing::trace!(error = %e, "device refused a packet");
+                false
+            }
+        }
+    }
+}
+
+/// The address with an IPv4-mapped IPv6 address turned into IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    ip.to_canonical()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+    use super::*;
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+    #[derive(Default)]
+    struct Capture {
+        packets: Mutex<Vec<Vec<u8>>>,
+        full: bool,
+    }
+
+    impl PacketSink for Capture {
+        fn send_packet(&self, packet: &[u8]) -> io::Result<()> {
+            if self.full {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.packets.lock().unwrap().push(packet.to_vec());
+            Ok(())
+        }
+        fn max_packet(&self) -> usize {
+            1500
+        }
+    }
+
+    fn sent(c: &Capture) -> Vec<Vec<u8>> {
+        c.packets.lock().unwrap().clone()
+    }
+
+    #[test]
+    fn udp_v4_and_v6_have_valid_checksums() {
+        let cap = Arc::new(Capture::default());
+        let egress = Egress::new(cap.clone());
+        assert!(egress.udp(
+            "198.19.2.2:7".parse().unwrap(),
+            "198.18.0.1:5000".parse().unwrap(),
+            b"hello"
+        ));
+        assert!(egress.udp(
+            "[fd19:2::2]:7".parse().unwrap(),
+            "[fd18::1]:5000".parse().unwrap(),
+            b"hello6"
+        ));
+        for (p, payload) in sent(&cap).iter().zip([&b"hello"[..], b"hello6"]) {
+            let s = SlicedPacket::from_ip(p).unwrap();
+            let Some(TransportSlice::Udp(udp)) = s.transport else {
+                panic!()
+            };
+            assert_eq!(udp.payload(), payload);
+            assert_eq!(udp.source_port(), 7);
+            let header = udp.to_header();
+            let expected = match s.net {
+                Some(NetSlice::Ipv4(ip)) => {
+                    let h = ip.header().to_header();
+                    assert_eq!(h.header_checksum, h.calc_header_checksum());
+                    header.calc_checksum_ipv4(&h, payload).unwrap()
+                }
+                Some(NetSlice::Ipv6(ip)) => header
+                    .calc_checksum_ipv6(&ip.header().to_header(), payload)
+                    .unwrap(),
+                _ => panic!(),
+            };
+            assert_eq!(udp.checksum(), expected);
+        }
+    }
+
+    #[test]
+    fn mixed_families_and_oversize_are_counted_not_sent() {
+        let cap = Arc::new(Capture::default());
+        let egress = Egress::new(cap.clone());
+        assert!(!egress.udp(
+            "[fd19:2::2]:7".parse().unwrap(),
+            "198.18.0.1:5000".parse().unwrap(),
+            b"x"
+        ));
+        assert!(!egress.udp(
+            "198.19.2.2:7".parse().unwrap(),
+            "198.18.0.1:5000".parse().unwrap(),
+            &[0u8; 1473]
+        ));
+        assert!(egress.udp(
+            "198.19.2.2:7".parse().unwrap(),
+            "198.18.0.1:5000".parse().unwrap(),
+            &[0u8; 1472]
+        ));
+        assert_eq!(egress.stats().unsendable.load(Relaxed), 2);
+        assert_eq!(sent(&cap).len(), 1);
+    }
+
+    #[test]
+    fn mapped_v4_is_v4() {
+        let cap = Arc::new(Capture::default());
+        let egress = Egress::new(cap.clone());
+        assert!(egress.udp(
+            "[::ffff:198.19.2.2]:7".parse().unwrap(),
+            "198.18.0.1:5000".parse().unwrap(),
+            b"x"
+        ));
+        assert_eq!(sent(&cap)[0][0] >> 4, 4);
+    }
+
+    #[test]
+    fn port_unreachable_quotes_the_datagram() {
+        let cap = Arc::new(Capture::default());
+        let egress = Egress::new(cap.clone());
+        let app: SocketAddr = "198.18.0.1:5000".parse().unwrap();
+        let remote: SocketAddr = "198.19.2.2:53".parse().unwrap();
+        assert!(egress.port_unreachable(app, remote, &[7u8; 2000]));
+        let app6: SocketAddr = "[fd18::1]:5000".parse().unwrap();
+        let remote6: SocketAddr = "[fd19:2::2]:53".parse().unwrap();
+        assert!(egress.port_unreachable(app6, remote6, &[7u8; 2000]));
+        let packets = sent(&cap);
+        let v4 = SlicedPacket::from_ip(&packets[0]).unwrap();
+        assert!(packets[0].len() <= 576);
+        let Some(TransportSlice::Icmpv4(icmp)) = v4.transport else {
+            panic!()
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port)
+        );
+        // The quote starts with the app's IP and UDP headers.
+        let q = icmp.payload();
+        assert_eq!(&q[12..16], &[198, 18, 0, 1]);
+        assert_eq!(&q[20..22], &5000u16.to_be_bytes());
+        assert_eq!(&q[22..24], &53u16.to_be_bytes());
+        let h = v4.net.as_ref().map(|n| match n {
+            NetSlice::Ipv4(ip) => ip.header().to_header(),
+            _ => panic!(),
+        });
+        let h = h.unwrap();
+        assert_eq!(h.source, [198, 19, 2, 2]);
+        assert_eq!(h.destination, [198, 18, 0, 1]);
+        assert_eq!(
+            icmp.checksum(),
+            icmp.header().icmp_type.calc_checksum(icmp.payload())
+        );
+        let v6 = SlicedPacket::from_ip(&packets[1]).unwrap();
+        assert!(packets[1].len() <= 1280);
+        let Some(TransportSlice::Icmpv6(icmp6)) = v6.transport else {
+            panic!()
+        };
+        assert_eq!(
+            icmp6.icmp_type(),
+            etherparse::Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port)
+        );
+    }
+
+    #[test]
+    fn full_device_is_counted() {
+        let cap = Arc::new(Capture {
+            full: true,
+            ..Capture::default()
+        });
+        let egress = Egress::new(cap);
+        assert!(!egress.udp(
+            "198.19.2.2:7".parse().unwrap(),
+            "198.18.0.1:5000".parse().unwrap(),
+            b"x"
+        ));
+        assert_eq!(egress.stats().device_full.load(Relaxed), 1);
+    }
+}

@@ -1,0 +1,202 @@
+//! One association's task: set up the SOCKS5 UDP ASSOCIATE, flush what queued
+//! meanwhile, relay the proxy's datagrams back to the application, set up again when
+//! the proxy drops the control connection, and end when idle.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use super::{Assoc, Phase, Queued, Shared};
+use crate::upstream::UdpAssociation;
+
+/// Datagrams relayed per wake-up before the task lets others run.
+const BATCH: usize = 64;
+/// Receive buffer: the largest datagram plus its SOCKS header.
+const RECV_BUFFER: usize = 65_536 + 512;
+
+thread_local! {
+    /// One receive buffer per thread, shared by every association on it (they never
+    /// hold it across an await), so an idle association holds no buffer at all.
+    static RECV: RefCell<Vec<u8>> = RefCell::new(vec![0u8; RECV_BUFFER]);
+}
+
+/// Why a relay loop ended.
+enum Ended {
+    /// No traffic for the idle timeout.
+    Idle,
+    /// The proxy closed the control connection: the relay is gone.
+    ControlClosed,
+    /// The relay socket failed.
+    Failed(io::Error),
+}
+
+pub(super) async fn run(assoc: Arc<Assoc>, shared: Arc<Shared>) {
+    let why = serve(&assoc, &shared).await;
+    tracing::debug!(ended = why, "UDP association closed");
+    let mut table = shared.table();
+    if table
+        .get(&assoc.app)
+        .is_some_and(|current| Arc::ptr_eq(current, &assoc))
+    {
+        table.remove(&assoc.app);
+    }
+    shared.stats.active.store(table.len() as u64, Relaxed);
+    drop(table);
+    // Whatever still waits was never sent: tell the application.
+    for q in take_queue(&assoc) {
+        shared.unreachable(assoc.app, q.dst, &q.payload);
+    }
+}
+
+async fn serve(assoc: &Assoc, shared: &Shared) -> &'static str {
+    loop {
+        if !wait_for_datagram(assoc, shared).await {
+            return "idle";
+        }
+        let relay = match shared.upstream.udp_associate().await {
+            Ok(relay) => Arc::new(relay),
+            Err(e) => {
+                shared.refused(&e);
+                return "proxy refused or unreachable";
+            }
+        };
+        shared.stats.associations.fetch_add(1, Relaxed);
+        tracing::debug!(relay = %relay.relay(), "UDP association up");
+        flush(assoc, shared, &relay);
+        match relay_loop(assoc, shared, &relay).await {
+            Ended::Idle => return "idle",
+            Ended::Failed(e) => {
+                tracing::debug!(error = %e, "relay socket failed");
+                return "relay socket failed";
+            }
+            Ended::ControlClosed => {
+                // Set up again when the application next sends.
+                shared.stats.reassociations.fetch_add(1, Relaxed);
+                tracing::debug!("proxy closed the association; will set it up again");
+                assoc.state().phase = Phase::Pending(VecDeque::new());
+            }
+        }
+    }
+}
+
+/// Waits until a datagram is queued (true) or the idle timeout passes (false).
+async fn wait_for_datagram(assoc: &Assoc, shared: &Shared) -> bool {
+    loop {
+        if matches!(&assoc.state().phase, Phase::Pending(q) if !q.is_empty()) {
+            return true;
+        }
+        let Some(deadline) = idle_deadline(assoc, shared) else {
+            return false;
+        };
+        tokio::select! {
+            () = assoc.queued.notified() => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// When the association falls idle, or `None` if it already has.
+fn idle_deadline(assoc: &Assoc, shared: &Shared) -> Option<tokio::time::Instant> {
+    let timeout = if assoc.only_dns.load(Relaxed) {
+        shared.config.dns_idle_timeout
+    } else {
+        shared.config.idle_timeout
+    };
+    let last = shared.epoch + Duration::from_millis(assoc.last_used.load(Relaxed));
+    let deadline = last + timeout;
+    (std::time::Instant::now() < deadline).then(|| tokio::time::Instant::from_std(deadline))
+}
+
+fn take_queue(assoc: &Assoc) -> VecDeque<Queued> {
+    match &mut assoc.state().phase {
+        Phase::Pending(queue) => std::mem::take(queue),
+        Phase::Ready(_) => VecDeque::new(),
+    }
+}
+
+/// Sends what queued while the association was set up, and switches the stack to
+/// sending straight to the relay.
+fn flush(assoc: &Assoc, shared: &Shared, relay: &Arc<UdpAssociation>) {
+    let queue = {
+        let mut state = assoc.state();
+        let old = std::mem::replace(&mut state.phase, Phase::Ready(relay.clone()));
+        match old {
+            Phase::Pending(queue) => queue,
+            Phase::Ready(_) => VecDeque::new(),
+        }
+    };
+    let mut scratch = Vec::new();
+    for q in queue {
+        match relay.try_send_to(&q.payload, &q.target, &mut scratch) {
+            Ok(()) => {
+                shared.stats.datagrams_up.fetch_add(1, Relaxed);
+                shared
+                    .stats
+                    .bytes_up
+                    .fetch_add(q.payload.len() as u64, Relaxed);
+            }
+            Err(_) => {
+                shared.stats.relay_busy.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+async fn relay_loop(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> Ended {
+    loop {
+        let Some(deadline) = idle_deadline(assoc, shared) else {
+            return Ended::Idle;
+        };
+        tokio::select! {
+            ready = relay.readable() => {
+                if let Err(e) = ready {
+                    return Ended::Failed(e);
+                }
+                if let Err(e) = drain(assoc, shared, relay) {
+                    return Ended::Failed(e);
+                }
+                tokio::task::yield_now().await;
+            }
+            () = relay.closed() => return Ended::ControlClosed,
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// Relays up to a batch of queued datagrams from the proxy to the application.
+fn drain(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> io::Result<()> {
+    RECV.with_borrow_mut(|buf| {
+        for _ in 0..BATCH {
+            let (from, range) = match relay.try_recv_from(buf) {
+                Ok(Some(received)) => received,
+                Ok(None) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // The relay is not there (yet, or any more): ICMP errors on a
+                // connected UDP socket. Datagrams are best effort; keep going.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => return Err(e),
+            };
+            let payload = buf.get(range).unwrap_or_default();
+            let Some(source) = assoc.present(&from) else {
+                shared.stats.unmappable.fetch_add(1, Relaxed);
+                continue;
+            };
+            // A datagram the device cannot take is counted by egress.
+            if shared.egress.udp(source, assoc.app, payload) {
+                shared.stats.datagrams_down.fetch_add(1, Relaxed);
+                shared
+                    .stats
+                    .bytes_down
+                    .fetch_add(payload.len() as u64, Relaxed);
+            }
+            assoc
+                .last_used
+                .store(shared.millis(std::time::Instant::now()), Relaxed);
+        }
+        Ok(())
+    })
+}

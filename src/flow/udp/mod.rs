@@ -1,0 +1,491 @@
+//! UDP flows: a full-cone NAT from application endpoints to SOCKS5 UDP associations.
+//!
+//! Stage: between the stack (which hands in each UDP datagram read from the TUN,
+//! already classified and checksum-checked) and the proxy. UDP bypasses smoltcp.
+//!
+//! One association per application source endpoint (address and port), reused for
+//! every destination that endpoint talks to: endpoint-independent mapping and
+//! filtering (RFC 4787 "full cone"), so a reply from any remote reaches the
+//! application with that remote as its source. Each association is a task
+//! ([`association`]) that sets up the SOCKS5 UDP ASSOCIATE, relays the proxy's
+//! datagrams back through [`Egress`], re-associates when the proxy drops the control
+//! connection, and ends after `idle_timeout` without traffic (shorter for
+//! associations that only ever carried DNS).
+//!
+//! The way out is cheap: once an association is up, the stack writes each datagram
+//! straight to its relay socket (non-blocking); a socket that cannot take it drops it
+//! and counts it, as a full router queue does. While the association is being set up,
+//! datagrams wait in a small bounded queue.
+//!
+//! When the proxy has no UDP (SOCKS4/4a, or a SOCKS5 server that refuses UDP
+//! ASSOCIATE with 0x07 or any failure), the application gets an ICMP / ICMPv6 port
+//! unreachable at once; the refusal is remembered for a while, so each datagram does
+//! not cost a new handshake, and it is logged once per burst.
+//!
+//! It must not touch smoltcp, read the TUN, or resolve names.
+
+#![deny(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+mod association;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use super::BurstLog;
+use crate::egress::Egress;
+use crate::socks::{Address, Protocol};
+use crate::upstream::{UdpAssociation, Upstream, UpstreamError};
+
+/// The largest UDP payload over IPv4 (65535 - 20 - 8): the relay datagram, SOCKS
+/// header included, must fit in it.
+const MAX_RELAY_DATAGRAM: usize = 65_507;
+/// Remote aliases remembered per association (see [`Assoc::present`]).
+const MAX_ALIASES: usize = 16;
+
+/// UDP settings.
+#[derive(Debug, Clone)]
+pub struct UdpConfig {
+    /// An association without traffic either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// The same for associations that only ever carried DNS (port 53).
+    pub dns_idle_timeout: Duration,
+    /// Associations at once; datagrams from further endpoints are dropped.
+    pub max_associations: usize,
+    /// Datagrams queued per association while it is being set up.
+    pub pending: usize,
+    /// How long a refusal of UDP by the proxy is remembered.
+    pub refusal_memory: Duration,
+    /// How long "the proxy cannot be reached" is remembered.
+    pub unreachable_memory: Duration,
+    /// The device's networks: datagrams to their broadcast addresses are dropped.
+    pub local_nets: Vec<IpNet>,
+}
+
+impl Default for UdpConfig {
+    fn default() -> Self {
+        UdpConfig {
+            idle_timeout: Duration::from_secs(60),
+            dns_idle_timeout: Duration::from_secs(10),
+            max_associations: 8192,
+            pending: 64,
+            refusal_memory: Duration::from_secs(30),
+            unreachable_memory: Duration::from_secs(2),
+            local_nets: Vec::new(),
+        }
+    }
+}
+
+/// UDP counters.
+#[derive(Debug, Default)]
+pub struct UdpStats {
+    /// Associations set up with the proxy (re-associations included).
+    pub associations: AtomicU64,
+    /// Associations open now.
+    pub active: AtomicU64,
+    /// Control connections the proxy closed while the association was in use.
+    pub reassociations: AtomicU64,
+    /// Datagrams from applications sent to the relay.
+    pub datagrams_up: AtomicU64,
+    /// Datagrams from the relay written to the TUN.
+    pub datagrams_down: AtomicU64,
+    /// Payload bytes each way.
+    pub bytes_up: AtomicU64,
+    /// Payload bytes from the relay.
+    pub bytes_down: AtomicU64,
+    /// Datagrams answered with port unreachable (no UDP at the proxy, or it failed).
+    pub refused: AtomicU64,
+    /// Dropped: the association's set-up queue was full.
+    pub queue_full: AtomicU64,
+    /// Dropped: the relay socket's buffer was full.
+    pub relay_busy: AtomicU64,
+    /// Dropped: `max_associations` reached.
+    pub over_limit: AtomicU64,
+    /// Dropped: too large for a relay datagram.
+    pub oversized: AtomicU64,
+    /// Dropped: to a broadcast address of the device's networks.
+    pub broadcast: AtomicU64,
+    /// Dropped: a reply the application cannot be shown (a source name we cannot map,
+    /// or a family that is not the application's).
+    pub unmappable: AtomicU64,
+}
+
+/// A datagram on its way out: where the application sent it, and how the proxy is to
+/// be asked to deliver it (the same address, or a name for a fake-IP destination, or
+/// the configured resolver for DNS).
+#[derive(Debug, Clone, Copy)]
+pub struct Outgoing<'a> {
+    /// The application's endpoint.
+    pub app: SocketAddr,
+    /// The destination as the application addressed it.
+    pub dst: SocketAddr,
+    /// The destination as the proxy is asked to reach it.
+    pub target: &'a Address,
+    /// The payload.
+    pub payload: &'a [u8],
+}
+
+/// Why the proxy will not carry UDP right now, and until when we believe it.
+#[derive(Debug, Clone)]
+struct Refusal {
+    until: Instant,
+    why: String,
+}
+
+/// What the association tasks share with the NAT.
+#[derive(Debug)]
+struct Shared {
+    upstream: Upstream,
+    egress: Arc<Egress>,
+    config: UdpConfig,
+    table: Mutex<HashMap<SocketAddr, Arc<Assoc>>>,
+    refusal: Mutex<Option<Refusal>>,
+    stats: UdpStats,
+    refusals_log: BurstLog,
+    /// The clock associations count idle time from.
+    epoch: Instant,
+}
+
+impl Shared {
+    fn table(&self) -> MutexGuard<'_, HashMap<SocketAddr, Arc<Assoc>>> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn refusal(&self, now: Instant) -> Option<Refusal> {
+        let mut refusal = self.refusal.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*refusal {
+            Some(r) if now < r.until => Some(r.clone()),
+            Some(_) => {
+                *refusal = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers that the proxy would not (or could not) associate, and logs it once
+    /// per burst.
+    fn refused(&self, error: &UpstreamError) {
+        let now = Instant::now();
+        let memory = if error.proxy_unreachable() {
+            self.config.unreachable_memory
+        } else {
+            self.config.refusal_memory
+        };
+        *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(Refusal {
+            until: now + memory,
+            why: error.to_string(),
+        });
+        if let Some(suppressed) = self.refusals_log.check(now) {
+            tracing::warn!(
+                error = %error, remembered = ?memory, suppressed,
+                "UDP association failed; answering datagrams with port unreachable"
+            );
+        }
+    }
+
+    /// Answers a datagram the proxy will not carry with port unreachable.
+    fn unreachable(&self, app: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+        self.stats.refused.fetch_add(1, Relaxed);
+        self.egress.port_unreachable(app, dst, payload);
+    }
+
+    fn millis(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A datagram waiting for its association to come up.
+#[derive(Debug)]
+struct Queued {
+    dst: SocketAddr,
+    target: Address,
+    payload: Vec<u8>,
+}
+
+/// Where an association stands.
+#[derive(Debug)]
+enum Phase {
+    /// Being set up (or waiting to be set up again): datagrams queue.
+    Pending(VecDeque<Queued>),
+    /// Up: datagrams go straight to the relay socket.
+    Ready(Arc<UdpAssociation>),
+}
+
+#[derive(Debug)]
+struct AssocState {
+    phase: Phase,
+    /// How the application addressed destinations that the proxy knows by another
+    /// address (a name for a fake IP, the configured resolver for DNS), newest last.
+    /// Once a name is among them, direct destinations are recorded too, so that a
+    /// reply from one is never taken for the name's.
+    aliases: VecDeque<(Address, SocketAddr)>,
+    /// Some alias is a name.
+    has_names: bool,
+}
+
+/// One application endpoint's association.
+#[derive(Debug)]
+struct Assoc {
+    app: SocketAddr,
+    state: Mutex<AssocState>,
+    /// Wakes the task when a datagram is queued while it waits to re-associate.
+    queued: Notify,
+    /// Last traffic either way, in milliseconds since `Shared::epoch`.
+    last_used: AtomicU64,
+    /// Every datagram so far went to port 53.
+    only_dns: AtomicBool,
+}
+
+impl Assoc {
+    fn state(&self) -> MutexGuard<'_, AssocState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The source to show the application for a reply from `from`: the address the
+    /// application used, when the proxy knows that destination by another address;
+    /// `from` itself otherwise. `None`: a name we cannot map back.
+    fn present(&self, from: &Address) -> Option<SocketAddr> {
+        let state = self.state();
+        let aliases = &state.aliases;
+        if let Some((_, dst)) = aliases.iter().rev().find(|(target, _)| target == from) {
+            return Some(*dst);
+        }
+        let Address::Ip(ip) = from else {
+            return None;
+        };
+        // A reply from the address a name resolved to at the proxy: show it as the
+        // fake address the application sent to on that port (the proxy reports the
+        // real address, which the application never saw).
+        aliases
+            .iter()
+            .rev()
+            .find(|(target, _)| matches!(target, Address::Domain(_, port) if *port == ip.port()))
+            .map_or(Some(*ip), |(_, dst)| Some(*dst))
+    }
+
+    fn remember_alias(&self, state: &mut AssocState, target: &Address, dst: SocketAddr) {
+        if state
+            .aliases
+            .back()
+            .is_some_and(|(t, d)| t == target && *d == dst)
+        {
+            return;
+        }
+        if let Some(at) = state.aliases.iter().position(|(t, _)| t == target) {
+            state.aliases.remove(at);
+        } else if state.aliases.len() >= MAX_ALIASES {
+            state.aliases.pop_front();
+        }
+        state.aliases.push_back((target.clone(), dst));
+    }
+}
+
+/// The NAT table: the stack's handle on the UDP path.
+#[derive(Debug)]
+pub struct UdpNat {
+    shared: Arc<Shared>,
+    tasks: JoinSet<()>,
+    /// The proxy speaks SOCKS5 (the only version with UDP).
+    udp_capable: bool,
+    scratch: Vec<u8>,
+    limit_log: BurstLog,
+    no_udp_log: BurstLog,
+}
+
+impl UdpNat {
+    /// A NAT whose associations go through `upstream` and whose replies go out
+    /// through `egress`.
+    pub fn new(upstream: Upstream, egress: Arc<Egress>, config: UdpConfig) -> Self {
+        let udp_capable = upstream.proxy().protocol == Protocol::Socks5;
+        UdpNat {
+            shared: Arc::new(Shared {
+                upstream,
+                egress,
+                config,
+                table: Mutex::new(HashMap::new()),
+                refusal: Mutex::new(None),
+                stats: UdpStats::default(),
+                refusals_log: BurstLog::new(Duration::from_secs(5)),
+                epoch: Instant::now(),
+            }),
+            tasks: JoinSet::new(),
+            udp_capable,
+            scratch: Vec::with_capacity(2048),
+            limit_log: BurstLog::new(Duration::from_secs(5)),
+            no_udp_log: BurstLog::new(Duration::from_secs(5)),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &UdpStats {
+        &self.shared.stats
+    }
+
+    /// Associations open now.
+    pub fn len(&self) -> usize {
+        self.shared.table().len()
+    }
+
+    /// True when no association is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Sends one datagram from an application through its association, creating the
+    /// association on first use. Never blocks.
+    pub fn send(&mut self, out: Outgoing<'_>, now: Instant) {
+        let shared = self.shared.clone();
+        if is_directed_broadcast(out.dst.ip(), &shared.config.local_nets) {
+            shared.stats.broadcast.fetch_add(1, Relaxed);
+            return;
+        }
+        if relay_len(out.target, out.payload.len()) > MAX_RELAY_DATAGRAM {
+            shared.stats.oversized.fetch_add(1, Relaxed);
+            return;
+        }
+        if !self.udp_capable {
+            if let Some(suppressed) = self.no_udp_log.check(now) {
+                tracing::warn!(
+                    proxy = %shared.upstream.proxy(), suppressed,
+                    "SOCKS4 has no UDP; answering datagrams with port unreachable"
+                );
+            }
+            shared.unreachable(out.app, out.dst, out.payload);
+            return;
+        }
+        let existing = shared.table().get(&out.app).cloned();
+        let assoc = match existing {
+            Some(assoc) => assoc,
+            None => {
+                if let Some(refusal) = shared.refusal(now) {
+                    tracing::trace!(why = refusal.why, "UDP refused (remembered)");
+                    shared.unreachable(out.app, out.dst, out.payload);
+                    return;
+                }
+                match self.open(out.app, now) {
+                    Some(assoc) => assoc,
+                    None => return,
+                }
+            }
+        };
+        assoc.last_used.store(shared.millis(now), Relaxed);
+        if out.dst.port() != 53 {
+            assoc.only_dns.store(false, Relaxed);
+        }
+        let mut state = assoc.state();
+        let named = matches!(out.target, Address::Domain(..));
+        if named || state.has_names || *out.target != Address::from(out.dst) {
+            state.has_names |= named;
+            assoc.remember_alias(&mut state, out.target, out.dst);
+        }
+        match &mut state.phase {
+            Phase::Ready(relay) => {
+                match relay.try_send_to(out.payload, out.target, &mut self.scratch) {
+                    Ok(()) => {
+                        shared.stats.datagrams_up.fetch_add(1, Relaxed);
+                        shared
+                            .stats
+                            .bytes_up
+                            .fetch_add(out.payload.len() as u64, Relaxed);
+                    }
+                    Err(e) => {
+                        shared.stats.relay_busy.fetch_add(1, Relaxed);
+                        tracing::trace!(error = %e, "relay socket refused a datagram");
+                    }
+                }
+            }
+            Phase::Pending(queue) if queue.len() < shared.config.pending => {
+                queue.push_back(Queued {
+                    dst: out.dst,
+                    target: out.target.clone(),
+                    payload: out.payload.to_vec(),
+                });
+                assoc.queued.notify_one();
+            }
+            Phase::Pending(_) => {
+                shared.stats.queue_full.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    /// A new association for `app`, its task started; `None` over the limit.
+    fn open(&mut self, app: SocketAddr, now: Instant) -> Option<Arc<Assoc>> {
+        let shared = &self.shared;
+        let mut table = shared.table();
+        if table.len() >= shared.config.max_associations {
+            shared.stats.over_limit.fetch_add(1, Relaxed);
+            if let Some(suppressed) = self.limit_log.check(now) {
+                tracing::warn!(
+                    limit = shared.config.max_associations,
+                    suppressed,
+                    "UDP association limit reached (--max-udp); dropping datagrams from new endpoints"
+                );
+            }
+            return None;
+        }
+        let assoc = Arc::new(Assoc {
+            app,
+            state: Mutex::new(AssocState {
+                phase: Phase::Pending(VecDeque::new()),
+                aliases: VecDeque::new(),
+                has_names: false,
+            }),
+            queued: Notify::new(),
+            last_used: AtomicU64::new(shared.millis(now)),
+            only_dns: AtomicBool::new(true),
+        });
+        table.insert(app, assoc.clone());
+        shared.stats.active.store(table.len() as u64, Relaxed);
+        drop(table);
+        let span = tracing::debug_span!("flow", proto = "udp", src = %app);
+        self.tasks.spawn(tracing::Instrument::instrument(
+            association::run(assoc.clone(), self.shared.clone()),
+            span,
+        ));
+        Some(assoc)
+    }
+
+    /// Collects ended association tasks (call now and then; never blocks).
+    pub fn reap(&mut self) {
+        while self.tasks.try_join_next().is_some() {}
+    }
+
+    /// Ends every association.
+    pub async fn close(&mut self) {
+        self.tasks.shutdown().await;
+        self.shared.table().clear();
+    }
+}
+
+/// The size of the relay datagram for `payload_len` bytes to `target`.
+fn relay_len(target: &Address, payload_len: usize) -> usize {
+    let address = match target {
+        Address::Ip(SocketAddr::V4(_)) => 1 + 4 + 2,
+        Address::Ip(SocketAddr::V6(_)) => 1 + 16 + 2,
+        Address::Domain(name, _) => 1 + 1 + name.len() + 2,
+    };
+    3 + address + payload_len
+}
+
+/// Is `ip` the broadcast address of one of the device's IPv4 networks?
+fn is_directed_broadcast(ip: IpAddr, nets: &[IpNet]) -> bool {
+    nets.iter().any(|net| match net {
+        IpNet::V4(v4) => v4.prefix_len() < 31 && IpAddr::V4(v4.broadcast()) == ip,
+        IpNet::V6(_) => false,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,310 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing
+)]
+
+use super::*;
+use crate::egress::PacketSink;
+use crate::server::{self, ServerConfig};
+use crate::socks::ServerPolicy;
+use crate::upstream::DialOptions;
+use etherparse::{SlicedPacket, TransportSlice};
+use std::io;
+use tokio::net::{TcpListener, UdpSocket};
+
+/// Packets written to the "TUN".
+#[derive(Default)]
+struct Capture {
+    packets: Mutex<Vec<Vec<u8>>>,
+    notify: Notify,
+}
+
+impl PacketSink for Capture {
+    fn send_packet(&self, packet: &[u8]) -> io::Result<()> {
+        self.packets.lock().unwrap().push(packet.to_vec());
+        self.notify.notify_one();
+        Ok(())
+    }
+    fn max_packet(&self) -> usize {
+        1500
+    }
+}
+
+impl Capture {
+    /// Waits until `n` packets were written (or 5 s), returns them.
+    async fn wait_for(&self, n: usize) -> Vec<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let notified = self.notify.notified();
+            {
+                let p = self.packets.lock().unwrap();
+                if p.len() >= n {
+                    return p.clone();
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.packets.lock().unwrap().clone();
+            }
+        }
+    }
+}
+
+/// (source, destination, payload) of a UDP packet, or the ICMP type for errors.
+enum Seen {
+    Udp(SocketAddr, SocketAddr, Vec<u8>),
+    Unreachable,
+}
+
+fn parse(p: &[u8]) -> Seen {
+    let s = SlicedPacket::from_ip(p).unwrap();
+    let (src, dst) = match &s.net {
+        Some(etherparse::NetSlice::Ipv4(ip)) => (
+            IpAddr::from(ip.header().source_addr()),
+            IpAddr::from(ip.header().destination_addr()),
+        ),
+        Some(etherparse::NetSlice::Ipv6(ip)) => (
+            IpAddr::from(ip.header().source_addr()),
+            IpAddr::from(ip.header().destination_addr()),
+        ),
+        _ => panic!(),
+    };
+    match s.transport {
+        Some(TransportSlice::Udp(u)) => Seen::Udp(
+            SocketAddr::new(src, u.source_port()),
+            SocketAddr::new(dst, u.destination_port()),
+            u.payload().to_vec(),
+        ),
+        Some(TransportSlice::Icmpv4(_) | TransportSlice::Icmpv6(_)) => Seen::Unreachable,
+        _ => panic!("unexpected packet"),
+    }
+}
+
+async fn server(policy: ServerPolicy) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = ServerConfig {
+        policy,
+        ..ServerConfig::default()
+    };
+    tokio::spawn(server::run(vec![listener], config, std::future::pending()));
+    addr
+}
+
+/// A UDP echo on loopback; a datagram "CONE" is answered from a second socket too.
+async fn echo() -> (SocketAddr, SocketAddr) {
+    let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (aa, ba) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let (n, from) = a.recv_from(&mut buf).await.unwrap();
+            if &buf[..n] == b"CONE" {
+                b.send_to(b"from b", from).await.unwrap();
+            } else {
+                a.send_to(&buf[..n], from).await.unwrap();
+            }
+        }
+    });
+    (aa, ba)
+}
+
+fn nat(proxy: SocketAddr, scheme: &str, capture: Arc<Capture>, config: UdpConfig) -> UdpNat {
+    let url = format!("{scheme}://{proxy}").parse().unwrap();
+    let upstream = Upstream::new(url, DialOptions::default());
+    UdpNat::new(upstream, Arc::new(Egress::new(capture)), config)
+}
+
+const APP: &str = "198.18.0.1:40000";
+
+fn send(nat: &mut UdpNat, dst: SocketAddr, payload: &[u8]) {
+    let target = Address::from(dst);
+    nat.send(
+        Outgoing {
+            app: APP.parse().unwrap(),
+            dst,
+            target: &target,
+            payload,
+        },
+        Instant::now(),
+    );
+}
+
+#[tokio::test]
+async fn full_cone_echo_through_our_server() {
+    let proxy = server(ServerPolicy::default()).await;
+    let (echo_a, echo_b) = echo().await;
+    let capture = Arc::new(Capture::default());
+    let mut nat = nat(proxy, "socks5", capture.clone(), UdpConfig::default());
+    // Queued while the association comes up, then straight to the relay.
+    for i in 0..10u8 {
+        send(&mut nat, echo_a, &[i; 100]);
+    }
+    let seen = capture.wait_for(10).await;
+    assert_eq!(seen.len(), 10);
+    let mut payloads: Vec<Vec<u8>> = seen
+        .iter()
+        .map(|p| match parse(p) {
+            Seen::Udp(src, dst, payload) => {
+                assert_eq!(src, echo_a);
+                assert_eq!(dst, APP.parse().unwrap());
+                payload
+            }
+            Seen::Unreachable => panic!("unreachable"),
+        })
+        .collect();
+    payloads.sort();
+    assert_eq!(
+        payloads,
+        (0..10u8).map(|i| vec![i; 100]).collect::<Vec<_>>()
+    );
+    // The reply from a second remote endpoint reaches the same app endpoint.
+    send(&mut nat, echo_a, b"CONE");
+    let seen = capture.wait_for(11).await;
+    let Seen::Udp(src, dst, payload) = parse(&seen[10]) else {
+        panic!()
+    };
+    assert_eq!(
+        (src, dst, payload.as_slice()),
+        (echo_b, APP.parse().unwrap(), &b"from b"[..])
+    );
+    assert_eq!(nat.len(), 1, "one association per app endpoint");
+    assert_eq!(nat.stats().associations.load(Relaxed), 1);
+    assert_eq!(nat.stats().datagrams_up.load(Relaxed), 11);
+    assert_eq!(nat.stats().datagrams_down.load(Relaxed), 11);
+}
+
+#[tokio::test]
+async fn socks4_answers_port_unreachable_without_a_handshake() {
+    // Nothing listens there: a handshake attempt would fail differently.
+    let capture = Arc::new(Capture::default());
+    let mut nat = nat(
+        "127.0.0.1:9".parse().unwrap(),
+        "socks4",
+        capture.clone(),
+        UdpConfig::default(),
+    );
+    send(&mut nat, "198.19.2.2:7".parse().unwrap(), b"x");
+    let seen = capture.wait_for(1).await;
+    assert!(matches!(parse(&seen[0]), Seen::Unreachable));
+    assert!(nat.is_empty());
+    assert_eq!(nat.stats().refused.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_refusal_is_answered_and_remembered() {
+    let proxy = server(ServerPolicy {
+        udp_associate: false,
+        ..ServerPolicy::default()
+    })
+    .await;
+    let capture = Arc::new(Capture::default());
+    let mut nat = nat(proxy, "socks5", capture.clone(), UdpConfig::default());
+    send(&mut nat, "198.19.2.2:7".parse().unwrap(), b"first");
+    let seen = capture.wait_for(1).await;
+    assert!(matches!(parse(&seen[0]), Seen::Unreachable));
+    // The task has ended; the next datagram, from another endpoint, is refused
+    // without a handshake.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let target = Address::from("198.19.2.2:7".parse::<SocketAddr>().unwrap());
+    nat.send(
+        Outgoing {
+            app: "198.18.0.1:40001".parse().unwrap(),
+            dst: "198.19.2.2:7".parse().unwrap(),
+            target: &target,
+            payload: b"second",
+        },
+        Instant::now(),
+    );
+    assert_eq!(capture.packets.lock().unwrap().len(), 2, "answered at once");
+    assert!(nat.is_empty());
+    assert_eq!(nat.stats().refused.load(Relaxed), 2);
+}
+
+#[tokio::test]
+async fn idle_associations_end_and_the_limit_holds() {
+    let proxy = server(ServerPolicy::default()).await;
+    let (echo_a, _) = echo().await;
+    let capture = Arc::new(Capture::default());
+    let config = UdpConfig {
+        idle_timeout: Duration::from_millis(300),
+        max_associations: 2,
+        ..UdpConfig::default()
+    };
+    let mut nat = nat(proxy, "socks5", capture.clone(), config);
+    for port in 1..=3u16 {
+        let target = Address::from(echo_a);
+        nat.send(
+            Outgoing {
+                app: SocketAddr::new([198, 18, 0, 1].into(), port),
+                dst: echo_a,
+                target: &target,
+                payload: b"hi",
+            },
+            Instant::now(),
+        );
+    }
+    assert_eq!(nat.len(), 2);
+    assert_eq!(nat.stats().over_limit.load(Relaxed), 1);
+    capture.wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(nat.is_empty(), "idle associations are closed");
+    nat.reap();
+}
+
+#[tokio::test]
+async fn oversized_and_directed_broadcast_are_dropped() {
+    let capture = Arc::new(Capture::default());
+    let config = UdpConfig {
+        local_nets: vec!["198.18.0.1/16".parse().unwrap()],
+        ..UdpConfig::default()
+    };
+    let mut nat = nat("127.0.0.1:9".parse().unwrap(), "socks5", capture, config);
+    send(&mut nat, "198.18.255.255:137".parse().unwrap(), b"netbios");
+    assert_eq!(nat.stats().broadcast.load(Relaxed), 1);
+    let big = vec![0u8; MAX_RELAY_DATAGRAM];
+    send(&mut nat, "198.19.2.2:7".parse().unwrap(), &big);
+    assert_eq!(nat.stats().oversized.load(Relaxed), 1);
+    assert!(nat.is_empty());
+}
+
+#[test]
+fn replies_are_shown_as_the_address_the_app_used() {
+    let assoc = Assoc {
+        app: APP.parse().unwrap(),
+        state: Mutex::new(AssocState {
+            phase: Phase::Pending(VecDeque::new()),
+            aliases: VecDeque::new(),
+            has_names: false,
+        }),
+        queued: Notify::new(),
+        last_used: AtomicU64::new(0),
+        only_dns: AtomicBool::new(true),
+    };
+    let fake: SocketAddr = "198.18.128.5:443".parse().unwrap();
+    let name = Address::domain("example.test", 443).unwrap();
+    let resolver: SocketAddr = "198.19.2.2:53".parse().unwrap();
+    let queried: SocketAddr = "10.9.9.9:53".parse().unwrap();
+    let direct: SocketAddr = "203.0.113.9:443".parse().unwrap();
+    {
+        let mut state = assoc.state();
+        assoc.remember_alias(&mut state, &name, fake);
+        assoc.remember_alias(&mut state, &Address::from(resolver), queried);
+        assoc.remember_alias(&mut state, &Address::from(direct), direct);
+    }
+    assert_eq!(assoc.present(&name), Some(fake));
+    assert_eq!(assoc.present(&Address::from(resolver)), Some(queried));
+    // The real address behind the name, on the name's port.
+    let real: SocketAddr = "192.0.2.7:443".parse().unwrap();
+    assert_eq!(assoc.present(&Address::from(real)), Some(fake));
+    // A destination the app used directly stays itself.
+    assert_eq!(assoc.present(&Address::from(direct)), Some(direct));
+    let other: SocketAddr = "192.0.2.7:8443".parse().unwrap();
+    assert_eq!(assoc.present(&Address::from(other)), Some(other));
+    assert_eq!(
+        assoc.present(&Address::domain("unknown.test", 443).unwrap()),
+        None
+    );
+}

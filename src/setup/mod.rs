@@ -1,0 +1,374 @@
+//! `--setup`: make the TUN the default gateway (IPv4 and IPv6) without a routing
+//! loop, and put everything back on exit; and the start-time loop check that runs in
+//! every mode.
+//!
+//! The policy, in the style of wg-quick and sing-box's auto-route (numbers are the
+//! defaults below):
+//!
+//! ```text
+//! table 727:  default dev TUN                      (v4 and v6)
+//! pref 7260:  to 127.0.0.0/8, ::1/128, 169.254.0.0/16, fe80::/10,
+//!             to each proxy address, to each --exclude network   lookup main
+//! pref 7269:  lookup main suppress_prefixlength 0  (more specific routes of main win)
+//! pref 7270:  not fwmark 0x2d7 lookup 727          (everything else: the tunnel)
+//! ```
+//!
+//! Every socket to the proxy carries the mark (`upstream::DialOptions::fwmark`), so
+//! the proxy connection and the UDP relay traffic skip rule 7270 and follow the
+//! original routes. Each entry is recorded in the state file ([`state`]) before it is
+//! made and deleted, newest first, when the [`Setup`] drops (SIGINT, SIGTERM, a
+//! fatal error, a panic that unwinds); a start after a crash deletes what the file
+//! lists first.
+//!
+//! Stage: beside the data path, at start and exit only. It must not touch packets,
+//! and it holds no OS code: netlink lives in `tun2socks-platform`.
+
+pub mod state;
+
+use std::io;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use ipnet::IpNet;
+use tun2socks_platform::{
+    Family, MAIN_TABLE, Route, RouteError, RouteGuard, Routing, RoutingEntry, Rule,
+};
+
+
+use crate::device::Device;
+use crate::upstream::{DialOptions, Upstream};
+
+pub use state::Lock;
+
+/// The firewall mark `--setup` puts on every socket to the proxy when `--fwmark` is
+/// not given: `0x2d7` (727). Packets carrying it skip the tunnel.
+pub const DEFAULT_FWMARK: u32 = 0x2d7;
+/// The routing table holding the default routes through the TUN: 727.
+pub const DEFAULT_TABLE: u32 = 727;
+/// The priority of the rule `not fwmark MARK lookup TABLE`: 7270. The
+/// `suppress_prefixlength 0` rule is one lower (7269), the direct rules (loopback,
+/// link-local, the proxy, `--exclude`) ten lower (7260).
+pub const DEFAULT_PRIORITY: u32 = 7270;
+/// Where the lock and the state file live.
+pub const DEFAULT_STATE_DIR: &str = "/run/tun2socks";
+
+/// Networks that never enter the tunnel: loopback and link-local.
+const ALWAYS_DIRECT: [&str; 4] = ["127.0.0.0/8", "169.254.0.0/16", "::1/128", "fe80::/10"];
+
+/// What `--setup` does, apart from the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetupConfig {
+    /// The mark on sockets to the proxy ([`DEFAULT_FWMARK`] unless `--fwmark`).
+    pub fwmark: u32,
+    /// The routing table of the TUN's default routes.
+    pub table: u32,
+    /// The priority of the tunnel rule (see the module docs for the others).
+    pub priority: u32,
+    /// Networks kept off the tunnel (`--exclude`).
+    pub exclude: Vec<IpNet>,
+    /// Directory of the lock and state files.
+    pub state_dir: PathBuf,
+}
+
+impl Default for SetupConfig {
+    fn default() -> Self {
+        SetupConfig {
+            fwmark: DEFAULT_FWMARK,
+            table: DEFAULT_TABLE,
+            priority: DEFAULT_PRIORITY,
+            exclude: Vec::new(),
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
+        }
+    }
+}
+
+/// Setting up, checking or restoring routing failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// Another instance runs `--setup` in this network namespace.
+    #[error(
+        "another tun2socks{} already runs --setup in this network namespace, on device \
+         {device} (lock {lock:?}); stop it first",
+        Pid(*pid)
+    )]
+    Busy {
+        /// The holder's device, as its lock file says.
+        device: String,
+        /// The holder's pid, if the lock file says.
+        pid: Option<u32>,
+        /// The lock file.
+        lock: PathBuf,
+    },
+    /// The lock or state file could not be read or written.
+    #[error("state file {path:?}: {error}")]
+    StateFile {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        error: io::Error,
+    },
+    /// The kernel refused a route, rule or lookup.
+    #[error(transparent)]
+    Routing(#[from] RouteError),
+    /// The proxy's host name did not resolve.
+    #[error("cannot resolve proxy host {host}: {error}")]
+    Resolve {
+        /// The name.
+        host: String,
+        /// The resolver's error.
+        error: io::Error,
+    },
+    /// The connection to the proxy would enter the TUN itself.
+    #[error(
+        "routing loop: the route to the proxy {proxy} leaves through {device}, the tunnel \
+         itself{}; use --setup (policy routing with a mark), or --fwmark N with your own \
+         rule that keeps marked packets off {device}, or --interface IF",
+        Mark(*mark)
+    )]
+    Loop {
+        /// The proxy address whose route enters the TUN.
+        proxy: IpAddr,
+        /// The TUN device.
+        device: String,
+        /// The mark the lookup used.
+        mark: Option<u32>,
+    },
+}
+
+impl SetupError {
+    /// `true` when the OS refused for lack of privilege (`CAP_NET_ADMIN`, or write
+    /// access to the state directory).
+    pub fn permission_denied(&self) -> bool {
+        match self {
+            SetupError::Routing(error) => error.errno() == Some(nix::libc::EPERM),
+            SetupError::StateFile { error, .. } => error.kind() == io::ErrorKind::PermissionDenied,
+            _ => false,
+        }
+    }
+}
+
+struct Pid(Option<u32>);
+
+impl std::fmt::Display for Pid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(pid) => write!(f, " (pid {pid})"),
+            None => Ok(()),
+        }
+    }
+}
+
+struct Mark(Option<u32>);
+
+impl std::fmt::Display for Mark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(mark) => write!(f, " even for packets with mark {mark:#x}"),
+            None => f.write_str(" and its sockets carry no mark"),
+        }
+    }
+}
+
+/// The entries `--setup` makes for a TUN with index `ifindex`, per family, in the
+/// order they are made: the table's default route first, the rule that diverts
+/// traffic into it last (so it goes first when undone).
+pub fn plan(
+    ifindex: u32,
+    proxy: &[IpAddr],
+    config: &SetupConfig,
+) -> Vec<(Family, Vec<RoutingEntry>)> {
+    let direct_priority = config.priority.saturating_sub(10);
+    let suppress_priority = config.priority.saturating_sub(1);
+    let direct: Vec<IpNet> = ALWAYS_DIRECT
+        .iter()
+        .filter_map(|net| net.parse().ok())
+        .chain(proxy.iter().map(|ip| IpNet::from(*ip)))
+        .chain(config.exclude.iter().map(IpNet::trunc))
+        .collect();
+    [(Family::V4, "0.0.0.0/0"), (Family::V6, "::/0")]
+        .into_iter()
+        .filter_map(|(family, default)| Some((family, default.parse::<IpNet>().ok()?)))
+        .map(|(family, default)| {
+            let mut entries = vec![RoutingEntry::Route(Route {
+                destination: default,
+                ifindex,
+                table: config.table,
+            })];
+            for net in direct.iter().filter(|net| Family::of(net) == family) {
+                let mut rule = Rule::lookup(family, direct_priority, MAIN_TABLE);
+                rule.destination = Some(*net);
+                entries.push(RoutingEntry::Rule(rule));
+            }
+            let mut suppress = Rule::lookup(family, suppress_priority, MAIN_TABLE);
+            suppress.suppress_prefix_len = Some(0);
+            entries.push(RoutingEntry::Rule(suppress));
+            let mut tunnel = Rule::lookup(family, config.priority, config.table);
+            tunnel.invert = true;
+            tunnel.fwmark = Some(config.fwmark);
+            entries.push(RoutingEntry::Rule(tunnel));
+            (family, entries)
+        })
+        .collect()
+}
+
+/// The routing `--setup` made; undone, newest first, on drop. Holds the [`Lock`]
+/// until then.
+#[derive(Debug)]
+pub struct Setup {
+    guards: Vec<RouteGuard>,
+    recorded: Vec<RoutingEntry>,
+    lock: Lock,
+}
+
+impl Setup {
+    /// Makes the entries of [`plan`], recording each in the state file before it is
+    /// made. If IPv6 is unavailable (its default route is refused), IPv4 alone is set
+    /// up and a warning logged. On error, what was made is undone.
+    pub fn apply(
+        lock: Lock,
+        ifindex: u32,
+        proxy: &[IpAddr],
+        config: &SetupConfig,
+    ) -> Result<Setup, SetupError> {
+        let routing = Routing::new()?;
+        let mut setup = Setup {
+            guards: Vec::new(),
+            recorded: Vec::new(),
+            lock,
+        };
+        for (family, entries) in plan(ifindex, proxy, config) {
+            for (i, entry) in entries.into_iter().enumerate() {
+                setup.recorded.push(entry);
+                setup.lock.record(&setup.recorded)?;
+                match routing.add(entry) {
+                    Ok(guard) => {
+                        if guard.undoes().is_none() {
+                            setup.recorded.pop();
+                            setup.lock.record(&setup.recorded)?;
+                        }
+                        setup.guards.push(guard);
+                    }
+                    Err(error) if family == Family::V6 && i == 0 && !permission(&error) => {
+                        tracing::warn!(%error, "IPv6 unavailable: setting up IPv4 only");
+                        setup.recorded.pop();
+                        setup.lock.record(&setup.recorded)?;
+                        break;
+                    }
+                    Err(error) => return Err(error.into()),
+                }
+            }
+        }
+        tracing::info!(
+            entries = setup.guards.len(),
+            state = %setup.lock.state_path().display(),
+            "routing set up"
+        );
+        Ok(setup)
+    }
+}
+
+fn permission(error: &RouteError) -> bool {
+    error.errno() == Some(nix::libc::EPERM)
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let mut failed = Vec::new();
+        while let Some(guard) = self.guards.pop() {
+            let entry = guard.undoes();
+            if let Err(error) = guard.restore() {
+                tracing::warn!(%error, "could not restore routing; the next start retries");
+                failed.extend(entry);
+            }
+        }
+        failed.reverse();
+        let result = if failed.is_empty() {
+            self.lock.remove_state()
+        } else {
+            self.lock.record(&failed)
+        };
+        match result {
+            Ok(()) => tracing::info!("routing restored"),
+            Err(error) => tracing::warn!(%error, "could not update the state file"),
+        }
+    }
+}
+
+/// Takes the `--setup` lock of this network namespace (for `device`) and deletes
+/// what a crashed run left; the first step of `--setup`, before the device is
+/// opened.
+pub fn begin(device: &str, config: &SetupConfig) -> Result<Lock, SetupError> {
+    let lock = Lock::acquire(&config.state_dir, device)?;
+    let removed = lock.clean_leftovers()?;
+    if !removed.is_empty() {
+        tracing::info!(
+            count = removed.len(),
+            "cleaned up after an earlier run that did not exit"
+        );
+    }
+    Ok(lock)
+}
+
+/// Sets up routing (with `--setup`) and runs the loop check (always) for a tunnel on
+/// `device` whose proxy is reached through `upstream`. The proxy's addresses are the
+/// ones `upstream` resolved at start ([`Upstream::resolve`]); a name that did not
+/// resolve yet gets no direct rule and no loop check (the flow-level guard in the
+/// stack still resets connections to the proxy's own address).
+pub fn start(
+    device: &Device,
+    upstream: &Upstream,
+    setup: Option<(Lock, &SetupConfig)>,
+) -> Result<Option<Setup>, SetupError> {
+    let mut addresses: Vec<IpAddr> = upstream
+        .proxy_addrs()
+        .iter()
+        .map(|a| a.ip().to_canonical())
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    if addresses.is_empty() {
+        tracing::warn!("the proxy is not resolved yet: no loop check and no direct rule for it");
+    }
+    let setup = match setup {
+        Some((lock, config)) => Some(Setup::apply(lock, device.ifindex(), &addresses, config)?),
+        None => None,
+    };
+    check_loop(device.ifindex(), device.name(), &addresses, upstream.options())?;
+    Ok(setup)
+}
+
+/// The loop check (every mode): fails with [`SetupError::Loop`] if a connection to
+/// one of the proxy's addresses, carrying `options.fwmark`, would leave through the
+/// TUN `device` (index `ifindex`), unless `options.interface` binds it elsewhere.
+pub fn check_loop(
+    ifindex: u32,
+    device: &str,
+    proxy: &[IpAddr],
+    options: &DialOptions,
+) -> Result<(), SetupError> {
+    let looped = |proxy: IpAddr| SetupError::Loop {
+        proxy,
+        device: device.to_owned(),
+        mark: options.fwmark,
+    };
+    match options.interface.as_deref() {
+        Some(interface) if interface == device => {
+            return proxy.first().map_or(Ok(()), |ip| Err(looped(*ip)));
+        }
+        Some(_) => return Ok(()),
+        None => {}
+    }
+    let routing = Routing::new()?;
+    for ip in proxy {
+        let out = routing.output_interface(*ip, options.fwmark)?;
+        tracing::debug!(proxy = %ip, ?out, mark = ?options.fwmark, "route to the proxy");
+        if out == Some(ifindex) {
+            return Err(looped(*ip));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

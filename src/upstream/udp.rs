@@ -1,0 +1,181 @@
+//! SOCKS5 UDP ASSOCIATE, client side: the control connection and the socket that
+//! talks to the proxy's relay, with blocking-free send and receive for the tunnel's
+//! UDP path.
+
+use std::io;
+use std::net::SocketAddr;
+use std::ops::Range;
+
+use socket2::SockRef;
+use tokio::net::{TcpStream, UdpSocket};
+
+use super::{Upstream, UpstreamError, negotiate, peer};
+use crate::socks::{self, Address, ClientHandshake, ClientStatus, Command, udp};
+
+impl Upstream {
+    /// Sets up a SOCKS5 UDP ASSOCIATE: a control connection and a UDP socket that
+    /// talks to the proxy's relay. Over SOCKS4/4a it fails at once with
+    /// [`UpstreamError::Unsupported`] (those protocols have no UDP).
+    pub async fn udp_associate(&self) -> Result<UdpAssociation, UpstreamError> {
+        let mut control = self.dial().await?;
+        let proxy = peer(&control);
+        let io_err = |source| UpstreamError::Io { proxy, source };
+        // The relay accepts datagrams from the control connection's client address:
+        // send from that address, and declare the port so the relay can check it.
+        let local = control.local_addr().map_err(io_err)?;
+        let socket = UdpSocket::bind(SocketAddr::new(local.ip(), 0))
+            .await
+            .map_err(io_err)?;
+        self.mark(&SockRef::from(&socket)).map_err(io_err)?;
+        let declared = socket.local_addr().map_err(io_err)?;
+        let mut hs = ClientHandshake::new(
+            self.proxy.protocol,
+            self.proxy.auth.clone(),
+            Command::UDP_ASSOCIATE,
+            Address::from(declared),
+        )
+        .map_err(UpstreamError::Unsupported)?;
+        let mut buf = Vec::with_capacity(512);
+        let status = self
+            .with_handshake_timeout(proxy, negotiate(&mut control, &mut hs, &mut buf, proxy))
+            .await?;
+        let ClientStatus::Done(relay) = status else {
+            return Err(UpstreamError::Protocol {
+                proxy,
+                source: socks::Error::Failed,
+            });
+        };
+        let relay = resolve_relay(&relay, proxy).await?;
+        socket.connect(relay).await.map_err(io_err)?;
+        Ok(UdpAssociation {
+            control,
+            socket,
+            relay,
+        })
+    }
+}
+
+/// Where to send datagrams for the relay a proxy announced. Many servers announce
+/// `0.0.0.0` / `::` (meaning "my address"): use the proxy's own address then.
+async fn resolve_relay(relay: &Address, proxy: SocketAddr) -> Result<SocketAddr, UpstreamError> {
+    match relay {
+        Address::Ip(addr) if addr.ip().is_unspecified() => {
+            Ok(SocketAddr::new(proxy.ip(), addr.port()))
+        }
+        Address::Ip(addr) => Ok(*addr),
+        Address::Domain(name, port) => tokio::net::lookup_host((name.as_str(), *port))
+            .await
+            .map_err(|source| UpstreamError::Resolve {
+                host: name.to_string(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| UpstreamError::Resolve {
+                host: name.to_string(),
+                source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+            }),
+    }
+}
+
+/// A SOCKS5 UDP association: datagrams to and from any destination through the
+/// proxy's relay. It lives as long as the control connection; when the proxy closes
+/// that, [`UdpAssociation::closed`] returns and the relay is gone.
+#[derive(Debug)]
+pub struct UdpAssociation {
+    control: TcpStream,
+    socket: UdpSocket,
+    relay: SocketAddr,
+}
+
+/// A datagram from the relay: its source and where its payload lies in the buffer.
+pub type Received = (Address, Range<usize>);
+
+impl UdpAssociation {
+    /// The relay's address.
+    pub fn relay(&self) -> SocketAddr {
+        self.relay
+    }
+
+    /// The local address datagrams are sent from.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Sends `payload` to `target` through the relay.
+    pub async fn send_to(&self, payload: &[u8], target: &Address) -> io::Result<()> {
+        let mut datagram = Vec::with_capacity(udp::MAX_HEADER_LEN.saturating_add(payload.len()));
+        udp::encode_datagram(target, payload, &mut datagram);
+        self.socket.send(&datagram).await.map(|_| ())
+    }
+
+    /// Sends `payload` to `target` through the relay if the socket can take it now
+    /// (`WouldBlock` otherwise: the datagram is dropped, as a full queue does).
+    /// `scratch` is reused for the SOCKS header and payload.
+    pub fn try_send_to(
+        &self,
+        payload: &[u8],
+        target: &Address,
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        scratch.clear();
+        udp::encode_datagram(target, payload, scratch);
+        self.socket.try_send(scratch).map(|_| ())
+    }
+
+    /// Receives the next well-formed datagram from the relay into `buf`: returns its
+    /// source and where its payload lies in `buf`. Malformed datagrams and fragments
+    /// (FRAG != 0) are dropped and logged.
+    pub async fn recv_from(&self, buf: &mut [u8]) -> io::Result<Received> {
+        loop {
+            self.socket.readable().await?;
+            match self.try_recv_from(buf) {
+                Ok(Some(received)) => return Ok(received),
+                Ok(None) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Waits until the relay socket may have a datagram.
+    pub async fn readable(&self) -> io::Result<()> {
+        self.socket.readable().await
+    }
+
+    /// Receives one datagram if one is queued (`WouldBlock` when none is). `Ok(None)`:
+    /// one was received but dropped (malformed, or a fragment).
+    pub fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<Option<Received>> {
+        let n = self.socket.try_recv(buf)?;
+        let datagram = buf.get(..n).unwrap_or_default();
+        match udp::parse_datagram(datagram) {
+            Ok((header, _)) if header.frag != 0 => {
+                tracing::debug!(frag = header.frag, "dropped a fragment from the relay");
+                Ok(None)
+            }
+            Ok((header, payload)) => {
+                let start = n.saturating_sub(payload.len());
+                Ok(Some((header.target, start..n)))
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "dropped a malformed datagram from the relay");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Resolves when the proxy closes the control connection (the association is over).
+    pub async fn closed(&self) {
+        let mut scratch = [0u8; 64];
+        loop {
+            if self.control.readable().await.is_err() {
+                return;
+            }
+            match self.control.try_read(&mut scratch) {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}

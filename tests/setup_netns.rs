@@ -1,0 +1,340 @@
+//! `--setup` end to end in the three-namespace topology: the app namespace starts as
+//! an ordinary host (default routes via the proxy namespace, which forwards); with
+//! `--setup` and forwarding off it still reaches the target (so through SOCKS), and
+//! on exit `ip rule` / `ip route show table all` (v4 and v6) are as before. Also: a
+//! start after `kill -9` cleans up, `--exclude` keeps a network direct, a route to
+//! the proxy through the TUN exits with code 5, and a second instance is refused.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tun2socks::require_or_skip;
+use tun2socks::setup::{DEFAULT_FWMARK, DEFAULT_TABLE};
+use tun2socks::testbed::services::{HTTP_PORT, Services, blob, sha256_hex};
+use tun2socks::testbed::topology::{
+    APP_LINK, PROXY_OUT_V4, TARGET_NET_V4, TARGET_NET_V6, TARGET_V4, TARGET_V6,
+};
+use tun2socks::testbed::tunnel::{
+    PROXY_PORT, TUN_NAME, panics_in, proxy_addr, routing_snapshot, start_server, start_tunnel_setup,
+};
+use tun2socks::testbed::{Namespace, Process, Topology, require_program, require_root};
+
+const BLOB: usize = 4 * 1024 * 1024;
+const SEED: u64 = 5;
+/// The exit code of a routing loop (main.rs).
+const EXIT_LOOP: i32 = 5;
+/// The exit code of a busy device (main.rs).
+const EXIT_BUSY: i32 = 4;
+
+/// The TUN's addresses, given explicitly: a /24, whose prefix route stays clear of the
+/// testbed's 198.19.0.0/16 networks (a wider one would swallow the excluded target
+/// network and the proxy's far address).
+const TUN_ADDRESSES: [&str; 4] = ["--address", "198.18.0.1/24", "--address", "fd18::1/64"];
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tun2socks"))
+}
+
+macro_rules! root_test {
+    ($name:literal) => {
+        require_or_skip!(require_root($name));
+        require_or_skip!(require_program("curl", $name));
+    };
+}
+
+fn snapshot(ns: &Namespace) -> String {
+    routing_snapshot(ns).unwrap()
+}
+
+/// Waits (the device's teardown may trail the exit by a moment) until the snapshot
+/// equals `before`; fails with both if it does not.
+fn assert_restored(ns: &Namespace, before: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut now = snapshot(ns);
+    while now != before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        now = snapshot(ns);
+    }
+    assert_eq!(now, before, "routing not restored");
+}
+
+fn ip_out(ns: &Namespace, args: &[&str]) -> String {
+    String::from_utf8_lossy(&ns.ip(args).unwrap().stdout).into_owned()
+}
+
+/// curl fetches the blob from `host` (bracketed for IPv6); its SHA-256, or "".
+fn curl_sha(ns: &Namespace, host: &str) -> String {
+    let url = format!("http://{host}:{HTTP_PORT}/blob");
+    let script = format!("curl -sS --fail --max-time 20 '{url}' | sha256sum");
+    let out = ns.run("sh", ["-c", script.as_str()]).unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// curl reaches the target over IPv4 and IPv6 with the right bytes.
+fn assert_reaches_target(ns: &Namespace, why: &str) {
+    let expected = sha256_hex(&blob(BLOB, SEED));
+    assert_eq!(curl_sha(ns, &TARGET_V4.to_string()), expected, "IPv4 {why}");
+    assert_eq!(
+        curl_sha(ns, &format!("[{TARGET_V6}]")),
+        expected,
+        "IPv6 {why}"
+    );
+}
+
+/// Runs the tunnel to completion (it is expected to exit by itself).
+fn run_to_exit(ns: &Namespace, args: &[&str]) -> (ExitStatus, String) {
+    let mut cmd = ns.command(binary());
+    cmd.args(args);
+    let mut process = ns.spawn(cmd).unwrap();
+    let status = process.wait_timeout(Duration::from_secs(15)).unwrap();
+    let log = process.log().unwrap_or_default();
+    (status.unwrap_or_else(|| panic!("did not exit: {log}")), log)
+}
+
+/// A topology whose app is an ordinary host routed via the forwarding proxy, with
+/// services in the target.
+fn ordinary_host(tag: &str) -> (Topology, Services) {
+    let topo = Topology::create(tag).unwrap();
+    topo.route_app_via_proxy().unwrap();
+    topo.set_forwarding(true).unwrap();
+    let services = Services::start(topo.target(), BLOB, SEED).unwrap();
+    (topo, services)
+}
+
+fn assert_clean_exit(mut tunnel: Process) {
+    let panics = panics_in(&tunnel);
+    let status = tunnel.terminate().unwrap();
+    let log = tunnel.log().unwrap_or_default();
+    assert!(status.success(), "tunnel exited with {status}: {log}");
+    assert!(panics.is_empty(), "{panics:?}");
+    assert!(log.contains("routing restored"), "{log}");
+}
+
+#[test]
+fn setup_carries_v4_and_v6_through_socks_and_sigterm_restores_routing() {
+    root_test!("setup_carries_v4_and_v6_through_socks_and_sigterm_restores_routing");
+    let (topo, _services) = ordinary_host("setup");
+    assert_reaches_target(topo.app(), "before the tunnel (kernel path)");
+    // The SOCKS server also listens on the proxy's far address, which the app
+    // reaches only by its default route: the route --setup takes over.
+    let far = SocketAddr::from((PROXY_OUT_V4, PROXY_PORT)).to_string();
+    let _server = start_server(topo.proxy(), &binary(), &["--listen", &far]).unwrap();
+    topo.set_forwarding(false).unwrap();
+    let before = snapshot(topo.app());
+
+    let url = format!("socks5://{far}");
+    let tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &TUN_ADDRESSES).unwrap();
+    assert_reaches_target(topo.app(), "through --setup and SOCKS");
+    // Unmarked packets enter the TUN; the marked ones (the proxy connection) and the
+    // proxy's own address stay on the veth: no loop.
+    let mark = format!("{DEFAULT_FWMARK:#x}");
+    let proxy = PROXY_OUT_V4.to_string();
+    let via_tun = ip_out(topo.app(), &["route", "get", "203.0.113.9"]);
+    assert!(via_tun.contains(&format!("dev {TUN_NAME}")), "{via_tun}");
+    let marked = ip_out(topo.app(), &["route", "get", "203.0.113.9", "mark", &mark]);
+    assert!(marked.contains(&format!("dev {APP_LINK}")), "{marked}");
+    let to_proxy = ip_out(topo.app(), &["route", "get", &proxy]);
+    assert!(to_proxy.contains(&format!("dev {APP_LINK}")), "{to_proxy}");
+    let rules = ip_out(topo.app(), &["-6", "rule"]);
+    let tunnel_rule = format!("not from all fwmark {mark} lookup {DEFAULT_TABLE}");
+    assert!(rules.contains(&tunnel_rule), "{rules}");
+    assert!(
+        !tunnel.log().unwrap().contains("loop"),
+        "{}",
+        tunnel.log().unwrap()
+    );
+
+    assert_clean_exit(tunnel);
+    assert_restored(topo.app(), &before);
+}
+
+#[test]
+fn a_start_after_kill_9_removes_the_leftovers_and_sets_up_again() {
+    root_test!("a_start_after_kill_9_removes_the_leftovers_and_sets_up_again");
+    let (topo, _services) = ordinary_host("setup-kill");
+    let _server = start_server(topo.proxy(), &binary(), &[]).unwrap();
+    topo.set_forwarding(false).unwrap();
+    let before = snapshot(topo.app());
+    let url = format!("socks5://{}", proxy_addr());
+
+    let mut first = start_tunnel_setup(topo.app(), &binary(), &url, &TUN_ADDRESSES).unwrap();
+    kill(Pid::from_raw(first.id() as i32), Signal::SIGKILL).unwrap();
+    first.wait_timeout(Duration::from_secs(5)).unwrap().unwrap();
+    let rule = format!("lookup {DEFAULT_TABLE}");
+    let left = ip_out(topo.app(), &["rule"]);
+    assert!(left.contains(&rule), "kill -9 must leave the rules: {left}");
+
+    let second = start_tunnel_setup(topo.app(), &binary(), &url, &TUN_ADDRESSES).unwrap();
+    let log = second.log().unwrap();
+    assert!(log.contains("removed a leftover"), "{log}");
+    for family in ["-4", "-6"] {
+        let rules = ip_out(topo.app(), &[family, "rule"]);
+        assert_eq!(rules.matches(&rule).count(), 1, "no duplicates: {rules}");
+    }
+    assert_reaches_target(topo.app(), "after the restart");
+    assert_clean_exit(second);
+    assert_restored(topo.app(), &before);
+}
+
+#[test]
+fn exclude_keeps_a_network_off_the_tunnel() {
+    root_test!("exclude_keeps_a_network_off_the_tunnel");
+    let (topo, _services) = ordinary_host("setup-exclude");
+    let before = snapshot(topo.app());
+    let server = start_server(topo.proxy(), &binary(), &[]).unwrap();
+    let url = format!("socks5://{}", proxy_addr());
+    let (v4, v6) = (TARGET_NET_V4.to_string(), TARGET_NET_V6.to_string());
+    let mut excluded = vec!["--exclude", &v4, "--exclude", &v6];
+    excluded.extend(TUN_ADDRESSES);
+    let tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &excluded).unwrap();
+    // No SOCKS server any more: only the direct (forwarded) path can work.
+    server.stop().unwrap();
+    assert_reaches_target(topo.app(), "excluded, so direct");
+    let direct = ip_out(topo.app(), &["route", "get", &TARGET_V4.to_string()]);
+    assert!(direct.contains(&format!("dev {APP_LINK}")), "{direct}");
+    assert_clean_exit(tunnel);
+    assert_restored(topo.app(), &before);
+
+    // The control: without --exclude the same fetch enters the tunnel, and with no
+    // proxy to carry it, fails.
+    let tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &TUN_ADDRESSES).unwrap();
+    let expected = sha256_hex(&blob(BLOB, SEED));
+    assert_ne!(
+        curl_sha(topo.app(), &TARGET_V4.to_string()),
+        expected,
+        "not excluded"
+    );
+    assert_clean_exit(tunnel);
+    assert_restored(topo.app(), &before);
+}
+
+#[test]
+fn a_route_to_the_proxy_through_the_tun_exits_with_code_5() {
+    root_test!("a_route_to_the_proxy_through_the_tun_exits_with_code_5");
+    let topo = Topology::create("setup-loop").unwrap();
+    let app = topo.app();
+    // The user's own TUN, routed to the proxy's network.
+    app.ip(["tuntap", "add", "dev", TUN_NAME, "mode", "tun"])
+        .unwrap();
+    // No IPv6 link-local address when a process attaches (the kernel's, not ours).
+    app.ip(["link", "set", TUN_NAME, "addrgenmode", "none", "up"])
+        .unwrap();
+    app.ip(["route", "add", "198.51.100.0/24", "dev", TUN_NAME])
+        .unwrap();
+    let url = "socks5://198.51.100.7:1080";
+    let plain = ["--proxy", url, "--device", TUN_NAME];
+    // The "before" is taken after a first attach: the kernel adds its IPv6 multicast
+    // route to the TUN when a process first opens it (carrier), and keeps it.
+    let (status, log) = run_to_exit(app, &plain);
+    assert_eq!(status.code(), Some(EXIT_LOOP), "{log}");
+    let before = snapshot(app);
+
+    for extra in [&[][..], &["--fwmark", "7"][..], &["--setup"][..]] {
+        let args: Vec<&str> = plain.iter().chain(extra).copied().collect();
+        let (status, log) = run_to_exit(app, &args);
+        assert_eq!(status.code(), Some(EXIT_LOOP), "{extra:?}: {log}");
+        assert!(log.contains("routing loop"), "{log}");
+        assert!(log.contains("198.51.100.7"), "{log}");
+        assert_restored(app, &before);
+    }
+    // --interface keeps the proxy connection off the TUN: no loop, it runs.
+    let mut cmd = app.command(binary());
+    cmd.args(plain).args(["--interface", APP_LINK]);
+    let mut running = app.spawn(cmd).unwrap();
+    let exited = running.wait_timeout(Duration::from_secs(2)).unwrap();
+    assert_eq!(exited, None, "{}", running.log().unwrap_or_default());
+    running.terminate().unwrap();
+}
+
+#[test]
+fn a_second_instance_on_the_same_device_is_refused() {
+    root_test!("a_second_instance_on_the_same_device_is_refused");
+    let (topo, _services) = ordinary_host("setup-twice");
+    let _server = start_server(topo.proxy(), &binary(), &[]).unwrap();
+    topo.set_forwarding(false).unwrap();
+    let before = snapshot(topo.app());
+    let url = format!("socks5://{}", proxy_addr());
+    let first = start_tunnel_setup(topo.app(), &binary(), &url, &TUN_ADDRESSES).unwrap();
+    let during = snapshot(topo.app());
+
+    let mut args = vec!["--proxy", &url, "--device", TUN_NAME, "--setup"];
+    args.extend(TUN_ADDRESSES);
+    let (status, log) = run_to_exit(topo.app(), &args);
+    assert_eq!(status.code(), Some(EXIT_BUSY), "{log}");
+    assert!(log.contains("already runs --setup"), "{log}");
+    assert!(log.contains(&format!("pid {}", first.id())), "{log}");
+    assert_eq!(
+        snapshot(topo.app()),
+        during,
+        "the refused start changed nothing"
+    );
+    assert_reaches_target(topo.app(), "the first instance still works");
+
+    assert_clean_exit(first);
+    assert_restored(topo.app(), &before);
+}
+
+#[test]
+fn setup_runs_as_an_unprivileged_user_with_net_admin_and_net_raw_only() {
+    root_test!("setup_runs_as_an_unprivileged_user_with_net_admin_and_net_raw_only");
+    require_or_skip!(require_program("setpriv", "unprivileged --setup"));
+    require_or_skip!(require_program("unshare", "unprivileged --setup"));
+    let (topo, _services) = ordinary_host("setup-nonroot");
+    let _server = start_server(topo.proxy(), &binary(), &[]).unwrap();
+    topo.set_forwarding(false).unwrap();
+    let before = snapshot(topo.app());
+
+    // What the systemd unit provides, without touching the host: in a private mount
+    // namespace, a TUN node anyone may open over /dev/net/tun (here it is 0600) and a
+    // state directory the user owns over /run/tun2socks.
+    let dir = std::env::temp_dir().join(format!("t2s-nonroot-{}", std::process::id()));
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let nobody = nix::unistd::Uid::from_raw(65534);
+    nix::unistd::chown(&state, Some(nobody), None).unwrap();
+    let node = dir.join("tun");
+    let url = format!("socks5://{}", proxy_addr());
+    let script = format!(
+        "mknod {node} c 10 200 && chmod 0666 {node} && mount --bind {node} /dev/net/tun && \
+         mkdir -p /run/tun2socks && mount --bind {state} /run/tun2socks && \
+         exec ip netns exec {ns} setpriv --reuid=65534 --regid=65534 --clear-groups \
+         --inh-caps=+net_admin,+net_raw --ambient-caps=+net_admin,+net_raw \
+         {binary} --proxy {url} --device {TUN_NAME} --setup {addresses}",
+        node = node.display(),
+        state = state.display(),
+        ns = topo.app().name(),
+        binary = binary().display(),
+        addresses = TUN_ADDRESSES.join(" "),
+    );
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("RUST_LOG", "info");
+    let mut tunnel = Process::spawn(
+        cmd,
+        Process::log_dir().join(format!("{}-nonroot.log", topo.app().name())),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tunnel.log().unwrap_or_default().contains("routing set up") {
+        let log = tunnel.log().unwrap_or_default();
+        assert!(tunnel.try_wait().unwrap().is_none(), "exited: {log}");
+        assert!(Instant::now() < deadline, "not ready: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tunnel.id())).unwrap();
+    assert!(status.contains("Uid:\t65534"), "{status}");
+    assert!(status.contains("CapEff:\t0000000000003000"), "{status}");
+    assert_reaches_target(topo.app(), "as an unprivileged user");
+    assert_clean_exit(tunnel);
+    assert_restored(topo.app(), &before);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,373 @@
+//! UDP through the tunnel, end to end (issue 6): the tunnel in `app` on a TUN made by
+//! hand at MTU 1500 (attach mode) or one it creates, a SOCKS server in `proxy` (ours
+//! or Dante), UDP echo and "cone" services in `target`. `app` has no other route to
+//! `target`, so every datagram that comes back went through the tunnel and a SOCKS5
+//! UDP association.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use tun2socks::require_or_skip;
+use tun2socks::testbed::attach::{create_tun, open_fds, start_tunnel_attached};
+use tun2socks::testbed::dante::Dante;
+use tun2socks::testbed::tunnel::{panics_in, proxy_addr, start_server, start_tunnel};
+use tun2socks::testbed::udp::{UDP_ECHO_PORT, UdpServices};
+use tun2socks::testbed::udp_client::{
+    max_udp_payload, udp_cone_check, udp_echo_check, udp_echo_windowed, udp_many_ports,
+};
+use tun2socks::testbed::{Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_root};
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tun2socks"))
+}
+
+macro_rules! needs_root {
+    ($test:literal) => {
+        require_or_skip!(require_root($test), Ok(()));
+    };
+}
+
+/// Services first, namespaces last (fields drop in order).
+struct Net {
+    tunnel: Option<Process>,
+    server: Option<Process>,
+    _dante: Option<Dante>,
+    _udp: UdpServices,
+    topo: Topology,
+}
+
+impl Net {
+    fn new(tag: &str) -> Result<Net> {
+        let topo = Topology::create(tag)?;
+        let udp = UdpServices::start(topo.target())?;
+        Ok(Net {
+            tunnel: None,
+            server: None,
+            _dante: None,
+            _udp: udp,
+            topo,
+        })
+    }
+
+    fn app(&self) -> &Namespace {
+        self.topo.app()
+    }
+
+    fn server(&mut self, extra: &[&str]) -> Result<()> {
+        self.server = Some(start_server(self.topo.proxy(), &binary(), extra)?);
+        Ok(())
+    }
+
+    /// The tunnel on a TUN made by hand at MTU 1500.
+    fn tunnel_attached(&mut self, url: &str, extra: &[&str]) -> Result<()> {
+        create_tun(self.app(), "tun0", 1500)?;
+        self.tunnel = Some(start_tunnel_attached(
+            self.app(),
+            &binary(),
+            url,
+            "tun0",
+            extra,
+        )?);
+        Ok(())
+    }
+
+    /// The tunnel on a device it creates (default MTU and addresses).
+    fn tunnel_created(&mut self, url: &str, extra: &[&str]) -> Result<()> {
+        self.tunnel = Some(start_tunnel(self.app(), &binary(), url, extra)?);
+        Ok(())
+    }
+
+    fn tunnel_pid(&self) -> u32 {
+        self.tunnel.as_ref().unwrap().id()
+    }
+
+    /// Stops the tunnel with SIGTERM and returns its log (with the stats line).
+    fn stop_tunnel(&mut self) -> Result<String> {
+        let mut tunnel = self.tunnel.take().context("no tunnel")?;
+        let status = tunnel.terminate()?;
+        let log = tunnel.log()?;
+        ensure!(status.success(), "tunnel exited with {status}:\n{log}");
+        ensure!(panics_in(&tunnel).is_empty(), "tunnel panicked:\n{log}");
+        Ok(log)
+    }
+}
+
+/// A counter of the tunnel's final stats line (`name: N`), or `"name": N` for drops.
+fn stat(log: &str, name: &str) -> u64 {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("stopped stats="))
+        .unwrap_or_default();
+    for key in [format!("{name}: "), format!("\"{name}\": ")] {
+        if let Some(at) = line.find(&key) {
+            let digits: String = line[at + key.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            return digits.parse().unwrap_or(0);
+        }
+    }
+    0
+}
+
+fn echo_targets() -> [(SocketAddr, bool); 2] {
+    [
+        (SocketAddr::new(TARGET_V4.into(), UDP_ECHO_PORT), false),
+        (SocketAddr::new(TARGET_V6.into(), UDP_ECHO_PORT), true),
+    ]
+}
+
+#[test]
+fn echo_1000_datagrams_v4_v6_on_a_hand_made_tun_at_mtu_1500() -> Result<()> {
+    needs_root!("echo_1000_datagrams_v4_v6_on_a_hand_made_tun_at_mtu_1500");
+    let mut net = Net::new("udpecho")?;
+    net.server(&[])?;
+    net.tunnel_attached(&format!("socks5://{}", proxy_addr()), &[])?;
+    for (target, v6) in echo_targets() {
+        let max = max_udp_payload(1500, v6);
+        let report = udp_echo_check(net.app(), target, 1000, 8..=max)?;
+        ensure!(report.all_ok(), "{target}, one at a time: {report}");
+        let windowed = udp_echo_windowed(net.app(), target, 1000, 8..=max, 16)?;
+        ensure!(windowed.all_ok(), "{target}, 16 in flight: {windowed}");
+        eprintln!("{target}: {report}; {windowed}");
+    }
+    let log = net.stop_tunnel()?;
+    ensure!(stat(&log, "udp_up") >= 4000, "{log}");
+    ensure!(stat(&log, "udp_down") >= 4000, "{log}");
+    Ok(())
+}
+
+#[test]
+fn full_cone_and_200_source_ports() -> Result<()> {
+    needs_root!("full_cone_and_200_source_ports");
+    let mut net = Net::new("udpcone")?;
+    net.server(&[])?;
+    net.tunnel_created(&format!("socks5://{}", proxy_addr()), &[])?;
+    for target in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
+        // The reply comes from a port the app never sent to, and reaches the same
+        // socket with that port as its source.
+        udp_cone_check(net.app(), target).with_context(|| format!("cone via {target}"))?;
+    }
+    let target = SocketAddr::new(TARGET_V4.into(), UDP_ECHO_PORT);
+    let report = udp_many_ports(net.app(), target, 200, Duration::from_secs(10))?;
+    ensure!(
+        report.answered == 200 && report.wrong == 0,
+        "200 ports: {report:?}"
+    );
+    let log = net.stop_tunnel()?;
+    // One association per app socket: 2 cone sockets + 200.
+    ensure!(stat(&log, "udp_associations") >= 202, "{log}");
+    Ok(())
+}
+
+#[test]
+fn echo_through_dante() -> Result<()> {
+    needs_root!("echo_through_dante");
+    require_or_skip!(
+        tun2socks::testbed::require_program("danted", "echo_through_dante"),
+        Ok(())
+    );
+    let mut net = Net::new("udpdante")?;
+    net._dante = Some(Dante::start(net.topo.proxy())?);
+    net.tunnel_attached(&Dante::url(), &[])?;
+    for (target, v6) in echo_targets() {
+        let max = max_udp_payload(1500, v6);
+        let report = udp_echo_check(net.app(), target, 1000, 8..=max)?;
+        ensure!(report.all_ok(), "{target} through Dante: {report}");
+    }
+    udp_cone_check(net.app(), TARGET_V4.into()).context("cone through Dante")?;
+    net.stop_tunnel()?;
+    Ok(())
+}
+
+/// Sends one datagram from a connected socket in `ns` and returns how long it took
+/// until the socket reported the port unreachable (ECONNREFUSED), if it did in 2 s.
+fn time_to_refusal(ns: &Namespace, target: SocketAddr) -> Result<Option<Duration>> {
+    let socket = ns.within(move || {
+        let bind: SocketAddr = if target.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            "[::]:0".parse().unwrap()
+        };
+        let s = UdpSocket::bind(bind)?;
+        s.connect(target)?;
+        Ok(s)
+    })?;
+    socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let start = Instant::now();
+    socket.send(b"anyone?")?;
+    let mut buf = [0u8; 64];
+    match socket.recv(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(Some(start.elapsed())),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Ok(None),
+        other => anyhow::bail!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn udp_through_socks4_gets_port_unreachable_at_once() -> Result<()> {
+    needs_root!("udp_through_socks4_gets_port_unreachable_at_once");
+    let mut net = Net::new("udpsocks4")?;
+    net.server(&[])?;
+    net.tunnel_created(&format!("socks4://{}", proxy_addr()), &[])?;
+    for (target, _) in echo_targets() {
+        for _ in 0..3 {
+            let took = time_to_refusal(net.app(), target)?
+                .with_context(|| format!("no port unreachable for {target}"))?;
+            ensure!(
+                took < Duration::from_millis(100),
+                "{target}: refused after {took:?}"
+            );
+        }
+    }
+    let log = net.stop_tunnel()?;
+    ensure!(stat(&log, "udp_refused") == 6, "{log}");
+    ensure!(stat(&log, "udp_associations") == 0, "{log}");
+    // Logged once per burst, not once per datagram.
+    ensure!(log.matches("SOCKS4 has no UDP").count() == 1, "{log}");
+    Ok(())
+}
+
+#[test]
+fn a_server_without_udp_is_refused_once_then_remembered() -> Result<()> {
+    needs_root!("a_server_without_udp_is_refused_once_then_remembered");
+    let mut net = Net::new("udpnoudp")?;
+    net.server(&["--no-udp"])?;
+    net.tunnel_created(&format!("socks5://{}", proxy_addr()), &[])?;
+    let target = SocketAddr::new(TARGET_V4.into(), UDP_ECHO_PORT);
+    for _ in 0..5 {
+        let took = time_to_refusal(net.app(), target)?.context("no port unreachable")?;
+        ensure!(took < Duration::from_secs(1), "refused after {took:?}");
+    }
+    let server_log = net.server.as_ref().unwrap().log()?;
+    let log = net.stop_tunnel()?;
+    ensure!(stat(&log, "udp_refused") == 5, "{log}");
+    ensure!(stat(&log, "udp_associations") == 0, "{log}");
+    // Remembered: the proxy was asked once (its refusal ends the handshake), not
+    // once per datagram.
+    let asked = server_log.matches("handshake failed").count();
+    ensure!(
+        asked == 1,
+        "the proxy was asked {asked} times:\n{server_log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_association_comes_back_after_the_proxy_restarts_and_idles_out() -> Result<()> {
+    needs_root!("the_association_comes_back_after_the_proxy_restarts_and_idles_out");
+    let mut net = Net::new("udpreassoc")?;
+    net.server(&[])?;
+    net.tunnel_created(
+        &format!("socks5://{}", proxy_addr()),
+        &["--udp-timeout", "2"],
+    )?;
+    let target = SocketAddr::new(TARGET_V4.into(), UDP_ECHO_PORT);
+    let pid = net.tunnel_pid();
+    let idle_fds = open_fds(pid)?;
+    // One socket throughout: its association must survive the proxy's restart.
+    let socket = net.app().within(move || {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.connect(target)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    })?;
+    let echo = |payload: &[u8]| -> Result<()> {
+        // Datagrams may be lost while the association is re-made: retry a few times.
+        let mut buf = [0u8; 64];
+        for _ in 0..5 {
+            socket.send(payload)?;
+            if let Ok(n) = socket.recv(&mut buf) {
+                ensure!(&buf[..n] == payload, "wrong echo");
+                return Ok(());
+            }
+        }
+        anyhow::bail!("no echo for {:?}", String::from_utf8_lossy(payload))
+    };
+    echo(b"before")?;
+    ensure!(
+        open_fds(pid)? == idle_fds + 2,
+        "an association holds two descriptors"
+    );
+    net.server.take().unwrap().stop()?;
+    std::thread::sleep(Duration::from_millis(200));
+    net.server(&[])?;
+    echo(b"after the restart")?;
+    // Idle for longer than --udp-timeout: the association and its sockets are gone.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    while open_fds(pid)? != idle_fds && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(
+        open_fds(pid)? == idle_fds,
+        "descriptors after the idle timeout: {} (idle: {idle_fds})",
+        open_fds(pid)?
+    );
+    let log = net.stop_tunnel()?;
+    ensure!(stat(&log, "udp_associations") == 2, "{log}");
+    Ok(())
+}
+
+/// Raw IPv4 packets sent into the TUN from `ns` (the kernel routes them there).
+fn send_raw(ns: &Namespace, packets: Vec<Vec<u8>>) -> Result<()> {
+    ns.within(move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let raw = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))?;
+        let to: SocketAddr = (TARGET_V4, 0).into();
+        for p in &packets {
+            raw.send_to(p, &to.into())?;
+        }
+        Ok(())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn broadcast_multicast_and_malformed_udp_never_reach_the_proxy() -> Result<()> {
+    needs_root!("broadcast_multicast_and_malformed_udp_never_reach_the_proxy");
+    let mut net = Net::new("udpdrop")?;
+    net.server(&[])?;
+    net.tunnel_created(&format!("socks5://{}", proxy_addr()), &[])?;
+    net.app()
+        .ip(["route", "add", "224.0.0.0/4", "dev", "tun0"])?;
+    net.app().within(|| {
+        let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        s.set_broadcast(true)?;
+        s.send_to(b"dhcp", (Ipv4Addr::BROADCAST, 67))?;
+        s.send_to(b"mdns", (Ipv4Addr::new(224, 0, 0, 251), 5353))?;
+        s.send_to(b"ssdp", (Ipv4Addr::new(239, 255, 255, 250), 1900))?;
+        s.send_to(b"directed", (Ipv4Addr::new(198, 18, 255, 255), 137))?;
+        Ok(())
+    })?;
+    let good = {
+        let mut out = Vec::new();
+        etherparse::PacketBuilder::ipv4([198, 18, 0, 1], TARGET_V4.octets(), 64)
+            .udp(4242, UDP_ECHO_PORT)
+            .write(&mut out, b"corrupt me")
+            .unwrap();
+        out
+    };
+    let mut bad_sum = good.clone();
+    *bad_sum.last_mut().unwrap() ^= 0xff;
+    let mut bad_len = good.clone();
+    bad_len[24..26].copy_from_slice(&4000u16.to_be_bytes());
+    let truncated = good[..24].to_vec();
+    send_raw(net.app(), vec![bad_sum, bad_len, truncated])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let log = net.stop_tunnel()?;
+    ensure!(
+        stat(&log, "udp_associations") == 0,
+        "nothing reached the proxy:\n{log}"
+    );
+    ensure!(stat(&log, "broadcast") >= 1, "{log}");
+    ensure!(stat(&log, "multicast") >= 2, "{log}");
+    ensure!(stat(&log, "bad-checksum") == 1, "{log}");
+    ensure!(stat(&log, "malformed") >= 2, "{log}");
+    ensure!(stat(&log, "udp_dropped") >= 1, "directed broadcast:\n{log}");
+    Ok(())
+}
