@@ -8,14 +8,13 @@
 //! dnsmasq in the target (fake-ip: answered by the tunnel), and the tunnel's RSS with
 //! 5,000 idle UDP associations (5,000 sockets each send one datagram, then idle).
 //! Tunnels: the device the tunnel creates (its default MTU) and a hand-made MTU 1500
-//! device it attaches to, each with `--dns udp`, `--dns tcp` and `--dns fake-ip`. A
-//! tunnel that refuses its options gets "n/a (tunnel refused: ...)" rows.
+//! device it attaches to; on each, UDP and DNS with the defaults, then DNS with
+//! `--dns udp`, `--dns tcp` and `--dns fake-ip`, then the idle associations. A tunnel
+//! that refuses its options gets an "n/a (tunnel refused: ...)" row.
 //!
 //! `cargo bench --bench udp_dns`. `BENCH_SECS` (default 2) per rate measurement,
 //! `BENCH_PROBES` (default 2000) latency round trips, `BENCH_IDLE` (default 5000)
-//! idle associations. `BENCH_OLD_TUNNEL=1` starts the tunnels without `--dns`,
-//! `--max-udp` and `--udp-timeout` (a build that predates them: each DNS mode then
-//! measures the same tunnel).
+//! idle associations.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -164,9 +163,7 @@ fn tunnel(
 ) -> Result<Process, String> {
     let url = format!("socks5://{}", proxy_addr());
     let mut args = vec!["--log-level", "warn"];
-    if std::env::var_os("BENCH_OLD_TUNNEL").is_none() {
-        args.extend_from_slice(extra);
-    }
+    args.extend_from_slice(extra);
     let started = if hand_made {
         start_tunnel_attached(topo.app(), binary, &url, HAND_TUN, &args)
     } else {
@@ -215,6 +212,21 @@ fn tunnel_rows(s: &Settings, binary: &Path) -> Vec<Row> {
     let max_udp = (s.idle + 1000).to_string();
     let mut rows = Vec::new();
     for (hand_made, device) in [(false, "created tun0"), (true, "hand-made MTU 1500")] {
+        // UDP with the tunnel's defaults (DNS then goes as plain UDP, as `--dns udp`).
+        let mut row = Row {
+            path: format!("tunnel, {device}"),
+            ..Row::default()
+        };
+        eprintln!("{}", row.path);
+        match tunnel(&topo, binary, hand_made, &[]) {
+            Err(reason) => row.refused = Some(reason),
+            Ok(mut process) => {
+                row.udp = Some(measure_udp(topo.app(), s));
+                row.dns = Some(measure_dns(topo.app(), s));
+                let _ = process.terminate();
+            }
+        }
+        rows.push(row);
         for mode in ["udp", "tcp", "fake-ip"] {
             let mut row = Row {
                 path: format!("tunnel, {device}, --dns {mode}"),
@@ -224,9 +236,6 @@ fn tunnel_rows(s: &Settings, binary: &Path) -> Vec<Row> {
             match tunnel(&topo, binary, hand_made, &["--dns", mode]) {
                 Err(reason) => row.refused = Some(reason),
                 Ok(mut process) => {
-                    if mode == "udp" {
-                        row.udp = Some(measure_udp(topo.app(), s));
-                    }
                     row.dns = Some(measure_dns(topo.app(), s));
                     let _ = process.terminate();
                 }
@@ -239,14 +248,7 @@ fn tunnel_rows(s: &Settings, binary: &Path) -> Vec<Row> {
             ..Row::default()
         };
         eprintln!("{}", row.path);
-        let extra = [
-            "--dns",
-            "udp",
-            "--max-udp",
-            &max_udp,
-            "--udp-timeout",
-            "300",
-        ];
+        let extra = ["--max-udp", &max_udp, "--udp-timeout", "300"];
         match tunnel(&topo, binary, hand_made, &extra) {
             Err(reason) => row.refused = Some(reason),
             Ok(mut process) => {
