@@ -273,9 +273,7 @@ pub const LATENCY_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Round trips of single datagrams of `payload` bytes (one at a time): use
 /// [`EchoReport::percentile`] for p50 and p99. A probe without a reply within
-/// [`LATENCY_TIMEOUT`] is counted lost, so a lossy path costs little time (warm the
-/// path first: on a fresh topology the first IPv6 packet can wait a second for
-/// neighbour discovery).
+/// [`LATENCY_TIMEOUT`] is counted lost, so a lossy path costs little time.
 pub fn udp_latency(
     ns: &Namespace,
     target: SocketAddr,
