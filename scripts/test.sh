@@ -7,13 +7,15 @@ cd "$(dirname "$0")/.."
 
 packages=(
   iproute2        # ip, ss: namespaces, veth, routes (testbed, selftest)
-  util-linux      # setpriv: the no-permission exit-code tests
+  util-linux      # setpriv: the no-permission exit-code tests; prlimit (udp_dns bench)
   curl            # an unmodified application; SOCKS client against our server
   python3-socks   # PySocks (for /usr/bin/python3): SOCKS4/5 and UDP ASSOCIATE client
   ncat            # SOCKS4/5 client
   dante-server    # danted: an independent SOCKS4/5 server
   microsocks      # a SOCKS5 server without UDP (benchmarks)
   iperf3          # tunnel benchmark
+  dnsmasq-base    # dnsmasq: the resolver in the target namespace (testbed::dnsmasq)
+  bind9-dnsutils  # dig: DNS queries over UDP and TCP from a namespace
   ca-certificates
 )
 

@@ -12,21 +12,33 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use tun2socks::config::ProxyUrl;
 use tun2socks::require_or_skip;
+use tun2socks::socks::Address;
+use tun2socks::testbed::attach::{
+    create_tun, has_carrier, refusal_reason, start_tunnel_attached, vm_rss_kib,
+};
 use tun2socks::testbed::dante::Dante;
 use tun2socks::testbed::dns_client::{TYPE_A, TYPE_AAAA, TYPE_TXT, dns_query, dns_query_rate};
 use tun2socks::testbed::dnsmasq::{
     BIG_TXT_NAME, DNS_PORT, DigTransport, Dnsmasq, PROXY_ONLY_NAME, TARGET_NAME, TXT_NAME,
     TXT_VALUE, big_txt_strings, default_records, dig, dig_raw, resolve_in, set_proxy_only_name,
 };
-use tun2socks::testbed::services::{HTTP_PORT, Services};
+use tun2socks::testbed::namespace::join;
+use tun2socks::testbed::services::{ECHO_PORT, HTTP_PORT, Services};
 use tun2socks::testbed::tunnel::{proxy_addr, start_server};
-use tun2socks::testbed::udp::{CONE_PORT, CONE_REPLY_PORT, UDP_ECHO_PORT, UdpServices};
-use tun2socks::testbed::udp_client::{
-    max_udp_payload, udp_cone, udp_cone_check, udp_echo_check, udp_echo_windowed, udp_latency,
-    udp_many_ports, udp_rate,
+use tun2socks::testbed::udp::{
+    CONE_PORT, CONE_REPLY_PORT, UDP_ECHO_PORT, UDP_SINK_PORT, UdpServices, cone_reply, cone_request,
 };
-use tun2socks::testbed::{TARGET_V4, TARGET_V6, Topology, require_program, require_root};
+use tun2socks::testbed::udp_client::{
+    connected_socket, echo_payload, max_udp_payload, udp_echo_check, udp_echo_windowed,
+    udp_latency, udp_rate,
+};
+use tun2socks::testbed::udp_probes::{
+    udp_cone, udp_cone_check, udp_expect_unreachable, udp_many_ports, udp_send_broadcast,
+};
+use tun2socks::testbed::{PROXY_V4, TARGET_V4, TARGET_V6, Topology, require_program, require_root};
+use tun2socks::upstream::{DialOptions, Upstream};
 
 /// Every test starts here: root or skip/fail per the CI rule.
 macro_rules! needs {
@@ -131,6 +143,51 @@ fn rate_sender_counts_replies() -> Result<()> {
     ensure!(
         (800..=1_200).contains(&report.sent) && report.loss_percent() < 10.0,
         "{report:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn port_unreachable_is_seen_and_timed() -> Result<()> {
+    needs!("port_unreachable_is_seen_and_timed");
+    let (topo, _services) = kernel_path("udpunreach")?;
+    for (ip, _) in targets() {
+        // No warm-up: the first packet across fresh links (IPv6 too) is not delayed.
+        // Port 9: nothing listens there.
+        let took =
+            udp_expect_unreachable(topo.app(), SocketAddr::new(ip, 9), Duration::from_secs(2))?;
+        ensure!(took < Duration::from_millis(500), "{ip}: {took:?}");
+        // The echo answers instead: that is an error, not a pass.
+        let echo = SocketAddr::new(ip, UDP_ECHO_PORT);
+        let answered = udp_expect_unreachable(topo.app(), echo, Duration::from_secs(2));
+        ensure!(answered.is_err(), "{echo}: {answered:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn sink_counts_unicast_and_sees_no_broadcast_from_the_app() -> Result<()> {
+    needs!("sink_counts_unicast_and_sees_no_broadcast_from_the_app");
+    let (topo, services) = kernel_path("udpsink")?;
+    // The app has no default route: give the limited broadcast a way out (as the
+    // tunnel's default route would), onto the app's link.
+    topo.app()
+        .ip(["route", "add", "default", "via", &PROXY_V4.to_string()])?;
+    udp_send_broadcast(topo.app(), UDP_SINK_PORT, 5)?;
+    for (ip, _) in targets() {
+        let sink = connected_socket(topo.app(), SocketAddr::new(ip, UDP_SINK_PORT))?;
+        sink.send(b"counted")?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while services.sink_received() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // Two unicasts arrive; the broadcasts stay on the app's link (no router forwards them).
+    ensure!(
+        services.sink_received() == 2,
+        "sink saw {}",
+        services.sink_received()
     );
     Ok(())
 }
@@ -341,6 +398,112 @@ fn dante_relays_udp_for_pysocks_full_cone() -> Result<()> {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
         dante.process().log()?
+    );
+    Ok(())
+}
+
+/// Through the association of `url` (from the app namespace): 20 echoes to each target
+/// family, then a cone request whose reply must come back from the second port.
+async fn relay_check(url: String) -> std::io::Result<()> {
+    use std::io::Error;
+    let proxy = url.parse::<ProxyUrl>().map_err(Error::other)?;
+    let upstream = Upstream::new(proxy, DialOptions::default());
+    let assoc = upstream.udp_associate().await.map_err(Error::other)?;
+    let mut buf = vec![0u8; 65_536];
+    let wait = Duration::from_secs(5);
+    for ip in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
+        let echo = SocketAddr::new(ip, UDP_ECHO_PORT);
+        for i in 0..20u64 {
+            let payload = echo_payload(i, 100 + 60 * i as usize);
+            assoc.send_to(&payload, &Address::from(echo)).await?;
+            let (from, range) = tokio::time::timeout(wait, assoc.recv_from(&mut buf))
+                .await
+                .map_err(|_| Error::other(format!("{url}: no echo from {echo} for {i}")))??;
+            if from != Address::from(echo) || buf.get(range) != Some(payload.as_slice()) {
+                return Err(Error::other(format!(
+                    "{url}: echo {i} from {from:?} differs"
+                )));
+            }
+        }
+        let cone = SocketAddr::new(ip, CONE_PORT);
+        assoc
+            .send_to(&cone_request(CONE_REPLY_PORT), &Address::from(cone))
+            .await?;
+        let (from, range) = tokio::time::timeout(wait, assoc.recv_from(&mut buf))
+            .await
+            .map_err(|_| Error::other(format!("{url}: no cone reply for {ip}")))??;
+        let expected = Address::from(SocketAddr::new(ip, CONE_REPLY_PORT));
+        if from != expected || buf.get(range) != Some(cone_reply(CONE_REPLY_PORT).as_slice()) {
+            return Err(Error::other(format!(
+                "{url}: cone reply from {from:?}, expected {expected:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn our_socks_client_relays_udp_and_cone_through_dante_and_our_server() -> Result<()> {
+    needs!(
+        "our_socks_client_relays_udp_and_cone_through_dante_and_our_server",
+        "danted"
+    );
+    let topo = Topology::create("relayudp")?;
+    let _services = UdpServices::start(topo.target())?;
+    let dante = Dante::start(topo.proxy())?;
+    let binary = Path::new(env!("CARGO_BIN_EXE_tun2socks"));
+    let _server = start_server(topo.proxy(), binary, &["--log-level", "warn"])?;
+    for url in [Dante::url(), format!("socks5://{}", proxy_addr())] {
+        let check = url.clone();
+        join(topo.app().enter_async(move || relay_check(check))).with_context(|| {
+            format!(
+                "UDP through {url}; danted log:\n{}",
+                dante.process().log().unwrap_or_default()
+            )
+        })?;
+    }
+    Ok(())
+}
+
+#[test]
+fn tunnel_attaches_to_a_hand_made_device_or_reports_why_not() -> Result<()> {
+    use std::io::{Read, Write};
+    needs!("tunnel_attaches_to_a_hand_made_device_or_reports_why_not");
+    let topo = Topology::create("attach")?;
+    let _tcp = Services::start(topo.target(), 1000, 1)?;
+    let binary = Path::new(env!("CARGO_BIN_EXE_tun2socks"));
+    let _server = start_server(topo.proxy(), binary, &["--log-level", "warn"])?;
+    create_tun(topo.app(), "tunb", 1500)?;
+    ensure!(
+        !has_carrier(topo.app(), "tunb"),
+        "carrier before any tunnel"
+    );
+    let url = format!("socks5://{}", proxy_addr());
+
+    // Options the tunnel does not know: the start fails with its own words.
+    let refused = start_tunnel_attached(topo.app(), binary, &url, "tunb", &["--no-such-option"])
+        .err()
+        .context("a tunnel with an unknown option started")?;
+    let reason = refusal_reason(&refused.to_string());
+    ensure!(reason.contains("--no-such-option"), "reason: {reason:?}");
+
+    let tunnel = start_tunnel_attached(topo.app(), binary, &url, "tunb", &["--log-level", "warn"])?;
+    ensure!(has_carrier(topo.app(), "tunb"));
+    ensure!(vm_rss_kib(tunnel.id())? > 0);
+    // TCP through the hand-made device and our server: the app has no other way out.
+    let echo = SocketAddr::new(TARGET_V4.into(), ECHO_PORT);
+    let mut stream = topo
+        .app()
+        .within(move || std::net::TcpStream::connect_timeout(&echo, Duration::from_secs(5)))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(b"through tunb")?;
+    let mut back = [0u8; 12];
+    stream.read_exact(&mut back)?;
+    ensure!(&back == b"through tunb", "{back:?}");
+    let mtu = topo.app().ip(["-o", "link", "show", "dev", "tunb"])?;
+    ensure!(
+        String::from_utf8_lossy(&mtu.stdout).contains("mtu 1500"),
+        "{mtu:?}"
     );
     Ok(())
 }

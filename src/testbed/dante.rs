@@ -39,7 +39,8 @@ impl Dante {
     /// (v4 and v6) at [`DANTE_PORT`], no authentication, clients from the app network,
     /// CONNECT, BIND and UDP allowed to anywhere, leaving by the target link.
     pub fn start(ns: &Namespace) -> io::Result<Dante> {
-        let dir = std::env::temp_dir().join(format!("t2s-dante-{}", unique_id()));
+        let dir =
+            std::env::temp_dir().join(format!("t2s-dante-{}-{}", std::process::id(), unique_id()));
         fs::create_dir_all(&dir).map_err(context(dir.display()))?;
         let conf = dir.join("danted.conf");
         fs::write(&conf, config()).map_err(context(conf.display()))?;

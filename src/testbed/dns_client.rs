@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use super::context;
 use super::namespace::Namespace;
-use super::udp_client::connected_socket;
+use super::udp_client::{connected_socket, recv_retrying};
 
 /// Query type A.
 pub const TYPE_A: u16 = 1;
@@ -174,7 +174,7 @@ pub fn dns_query(
         socket
             .set_read_timeout(Some(left))
             .map_err(context("dns: read timeout"))?;
-        match socket.recv(&mut buf) {
+        match recv_retrying(&socket, &mut buf) {
             Ok(n) => {
                 if let Some(response) = buf.get(..n).and_then(parse_response) {
                     if response.id == id {
@@ -268,7 +268,7 @@ pub fn dns_query_rate(
         if !sending && in_flight.is_empty() {
             break;
         }
-        match socket.recv(&mut buf) {
+        match recv_retrying(&socket, &mut buf) {
             Ok(n) => {
                 let Some(response) = buf.get(..n).and_then(parse_response) else {
                     continue;

@@ -35,7 +35,8 @@
 //! - [`tunnel`]: our server and tunnel started as processes in their namespaces;
 //! - [`attach`]: a hand-made TUN device the tunnel attaches to; a process's RSS;
 //! - [`udp`]: target-side UDP services (echo, full-cone reply from a second port);
-//! - [`udp_client`]: app-side UDP clients (echo checks, latency, rate, many ports, cone);
+//! - [`udp_client`]: app-side UDP clients (echo checks, latency, rate);
+//! - [`udp_probes`]: many ports at once, full cone, port unreachable, broadcast;
 //! - [`dnsmasq`]: a resolver in the target, `dig` in a namespace, a proxy-only name;
 //! - [`dns_client`]: hand-built DNS queries and a query-rate client;
 //! - [`dante`]: danted in the proxy namespace with CONNECT and UDP.
@@ -53,6 +54,7 @@ pub mod topology;
 pub mod tunnel;
 pub mod udp;
 pub mod udp_client;
+pub mod udp_probes;
 pub mod wait;
 
 pub use namespace::Namespace;

@@ -215,8 +215,12 @@ fn link(a: &Namespace, a_link: &str, b: &Namespace, b_link: &str) -> io::Result<
     Ok(())
 }
 
-/// Gives `link` in `namespace` the two addresses (IPv6 without DAD) and brings it up.
+/// Brings `link` in `namespace` up and gives it the two addresses (IPv6 without DAD).
 fn address(namespace: &Namespace, link: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> io::Result<()> {
+    // Up first, then the addresses: an IPv6 address added while the link is down
+    // makes the first neighbour solicitation from that end go unanswered, and the
+    // first IPv6 packet across the link waits a second for the retry.
+    namespace.ip(["link", "set", "dev", link, "up"])?;
     namespace.ip(["addr", "add", &format!("{v4}/{V4_PREFIX}"), "dev", link])?;
     namespace.ip([
         "addr",
@@ -226,6 +230,5 @@ fn address(namespace: &Namespace, link: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> io:
         link,
         "nodad",
     ])?;
-    namespace.ip(["link", "set", "dev", link, "up"])?;
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! UDP test services for the target namespace, run in-process on threads that entered
 //! it: an echo (every datagram goes back to its sender, unchanged) and a "cone"
 //! service for the full-cone test (a datagram `CONE <port>` to [`CONE_PORT`] is
-//! answered from a second socket bound to `<port>`, a port the client never sent to).
+//! answered from a second socket bound to `<port>`, a port the client never sent to),
+//! and a sink that only counts what reaches it (to prove that something, a broadcast
+//! say, was *not* forwarded).
 //! Both listen on IPv4 and IPv6 at fixed ports, on separate sockets per family, each
 //! served by its own blocking thread (the echo must keep up with 100,000 datagrams/s).
 //!
@@ -11,7 +13,7 @@
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,6 +28,8 @@ pub const UDP_ECHO_PORT: u16 = 7007;
 pub const CONE_PORT: u16 = 7008;
 /// The port a cone test asks the reply to come from, unless it picks its own.
 pub const CONE_REPLY_PORT: u16 = 7009;
+/// Port of the counting sink: never answers; [`UdpServices::sink_received`] counts.
+pub const UDP_SINK_PORT: u16 = 7010;
 /// What a cone request starts with; the ASCII decimal port follows after one space.
 pub const CONE_REQUEST: &[u8] = b"CONE ";
 /// What a cone reply starts with; the port it was sent from follows after one space.
@@ -42,6 +46,7 @@ const MAX_DATAGRAM: usize = 65_536;
 #[derive(Debug)]
 pub struct UdpServices {
     stop: Arc<AtomicBool>,
+    sunk: Arc<AtomicU64>,
     threads: Vec<JoinHandle<io::Result<()>>>,
 }
 
@@ -60,11 +65,14 @@ impl UdpServices {
                 (bind_udp(v6(UDP_ECHO_PORT))?, Service::Echo),
                 (bind_udp(v4(CONE_PORT))?, Service::Cone),
                 (bind_udp(v6(CONE_PORT))?, Service::Cone),
+                (bind_udp(v4(UDP_SINK_PORT))?, Service::Sink),
+                (bind_udp(v6(UDP_SINK_PORT))?, Service::Sink),
             ])
         })?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut services = UdpServices {
             stop: stop.clone(),
+            sunk: Arc::new(AtomicU64::new(0)),
             threads: Vec::new(),
         };
         for (socket, service) in sockets {
@@ -72,14 +80,22 @@ impl UdpServices {
                 .set_read_timeout(Some(STOP_POLL))
                 .map_err(context("udp service: read timeout"))?;
             let stop = stop.clone();
+            let sunk = services.sunk.clone();
             // The cone service binds reply sockets as it goes: its thread must be in
             // the namespace. The echo's socket is, which is all it needs.
             services.threads.push(ns.enter(move || match service {
                 Service::Echo => serve_echo(&socket, &stop),
                 Service::Cone => serve_cone(&socket, &stop),
+                Service::Sink => serve_sink(&socket, &stop, &sunk),
             }));
         }
         Ok(services)
+    }
+
+    /// Datagrams the sink ([`UDP_SINK_PORT`], v4 and v6, broadcasts included) has
+    /// received so far.
+    pub fn sink_received(&self) -> u64 {
+        self.sunk.load(Ordering::Relaxed)
     }
 
     /// Stops the services and reports the first error a serving thread ended with.
@@ -112,6 +128,7 @@ impl Drop for UdpServices {
 enum Service {
     Echo,
     Cone,
+    Sink,
 }
 
 fn v4(port: u16) -> SocketAddr {
@@ -161,6 +178,20 @@ fn serve_echo(socket: &UdpSocket, stop: &AtomicBool) -> io::Result<()> {
             }
             Err(e) if is_timeout(&e) => {}
             Err(e) => return Err(context("udp echo: recv")(e)),
+        }
+    }
+    Ok(())
+}
+
+fn serve_sink(socket: &UdpSocket, stop: &AtomicBool, sunk: &AtomicU64) -> io::Result<()> {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    while !stop.load(Ordering::Relaxed) {
+        match socket.recv_from(&mut buf) {
+            Ok(_) => {
+                sunk.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => return Err(context("udp sink: recv")(e)),
         }
     }
     Ok(())

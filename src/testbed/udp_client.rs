@@ -1,8 +1,8 @@
 //! UDP clients for the services of [`udp`](super::udp), run inside a namespace (the
-//! app's, usually): echo checks that verify every payload, a latency probe, a
-//! fixed-rate sender that counts replies, many source ports at once, and the
-//! full-cone check. They only use ordinary sockets, so they measure the kernel path
-//! and the tunnel alike.
+//! app's, usually): echo checks that verify every payload, a latency probe and a
+//! fixed-rate sender that counts replies (one-off probes are in
+//! [`udp_probes`](super::udp_probes)). They only use ordinary sockets, so they
+//! measure the kernel path and the tunnel alike.
 //!
 //! Every datagram an echo check sends starts with its sequence number (8 bytes, little
 //! endian) followed by [`blob`]`(len - 8, seq)`, so a reply is matched to its request
@@ -17,7 +17,12 @@ use std::time::{Duration, Instant};
 use super::context;
 use super::namespace::Namespace;
 use super::services::blob;
-use super::udp::{CONE_PORT, CONE_REPLY_PORT, bind_udp, cone_reply, cone_request};
+use super::udp::bind_udp;
+
+// The one-off probes moved to `udp_probes`; these paths stay for existing callers.
+pub use super::udp_probes::{
+    ConeReply, FanoutReport, UdpFanout, udp_cone, udp_cone_check, udp_many_ports,
+};
 
 /// The smallest payload an echo check sends: the sequence number.
 pub const MIN_PAYLOAD: usize = 8;
@@ -121,7 +126,7 @@ pub fn connected_socket(ns: &Namespace, target: SocketAddr) -> io::Result<UdpSoc
     })
 }
 
-fn wildcard(target: SocketAddr) -> SocketAddr {
+pub(crate) fn wildcard(target: SocketAddr) -> SocketAddr {
     let ip = match target {
         SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
@@ -149,9 +154,20 @@ pub fn udp_echo_windowed(
     sizes: RangeInclusive<usize>,
     window: usize,
 ) -> io::Result<EchoReport> {
+    echo_run(ns, target, count, sizes, window, REPLY_TIMEOUT)
+}
+
+fn echo_run(
+    ns: &Namespace,
+    target: SocketAddr,
+    count: usize,
+    sizes: RangeInclusive<usize>,
+    window: usize,
+    timeout: Duration,
+) -> io::Result<EchoReport> {
     let socket = connected_socket(ns, target)?;
     socket
-        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .set_read_timeout(Some(timeout))
         .map_err(context("udp echo: read timeout"))?;
     let window = window.max(1);
     let mut report = EchoReport::default();
@@ -163,14 +179,16 @@ pub fn udp_echo_windowed(
         while next < count && in_flight.len() < window {
             let len = echo_size(next, &sizes);
             let seq = next as u64;
+            let payload = echo_payload(seq, len);
+            let sent_at = Instant::now();
             socket
-                .send(&echo_payload(seq, len))
+                .send(&payload)
                 .map_err(context(format!("udp echo: send to {target}")))?;
-            in_flight.insert(seq, (Instant::now(), len));
+            in_flight.insert(seq, (sent_at, len));
             report.sent += 1;
             next += 1;
         }
-        match socket.recv(&mut buf) {
+        match recv_retrying(&socket, &mut buf) {
             Ok(n) => check_reply(
                 buf.get(..n).unwrap_or_default(),
                 &mut in_flight,
@@ -218,22 +236,51 @@ fn check_reply(
     }
 }
 
-fn is_timeout(e: &io::Error) -> bool {
+pub(crate) fn is_timeout(e: &io::Error) -> bool {
     matches!(
         e.kind(),
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
     )
 }
 
+/// `recv` that tries again when a signal interrupts it: with `SO_RCVTIMEO` set, a
+/// signal handler anywhere in the process (the test harness, tokio's SIGCHLD) makes a
+/// blocking receive fail with `EINTR` even under `SA_RESTART`.
+pub(crate) fn recv_retrying(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match socket.recv(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// `recv_from` that tries again when a signal interrupts it (see [`recv_retrying`]).
+pub(crate) fn recv_from_retrying(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> io::Result<(usize, SocketAddr)> {
+    loop {
+        match socket.recv_from(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
+/// How long the latency probe waits for one reply before it counts it lost.
+pub const LATENCY_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// Round trips of single datagrams of `payload` bytes (one at a time): use
-/// [`EchoReport::percentile`] for p50 and p99.
+/// [`EchoReport::percentile`] for p50 and p99. A probe without a reply within
+/// [`LATENCY_TIMEOUT`] is counted lost, so a lossy path costs little time.
 pub fn udp_latency(
     ns: &Namespace,
     target: SocketAddr,
     count: usize,
     payload: usize,
 ) -> io::Result<EchoReport> {
-    udp_echo_check(ns, target, count, payload..=payload)
+    echo_run(ns, target, count, payload..=payload, 1, LATENCY_TIMEOUT)
 }
 
 /// What a fixed-rate run saw.
@@ -305,7 +352,7 @@ pub fn udp_rate(
                 if drain_until.is_some_and(|t| Instant::now() >= t) {
                     return received;
                 }
-                if receiver.recv(&mut buf).is_ok() {
+                if recv_retrying(&receiver, &mut buf).is_ok() {
                     received += 1;
                 }
             }
@@ -340,178 +387,6 @@ pub fn udp_rate(
         send_errors,
         elapsed,
     })
-}
-
-/// Many UDP sockets of one namespace, each on its own source port; held open until
-/// dropped (for "200 ports at once" and for idle associations).
-#[derive(Debug)]
-pub struct UdpFanout {
-    sockets: Vec<UdpSocket>,
-}
-
-/// What [`UdpFanout::echo_once`] saw.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FanoutReport {
-    /// Sockets that sent.
-    pub sockets: usize,
-    /// Sockets that got their own payload back.
-    pub answered: usize,
-    /// Replies with another socket's payload or altered bytes.
-    pub wrong: usize,
-}
-
-impl UdpFanout {
-    /// Opens `count` UDP sockets in `ns`, of `family`'s address family (`family` is
-    /// any address of it, e.g. the target's), each bound to its own ephemeral port.
-    pub fn open(ns: &Namespace, family: IpAddr, count: usize) -> io::Result<UdpFanout> {
-        let any = wildcard(SocketAddr::new(family, 0));
-        let sockets = ns.within(move || {
-            (0..count)
-                .map(|_| {
-                    let socket = UdpSocket::bind(any).map_err(context(format!("bind {any}")))?;
-                    socket
-                        .set_nonblocking(true)
-                        .map_err(context("nonblocking"))?;
-                    Ok(socket)
-                })
-                .collect::<io::Result<Vec<_>>>()
-        })?;
-        Ok(UdpFanout { sockets })
-    }
-
-    /// The number of sockets.
-    pub fn len(&self) -> usize {
-        self.sockets.len()
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.sockets.is_empty()
-    }
-
-    /// The local port of every socket.
-    pub fn ports(&self) -> io::Result<Vec<u16>> {
-        self.sockets
-            .iter()
-            .map(|s| s.local_addr().map(|a| a.port()))
-            .collect()
-    }
-
-    /// Every socket sends one datagram (its index and `payload` bytes in all) to the
-    /// echo at `target`, all at once; then each waits, up to `timeout` in all, for its
-    /// own payload to come back. Nothing is resent.
-    pub fn echo_once(
-        &self,
-        target: SocketAddr,
-        payload: usize,
-        timeout: Duration,
-    ) -> io::Result<FanoutReport> {
-        let mut report = FanoutReport {
-            sockets: self.sockets.len(),
-            ..FanoutReport::default()
-        };
-        for (i, socket) in self.sockets.iter().enumerate() {
-            send_retrying(socket, &echo_payload(i as u64, payload), target)?;
-        }
-        let mut pending: Vec<usize> = (0..self.sockets.len()).collect();
-        let mut buf = vec![0u8; 65_536];
-        let deadline = Instant::now() + timeout;
-        while !pending.is_empty() && Instant::now() < deadline {
-            pending.retain(|&i| {
-                let Some(socket) = self.sockets.get(i) else {
-                    return false;
-                };
-                match socket.recv_from(&mut buf) {
-                    Ok((n, _from)) => {
-                        if buf.get(..n) == Some(echo_payload(i as u64, payload).as_slice()) {
-                            report.answered += 1;
-                        } else {
-                            report.wrong += 1;
-                        }
-                        false
-                    }
-                    Err(_) => true,
-                }
-            });
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        Ok(report)
-    }
-}
-
-/// Sends on a nonblocking socket, waiting briefly while its buffer is full.
-fn send_retrying(socket: &UdpSocket, data: &[u8], target: SocketAddr) -> io::Result<()> {
-    let deadline = Instant::now() + REPLY_TIMEOUT;
-    loop {
-        match socket.send_to(data, target) {
-            Ok(_) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err(e) => return Err(context(format!("send to {target}"))(e)),
-        }
-    }
-}
-
-/// `count` sockets in `ns` each send one datagram to the echo at `target` at once,
-/// and each must get its own payload back within `timeout` (see [`UdpFanout`]).
-pub fn udp_many_ports(
-    ns: &Namespace,
-    target: SocketAddr,
-    count: usize,
-    timeout: Duration,
-) -> io::Result<FanoutReport> {
-    UdpFanout::open(ns, target.ip(), count)?.echo_once(target, 64, timeout)
-}
-
-/// What the full-cone check saw: where the reply came from and what it said.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConeReply {
-    /// The source `recv_from` reported for the reply.
-    pub from: SocketAddr,
-    /// Whether the reply was the cone service's `CONE-REPLY <port>` for the port asked.
-    pub payload_ok: bool,
-}
-
-/// One socket in `ns` sends `CONE <reply_port>` to the cone service on `target`
-/// ([`CONE_PORT`]) and waits up to `timeout` for the answer, which the service sends
-/// from `reply_port`, a port this socket never sent to. The caller checks that
-/// [`ConeReply::from`] is `(target, reply_port)` (see [`udp_cone_check`]).
-pub fn udp_cone(
-    ns: &Namespace,
-    target: IpAddr,
-    reply_port: u16,
-    timeout: Duration,
-) -> io::Result<ConeReply> {
-    let service = SocketAddr::new(target, CONE_PORT);
-    let socket = ns.within(move || bind_udp(wildcard(service)))?;
-    socket
-        .set_read_timeout(Some(timeout))
-        .map_err(context("cone: read timeout"))?;
-    socket
-        .send_to(&cone_request(reply_port), service)
-        .map_err(context(format!("cone: send to {service}")))?;
-    let mut buf = vec![0u8; 2048];
-    let (n, from) = socket.recv_from(&mut buf).map_err(context(format!(
-        "cone: no reply from {target} port {reply_port}"
-    )))?;
-    Ok(ConeReply {
-        from,
-        payload_ok: buf.get(..n) == Some(cone_reply(reply_port).as_slice()),
-    })
-}
-
-/// [`udp_cone`] with [`CONE_REPLY_PORT`], failing unless the reply came from
-/// `(target, CONE_REPLY_PORT)` with the expected payload.
-pub fn udp_cone_check(ns: &Namespace, target: IpAddr) -> io::Result<ConeReply> {
-    let reply = udp_cone(ns, target, CONE_REPLY_PORT, REPLY_TIMEOUT)?;
-    let expected = SocketAddr::new(target, CONE_REPLY_PORT);
-    if reply.from != expected || !reply.payload_ok {
-        return Err(io::Error::other(format!(
-            "cone: expected the reply from {expected}, got {reply:?}"
-        )));
-    }
-    Ok(reply)
 }
 
 #[cfg(test)]
