@@ -102,6 +102,8 @@ struct ConnState {
     next_id: u16,
     next_seq: u64,
     closed: bool,
+    /// When the last message arrived from the resolver.
+    last_heard: Option<Instant>,
     /// Why it closed, for the queries it fails.
     reason: Option<Arc<str>>,
 }
@@ -147,7 +149,11 @@ impl Conn {
         let Some(id) = id_of(&message) else {
             return false;
         };
-        let waiter = lock(&self.state).pending.remove(&id);
+        let waiter = {
+            let mut st = lock(&self.state);
+            st.last_heard = Some(Instant::now());
+            st.pending.remove(&id)
+        };
         match waiter {
             Some((_, tx)) => {
                 let _ = tx.send(message);
@@ -162,6 +168,23 @@ impl Conn {
         if st.pending.get(&id).is_some_and(|(s, _)| *s == seq) {
             st.pending.remove(&id);
         }
+    }
+
+    /// After a query sent at `sent` timed out: a connection that has not delivered a
+    /// single message since then is presumed dead (a resolver that stopped answering,
+    /// a path that black-holes) and is closed, so later queries open a fresh one; its
+    /// other queries are retried.
+    fn close_if_silent_since(&self, sent: Instant) -> bool {
+        let silent = {
+            let st = lock(&self.state);
+            !st.closed && st.last_heard.is_none_or(|heard| heard < sent)
+        };
+        if silent {
+            self.close(Arc::from(
+                "no answer on the connection within the query deadline",
+            ));
+        }
+        silent
     }
 
     /// Closes the connection if nothing is outstanding.
@@ -282,13 +305,19 @@ impl TcpClient {
             frame.extend_from_slice(&len.to_be_bytes());
             frame.extend_from_slice(query);
             set_id(frame.get_mut(2..).unwrap_or_default(), slot.id);
+            let sent = Instant::now();
             let exchange = async {
                 slot.conn.frames.send(frame).await.ok()?;
                 answer_rx.await.ok()
             };
             let answer = match tokio::time::timeout_at(deadline, exchange).await {
                 Ok(answer) => answer,
-                Err(_) => return Err(timed_out()),
+                Err(_) => {
+                    if slot.conn.close_if_silent_since(sent) {
+                        self.inner.freed.notify_waiters();
+                    }
+                    return Err(timed_out());
+                }
             };
             if let Some(mut answer) = answer {
                 set_id(&mut answer, client_id);
