@@ -23,6 +23,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::frames::Frames;
 use super::message::{HEADER_LEN, id_of, set_id};
 use crate::socks::Address;
 use crate::upstream::Upstream;
@@ -375,8 +376,10 @@ impl TcpClient {
             Some((_, conn)) => conn,
             None => return None,
         };
-        drop(resolvers);
+        // Still under the resolvers lock (order: resolvers, then a connection's
+        // state), so no other query takes the slot just chosen.
         let (id, seq, rx) = conn.register(settings.pipeline)?;
+        drop(resolvers);
         let reservation = Reservation {
             conn,
             id,
@@ -487,39 +490,5 @@ async fn drive(
     tokio::select! {
         r = reader => r,
         w = writer => w,
-    }
-}
-
-/// Splits a byte stream into length-prefixed messages (sans-IO).
-#[derive(Debug, Default)]
-pub struct Frames {
-    buf: Vec<u8>,
-    start: usize,
-}
-
-impl Frames {
-    /// Appends received bytes.
-    pub fn push(&mut self, bytes: &[u8]) {
-        if self.start > 0 && self.start >= self.buf.len() / 2 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// The next complete message, if all its bytes are here. Empty messages are skipped.
-    pub fn next_message(&mut self) -> Option<Vec<u8>> {
-        loop {
-            let rest = self.buf.get(self.start..)?;
-            let [a, b, body @ ..] = rest else {
-                return None;
-            };
-            let len = usize::from(u16::from_be_bytes([*a, *b]));
-            let message = body.get(..len)?.to_vec();
-            self.start = self.start.saturating_add(2 + len);
-            if !message.is_empty() {
-                return Some(message);
-            }
-        }
     }
 }

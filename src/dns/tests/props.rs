@@ -26,7 +26,7 @@ proptest! {
             stream.extend_from_slice(&(m.len() as u16).to_be_bytes());
             stream.extend_from_slice(m);
         }
-        let mut frames = crate::dns::tcp::Frames::default();
+        let mut frames = crate::dns::frames::Frames::default();
         let mut got = Vec::new();
         let mut rest = &stream[..];
         let mut cuts = cuts.iter().cycle();
