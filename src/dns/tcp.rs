@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::frames::Frames;
 use super::message::{HEADER_LEN, id_of, set_id};
@@ -407,24 +408,27 @@ impl TcpClient {
             .counters
             .connections
             .fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(run(self.inner.clone(), conn.clone(), rx));
+        let span = tracing::debug_span!("dns_tcp", %resolver, conn = id);
+        tokio::spawn(run(self.inner.clone(), conn.clone(), rx).instrument(span));
         conn
     }
 }
 
 /// One connection's life: connect, then write queries and read answers until it
-/// idles out or fails; then fail what is outstanding.
+/// idles out or fails; then fail what is outstanding. Runs in span
+/// `dns_tcp{resolver, conn}`.
 async fn run(inner: Arc<Inner>, conn: Arc<Conn>, mut queue: mpsc::Receiver<Vec<u8>>) {
     let result = drive(&inner, &conn, &mut queue).await;
     let reason: Arc<str> = match &result {
-        Ok(()) => Arc::from("closed by the resolver"),
+        Ok(ended) => Arc::from(*ended),
         Err(e) => Arc::from(e.as_str()),
     };
     let failed = conn.close(reason.clone());
     if failed > 0 || result.is_err() {
         inner.counters.failures.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(resolver = %conn.resolver, conn = conn.id, failed, %reason,
-            "DNS over TCP connection ended");
+        tracing::debug!(failed, %reason, "DNS over TCP connection failed");
+    } else {
+        tracing::trace!(%reason, "DNS over TCP connection ended");
     }
     {
         let mut resolvers = lock(&inner.resolvers);
@@ -442,7 +446,7 @@ async fn drive(
     inner: &Inner,
     conn: &Conn,
     queue: &mut mpsc::Receiver<Vec<u8>>,
-) -> Result<(), String> {
+) -> Result<&'static str, String> {
     let connected = inner
         .upstream
         .connect(Address::Ip(conn.resolver))
@@ -461,9 +465,9 @@ async fn drive(
                 inner.freed.notify_waiters();
             }
             let n = match tokio::time::timeout(inner.settings.idle, rd.read(&mut chunk)).await {
-                Err(_) if conn.close_if_idle() => return Ok(()),
+                Err(_) if conn.close_if_idle() => return Ok("closed when idle"),
                 Err(_) => continue,
-                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(0)) => return Ok("closed by the resolver"),
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => return Err(format!("reading from the resolver: {e}")),
             };
@@ -485,7 +489,7 @@ async fn drive(
                 .await
                 .map_err(|e| format!("writing to the resolver: {e}"))?;
         }
-        Ok(())
+        Ok("queue closed")
     };
     tokio::select! {
         r = reader => r,
