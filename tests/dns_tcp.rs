@@ -322,7 +322,7 @@ async fn a_silent_resolver_times_out() {
     let server = TestServer::start(ServerConfig::default()).await;
     let (resolver, _seen) = responder(Behaviour::Silent).await;
     let dns = dns_via(&server, "socks5", |c| {
-        c.query_timeout = Duration::from_millis(300);
+        c.query_timeout = Duration::from_secs(1);
         c.tcp_connections = 1;
         c.tcp_pipeline = 1;
     });
@@ -337,9 +337,9 @@ async fn a_silent_resolver_times_out() {
             "{err}"
         );
     }
-    // Generous bound: two 300 ms deadlines, not a hang (the second query got the
-    // slot the first one gave up).
-    assert!(started.elapsed() < Duration::from_secs(4));
+    // Generous bound: two 1 s deadlines, not a hang (the second query got the slot
+    // the first one gave up).
+    assert!(started.elapsed() < Duration::from_secs(8));
     assert_eq!(dns.stats().tcp_timeouts, 2);
 }
 
@@ -348,7 +348,7 @@ async fn a_connection_silent_past_a_deadline_is_replaced() {
     let server = TestServer::start(ServerConfig::default()).await;
     let (resolver, seen) = responder(Behaviour::SilentFirst).await;
     let dns = dns_via(&server, "socks5", |c| {
-        c.query_timeout = Duration::from_millis(300);
+        c.query_timeout = Duration::from_secs(1);
         c.tcp_connections = 1;
     });
     let err = dns
@@ -421,8 +421,14 @@ async fn idle_connections_are_closed() {
         .await
         .unwrap();
     assert_eq!(dns.tcp_connections(resolver), 1);
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(dns.tcp_connections(resolver), 0);
+    let closed_by = Instant::now() + Duration::from_secs(5);
+    while dns.tcp_connections(resolver) > 0 {
+        assert!(
+            Instant::now() < closed_by,
+            "the idle connection was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     dns.query_tcp(resolver, &query(2, "q2.test.", None), 1452)
         .await
         .unwrap();
