@@ -36,6 +36,8 @@ enum Behaviour {
     AlwaysDrop,
     /// Read and never answer.
     Silent,
+    /// The first connection reads and never answers; later ones answer at once.
+    SilentFirst,
     /// Answer with 30 TXT records of 100 bytes (about 3.5 KB).
     Large,
 }
@@ -124,6 +126,7 @@ async fn serve(stream: tokio::net::TcpStream, conn: usize, behaviour: Behaviour,
             Behaviour::DropFirst if conn == 0 => return,
             Behaviour::AlwaysDrop => return,
             Behaviour::Silent => continue,
+            Behaviour::SilentFirst if conn == 0 => continue,
             Behaviour::Reverse(n) => {
                 held.push(q);
                 if held.len() == n {
@@ -135,7 +138,9 @@ async fn serve(stream: tokio::net::TcpStream, conn: usize, behaviour: Behaviour,
                 continue;
             }
             Behaviour::Large => respond(&q, true),
-            Behaviour::Delay(_) | Behaviour::DropFirst => respond(&q, false),
+            Behaviour::Delay(_) | Behaviour::DropFirst | Behaviour::SilentFirst => {
+                respond(&q, false)
+            }
         };
         let delay = match behaviour {
             Behaviour::Delay(d) => d,
@@ -317,7 +322,7 @@ async fn a_silent_resolver_times_out() {
     let server = TestServer::start(ServerConfig::default()).await;
     let (resolver, _seen) = responder(Behaviour::Silent).await;
     let dns = dns_via(&server, "socks5", |c| {
-        c.query_timeout = Duration::from_millis(300);
+        c.query_timeout = Duration::from_secs(1);
         c.tcp_connections = 1;
         c.tcp_pipeline = 1;
     });
@@ -332,10 +337,35 @@ async fn a_silent_resolver_times_out() {
             "{err}"
         );
     }
-    // Generous bound: two 300 ms deadlines, not a hang (the second query got the
-    // slot the first one gave up).
-    assert!(started.elapsed() < Duration::from_secs(4));
+    // Generous bound: two 1 s deadlines, not a hang (the second query got the slot
+    // the first one gave up).
+    assert!(started.elapsed() < Duration::from_secs(8));
     assert_eq!(dns.stats().tcp_timeouts, 2);
+}
+
+#[tokio::test]
+async fn a_connection_silent_past_a_deadline_is_replaced() {
+    let server = TestServer::start(ServerConfig::default()).await;
+    let (resolver, seen) = responder(Behaviour::SilentFirst).await;
+    let dns = dns_via(&server, "socks5", |c| {
+        c.query_timeout = Duration::from_secs(1);
+        c.tcp_connections = 1;
+    });
+    let err = dns
+        .query_tcp(resolver, &query(1, "q1.test.", None), 1452)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, DnsError::Tcp(TcpError::Timeout { .. })),
+        "{err}"
+    );
+    // The silent connection is given up: the next query gets a fresh one.
+    let answer = dns
+        .query_tcp(resolver, &query(2, "q2.test.", None), 1452)
+        .await
+        .unwrap();
+    assert_eq!(a_record(&answer), (2, "q2.test.".into(), address_for(2)));
+    assert_eq!(seen.accepts.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
@@ -391,8 +421,14 @@ async fn idle_connections_are_closed() {
         .await
         .unwrap();
     assert_eq!(dns.tcp_connections(resolver), 1);
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(dns.tcp_connections(resolver), 0);
+    let closed_by = Instant::now() + Duration::from_secs(5);
+    while dns.tcp_connections(resolver) > 0 {
+        assert!(
+            Instant::now() < closed_by,
+            "the idle connection was not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     dns.query_tcp(resolver, &query(2, "q2.test.", None), 1452)
         .await
         .unwrap();

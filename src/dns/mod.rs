@@ -26,6 +26,7 @@
 
 pub mod config;
 pub mod fakeip;
+pub mod frames;
 pub mod message;
 pub mod tcp;
 

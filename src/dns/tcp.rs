@@ -22,7 +22,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 
+use super::frames::Frames;
 use super::message::{HEADER_LEN, id_of, set_id};
 use crate::socks::Address;
 use crate::upstream::Upstream;
@@ -102,6 +104,8 @@ struct ConnState {
     next_id: u16,
     next_seq: u64,
     closed: bool,
+    /// When the last message arrived from the resolver.
+    last_heard: Option<Instant>,
     /// Why it closed, for the queries it fails.
     reason: Option<Arc<str>>,
 }
@@ -147,7 +151,11 @@ impl Conn {
         let Some(id) = id_of(&message) else {
             return false;
         };
-        let waiter = lock(&self.state).pending.remove(&id);
+        let waiter = {
+            let mut st = lock(&self.state);
+            st.last_heard = Some(Instant::now());
+            st.pending.remove(&id)
+        };
         match waiter {
             Some((_, tx)) => {
                 let _ = tx.send(message);
@@ -162,6 +170,23 @@ impl Conn {
         if st.pending.get(&id).is_some_and(|(s, _)| *s == seq) {
             st.pending.remove(&id);
         }
+    }
+
+    /// After a query sent at `sent` timed out: a connection that has not delivered a
+    /// single message since then is presumed dead (a resolver that stopped answering,
+    /// a path that black-holes) and is closed, so later queries open a fresh one; its
+    /// other queries are retried.
+    fn close_if_silent_since(&self, sent: Instant) -> bool {
+        let silent = {
+            let st = lock(&self.state);
+            !st.closed && st.last_heard.is_none_or(|heard| heard < sent)
+        };
+        if silent {
+            self.close(Arc::from(
+                "no answer on the connection within the query deadline",
+            ));
+        }
+        silent
     }
 
     /// Closes the connection if nothing is outstanding.
@@ -282,13 +307,19 @@ impl TcpClient {
             frame.extend_from_slice(&len.to_be_bytes());
             frame.extend_from_slice(query);
             set_id(frame.get_mut(2..).unwrap_or_default(), slot.id);
+            let sent = Instant::now();
             let exchange = async {
                 slot.conn.frames.send(frame).await.ok()?;
                 answer_rx.await.ok()
             };
             let answer = match tokio::time::timeout_at(deadline, exchange).await {
                 Ok(answer) => answer,
-                Err(_) => return Err(timed_out()),
+                Err(_) => {
+                    if slot.conn.close_if_silent_since(sent) {
+                        self.inner.freed.notify_waiters();
+                    }
+                    return Err(timed_out());
+                }
             };
             if let Some(mut answer) = answer {
                 set_id(&mut answer, client_id);
@@ -346,8 +377,10 @@ impl TcpClient {
             Some((_, conn)) => conn,
             None => return None,
         };
-        drop(resolvers);
+        // Still under the resolvers lock (order: resolvers, then a connection's
+        // state), so no other query takes the slot just chosen.
         let (id, seq, rx) = conn.register(settings.pipeline)?;
+        drop(resolvers);
         let reservation = Reservation {
             conn,
             id,
@@ -375,24 +408,27 @@ impl TcpClient {
             .counters
             .connections
             .fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(run(self.inner.clone(), conn.clone(), rx));
+        let span = tracing::debug_span!("dns_tcp", %resolver, conn = id);
+        tokio::spawn(run(self.inner.clone(), conn.clone(), rx).instrument(span));
         conn
     }
 }
 
 /// One connection's life: connect, then write queries and read answers until it
-/// idles out or fails; then fail what is outstanding.
+/// idles out or fails; then fail what is outstanding. Runs in span
+/// `dns_tcp{resolver, conn}`.
 async fn run(inner: Arc<Inner>, conn: Arc<Conn>, mut queue: mpsc::Receiver<Vec<u8>>) {
     let result = drive(&inner, &conn, &mut queue).await;
     let reason: Arc<str> = match &result {
-        Ok(()) => Arc::from("closed by the resolver"),
+        Ok(ended) => Arc::from(*ended),
         Err(e) => Arc::from(e.as_str()),
     };
     let failed = conn.close(reason.clone());
     if failed > 0 || result.is_err() {
         inner.counters.failures.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(resolver = %conn.resolver, conn = conn.id, failed, %reason,
-            "DNS over TCP connection ended");
+        tracing::debug!(failed, %reason, "DNS over TCP connection failed");
+    } else {
+        tracing::trace!(%reason, "DNS over TCP connection ended");
     }
     {
         let mut resolvers = lock(&inner.resolvers);
@@ -410,7 +446,7 @@ async fn drive(
     inner: &Inner,
     conn: &Conn,
     queue: &mut mpsc::Receiver<Vec<u8>>,
-) -> Result<(), String> {
+) -> Result<&'static str, String> {
     let connected = inner
         .upstream
         .connect(Address::Ip(conn.resolver))
@@ -429,9 +465,9 @@ async fn drive(
                 inner.freed.notify_waiters();
             }
             let n = match tokio::time::timeout(inner.settings.idle, rd.read(&mut chunk)).await {
-                Err(_) if conn.close_if_idle() => return Ok(()),
+                Err(_) if conn.close_if_idle() => return Ok("closed when idle"),
                 Err(_) => continue,
-                Ok(Ok(0)) => return Ok(()),
+                Ok(Ok(0)) => return Ok("closed by the resolver"),
                 Ok(Ok(n)) => n,
                 Ok(Err(e)) => return Err(format!("reading from the resolver: {e}")),
             };
@@ -453,44 +489,10 @@ async fn drive(
                 .await
                 .map_err(|e| format!("writing to the resolver: {e}"))?;
         }
-        Ok(())
+        Ok("queue closed")
     };
     tokio::select! {
         r = reader => r,
         w = writer => w,
-    }
-}
-
-/// Splits a byte stream into length-prefixed messages (sans-IO).
-#[derive(Debug, Default)]
-pub struct Frames {
-    buf: Vec<u8>,
-    start: usize,
-}
-
-impl Frames {
-    /// Appends received bytes.
-    pub fn push(&mut self, bytes: &[u8]) {
-        if self.start > 0 && self.start >= self.buf.len() / 2 {
-            self.buf.drain(..self.start);
-            self.start = 0;
-        }
-        self.buf.extend_from_slice(bytes);
-    }
-
-    /// The next complete message, if all its bytes are here. Empty messages are skipped.
-    pub fn next_message(&mut self) -> Option<Vec<u8>> {
-        loop {
-            let rest = self.buf.get(self.start..)?;
-            let [a, b, body @ ..] = rest else {
-                return None;
-            };
-            let len = usize::from(u16::from_be_bytes([*a, *b]));
-            let message = body.get(..len)?.to_vec();
-            self.start = self.start.saturating_add(2 + len);
-            if !message.is_empty() {
-                return Some(message);
-            }
-        }
     }
 }

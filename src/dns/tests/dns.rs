@@ -283,3 +283,29 @@ fn bench_fake_answers() {
         per(repeat)
     );
 }
+
+#[test]
+fn touch_keeps_a_live_flow_s_address_from_being_recycled() {
+    let t0 = Instant::now();
+    let d = dns(DnsMode::FakeIp, |c| {
+        c.fake_pools = vec!["198.18.128.0/31".parse().unwrap()];
+        c.fake_ttl = Duration::from_secs(5);
+        c.fake_grace = Duration::from_secs(5);
+    });
+    let ask =
+        |name: &str, now| d.on_query(&query(1, name, RecordType::A, None), sa(SRC), sa(DST), now);
+    let a = fake_ip(&answer(ask("a.test", t0)));
+    fake_ip(&answer(ask("b.test", t0)));
+    // A long flow to `a` reports itself every few seconds.
+    for s in [4, 8, 12, 16] {
+        d.touch(a, t0 + Duration::from_secs(s));
+    }
+    let c = fake_ip(&answer(ask("c.test", t0 + Duration::from_secs(17))));
+    assert_ne!(c, a, "the touched address went to another name");
+    assert_eq!(
+        d.target_for(SocketAddr::new(a, 80), t0 + Duration::from_secs(17)),
+        Target::Name(Address::domain("a.test", 80).unwrap())
+    );
+    // Touching a real address is harmless.
+    d.touch("192.0.2.1".parse().unwrap(), t0);
+}

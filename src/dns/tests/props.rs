@@ -15,6 +15,33 @@ fn name() -> impl Strategy<Value = String> {
 }
 
 proptest! {
+    /// Length-prefixed messages come out whole and in order whatever the chunking.
+    #[test]
+    fn frames_survive_any_split(
+        messages in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..300), 1..8),
+        cuts in prop::collection::vec(1usize..200, 1..20),
+    ) {
+        let mut stream = Vec::new();
+        for m in &messages {
+            stream.extend_from_slice(&(m.len() as u16).to_be_bytes());
+            stream.extend_from_slice(m);
+        }
+        let mut frames = crate::dns::frames::Frames::default();
+        let mut got = Vec::new();
+        let mut rest = &stream[..];
+        let mut cuts = cuts.iter().cycle();
+        while !rest.is_empty() {
+            let n = (*cuts.next().unwrap()).min(rest.len());
+            frames.push(&rest[..n]);
+            rest = &rest[n..];
+            while let Some(m) = frames.next_message() {
+                got.push(m);
+            }
+        }
+        let expected: Vec<Vec<u8>> = messages.into_iter().filter(|m| !m.is_empty()).collect();
+        prop_assert_eq!(got, expected);
+    }
+
     #[test]
     fn decoders_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
         let q = Message::decode_query(&bytes);
