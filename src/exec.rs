@@ -36,6 +36,18 @@ use crate::device::{
 /// it (with the tunnel's `--dns` mode).
 pub const NAMESERVER: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
 
+/// The first resolver of the host's `resolv.conf` text that the tunnel can reach
+/// through the proxy (not loopback: a local stub such as systemd-resolved's
+/// 127.0.0.53 means nothing at the proxy). `exec` sends the program's DNS there when
+/// no `--dns-server` is given.
+pub fn host_resolver(resolv_conf: &str) -> Option<IpAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("nameserver"))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<IpAddr>().ok())
+        .find(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
 /// The exit status of `tun2socks exec` when it fails itself, before or around the
 /// program (as `env`, `timeout` and `chroot` do); 126 and 127 keep their shell
 /// meaning (found but not executable; not found).
@@ -288,6 +300,21 @@ mod tests {
         let v4 = default_addresses()[0];
         assert!(v4.contains(&NAMESERVER));
         assert_ne!(v4.addr(), NAMESERVER);
+    }
+
+    #[test]
+    fn the_host_resolver_skips_local_stubs() {
+        let conf = "# comment\nnameserver 127.0.0.53\nsearch x\nnameserver 198.19.2.2\n";
+        assert_eq!(host_resolver(conf), Some("198.19.2.2".parse().unwrap()));
+        assert_eq!(
+            host_resolver("nameserver 127.0.0.53\nnameserver ::1\n"),
+            None
+        );
+        assert_eq!(
+            host_resolver("nameserver fd19:2::2 # v6\n"),
+            Some("fd19:2::2".parse().unwrap())
+        );
+        assert_eq!(host_resolver("nameserver\nnameserverx 1.2.3.4\n"), None);
     }
 
     #[test]

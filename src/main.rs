@@ -19,10 +19,12 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use tun2socks::config::{ProxyUrl, ProxyUrlError};
 use tun2socks::device::{Device, DeviceConfig, DeviceError};
+use tun2socks::dns::{DnsConfig, DnsMode};
 use tun2socks::exec::{self, ExecConfig};
 use tun2socks::flow::udp::UdpConfig;
 use tun2socks::server::{self, ServerConfig};
 use tun2socks::setup::{self, SetupConfig, SetupError};
+use tun2socks::socks::Protocol;
 use tun2socks::socks::{Credentials, ServerPolicy, Users};
 use tun2socks::stack::{self, StackConfig};
 use tun2socks::upstream::{DialOptions, Upstream};
@@ -105,6 +107,20 @@ struct TunnelArgs {
     /// that only carried DNS: 10 s or this, whichever is shorter).
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     udp_timeout: u64,
+    /// DNS mode for queries to port 53 entering the TUN (any destination address):
+    /// udp (through the UDP association), tcp (DNS over TCP through SOCKS CONNECT; works
+    /// with every proxy) or fake-ip (A/AAAA answered locally; flows go to the proxy by
+    /// name).
+    #[arg(long, value_name = "MODE", default_value = "udp")]
+    dns: DnsMode,
+    /// Send every DNS query to this resolver (port 53) instead of the address it was
+    /// sent to; answers still come from the queried address.
+    #[arg(long, value_name = "IP")]
+    dns_server: Option<IpAddr>,
+    /// Fake-IP pool, repeatable (v4 and/or v6) [default: 198.18.128.0/17 and
+    /// fd18::8000:0:0:0/65]
+    #[arg(long, value_name = "CIDR")]
+    fake_ip_pool: Vec<IpNet>,
     /// UDP associations at once (one per application socket); datagrams from further
     /// sockets are dropped and the limit is logged.
     #[arg(long, value_name = "N", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
@@ -309,11 +325,31 @@ impl TunnelArgs {
                 .unwrap_or_else(tun2socks::device::default_addresses),
             ..UdpConfig::default()
         };
+        let dns = DnsConfig {
+            mode: self.dns,
+            server: self.dns_server,
+            fake_pools: if self.fake_ip_pool.is_empty() {
+                DnsConfig::default_pools()
+            } else {
+                self.fake_ip_pool.clone()
+            },
+            ..DnsConfig::default()
+        };
+        let device_ips: Vec<IpAddr> = udp.local_nets.iter().map(IpNet::addr).collect();
+        dns.validate(&device_ips).map_err(|e| e.to_string())?;
+        if dns.mode == DnsMode::FakeIp && proxy.protocol == Protocol::Socks4 {
+            return Err(
+                "--dns fake-ip needs a proxy that resolves names: socks5:// or \
+                        socks4a://, not socks4://"
+                    .into(),
+            );
+        }
         let stack = StackConfig {
             tcp_rx_buffer: buffer,
             tcp_tx_buffer: buffer,
             max_flows: self.max_flows.max(1),
             udp,
+            dns,
             ..StackConfig::default()
         };
         let timeout = Duration::from_secs(self.connect_timeout.max(1));
@@ -452,6 +488,19 @@ fn run_exec(args: &ExecArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let mut stack_config = stack_config;
+    if stack_config.dns.server.is_none() && stack_config.dns.mode != DnsMode::FakeIp {
+        // The program's resolv.conf points into the tunnel; its queries go on to the
+        // host's own resolver unless --dns-server says otherwise.
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        stack_config.dns.server = exec::host_resolver(&conf);
+        if stack_config.dns.server.is_none() {
+            tracing::warn!(
+                "no --dns-server and no usable nameserver in /etc/resolv.conf: names will not \
+                 resolve inside (use --dns-server IP or --dns fake-ip)"
+            );
+        }
+    }
     let config = ExecConfig::new(device_config);
     let tunnel = |device, stop| serve(device, stack_config, upstream, stop);
     match exec::run(&config, &args.command, tunnel) {

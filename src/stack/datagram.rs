@@ -6,8 +6,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::dns::{Decision, Dns, Target};
 use crate::egress::{Egress, PacketSink};
 use crate::flow::FourTuple;
 use crate::flow::udp::{Outgoing, UdpConfig, UdpNat};
@@ -29,21 +34,44 @@ impl<D: PacketIo> PacketSink for DeviceSink<D> {
     }
 }
 
+/// DNS queries over TCP in flight at once; further queries are dropped (the
+/// client retries) and counted.
+const MAX_TCP_QUERIES: usize = 1024;
+
 /// Where UDP datagrams go.
 #[derive(Debug)]
 pub(super) struct Datagrams {
     udp: UdpNat,
     egress: Arc<Egress>,
     upstream: Upstream,
+    dns: Arc<Dns>,
+    /// DNS-over-TCP queries in flight.
+    dns_tasks: JoinSet<()>,
+    dns_permits: Arc<Semaphore>,
+    /// DNS datagrams dropped: not a query, or too many queries over TCP in flight.
+    pub(super) dns_dropped: AtomicU64,
 }
 
 impl Datagrams {
-    pub(super) fn new(upstream: Upstream, egress: Arc<Egress>, config: UdpConfig) -> Self {
+    pub(super) fn new(
+        upstream: Upstream,
+        egress: Arc<Egress>,
+        config: UdpConfig,
+        dns: Arc<Dns>,
+    ) -> Self {
         Datagrams {
             udp: UdpNat::new(upstream.clone(), egress.clone(), config),
             egress,
             upstream,
+            dns,
+            dns_tasks: JoinSet::new(),
+            dns_permits: Arc::new(Semaphore::new(MAX_TCP_QUERIES)),
+            dns_dropped: AtomicU64::new(0),
         }
+    }
+
+    pub(super) fn dns(&self) -> &Dns {
+        &self.dns
     }
 
     pub(super) fn udp(&self) -> &UdpNat {
@@ -56,8 +84,17 @@ impl Datagrams {
 
     /// Where a flow to `dst` (TCP or UDP) must go, as the proxy is to be asked; `None`
     /// when it must be refused.
-    pub(super) fn target_for(&self, dst: SocketAddr, _now: Instant) -> Option<Address> {
-        Some(Address::from(dst))
+    /// A fake-IP address goes by its name; one that no name holds is refused. Port 53
+    /// goes to `--dns-server` when one is set (DNS over TCP from applications too).
+    pub(super) fn target_for(&self, dst: SocketAddr, now: Instant) -> Option<Address> {
+        match self.dns.target_for(dst, now) {
+            Target::Direct(addr) if addr.port() == 53 => {
+                Some(Address::from(self.dns.resolver_for(addr)))
+            }
+            Target::Direct(addr) => Some(Address::from(addr)),
+            Target::Name(name) => Some(name),
+            Target::Unknown => None,
+        }
     }
 
     /// Handles one UDP datagram from the TUN; `payload` is where its payload lies.
@@ -65,6 +102,11 @@ impl Datagrams {
         if self.upstream.is_proxy(tuple.dst) {
             // Would loop: the proxy's own address is never relayed.
             self.egress.port_unreachable(tuple.src, tuple.dst, payload);
+            return;
+        }
+        if tuple.dst.port() == 53 {
+            // Every query to port 53, whatever its destination address.
+            self.dns_query(tuple, payload, now);
             return;
         }
         let Some(target) = self.target_for(tuple.dst, now) else {
@@ -93,13 +135,55 @@ impl Datagrams {
         );
     }
 
+    /// One query to port 53, handled by the DNS mode.
+    fn dns_query(&mut self, tuple: FourTuple, payload: &[u8], now: Instant) {
+        let (app, queried) = (tuple.src, tuple.dst);
+        match self.dns.on_query(payload, app, queried, now) {
+            Decision::Answer(answer) => {
+                self.egress.udp(queried, app, &answer);
+            }
+            Decision::Relay { resolver } => {
+                let target = Address::from(resolver);
+                self.send(app, queried, &target, payload, now);
+            }
+            Decision::Tcp { resolver } => {
+                let Ok(permit) = self.dns_permits.clone().try_acquire_owned() else {
+                    self.dns_dropped.fetch_add(1, Relaxed);
+                    return;
+                };
+                let (dns, egress) = (self.dns.clone(), self.egress.clone());
+                let query = payload.to_vec();
+                let max = egress.max_udp_payload(queried.ip());
+                self.dns_tasks.spawn(async move {
+                    let _permit = permit;
+                    let answer = match dns.query_tcp(resolver, &query, max).await {
+                        Ok(answer) => Some(answer),
+                        Err(e) => {
+                            tracing::debug!(%resolver, error = %e, "DNS over TCP failed");
+                            dns.servfail(&query)
+                        }
+                    };
+                    if let Some(answer) = answer {
+                        egress.udp(queried, app, &answer);
+                    }
+                });
+            }
+            Decision::Drop(reason) => {
+                tracing::trace!(%tuple, reason, "DNS datagram dropped");
+                self.dns_dropped.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
     /// Collects ended tasks.
     pub(super) fn reap(&mut self) {
         self.udp.reap();
+        while self.dns_tasks.try_join_next().is_some() {}
     }
 
-    /// Ends every association.
+    /// Ends every association and query.
     pub(super) async fn close(&mut self) {
+        self.dns_tasks.shutdown().await;
         self.udp.close().await;
     }
 }

@@ -42,6 +42,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::dns::{Dns, DnsConfig, DnsStats};
 use crate::egress::Egress;
 use crate::flow::tcp::FlowContext;
 use crate::flow::udp::UdpConfig;
@@ -113,6 +114,8 @@ pub struct StackConfig {
     pub tcp_timeout: Duration,
     /// UDP associations.
     pub udp: UdpConfig,
+    /// DNS (`--dns` mode, resolver, fake-IP pools).
+    pub dns: DnsConfig,
 }
 
 impl Default for StackConfig {
@@ -123,6 +126,7 @@ impl Default for StackConfig {
             max_flows: 8192,
             tcp_timeout: Duration::from_secs(120),
             udp: UdpConfig::default(),
+            dns: DnsConfig::default(),
         }
     }
 }
@@ -166,6 +170,10 @@ pub struct StackStats {
     /// Packets built outside smoltcp (UDP replies, ICMP errors) that the device
     /// refused.
     pub egress_dropped: u64,
+    /// DNS datagrams dropped (not a query, or too many queries over TCP at once).
+    pub dns_dropped: u64,
+    /// DNS, by mode and outcome.
+    pub dns: DnsStats,
 }
 
 /// Runs the stack on `device` until `shutdown` resolves or the device fails. Every
@@ -210,7 +218,8 @@ impl<D: PacketIo> Stack<D> {
     fn new(device: D, config: StackConfig, upstream: Upstream) -> Self {
         let device = Arc::new(device);
         let egress = Arc::new(Egress::new(Arc::new(DeviceSink(device.clone()))));
-        let datagrams = Datagrams::new(upstream.clone(), egress, config.udp.clone());
+        let dns = Arc::new(Dns::new(config.dns.clone(), upstream.clone()));
+        let datagrams = Datagrams::new(upstream.clone(), egress, config.udp.clone(), dns);
         let epoch = Instant::now();
         let mut scratch = Vec::with_capacity(RX_BUFFER);
         let mut tx = TxCounters::default();
@@ -453,6 +462,11 @@ impl<D: PacketIo> Stack<D> {
         let closed = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
         if closed && flow.task_done() {
             drop(sockets);
+            if matches!(flow.target, crate::socks::Address::Domain(..)) {
+                // The fake address stays its name's until the TTL (and the grace)
+                // has passed since its last flow ended.
+                self.datagrams.dns().touch(flow.tuple.dst.ip(), now);
+            }
             self.flows.remove(&id);
             self.by_tuple.remove(&flow.tuple);
             self.timers.cancel(id);
@@ -503,6 +517,8 @@ impl<D: PacketIo> Stack<D> {
             .iter()
             .map(|c| c.load(Relaxed))
             .fold(0u64, u64::saturating_add),
+            dns_dropped: self.datagrams.dns_dropped.load(Relaxed),
+            dns: self.datagrams.dns().stats(),
             egress_dropped: egress
                 .device_full
                 .load(Relaxed)

@@ -123,7 +123,10 @@ impl Dnsmasq {
 /// The command line of dnsmasq after the program name.
 pub fn dnsmasq_args(records: &[(&str, Ipv4Addr, Ipv6Addr)], log_queries: bool) -> Vec<String> {
     let mut args: Vec<String> = [
-        "--no-daemon",
+        // Not --no-daemon: that debug mode serves one TCP connection at a time.
+        "--keep-in-foreground",
+        // No pid file: several instances (one per test namespace) run at once.
+        "--pid-file",
         "--conf-file=/dev/null",
         "--no-resolv",
         "--no-hosts",

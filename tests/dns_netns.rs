@@ -1,0 +1,337 @@
+//! DNS through the tunnel, end to end (issue 6): dnsmasq in `target`, the tunnel in
+//! `app` with each `--dns` mode, `dig` in `app`. Every query enters the TUN (the app
+//! has no other route to the resolver), so an answer proves the mode's path: through
+//! the UDP association, over TCP through SOCKS CONNECT, or from the fake-IP pool.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result, ensure};
+use tun2socks::require_or_skip;
+use tun2socks::testbed::dnsmasq::{
+    BIG_TXT_NAME, DigTransport, Dnsmasq, PROXY_ONLY_NAME, TARGET_NAME, TXT_NAME, TXT_VALUE,
+    default_records, dig, dig_raw, set_proxy_only_name,
+};
+use tun2socks::testbed::services::{HTTP_PORT, Services};
+use tun2socks::testbed::tunnel::{panics_in, proxy_addr, start_server, start_tunnel};
+use tun2socks::testbed::{
+    Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_program, require_root,
+};
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tun2socks"))
+}
+
+macro_rules! needs {
+    ($test:literal) => {
+        require_or_skip!(require_root($test), Ok(()));
+        require_or_skip!(require_program("dnsmasq", $test), Ok(()));
+        require_or_skip!(require_program("dig", $test), Ok(()));
+    };
+}
+
+/// A resolver address that exists nowhere: only the tunnel's "any query to port 53"
+/// rule (and `--dns-server`) makes queries to it work.
+const NOWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 53));
+
+struct Net {
+    tunnel: Option<Process>,
+    server: Option<Process>,
+    dnsmasq: Dnsmasq,
+    _services: Option<Services>,
+    topo: Topology,
+}
+
+impl Net {
+    fn new(tag: &str, server_args: &[&str]) -> Result<Net> {
+        Self::new_with(tag, server_args, |_| Ok(()))
+    }
+
+    /// `prepare` runs before the SOCKS server starts (`ip netns exec` binds the
+    /// namespace's /etc/netns files when a process starts).
+    fn new_with(
+        tag: &str,
+        server_args: &[&str],
+        prepare: impl FnOnce(&Topology) -> std::io::Result<()>,
+    ) -> Result<Net> {
+        let topo = Topology::create(tag)?;
+        prepare(&topo)?;
+        let dnsmasq = Dnsmasq::start_with(topo.target(), &default_records(), true)?;
+        let server = start_server(topo.proxy(), &binary(), server_args)?;
+        Ok(Net {
+            tunnel: None,
+            server: Some(server),
+            dnsmasq,
+            _services: None,
+            topo,
+        })
+    }
+
+    fn app(&self) -> &Namespace {
+        self.topo.app()
+    }
+
+    fn tunnel(&mut self, url: &str, extra: &[&str]) -> Result<()> {
+        self.tunnel = Some(start_tunnel(self.app(), &binary(), url, extra)?);
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<String> {
+        let mut tunnel = self.tunnel.take().context("no tunnel")?;
+        let status = tunnel.terminate()?;
+        let log = tunnel.log()?;
+        ensure!(status.success(), "tunnel exited with {status}:\n{log}");
+        ensure!(panics_in(&tunnel).is_empty(), "tunnel panicked:\n{log}");
+        Ok(log)
+    }
+}
+
+fn socks5() -> String {
+    format!("socks5://{}", proxy_addr())
+}
+
+/// A, AAAA and TXT for the target's names, asked of `server` over `transport`.
+fn check_real_answers(ns: &Namespace, server: IpAddr, transport: DigTransport) -> Result<()> {
+    let a = dig(ns, server, TARGET_NAME, "A", transport)?;
+    ensure!(a == [TARGET_V4.to_string()], "A via {server}: {a:?}");
+    let aaaa = dig(ns, server, TARGET_NAME, "AAAA", transport)?;
+    ensure!(
+        aaaa == [TARGET_V6.to_string()],
+        "AAAA via {server}: {aaaa:?}"
+    );
+    let txt = dig(ns, server, TXT_NAME, "TXT", transport)?;
+    ensure!(
+        txt == [format!("\"{TXT_VALUE}\"")],
+        "TXT via {server}: {txt:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn udp_mode_relays_queries_through_the_association() -> Result<()> {
+    needs!("udp_mode_relays_queries_through_the_association");
+    let mut net = Net::new("dnsudp", &[])?;
+    net.tunnel(&socks5(), &["--dns", "udp"])?;
+    check_real_answers(net.app(), TARGET_V4.into(), DigTransport::Udp)?;
+    check_real_answers(net.app(), TARGET_V6.into(), DigTransport::Udp)?;
+    let log = net.stop()?;
+    ensure!(log.contains("via_udp: 6"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn any_query_to_port_53_goes_to_the_dns_server() -> Result<()> {
+    needs!("any_query_to_port_53_goes_to_the_dns_server");
+    for mode in ["udp", "tcp"] {
+        let mut net = Net::new(&format!("dnsany{mode}"), &[])?;
+        let server = TARGET_V4.to_string();
+        net.tunnel(&socks5(), &["--dns", mode, "--dns-server", &server])?;
+        // A resolver that does not exist, and dig over TCP (an ordinary TCP flow to
+        // port 53): both reach dnsmasq.
+        check_real_answers(net.app(), NOWHERE, DigTransport::Udp)
+            .with_context(|| format!("--dns {mode}"))?;
+        check_real_answers(net.app(), NOWHERE, DigTransport::Tcp)
+            .with_context(|| format!("--dns {mode}, dig +tcp"))?;
+        net.stop()?;
+    }
+    Ok(())
+}
+
+#[test]
+fn tcp_mode_works_through_a_server_without_udp_and_through_socks4() -> Result<()> {
+    needs!("tcp_mode_works_through_a_server_without_udp_and_through_socks4");
+    let mut net = Net::new("dnstcp", &["--no-udp"])?;
+    for url in [socks5(), format!("socks4://{}", proxy_addr())] {
+        net.tunnel(&url, &["--dns", "tcp"])?;
+        check_real_answers(net.app(), TARGET_V4.into(), DigTransport::Udp)
+            .with_context(|| url.clone())?;
+        // Concurrent queries share a few pipelined connections.
+        let handles: Vec<_> = (0..20)
+            .map(|_| {
+                let mut cmd = net.app().command("dig");
+                cmd.args([
+                    &format!("@{TARGET_V4}"),
+                    TARGET_NAME,
+                    "A",
+                    "+short",
+                    "+time=3",
+                    "+tries=1",
+                ]);
+                cmd.output()
+            })
+            .collect();
+        for out in handles {
+            let out = out?;
+            ensure!(
+                String::from_utf8_lossy(&out.stdout).trim() == TARGET_V4.to_string(),
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        let log = net.stop()?;
+        ensure!(log.contains("tcp_answers: 23"), "{url}: {log}");
+        ensure!(log.contains("udp_associations: 0"), "{url}: {log}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_large_answer_is_truncated_for_udp_and_whole_over_tcp() -> Result<()> {
+    needs!("a_large_answer_is_truncated_for_udp_and_whole_over_tcp");
+    let mut net = Net::new("dnstrunc", &[])?;
+    net.tunnel(&socks5(), &["--dns", "tcp"])?;
+    let out = dig_raw(
+        net.app(),
+        TARGET_V4.into(),
+        BIG_TXT_NAME,
+        "TXT",
+        &["+noedns", "+ignore"],
+    )?;
+    ensure!(
+        out.contains(" tc"),
+        "no TC flag over UDP without EDNS:\n{out}"
+    );
+    // dig retries over TCP by itself after TC: the whole answer arrives.
+    let full = dig(
+        net.app(),
+        TARGET_V4.into(),
+        BIG_TXT_NAME,
+        "TXT",
+        DigTransport::Udp,
+    )?;
+    ensure!(full.len() == 1 && full[0].len() > 800, "{full:?}");
+    net.stop()?;
+    Ok(())
+}
+
+#[test]
+fn fake_ip_lets_the_proxy_resolve_names() -> Result<()> {
+    needs!("fake_ip_lets_the_proxy_resolve_names");
+    require_or_skip!(
+        require_program("curl", "fake_ip_lets_the_proxy_resolve_names"),
+        Ok(())
+    );
+    let mut net = Net::new_with("dnsfake", &[], |topo| set_proxy_only_name(topo, &[]))?;
+    net._services = Some(Services::start(net.topo.target(), 1024, 7)?);
+    net.tunnel(&socks5(), &["--dns", "fake-ip"])?;
+    // A and AAAA come from the pool, at once, without asking anyone.
+    let a = dig(
+        net.app(),
+        TARGET_V4.into(),
+        PROXY_ONLY_NAME,
+        "A",
+        DigTransport::Udp,
+    )?;
+    let fake: IpAddr = a.first().context("no A answer")?.parse()?;
+    ensure!(
+        "198.18.128.0/17".parse::<ipnet::IpNet>()?.contains(&fake),
+        "{fake}"
+    );
+    let aaaa = dig(
+        net.app(),
+        TARGET_V4.into(),
+        PROXY_ONLY_NAME,
+        "AAAA",
+        DigTransport::Udp,
+    )?;
+    ensure!(
+        aaaa.len() == 1 && aaaa[0].starts_with("fd18::8000:"),
+        "{aaaa:?}"
+    );
+    ensure!(
+        net.dnsmasq.queries()? == 0,
+        "A/AAAA must not leave the machine"
+    );
+    // Other types go upstream (over TCP to the resolver).
+    let txt = dig(
+        net.app(),
+        TARGET_V4.into(),
+        TXT_NAME,
+        "TXT",
+        DigTransport::Udp,
+    )?;
+    ensure!(txt == [format!("\"{TXT_VALUE}\"")], "{txt:?}");
+    // curl resolves the name through the app's resolv.conf (the target's address,
+    // into the TUN), gets the fake address, and the proxy connects by name: only it
+    // can resolve the name (its /etc/netns hosts file).
+    for family in ["-4", "-6"] {
+        let out = net
+            .app()
+            .command("curl")
+            .args([
+                family,
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-m",
+                "10",
+            ])
+            .arg(format!("http://{PROXY_ONLY_NAME}:{HTTP_PORT}/"))
+            .output()?;
+        ensure!(
+            String::from_utf8_lossy(&out.stdout) == "200",
+            "curl {family}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A fake address no name holds is refused at once, never sent anywhere.
+    let out = net
+        .app()
+        .command("curl")
+        .args(["-sS", "-o", "/dev/null", "-m", "5"])
+        .arg(format!("http://198.18.200.200:{HTTP_PORT}/"))
+        .output()?;
+    ensure!(
+        out.status.code() == Some(7),
+        "an unknown fake address must be refused (curl 7): {:?} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let server_log = net.server.as_ref().unwrap().log()?;
+    ensure!(
+        !server_log.contains("198.18.200.200"),
+        "the unknown fake address reached the proxy"
+    );
+    let log = net.stop()?;
+    // dig's A and AAAA, and curl's own lookups: all answered from the pool.
+    ensure!(!log.contains("answered_fake: 0,"), "{log}");
+    ensure!(log.contains("fake_unknown: 1"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn fake_ip_refuses_plain_socks4_at_start() -> Result<()> {
+    require_or_skip!(
+        require_root("fake_ip_refuses_plain_socks4_at_start"),
+        Ok(())
+    );
+    let out = Command::new(binary())
+        .args(["--proxy", "socks4://127.0.0.1:1080", "--dns", "fake-ip"])
+        .output()?;
+    ensure!(out.status.code() == Some(2), "{out:?}");
+    ensure!(
+        String::from_utf8_lossy(&out.stderr).contains("socks4a"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(binary())
+        .args([
+            "--proxy",
+            "socks5://127.0.0.1:1080",
+            "--dns",
+            "fake-ip",
+            "--fake-ip-pool",
+            "198.18.0.0/24",
+        ])
+        .output()?;
+    ensure!(
+        out.status.code() == Some(2),
+        "a pool holding the device's address: {out:?}"
+    );
+    Ok(())
+}
