@@ -35,6 +35,8 @@ pub mod dns;
 pub mod egress;
 pub mod exec;
 pub mod flow;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod selftest;
 pub mod server;
 pub mod setup;
