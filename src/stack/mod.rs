@@ -264,8 +264,10 @@ impl<D: PacketIo> Stack<D> {
     async fn run(&mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let mut shutdown = pin!(shutdown);
         let mut rx = vec![0u8; RX_BUFFER];
-        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-        let mut sleep = pin!(tokio::time::sleep_until(far));
+        // With no timer pending the loop sleeps "far" ahead, counted from each pass
+        // (a deadline fixed at start would lie in the past after an hour: a spin).
+        let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+        let mut sleep = pin!(tokio::time::sleep_until(far()));
         let signal = self.cx.signal.clone();
         loop {
             let received = tokio::select! {
@@ -286,7 +288,7 @@ impl<D: PacketIo> Stack<D> {
             let next = self
                 .timers
                 .next()
-                .map_or(far, tokio::time::Instant::from_std);
+                .map_or_else(far, tokio::time::Instant::from_std);
             sleep.as_mut().reset(next);
         }
     }
