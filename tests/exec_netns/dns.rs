@@ -184,8 +184,10 @@ fn curl_inside_exec_with_fake_ip_reaches_a_name_only_the_proxy_resolves() {
         0,
         "A/AAAA must come from the pool"
     );
-    // The proxy was asked by name, not by a fake address.
+    // The proxy was asked by name (twice), never for a fake address.
     let log = net.server.log().unwrap();
-    assert!(!log.contains("198.18.128."), "{log}");
+    let by_name = format!("target={PROXY_ONLY_NAME}:{HTTP_PORT}");
+    assert_eq!(log.matches(&by_name).count(), 2, "{log}");
+    assert!(!log.contains("198.18.") && !log.contains("fd18:"), "{log}");
     net.assert_server_ok();
 }
