@@ -6,9 +6,9 @@
 //! binary, as real processes; the tunnel with `--setup`, so it makes itself the
 //! default gateway and must leave `app`'s routing as it found it), and drives TCP
 //! over IPv4 and IPv6 through them from `app`, which has no other way to reach
-//! `target`. UDP too ([`udp`]): echo and full cone through SOCKS5 UDP associations, a
+//! `target`. UDP too (`udp`): echo and full cone through SOCKS5 UDP associations, a
 //! port unreachable at once through SOCKS4. Each variant's tunnel runs with one
-//! `--dns` mode and answers the queries of its rows ([`dns`]; dnsmasq in `target`).
+//! `--dns` mode and answers the queries of its rows (`dns`; dnsmasq in `target`).
 //! Ends with a throughput figure, then runs curl through `tun2socks exec`
 //! (a private namespace whose only route is the tunnel) and checks that the
 //! program's exit status comes back.
@@ -168,11 +168,7 @@ pub fn run(binary: &Path, mut progress: impl FnMut(&Check)) -> io::Result<Report
     let _services = Services::start(topo.target(), BLOB, SEED)?;
     let _udp_services = UdpServices::start(topo.target())?;
     let dnsmasq = match require_program("dnsmasq", "the DNS checks") {
-        Ok(()) => Some(Dnsmasq::start_with(
-            topo.target(),
-            &default_records(),
-            true,
-        )?),
+        Ok(()) => Some(Dnsmasq::start(topo.target(), &default_records())?),
         Err(_) => None,
     };
     let mut report = Report::default();
