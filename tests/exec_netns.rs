@@ -416,7 +416,8 @@ fn exec_as_an_ordinary_user_reaches_the_target_and_returns_its_status() {
     );
     net.assert_server_ok();
     let old = mode.old;
-    drop(mode);
+    // Restored, but still locked: no other test process changes it while we look.
+    let _locked = mode.restore();
     let mode = std::fs::metadata(TunModeGuard::PATH)
         .unwrap()
         .permissions()
