@@ -1,8 +1,9 @@
 //! The userspace TCP/IP stack: smoltcp in any-IP mode over the TUN.
 //!
 //! Stage: between the device and the flows. One task runs the poll loop: it reads
-//! packets from the device in batches, classifies each ([`classify`]), hands TCP
-//! segments to their flow's socket (a SYN to a new destination first gets a socket
+//! packets from the device in batches, classifies each ([`classify`]), hands UDP
+//! datagrams to the datagram seam (`datagram`: DNS for port 53, the UDP NAT for the
+//! rest; neither touches smoltcp), hands TCP segments to their flow's socket (a SYN to a new destination first gets a socket
 //! of its own, with its SYN-ACK paused until the flow's upstream CONNECT succeeds),
 //! then lets the sockets that changed transmit, and sleeps until the device has a
 //! packet, a flow asks for a poll, or a socket timer is due. It never busy-spins.
