@@ -7,7 +7,7 @@
 //! every destination that endpoint talks to: endpoint-independent mapping and
 //! filtering (RFC 4787 "full cone"), so a reply from any remote reaches the
 //! application with that remote as its source. Each association is a task
-//! ([`association`]) that sets up the SOCKS5 UDP ASSOCIATE, relays the proxy's
+//! (`association`) that sets up the SOCKS5 UDP ASSOCIATE, relays the proxy's
 //! datagrams back through [`Egress`], re-associates when the proxy drops the control
 //! connection, and ends after `idle_timeout` without traffic (shorter for
 //! associations that only ever carried DNS).
