@@ -15,6 +15,9 @@
 //!       |           backpressure and half-close                               |
 //!       |-- UDP --> NAT table keyed by the app's source endpoint; each entry  |
 //!       |           owns a SOCKS5 UDP ASSOCIATE; replies written back <-------+
+//!       |           (egress: UDP replies, DNS answers, ICMP errors)           |
+//!       |-- DNS --> port 53, any address: through UDP, over TCP, or fake-IP  |
+//!       |           answered locally (flows to fake addresses go by name)    |
 //!       v
 //!  upstream socket to the proxy (never through the TUN)
 //!       |

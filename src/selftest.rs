@@ -6,7 +6,10 @@
 //! binary, as real processes; the tunnel with `--setup`, so it makes itself the
 //! default gateway and must leave `app`'s routing as it found it), and drives TCP
 //! over IPv4 and IPv6 through them from `app`, which has no other way to reach
-//! `target`. Ends with a throughput figure, then runs curl through `tun2socks exec`
+//! `target`. UDP too (`udp`): echo and full cone through SOCKS5 UDP associations, a
+//! port unreachable at once through SOCKS4. Each variant's tunnel runs with one
+//! `--dns` mode and answers the queries of its rows (`dns`; dnsmasq in `target`).
+//! Ends with a throughput figure, then runs curl through `tun2socks exec`
 //! (a private namespace whose only route is the tunnel) and checks that the
 //! program's exit status comes back.
 //! Everything is torn down afterwards, also on failure.
@@ -23,6 +26,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::dns::DnsMode;
+use crate::testbed::dnsmasq::{Dnsmasq, default_records, set_proxy_only_name};
 use crate::testbed::namespace::join;
 use crate::testbed::services::{
     DISCARD_PORT, ECHO_PORT, HTTP_PORT, SOURCE_PORT, Services, UPLOAD_PORT, blob, echo_round_trip,
@@ -31,9 +36,16 @@ use crate::testbed::services::{
 use crate::testbed::tunnel::{
     panics_in, proxy_addr, routing_snapshot, start_server, start_tunnel_setup,
 };
+use crate::testbed::udp::UdpServices;
 use crate::testbed::{
     Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_program, require_root,
 };
+
+mod dns;
+mod udp;
+
+/// A row before it is recorded: its name and what the check found.
+type Row = (String, Result<String, String>);
 
 /// Size of the blob downloaded and uploaded in each variant.
 const BLOB: usize = 8 * 1024 * 1024;
@@ -96,6 +108,10 @@ struct Variant {
     ipv6: bool,
     /// Measure throughput with this one.
     throughput: bool,
+    /// Can the protocol carry UDP (SOCKS5 UDP ASSOCIATE)?
+    udp: bool,
+    /// The tunnel's `--dns` mode.
+    dns: DnsMode,
 }
 
 fn variants() -> Vec<Variant> {
@@ -107,6 +123,8 @@ fn variants() -> Vec<Variant> {
             server_args: vec![],
             ipv6: true,
             throughput: true,
+            udp: true,
+            dns: DnsMode::Udp,
         },
         Variant {
             name: "socks5+login",
@@ -114,6 +132,8 @@ fn variants() -> Vec<Variant> {
             server_args: vec!["--user", "selftest:s:cret"],
             ipv6: true,
             throughput: false,
+            udp: true,
+            dns: DnsMode::Tcp,
         },
         Variant {
             name: "socks4",
@@ -121,6 +141,8 @@ fn variants() -> Vec<Variant> {
             server_args: vec![],
             ipv6: false,
             throughput: false,
+            udp: false,
+            dns: DnsMode::Tcp,
         },
         Variant {
             name: "socks4a",
@@ -128,6 +150,8 @@ fn variants() -> Vec<Variant> {
             server_args: vec![],
             ipv6: false,
             throughput: false,
+            udp: false,
+            dns: DnsMode::FakeIp,
         },
     ]
 }
@@ -139,7 +163,14 @@ pub fn run(binary: &Path, mut progress: impl FnMut(&Check)) -> io::Result<Report
     require_root("tun2socks selftest")
         .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
     let topo = Topology::create("selftest")?;
+    // Before any SOCKS server starts: they read the proxy's hosts file as they start.
+    set_proxy_only_name(&topo, &[])?;
     let _services = Services::start(topo.target(), BLOB, SEED)?;
+    let _udp_services = UdpServices::start(topo.target())?;
+    let dnsmasq = match require_program("dnsmasq", "the DNS checks") {
+        Ok(()) => Some(Dnsmasq::start(topo.target(), &default_records())?),
+        Err(_) => None,
+    };
     let mut report = Report::default();
     let mut record = |report: &mut Report, name: String, result: Result<String, String>| {
         let check = match result {
@@ -161,7 +192,8 @@ pub fn run(binary: &Path, mut progress: impl FnMut(&Check)) -> io::Result<Report
         let server = start_server(topo.proxy(), binary, &v.server_args)?;
         let app = topo.app();
         let routing_before = routing_snapshot(app)?;
-        let tunnel = start_tunnel_setup(app, binary, &v.url, &[])?;
+        let dns_mode = v.dns.to_string();
+        let tunnel = start_tunnel_setup(app, binary, &v.url, &["--dns", &dns_mode])?;
         for (family, ip) in [("IPv4", TARGET_V4.into()), ("IPv6", TARGET_V6.into())] {
             let at = |port| SocketAddr::new(ip, port);
             if !v.ipv6 && family == "IPv6" {
@@ -178,6 +210,15 @@ pub fn run(binary: &Path, mut progress: impl FnMut(&Check)) -> io::Result<Report
             record(&mut report, name, client(app, download(at(HTTP_PORT))));
             let name = format!("{} TCP {family}: upload 8 MiB, half-close, SHA-256", v.name);
             record(&mut report, name, client(app, upload(at(UPLOAD_PORT))));
+        }
+        let udp_rows = if v.udp {
+            udp::socks5_rows(app, v.name)
+        } else {
+            udp::socks4_rows(app, v.name)
+        };
+        let dns_rows = dns::rows(app, v.name, v.dns, v.ipv6, dnsmasq.as_ref());
+        for (name, result) in udp_rows.into_iter().chain(dns_rows) {
+            record(&mut report, name, result);
         }
         if v.throughput {
             let name = format!("{} throughput download (IPv4, 1 stream)", v.name);

@@ -9,6 +9,9 @@
 #[path = "exec_netns/support.rs"]
 mod support;
 
+#[path = "exec_netns/dns.rs"]
+mod dns;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -17,10 +20,11 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tun2socks::require_or_skip;
+use tun2socks::testbed::dnsmasq::{Dnsmasq, default_records};
 use tun2socks::testbed::services::{HTTP_PORT, Services, blob, sha256_hex};
 use tun2socks::testbed::topology::{TARGET_V4, TARGET_V6};
 use tun2socks::testbed::tunnel::{panics_in, proxy_addr, start_server};
-use tun2socks::testbed::{Process, Topology, require_program, require_root};
+use tun2socks::testbed::{Process, Topology, require_program, require_root, skip_allowed};
 
 use support::{
     ExecutableCopy, TunModeGuard, netns_list, processes_with, user_namespaces_allowed,
@@ -348,6 +352,15 @@ fn exec_as_an_ordinary_user_reaches_the_target_and_returns_its_status() {
         text(&out)
     );
 
+    // DNS inside works for an ordinary user too (dnsmasq in target, --dns-server).
+    match require_program("dnsmasq", TEST) {
+        Err(skip) if skip_allowed() => eprintln!("SKIPPED the DNS part: {skip}"),
+        _ => {
+            let _dnsmasq = Dnsmasq::start(net.topo.target(), &default_records()).unwrap();
+            dns::assert_getent_inside(net.topo.app(), copy.path(), &setpriv);
+        }
+    }
+
     // Installed set-user-ID root, exec must never run the program as root.
     let suid = copy.path().with_file_name("tun2socks-suid");
     std::fs::copy(copy.path(), &suid).unwrap();
@@ -403,7 +416,8 @@ fn exec_as_an_ordinary_user_reaches_the_target_and_returns_its_status() {
     );
     net.assert_server_ok();
     let old = mode.old;
-    drop(mode);
+    // Restored, but still locked: no other test process changes it while we look.
+    let _locked = mode.restore();
     let mode = std::fs::metadata(TunModeGuard::PATH)
         .unwrap()
         .permissions()

@@ -368,3 +368,91 @@ async fn handshake_data_and_half_close_through_socks() {
     assert_eq!(stats.bytes_up, 11);
     assert_eq!(stats.bytes_down, 11);
 }
+
+#[tokio::test]
+async fn a_flow_to_the_proxy_itself_is_reset_not_relayed() {
+    // The proxy's own address entering the tunnel would loop.
+    let server = TestServer::start(ServerConfig::default()).await;
+    let mut h = Harness::start(&format!("socks5://{}", server.addr), StackConfig::default());
+    h.send(segment(APP, server.addr, 10, None, "S", b"")).await;
+    let r = h.recv(2000).await.expect("no answer to the SYN");
+    assert!(r.rst && r.ack == Some(11), "{r:?}");
+    let stats = h.stop().await;
+    assert_eq!(stats.loops_refused, 1);
+    assert_eq!(stats.flows_opened, 0);
+}
+
+/// A UDP datagram from `src` to `dst`.
+fn datagram(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+        panic!("v4 only")
+    };
+    let mut out = Vec::new();
+    PacketBuilder::ipv4(s.octets(), d.octets(), 64)
+        .udp(src.port(), dst.port())
+        .write(&mut out, payload)
+        .unwrap();
+    out
+}
+
+/// A DNS query for `name`, type A, id 0x1234 (RFC 1035 4.1).
+fn a_query(name: &str) -> Vec<u8> {
+    let mut q = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+#[tokio::test]
+async fn fake_ip_answers_through_the_stack_and_unknown_fake_addresses_are_reset() {
+    let config = StackConfig {
+        dns: tun2socks::dns::DnsConfig {
+            mode: tun2socks::dns::DnsMode::FakeIp,
+            fake_pools: tun2socks::dns::DnsConfig::default_pools(),
+            ..Default::default()
+        },
+        ..StackConfig::default()
+    };
+    let mut h = Harness::start(&dead_proxy(), config);
+    // Any address on port 53: the tunnel answers, from the address asked.
+    let resolver: SocketAddr = "203.0.113.53:53".parse().unwrap();
+    let app: SocketAddr = "198.18.0.1:5353".parse().unwrap();
+    h.send(datagram(app, resolver, &a_query("example.test")))
+        .await;
+    let p = tokio::time::timeout(Duration::from_secs(2), h.from_stack.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let s = SlicedPacket::from_ip(&p).unwrap();
+    let Some(TransportSlice::Udp(udp)) = s.transport else {
+        panic!("expected a UDP answer")
+    };
+    assert_eq!(udp.source_port(), 53);
+    let answer = udp.payload();
+    assert_eq!(&answer[..2], &[0x12, 0x34], "the client's ID");
+    assert_eq!(answer[3] & 0x0f, 0, "NOERROR");
+    assert_eq!(
+        &answer[answer.len() - 4..],
+        &[198, 18, 128, 1],
+        "first fake address"
+    );
+    // A fake address that no name holds: reset, never relayed anywhere.
+    h.send(segment(
+        APP,
+        "198.18.200.1:80".parse().unwrap(),
+        1,
+        None,
+        "S",
+        b"",
+    ))
+    .await;
+    let r = h.recv(2000).await.expect("no answer to the SYN");
+    assert!(r.rst, "{r:?}");
+    let stats = h.stop().await;
+    assert_eq!(stats.dns.answered_fake, 1);
+    assert_eq!(stats.dns.fake_unknown, 1);
+    assert_eq!(stats.flows_opened, 0);
+}

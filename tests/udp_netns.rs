@@ -102,7 +102,7 @@ fn stat(log: &str, name: &str) -> u64 {
         .rev()
         .find(|l| l.contains("stopped stats="))
         .unwrap_or_default();
-    for key in [format!("{name}: "), format!("\"{name}\": ")] {
+    for key in [format!("\"{name}\": "), format!(" {name}: ")] {
         if let Some(at) = line.find(&key) {
             let digits: String = line[at + key.len()..]
                 .chars()

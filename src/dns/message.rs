@@ -64,6 +64,11 @@ pub enum MessageError {
     /// The QR bit says this is a response, not a query.
     #[error("a response where a query was expected")]
     NotQuery,
+    /// A question name uses a compression pointer. Legal (RFC 1035 4.1.4) but never
+    /// sent by real clients in queries; refused because answers built here copy the
+    /// question's bytes, where a pointer would point into our own header.
+    #[error("a compressed name in the question section")]
+    CompressedQuestion,
     /// hickory-proto could not decode the header, a question or a record.
     #[error("malformed DNS message: {source}")]
     Malformed {
@@ -143,6 +148,9 @@ impl<'a> Message<'a> {
             }
         }
         let question_end = decoder.index();
+        if !plain_questions(bytes.get(HEADER_LEN..question_end).unwrap_or_default()) {
+            return Err(MessageError::CompressedQuestion);
+        }
         let mut edns = None;
         if records {
             let count = u32::from(header.answer_count())
@@ -369,4 +377,32 @@ pub fn truncated(response: &[u8], query: &Message<'_>, out: &mut Vec<u8>) {
     if query.edns.is_some() {
         opt_record(out);
     }
+}
+
+/// The question section is names written out in labels (no compression pointers),
+/// each followed by its type and class, and nothing else.
+fn plain_questions(mut section: &[u8]) -> bool {
+    while !section.is_empty() {
+        loop {
+            let Some((&len, rest)) = section.split_first() else {
+                return false;
+            };
+            if len & 0xc0 != 0 {
+                return false;
+            }
+            if len == 0 {
+                section = rest;
+                break;
+            }
+            let Some(rest) = rest.get(usize::from(len)..) else {
+                return false;
+            };
+            section = rest;
+        }
+        let Some(rest) = section.get(4..) else {
+            return false;
+        };
+        section = rest;
+    }
+    true
 }

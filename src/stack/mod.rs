@@ -1,8 +1,9 @@
 //! The userspace TCP/IP stack: smoltcp in any-IP mode over the TUN.
 //!
 //! Stage: between the device and the flows. One task runs the poll loop: it reads
-//! packets from the device in batches, classifies each ([`classify`]), hands TCP
-//! segments to their flow's socket (a SYN to a new destination first gets a socket
+//! packets from the device in batches, classifies each ([`classify`]), hands UDP
+//! datagrams to the datagram seam (`datagram`: DNS for port 53, the UDP NAT for the
+//! rest; neither touches smoltcp), hands TCP segments to their flow's socket (a SYN to a new destination first gets a socket
 //! of its own, with its SYN-ACK paused until the flow's upstream CONNECT succeeds),
 //! then lets the sockets that changed transmit, and sleeps until the device has a
 //! packet, a flow asks for a poll, or a socket timer is due. It never busy-spins.
@@ -264,8 +265,10 @@ impl<D: PacketIo> Stack<D> {
     async fn run(&mut self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
         let mut shutdown = pin!(shutdown);
         let mut rx = vec![0u8; RX_BUFFER];
-        let far = tokio::time::Instant::now() + Duration::from_secs(3600);
-        let mut sleep = pin!(tokio::time::sleep_until(far));
+        // With no timer pending the loop sleeps "far" ahead, counted from each pass
+        // (a deadline fixed at start would lie in the past after an hour: a spin).
+        let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+        let mut sleep = pin!(tokio::time::sleep_until(far()));
         let signal = self.cx.signal.clone();
         loop {
             let received = tokio::select! {
@@ -286,7 +289,7 @@ impl<D: PacketIo> Stack<D> {
             let next = self
                 .timers
                 .next()
-                .map_or(far, tokio::time::Instant::from_std);
+                .map_or_else(far, tokio::time::Instant::from_std);
             sleep.as_mut().reset(next);
         }
     }

@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::{Flock, FlockArg};
 use tun2socks::testbed::{Process, Skip};
 
 use super::binary;
@@ -37,17 +38,48 @@ pub fn user_namespaces_allowed(test: &str) -> Result<(), Skip> {
 }
 
 /// Sets the mode of /dev/net/tun and restores the old one on drop (even on panic).
+/// Holds an exclusive lock meanwhile, so that two test processes (two worktrees, two
+/// runs) never interleave: without it, the second one saves the first one's 0666 as
+/// "old", the first restores 0600 under the second's feet, and the second leaves
+/// 0666 behind.
 pub struct TunModeGuard {
     pub old: u32,
+    lock: Option<Flock<std::fs::File>>,
+}
+
+/// The lock of a [`TunModeGuard`] that restored the mode: held until dropped, so that
+/// a test can check the restored mode before another process changes it.
+pub struct TunModeLock {
+    _lock: Option<Flock<std::fs::File>>,
 }
 
 impl TunModeGuard {
     pub const PATH: &str = "/dev/net/tun";
+    const LOCK: &str = "/run/lock/tun2socks-tests-dev-net-tun.lock";
 
     pub fn set(mode: u32) -> TunModeGuard {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(Self::LOCK)
+            .unwrap();
+        let lock = Flock::lock(file, FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .unwrap();
         let old = std::fs::metadata(Self::PATH).unwrap().permissions().mode() & 0o7777;
         std::fs::set_permissions(Self::PATH, std::fs::Permissions::from_mode(mode)).unwrap();
-        TunModeGuard { old }
+        TunModeGuard {
+            old,
+            lock: Some(lock),
+        }
+    }
+
+    /// Restores the old mode now and keeps the lock until the result drops.
+    pub fn restore(mut self) -> TunModeLock {
+        let lock = self.lock.take();
+        drop(self);
+        TunModeLock { _lock: lock }
     }
 }
 

@@ -172,15 +172,31 @@ impl Pipe {
     }
 
     /// Unreachable.
-    pub fn fill_from(&mut self, _socket: impl std::os::fd::AsFd) -> io::Result<usize> {
+    pub fn fill_from(&mut self, _socket: impl Socket) -> io::Result<usize> {
         match self.never {}
     }
 
     /// Unreachable.
-    pub fn drain_into(&mut self, _socket: impl std::os::fd::AsFd) -> io::Result<usize> {
+    pub fn drain_into(&mut self, _socket: impl Socket) -> io::Result<usize> {
         match self.never {}
     }
 }
+
+/// A socket as the OS names it: a descriptor on Unix, a socket handle on Windows.
+#[cfg(unix)]
+pub trait Socket: std::os::fd::AsFd {}
+#[cfg(unix)]
+impl<T: std::os::fd::AsFd> Socket for T {}
+/// A socket as the OS names it: a descriptor on Unix, a socket handle on Windows.
+#[cfg(windows)]
+pub trait Socket: std::os::windows::io::AsSocket {}
+#[cfg(windows)]
+impl<T: std::os::windows::io::AsSocket> Socket for T {}
+/// A socket as the OS names it (no such notion here).
+#[cfg(not(any(unix, windows)))]
+pub trait Socket {}
+#[cfg(not(any(unix, windows)))]
+impl<T> Socket for T {}
 
 /// See the Linux implementation; never constructed here.
 #[derive(Debug, Clone)]

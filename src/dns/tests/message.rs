@@ -214,3 +214,20 @@ fn ids_read_and_written() {
     assert_eq!(id_of(&[1]), None);
     assert!(!set_id(&mut [1], 2));
 }
+
+#[test]
+fn a_compressed_question_name_is_refused() {
+    // Two questions; the second name is a pointer to the first (0xc00c): legal DNS,
+    // but answers copy the question bytes, where the pointer would land in our header.
+    let bytes =
+        hex("1234 0100 0002 0000 0000 0000 076578616d706c65 03636f6d 00 0001 0001 c00c 0001 0001");
+    assert!(matches!(
+        Message::decode_query(&bytes),
+        Err(MessageError::CompressedQuestion)
+    ));
+    // A pointer into the header itself (the fuzzer's first finding).
+    let bytes = hex("1234 0100 0001 0000 0000 0000 c002 0001 0001");
+    assert!(Message::decode_query(&bytes).is_err());
+    // Plain names still decode.
+    assert!(Message::decode_query(&hex(QUERY_A)).is_ok());
+}

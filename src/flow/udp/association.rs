@@ -130,18 +130,7 @@ fn flush(assoc: &Assoc, shared: &Shared, relay: &Arc<UdpAssociation>) {
     };
     let mut scratch = Vec::new();
     for q in queue {
-        match relay.try_send_to(&q.payload, &q.target, &mut scratch) {
-            Ok(()) => {
-                shared.stats.datagrams_up.fetch_add(1, Relaxed);
-                shared
-                    .stats
-                    .bytes_up
-                    .fetch_add(q.payload.len() as u64, Relaxed);
-            }
-            Err(_) => {
-                shared.stats.relay_busy.fetch_add(1, Relaxed);
-            }
-        }
+        shared.relay(relay, &q.target, &q.payload, &mut scratch);
     }
 }
 

@@ -7,7 +7,7 @@
 //! every destination that endpoint talks to: endpoint-independent mapping and
 //! filtering (RFC 4787 "full cone"), so a reply from any remote reaches the
 //! application with that remote as its source. Each association is a task
-//! ([`association`]) that sets up the SOCKS5 UDP ASSOCIATE, relays the proxy's
+//! (`association`) that sets up the SOCKS5 UDP ASSOCIATE, relays the proxy's
 //! datagrams back through [`Egress`], re-associates when the proxy drops the control
 //! connection, and ends after `idle_timeout` without traffic (shorter for
 //! associations that only ever carried DNS).
@@ -201,6 +201,26 @@ impl Shared {
         self.egress.port_unreachable(app, dst, payload);
     }
 
+    /// Sends one datagram to the relay now, or drops and counts it.
+    fn relay(
+        &self,
+        relay: &UdpAssociation,
+        target: &Address,
+        payload: &[u8],
+        scratch: &mut Vec<u8>,
+    ) {
+        match relay.try_send_to(payload, target, scratch) {
+            Ok(()) => {
+                self.stats.datagrams_up.fetch_add(1, Relaxed);
+                self.stats.bytes_up.fetch_add(payload.len() as u64, Relaxed);
+            }
+            Err(e) => {
+                self.stats.relay_busy.fetch_add(1, Relaxed);
+                tracing::trace!(error = %e, "relay socket refused a datagram");
+            }
+        }
+    }
+
     fn millis(&self, now: Instant) -> u64 {
         u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
@@ -392,19 +412,7 @@ impl UdpNat {
         }
         match &mut state.phase {
             Phase::Ready(relay) => {
-                match relay.try_send_to(out.payload, out.target, &mut self.scratch) {
-                    Ok(()) => {
-                        shared.stats.datagrams_up.fetch_add(1, Relaxed);
-                        shared
-                            .stats
-                            .bytes_up
-                            .fetch_add(out.payload.len() as u64, Relaxed);
-                    }
-                    Err(e) => {
-                        shared.stats.relay_busy.fetch_add(1, Relaxed);
-                        tracing::trace!(error = %e, "relay socket refused a datagram");
-                    }
-                }
+                shared.relay(relay, out.target, out.payload, &mut self.scratch);
             }
             Phase::Pending(queue) if queue.len() < shared.config.pending => {
                 queue.push_back(Queued {

@@ -1,17 +1,14 @@
 //! The sandbox's only way out: default routes (IPv4 and IPv6) through one interface,
-//! added over rtnetlink in the calling thread's (new, private) network namespace.
-//! Nothing here is undone: the routes vanish with the namespace.
+//! added in the calling thread's (new, private) network namespace with the same
+//! route code as `--setup` ([`Routing`]). Nothing here is undone: the routes vanish
+//! with the namespace.
 //!
 //! This module must not add routes anywhere but in a namespace that is about to be
 //! given to a sandboxed program.
 
-use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
-use netlink_packet_route::route::{
-    RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
-};
-use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use crate::{MAIN_TABLE, Route, RoutingEntry};
 
-use super::super::netlink::{Netlink, NlError};
+use super::super::route::Routing;
 
 /// Which default route could not be added, and why.
 #[derive(Debug)]
@@ -23,25 +20,19 @@ pub(crate) struct RouteFailure {
 /// Adds `default dev IFINDEX` for IPv4 and IPv6 to the main table. IPv6 is skipped
 /// when the kernel has it disabled (`EAFNOSUPPORT`).
 pub(crate) fn add_default_routes(ifindex: u32) -> Result<(), RouteFailure> {
-    let netlink = Netlink::open().map_err(|e| RouteFailure {
+    let routing = Routing::new().map_err(|e| RouteFailure {
         family: "any",
-        reason: format!("netlink socket: {e}"),
+        reason: e.to_string(),
     })?;
-    for (family, name) in [
-        (AddressFamily::Inet, "IPv4"),
-        (AddressFamily::Inet6, "IPv6"),
-    ] {
-        let message = RouteNetlinkMessage::NewRoute(default_route(family, ifindex));
-        match netlink.ack(message, NLM_F_CREATE | NLM_F_EXCL) {
-            Ok(()) => {}
-            Err(NlError::Refused {
-                errno: libc::EAFNOSUPPORT,
-                ..
-            }) if family == AddressFamily::Inet6 => {}
-            Err(error) => {
+    for (route, name) in default_routes(ifindex) {
+        match routing.add(RoutingEntry::Route(route)) {
+            // The route goes with the namespace: nothing to undo.
+            Ok(guard) => guard.forget(),
+            Err(e) if name == "IPv6" && e.errno() == Some(libc::EAFNOSUPPORT) => {}
+            Err(e) => {
                 return Err(RouteFailure {
                     family: name,
-                    reason: describe(error),
+                    reason: e.to_string(),
                 });
             }
         }
@@ -49,31 +40,14 @@ pub(crate) fn add_default_routes(ifindex: u32) -> Result<(), RouteFailure> {
     Ok(())
 }
 
-/// `default dev IFINDEX` in the main table (`ip route add default dev X`).
-fn default_route(family: AddressFamily, ifindex: u32) -> RouteMessage {
-    let mut route = RouteMessage::default();
-    route.header.address_family = family;
-    route.header.destination_prefix_length = 0;
-    route.header.table = RouteHeader::RT_TABLE_MAIN;
-    route.header.protocol = RouteProtocol::Boot;
-    route.header.scope = RouteScope::Universe;
-    route.header.kind = RouteType::Unicast;
-    route.attributes.push(RouteAttribute::Oif(ifindex));
-    route
-}
-
-fn describe(error: NlError) -> String {
-    match error {
-        NlError::Io(e) => e.to_string(),
-        NlError::Refused { errno, message } => {
-            let text = std::io::Error::from_raw_os_error(errno);
-            match message {
-                Some(kernel) => format!("{text} (kernel: {kernel})"),
-                None => text.to_string(),
-            }
-        }
-        NlError::Decode(reason) => format!("undecodable reply: {reason}"),
-    }
+/// `default dev IFINDEX` in the main table, IPv4 then IPv6.
+fn default_routes(ifindex: u32) -> [(Route, &'static str); 2] {
+    let route = |destination: &str| Route {
+        destination: destination.parse().unwrap_or_default(),
+        ifindex,
+        table: MAIN_TABLE,
+    };
+    [(route("0.0.0.0/0"), "IPv4"), (route("::/0"), "IPv6")]
 }
 
 #[cfg(test)]
@@ -81,11 +55,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_route_is_a_default_unicast_route_out_of_the_interface() {
-        let route = default_route(AddressFamily::Inet6, 5);
-        assert_eq!(route.header.destination_prefix_length, 0);
-        assert_eq!(route.header.table, RouteHeader::RT_TABLE_MAIN);
-        assert_eq!(route.header.kind, RouteType::Unicast);
-        assert_eq!(route.attributes, vec![RouteAttribute::Oif(5)]);
+    fn the_routes_are_default_routes_out_of_the_interface_in_main() {
+        let [(v4, a), (v6, b)] = default_routes(5);
+        assert_eq!((a, b), ("IPv4", "IPv6"));
+        assert_eq!(v4.destination.to_string(), "0.0.0.0/0");
+        assert_eq!(v6.destination.to_string(), "::/0");
+        for r in [v4, v6] {
+            assert_eq!((r.ifindex, r.table), (5, MAIN_TABLE));
+        }
     }
 }
