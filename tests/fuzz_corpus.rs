@@ -55,7 +55,7 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn every_corpus_directory_is_a_known_target() {
-    for kind in ["corpus", "artifacts"] {
+    for kind in ["corpus", "artifacts", "known-crashes"] {
         let Ok(entries) = fs::read_dir(fuzz_dir().join(kind)) else {
             continue;
         };
@@ -92,35 +92,6 @@ fn replay_corpus_and_crash_inputs() {
     }
     assert!(failures.is_empty(), "inputs that fail: {failures:#?}");
     println!("replayed {total} fuzz inputs");
-}
-
-/// Inputs of a known bug not fixed yet (`fuzz/known-crashes/<target>/`): the harness
-/// tolerates exactly that bug (see `tun2socks::fuzzing::dns::question_reads_header`)
-/// and must pass them; once the bug is fixed and the tolerance removed, they move to
-/// the corpus.
-#[test]
-fn known_crashes_are_the_known_issue() {
-    let Ok(entries) = fs::read_dir(fuzz_dir().join("known-crashes")) else {
-        return;
-    };
-    for entry in entries {
-        let target = entry.unwrap().file_name().into_string().unwrap();
-        let (_, harness) = TARGETS
-            .iter()
-            .find(|(name, _)| *name == target)
-            .unwrap_or_else(|| panic!("fuzz/known-crashes/{target} belongs to no target"));
-        for path in files(&fuzz_dir().join("known-crashes").join(&target)) {
-            let data = fs::read(&path).unwrap();
-            if target == "dns_message" {
-                assert!(
-                    tun2socks::fuzzing::dns::question_reads_header(&data),
-                    "{} is not the known issue",
-                    path.display()
-                );
-            }
-            harness(&data);
-        }
-    }
 }
 
 /// Everything the client and the server sent each other, recorded byte for byte.
