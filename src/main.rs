@@ -549,6 +549,20 @@ fn run_selftest() -> ExitCode {
     }
 }
 
+/// Raises the soft open-files limit to the hard one. Most systems start processes at
+/// 1024 descriptors, and every TCP flow holds one, every UDP association two.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-files limit"),
+            Err(e) => tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // `exec` shares the terminal with its program: only warnings unless asked.
@@ -558,9 +572,16 @@ fn main() -> ExitCode {
     };
     init_tracing(cli.log_level.as_deref(), default_level);
     match &cli.command {
-        Some(Command::Server(args)) => run_server(args),
+        Some(Command::Server(args)) => {
+            raise_open_files_limit();
+            run_server(args)
+        }
+        // Not for exec: its program keeps the limits it was started with.
         Some(Command::Exec(args)) => run_exec(args),
         Some(Command::Selftest) => run_selftest(),
-        None => run_tunnel(&cli.tunnel),
+        None => {
+            raise_open_files_limit();
+            run_tunnel(&cli.tunnel)
+        }
     }
 }

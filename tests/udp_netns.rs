@@ -371,3 +371,38 @@ fn broadcast_multicast_and_malformed_udp_never_reach_the_proxy() -> Result<()> {
     ensure!(stat(&log, "udp_dropped") >= 1, "directed broadcast:\n{log}");
     Ok(())
 }
+
+#[test]
+fn the_tunnel_raises_its_open_files_limit() -> Result<()> {
+    needs_root!("the_tunnel_raises_its_open_files_limit");
+    let ns = Namespace::create(tun2socks::testbed::unique_name("nofile"))?;
+    // Started the way most systems start processes: a soft limit of 1024.
+    let mut cmd = ns.command("sh");
+    cmd.arg("-c")
+        .arg(r#"ulimit -S -n 1024 && exec "$0" --proxy socks5://127.0.0.1:1080 --device tun0"#)
+        .arg(binary());
+    let mut tunnel = ns.spawn(cmd)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let limits = loop {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", tunnel.id()))?;
+        let log = tunnel.log()?;
+        if log.contains("tunnel running") {
+            break limits;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the tunnel did not start:\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .context("no open-files line")?;
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    // (Where the hard limit is 1024 itself there is nothing to raise.)
+    ensure!(soft == hard, "soft {soft} not raised to hard {hard}");
+    tunnel.terminate()?;
+    Ok(())
+}
