@@ -456,3 +456,23 @@ async fn fake_ip_answers_through_the_stack_and_unknown_fake_addresses_are_reset(
     assert_eq!(stats.dns.fake_unknown, 1);
     assert_eq!(stats.flows_opened, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_stack_does_not_spin_after_an_hour() {
+    // A "far" sleep deadline computed once at start lies in the past an hour later:
+    // the loop would then wake without end. Time is paused, so an hour passes at once.
+    let h = Harness::start(&dead_proxy(), StackConfig::default());
+    tokio::task::yield_now().await;
+    for _ in 0..3 {
+        tokio::time::advance(Duration::from_secs(3700)).await;
+        for _ in 0..1000 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let stats = h.stop().await;
+    assert!(
+        stats.wakeups <= 10,
+        "an idle stack woke {} times in three hours",
+        stats.wakeups
+    );
+}

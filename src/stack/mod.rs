@@ -135,6 +135,9 @@ impl Default for StackConfig {
 /// What the stack did, reported when it stops.
 #[derive(Debug, Default, Clone)]
 pub struct StackStats {
+    /// Passes of the poll loop (each follows a packet, a flow's request or a timer;
+    /// an idle stack makes none).
+    pub wakeups: u64,
     /// Packets read from the device.
     pub packets_in: u64,
     /// Packets written to the device.
@@ -279,6 +282,7 @@ impl<D: PacketIo> Stack<D> {
                 () = &mut sleep => None,
             };
             let now = Instant::now();
+            self.stats.wakeups = self.stats.wakeups.saturating_add(1);
             if let Some(n) = received {
                 self.ingress(rx.get(..n).unwrap_or_default(), now);
                 self.ingress_batch(&mut rx, now)?;
