@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tun2socks::config::ProxyUrl;
 use tun2socks::server::ServerConfig;
@@ -475,4 +476,53 @@ async fn an_idle_stack_does_not_spin_after_an_hour() {
         "an idle stack woke {} times in three hours",
         stats.wakeups
     );
+}
+
+#[tokio::test]
+async fn a_reset_during_a_pending_connect_releases_the_flow_and_its_proxy_socket() {
+    // A proxy that accepts and then never answers: the CONNECT stays pending.
+    let proxy = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("socks5://{}", proxy.local_addr().unwrap());
+    let config = StackConfig {
+        max_flows: 1,
+        ..StackConfig::default()
+    };
+    let mut h = Harness::start(&url, config);
+    let dst: SocketAddr = "10.20.30.40:80".parse().unwrap();
+    h.send(segment(APP, dst, 100, None, "S", b"")).await;
+    let (mut held, _) = tokio::time::timeout(Duration::from_secs(2), proxy.accept())
+        .await
+        .expect("the flow did not dial the proxy")
+        .unwrap();
+    // The application gives up: RST in sequence.
+    h.send(segment(APP, dst, 101, None, "R", b"")).await;
+    // The flow drops its proxy connection at once (EOF at the proxy), not after the
+    // connect timeout.
+    let mut buf = [0u8; 64];
+    let eof = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match held.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // the greeting
+            }
+        }
+    })
+    .await;
+    assert!(eof.is_ok(), "the proxy connection was kept after the reset");
+    // Its place under --max-flows (1) is free again: a new SYN is accepted, not reset
+    // for the limit, and a SYN on the old tuple starts a new flow too.
+    for (src, dst) in [(APP, dst), ("10.0.0.2:40001".parse().unwrap(), dst)] {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        h.send(segment(src, dst, 500, None, "S", b"")).await;
+        let (conn, _) = tokio::time::timeout(Duration::from_secs(2), proxy.accept())
+            .await
+            .expect("no new flow after the reset")
+            .unwrap();
+        drop(conn); // the flow fails; its SYN gets a reset
+        let r = h.recv(2000).await.expect("no answer to the SYN");
+        assert!(r.rst, "{r:?}");
+    }
+    let stats = h.stop().await;
+    assert_eq!(stats.flows_over_limit, 0, "{stats:?}");
+    assert_eq!(stats.flows_opened, 3, "{stats:?}");
 }

@@ -87,13 +87,19 @@ fn abort_socket(flow: &TcpFlow) {
 }
 
 async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), FlowError> {
-    let connected = cx.upstream.connect(flow.target.clone()).await?;
+    // The application may give up (reset) while the proxy is still connecting: then
+    // the CONNECT is abandoned at once, and its socket closed.
+    let connected = tokio::select! {
+        biased;
+        () = app_gave_up(flow) => return Err(FlowError::AppReset),
+        connected = cx.upstream.connect(flow.target.clone()) => connected?,
+    };
     cx.stats.connected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(bound = %connected.bound, "connected");
     {
         let mut sockets = flow.sockets();
         let socket = sockets.get_mut::<tcp::Socket>(flow.handle);
-        if !socket.is_open() {
+        if socket.state() != tcp::State::SynReceived {
             // The application gave up while we were connecting.
             return Err(FlowError::AppReset);
         }
@@ -117,6 +123,23 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
         let _ = SockRef::from(&pump.upstream).set_linger(Some(Duration::ZERO));
     }
     result.map(|()| (pump.up, pump.down))
+}
+
+/// Resolves when the application gives up on a connection whose SYN-ACK is paused: a
+/// reset sends the socket back to `Listen` (or to `Closed`). A socket that went back
+/// to `Listen` must never be taken for an open one.
+async fn app_gave_up(flow: &TcpFlow) {
+    poll_fn(|task| {
+        let mut sockets = flow.sockets();
+        let socket = sockets.get_mut::<tcp::Socket>(flow.handle);
+        if matches!(socket.state(), tcp::State::Listen | tcp::State::Closed) {
+            Poll::Ready(())
+        } else {
+            socket.register_recv_waker(task.waker());
+            Poll::Pending
+        }
+    })
+    .await;
 }
 
 /// The copy loop's state.
