@@ -158,16 +158,27 @@ async fn deny_rule_gets_0x02_and_socks4_91() {
 }
 
 #[tokio::test]
-async fn client_outside_allow_list_gets_0x02() {
+async fn client_outside_allow_list_is_closed_before_any_byte_is_read() {
     let config = ServerConfig {
         allow: vec!["10.0.0.0/8".parse::<IpNet>().unwrap()],
         ..ServerConfig::default()
     };
     let server = TestServer::start(config).await;
-    let echo = tcp_echo("127.0.0.1").await;
-    let mut s = v5_session(server.addr).await;
-    s.write_all(&v5_request(1, echo)).await.unwrap();
-    assert_eq!(v5_reply_v4(&mut s).await.0, 0x02);
+    let mut s = TcpStream::connect(server.addr).await.unwrap();
+    // No method selection comes back (it would for a client inside the list): the
+    // connection is closed at accept, whatever the client sends.
+    let _ = s.write_all(&[5, 1, 0]).await;
+    assert!(
+        closed_within(&mut s, 5).await,
+        "a refused client got an answer"
+    );
+    // A client inside the list is served as usual.
+    let inside = TestServer::start(ServerConfig {
+        allow: vec!["127.0.0.0/8".parse::<IpNet>().unwrap()],
+        ..ServerConfig::default()
+    })
+    .await;
+    let _ = v5_session(inside.addr).await;
 }
 
 #[tokio::test]

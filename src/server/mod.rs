@@ -199,6 +199,13 @@ async fn accept_loop(
                 continue;
             }
         };
+        if !shared.client_allowed(peer.ip()) {
+            // Judged before any byte is read: a client outside --allow gets no
+            // handshake, so no chance to try passwords.
+            tracing::info!(client = %peer, "client not in --allow; closed");
+            drop(stream);
+            continue;
+        }
         let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
             tracing::warn!(client = %peer, "connection limit reached; closing");
             drop(stream);
@@ -212,7 +219,7 @@ async fn accept_loop(
                 let _permit = permit;
                 tokio::select! {
                     () = cancel.cancelled() => tracing::debug!("closed by shutdown"),
-                    () = session(stream, peer, shared) => {}
+                    () = session(stream, shared) => {}
                 }
             }
             .instrument(span),
@@ -221,7 +228,7 @@ async fn accept_loop(
 }
 
 /// One client, from the first byte to the close.
-async fn session(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+async fn session(mut stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
     let hs = handshake::read_request(&mut stream, &shared.config).await;
     let (request, leftover) = match hs {
@@ -233,11 +240,6 @@ async fn session(mut stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     };
     tracing::debug!(version = %request.version, command = %request.command,
         target = %request.target, user = ?request.user, "request");
-    if !shared.client_allowed(peer.ip()) {
-        tracing::info!("client not in --allow; refused");
-        refuse(&mut stream, &request, ReplyCode::NOT_ALLOWED).await;
-        return;
-    }
     let result = match request.command {
         Command::CONNECT => connect::serve(stream, &request, leftover, &shared).await,
         Command::BIND => bind::serve(stream, &request, leftover, &shared).await,
