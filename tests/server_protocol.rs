@@ -191,6 +191,30 @@ async fn auth_required_no_auth_offer_gets_0xff() {
 }
 
 #[tokio::test]
+async fn failed_logins_are_answered_later_and_later() {
+    let server = TestServer::start(config_with_users(&[("alice", "secret")])).await;
+    let mut waits = Vec::new();
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(server.addr).await.unwrap();
+        s.write_all(&[5, 1, 2]).await.unwrap();
+        assert_eq!(read_exact_timeout(&mut s, 2, 5).await, [5, 2]);
+        let sent = std::time::Instant::now();
+        s.write_all(b"\x01\x05alice\x05guess").await.unwrap();
+        let status = read_exact_timeout(&mut s, 2, 10).await;
+        assert_eq!(status[0], 1);
+        assert_ne!(status[1], 0);
+        waits.push(sent.elapsed());
+    }
+    // 250 ms, then 500 ms, then 1 s (lower bounds: sleeps never end early).
+    for (wait, least) in waits.iter().zip([250u64, 500, 1000]) {
+        assert!(
+            *wait >= Duration::from_millis(least),
+            "failure answered after {wait:?}, expected at least {least} ms: {waits:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn auth_wrong_password_fails_right_one_passes() {
     let server = TestServer::start(config_with_users(&[("alice", "secret")])).await;
     let echo = tcp_echo("127.0.0.1").await;

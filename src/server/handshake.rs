@@ -5,6 +5,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::ServerConfig;
+use super::penalty::LoginFailures;
 use crate::socks::{self, Request, ServerHandshake, ServerStatus};
 
 /// Why a handshake ended without a request.
@@ -26,14 +27,19 @@ pub enum HandshakeError {
 
 /// Runs the handshake to its end. On success returns the request and any bytes the
 /// client pipelined after it (to be forwarded once the request is carried out).
-pub async fn read_request(
+pub(super) async fn read_request(
     stream: &mut TcpStream,
     config: &ServerConfig,
+    failures: &LoginFailures,
 ) -> Result<(Request, Vec<u8>), HandshakeError> {
     let timeout = config.handshake_timeout;
     tokio::time::timeout(
         timeout,
-        drive(stream, ServerHandshake::new(config.policy.clone())),
+        drive(
+            stream,
+            ServerHandshake::new(config.policy.clone()),
+            failures,
+        ),
     )
     .await
     .unwrap_or(Err(HandshakeError::Timeout(timeout)))
@@ -42,6 +48,7 @@ pub async fn read_request(
 async fn drive(
     stream: &mut TcpStream,
     mut hs: ServerHandshake,
+    failures: &LoginFailures,
 ) -> Result<(Request, Vec<u8>), HandshakeError> {
     // Every handshake message fits in MAX_MESSAGE bytes (the codec caps each field),
     // so the buffer never holds more than that plus one read.
@@ -49,12 +56,27 @@ async fn drive(
     let mut chunk = [0u8; 1024];
     loop {
         let step = hs.handshake(&buf);
+        if let (ServerStatus::Failed(socks::Error::AuthFailed { .. }), Ok(peer)) =
+            (&step.status, stream.peer_addr())
+        {
+            // A wrong password is answered late, later for each recent failure.
+            let delay = failures.failed(peer.ip(), tokio::time::Instant::now());
+            tracing::info!(?delay, "login failed; answering after a delay");
+            tokio::time::sleep(delay).await;
+        }
         if !step.reply.is_empty() {
             stream.write_all(&step.reply).await?;
         }
         buf.drain(..step.consumed.min(buf.len()));
         match step.status {
-            ServerStatus::Done(request) => return Ok((request, buf)),
+            ServerStatus::Done(request) => {
+                if request.user.is_some() {
+                    if let Ok(peer) = stream.peer_addr() {
+                        failures.succeeded(peer.ip());
+                    }
+                }
+                return Ok((request, buf));
+            }
             ServerStatus::Failed(error) => {
                 let _ = stream.shutdown().await;
                 return Err(error.into());

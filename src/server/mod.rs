@@ -22,6 +22,7 @@ mod associate;
 mod bind;
 mod connect;
 mod handshake;
+mod penalty;
 pub mod relay;
 pub mod reply;
 
@@ -122,6 +123,7 @@ struct Shared {
     config: ServerConfig,
     sessions: Arc<Semaphore>,
     next_id: AtomicU64,
+    login_failures: penalty::LoginFailures,
 }
 
 impl Shared {
@@ -155,6 +157,7 @@ pub async fn run(
         sessions: Arc::new(Semaphore::new(config.max_connections)),
         config,
         next_id: AtomicU64::new(1),
+        login_failures: penalty::LoginFailures::default(),
     });
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -230,7 +233,7 @@ async fn accept_loop(
 /// One client, from the first byte to the close.
 async fn session(mut stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
-    let hs = handshake::read_request(&mut stream, &shared.config).await;
+    let hs = handshake::read_request(&mut stream, &shared.config, &shared.login_failures).await;
     let (request, leftover) = match hs {
         Ok(done) => done,
         Err(e) => {
