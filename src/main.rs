@@ -155,6 +155,10 @@ struct ServerArgs {
     /// Refuse destinations in this network with reply 0x02 (repeatable).
     #[arg(long, value_name = "CIDR", value_parser = parse_net)]
     deny: Vec<IpNet>,
+    /// Refuse destinations on this host or its local networks (loopback, link-local,
+    /// private and shared ranges) with 0x02, checked on the resolved address.
+    #[arg(long)]
+    deny_private: bool,
     /// Address to listen on and announce for BIND (default: the interface towards the peer).
     #[arg(long, value_name = "IP")]
     bind_external: Option<IpAddr>,
@@ -219,6 +223,7 @@ impl ServerArgs {
             },
             allow: self.allow.clone(),
             deny: self.deny.clone(),
+            deny_private: self.deny_private,
             bind_external: self.bind_external,
             handshake_timeout: Duration::from_secs(self.handshake_timeout),
             connect_timeout: Duration::from_secs(self.connect_timeout),

@@ -138,6 +138,32 @@ async fn udp_disabled_gets_0x07() {
 }
 
 #[tokio::test]
+async fn deny_private_refuses_local_destinations_by_address_and_by_name() {
+    let server = TestServer::start(ServerConfig {
+        deny_private: true,
+        ..ServerConfig::default()
+    })
+    .await;
+    let echo = tcp_echo("127.0.0.1").await;
+    let mut s = v5_session(server.addr).await;
+    s.write_all(&v5_request(1, echo)).await.unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0x02, "127.0.0.1 by address");
+    // A name that resolves to loopback (what DNS rebinding does) is refused too.
+    let mut s = v5_session(server.addr).await;
+    let mut req = vec![5, 1, 0, 3, 9];
+    req.extend_from_slice(b"localhost");
+    req.extend_from_slice(&echo.port().to_be_bytes());
+    s.write_all(&req).await.unwrap();
+    let reply = read_exact_timeout(&mut s, 4, 5).await;
+    assert_eq!((reply[0], reply[1]), (5, 0x02), "localhost by name");
+    // Without the option the same destination is served.
+    let open = TestServer::start(ServerConfig::default()).await;
+    let mut s = v5_session(open.addr).await;
+    s.write_all(&v5_request(1, echo)).await.unwrap();
+    assert_eq!(v5_reply_v4(&mut s).await.0, 0);
+}
+
+#[tokio::test]
 async fn deny_rule_gets_0x02_and_socks4_91() {
     let config = ServerConfig {
         deny: vec!["127.0.0.0/8".parse::<IpNet>().unwrap()],

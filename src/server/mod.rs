@@ -53,6 +53,11 @@ pub struct ServerConfig {
     pub allow: Vec<IpNet>,
     /// Destinations refused with reply 0x02 (SOCKS4: 91).
     pub deny: Vec<IpNet>,
+    /// Refuse destinations that are this host or its local networks: loopback,
+    /// unspecified, link-local, private (RFC 1918, fc00::/7) and shared (RFC 6598)
+    /// addresses. Checked on the resolved address, so a name that resolves there
+    /// (DNS rebinding) is refused too.
+    pub deny_private: bool,
     /// The address announced and listened on for BIND; by default, the address of the
     /// interface that routes towards the expected peer.
     pub bind_external: Option<IpAddr>,
@@ -74,6 +79,7 @@ impl Default for ServerConfig {
             policy: ServerPolicy::default(),
             allow: Vec::new(),
             deny: Vec::new(),
+            deny_private: false,
             bind_external: None,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
@@ -134,7 +140,30 @@ impl Shared {
 
     fn destination_denied(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.config.deny.iter().any(|net| net.contains(&ip))
+        (self.config.deny_private && is_private_or_local(ip))
+            || self.config.deny.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// Is `ip` this host, a link-local address, or in a private or shared range?
+pub fn is_private_or_local(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_unspecified()
+                || v4.is_private()
+                || v4.is_link_local()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            v6.is_loopback()
+                || v6.is_unspecified()
+                || first & 0xfe00 == 0xfc00
+                || first & 0xffc0 == 0xfe80
+        }
     }
 }
 
@@ -266,4 +295,40 @@ async fn refuse(stream: &mut TcpStream, request: &Request, code: ReplyCode) {
         tracing::debug!(error = %e, "could not send the refusal");
     }
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_private_or_local;
+
+    #[test]
+    fn private_and_local_ranges() {
+        for local in [
+            "127.0.0.1",
+            "0.0.0.0",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "::1",
+            "::",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:127.0.0.1",
+            "0.1.2.3",
+        ] {
+            assert!(is_private_or_local(local.parse().unwrap()), "{local}");
+        }
+        for public in [
+            "8.8.8.8",
+            "172.32.0.1",
+            "198.19.2.2",
+            "100.128.0.1",
+            "2001:db8::1",
+        ] {
+            assert!(!is_private_or_local(public.parse().unwrap()), "{public}");
+        }
+    }
 }
