@@ -90,10 +90,25 @@ pub(super) async fn serve(
     Ok(())
 }
 
-/// Receives on an optional socket; pending forever when there is none.
-async fn recv_opt(socket: Option<&UdpSocket>, buf: &mut [u8]) -> io::Result<(usize, SocketAddr)> {
+/// Which socket has a datagram.
+#[derive(Debug, Clone, Copy)]
+enum Ready {
+    /// The relay: a datagram from the client.
+    Client,
+    /// An outbound socket: a reply from a destination.
+    Remote(Family),
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Family {
+    V4,
+    V6,
+}
+
+/// Waits until an optional socket is readable; pending forever when there is none.
+async fn readable_opt(socket: Option<&UdpSocket>) -> io::Result<()> {
     match socket {
-        Some(socket) => socket.recv_from(buf).await,
+        Some(socket) => socket.readable().await,
         None => std::future::pending().await,
     }
 }
@@ -112,25 +127,43 @@ impl Association<'_> {
     async fn run(&mut self, control: &mut TcpStream) -> &'static str {
         let idle = self.shared.config.udp_idle_timeout;
         let mut deadline = Instant::now() + idle;
-        let mut from_client = vec![0u8; DATAGRAM_MAX];
-        let mut from_v4 = vec![0u8; DATAGRAM_MAX];
-        let mut from_v6 = vec![0u8; DATAGRAM_MAX];
+        // One receive buffer for the three sockets: a datagram is handled (and
+        // sent on) before the next is read.
+        let mut buf = vec![0u8; DATAGRAM_MAX];
         loop {
-            let active = tokio::select! {
+            let ready = tokio::select! {
                 () = control_closed(control) => return "control connection closed",
                 () = tokio::time::sleep_until(deadline) => return "idle timeout",
-                r = self.relay.recv_from(&mut from_client) => match r {
-                    Ok((n, src)) => self.forward_from_client(from_client.get(..n).unwrap_or_default(), src).await,
-                    Err(e) => { tracing::debug!(error = %e, "relay receive error"); false }
-                },
-                r = recv_opt(self.out_v4.as_ref(), &mut from_v4) => match r {
-                    Ok((n, src)) => self.forward_to_client(from_v4.get(..n).unwrap_or_default(), src).await,
-                    Err(e) => { tracing::debug!(error = %e, "receive error"); false }
-                },
-                r = recv_opt(self.out_v6.as_ref(), &mut from_v6) => match r {
-                    Ok((n, src)) => self.forward_to_client(from_v6.get(..n).unwrap_or_default(), src).await,
-                    Err(e) => { tracing::debug!(error = %e, "receive error"); false }
-                },
+                r = self.relay.readable() => r.map(|()| Ready::Client),
+                r = readable_opt(self.out_v4.as_ref()) => r.map(|()| Ready::Remote(Family::V4)),
+                r = readable_opt(self.out_v6.as_ref()) => r.map(|()| Ready::Remote(Family::V6)),
+            };
+            let ready = match ready {
+                Ok(ready) => ready,
+                Err(e) => {
+                    tracing::debug!(error = %e, "receive error");
+                    continue;
+                }
+            };
+            let socket = match ready {
+                Ready::Client => Some(&self.relay),
+                Ready::Remote(Family::V4) => self.out_v4.as_ref(),
+                Ready::Remote(Family::V6) => self.out_v6.as_ref(),
+            };
+            let received = match socket.map(|s| s.try_recv_from(&mut buf)) {
+                Some(Ok(received)) => received,
+                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "receive error");
+                    continue;
+                }
+                None => continue,
+            };
+            let (n, src) = received;
+            let datagram = buf.get(..n).unwrap_or_default();
+            let active = match ready {
+                Ready::Client => self.forward_from_client(datagram, src).await,
+                Ready::Remote(_) => self.forward_to_client(datagram, src).await,
             };
             if active {
                 deadline = Instant::now() + idle;
