@@ -15,7 +15,7 @@ use tun2socks::testbed::dnsmasq::{
     default_records, dig, dig_raw, set_proxy_only_name,
 };
 use tun2socks::testbed::services::{HTTP_PORT, Services};
-use tun2socks::testbed::tunnel::{panics_in, proxy_addr, start_server, start_tunnel};
+use tun2socks::testbed::tunnel::{proxy_addr, start_server, start_tunnel, stop_cleanly};
 use tun2socks::testbed::{
     Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_program, require_root,
 };
@@ -79,12 +79,7 @@ impl Net {
     }
 
     fn stop(&mut self) -> Result<String> {
-        let mut tunnel = self.tunnel.take().context("no tunnel")?;
-        let status = tunnel.terminate()?;
-        let log = tunnel.log()?;
-        ensure!(status.success(), "tunnel exited with {status}:\n{log}");
-        ensure!(panics_in(&tunnel).is_empty(), "tunnel panicked:\n{log}");
-        Ok(log)
+        Ok(stop_cleanly(self.tunnel.take().context("no tunnel")?)?)
     }
 }
 

@@ -13,7 +13,7 @@ use anyhow::{Context, Result, ensure};
 use tun2socks::require_or_skip;
 use tun2socks::testbed::attach::{create_tun, open_fds, start_tunnel_attached};
 use tun2socks::testbed::dante::Dante;
-use tun2socks::testbed::tunnel::{panics_in, proxy_addr, start_server, start_tunnel};
+use tun2socks::testbed::tunnel::{proxy_addr, start_server, start_tunnel, stop_cleanly};
 use tun2socks::testbed::udp::{UDP_ECHO_PORT, UdpServices};
 use tun2socks::testbed::udp_client::{
     max_udp_payload, udp_cone_check, udp_echo_check, udp_echo_windowed, udp_many_ports,
@@ -86,12 +86,7 @@ impl Net {
 
     /// Stops the tunnel with SIGTERM and returns its log (with the stats line).
     fn stop_tunnel(&mut self) -> Result<String> {
-        let mut tunnel = self.tunnel.take().context("no tunnel")?;
-        let status = tunnel.terminate()?;
-        let log = tunnel.log()?;
-        ensure!(status.success(), "tunnel exited with {status}:\n{log}");
-        ensure!(panics_in(&tunnel).is_empty(), "tunnel panicked:\n{log}");
-        Ok(log)
+        Ok(stop_cleanly(self.tunnel.take().context("no tunnel")?)?)
     }
 }
 

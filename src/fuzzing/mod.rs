@@ -32,6 +32,8 @@ pub mod seeds;
 pub mod stack;
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+// `n | sizes... | input`, as in the SOCKS harnesses.
+use crate::socks::fuzzing::chunk_plan;
 
 /// IP protocol numbers.
 const PROTO_TCP: u8 = 6;
@@ -138,19 +140,6 @@ fn fold(mut sum: u64) -> u16 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
     !(sum as u16)
-}
-
-/// Splits `n | sizes... | input` into chunk sizes (each at least 1) and the input.
-fn chunk_plan(data: &[u8]) -> (Vec<usize>, &[u8]) {
-    let Some((&n, rest)) = data.split_first() else {
-        return (Vec::new(), data);
-    };
-    let n = usize::from(n % 8).min(rest.len());
-    let (sizes, input) = rest.split_at(n);
-    (
-        sizes.iter().map(|&s| usize::from(s).max(1)).collect(),
-        input,
-    )
 }
 
 /// `input` cut into pieces of `sizes` (cycled), the last one taking what is left.

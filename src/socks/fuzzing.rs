@@ -97,7 +97,7 @@ fn fixed_target(byte: u8) -> Address {
 }
 
 /// Splits `n | sizes... | input` into chunk sizes (each at least 1) and the input.
-fn chunk_plan(data: &[u8]) -> (Vec<usize>, &[u8]) {
+pub(crate) fn chunk_plan(data: &[u8]) -> (Vec<usize>, &[u8]) {
     let Some((&n, rest)) = data.split_first() else {
         return (Vec::new(), data);
     };

@@ -180,3 +180,19 @@ pub fn panics_in(process: &Process) -> Vec<String> {
         .map(str::to_owned)
         .collect()
 }
+
+/// Stops a tunnel with SIGTERM and returns its log (with the final stats line);
+/// fails unless it exited 0 without a panic.
+pub fn stop_cleanly(mut tunnel: Process) -> io::Result<String> {
+    let status = tunnel.terminate()?;
+    let log = tunnel.log()?;
+    if !status.success() {
+        return Err(io::Error::other(format!(
+            "tunnel exited with {status}:\n{log}"
+        )));
+    }
+    if !panics_in(&tunnel).is_empty() {
+        return Err(io::Error::other(format!("tunnel panicked:\n{log}")));
+    }
+    Ok(log)
+}
