@@ -125,6 +125,19 @@ struct TunnelArgs {
     /// sockets are dropped and the limit is logged.
     #[arg(long, value_name = "N", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
     max_udp: u64,
+    /// Seconds without a byte either way after which a TCP flow is reset on both
+    /// sides (default: 2 h 4 min, RFC 5382's minimum for NATs); 0: never.
+    #[arg(long, value_name = "SECS", default_value_t = 7440)]
+    tcp_idle_timeout: u64,
+    /// Seconds of silence before TCP keep-alive probes, to the application and to the
+    /// proxy; a peer that answers none for about twice as long is reset; 0: off.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    tcp_keepalive: u64,
+}
+
+/// Seconds, 0 meaning "off".
+fn secs_or_off(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 #[derive(Debug, Args)]
@@ -183,6 +196,14 @@ struct ServerArgs {
     /// Sessions served at once; clients beyond are closed immediately.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_connections: usize,
+    /// Seconds without a byte either way after which a CONNECT relay is reset
+    /// on both sides (default: 2 h 4 min); 0: never.
+    #[arg(long, value_name = "SECS", default_value_t = 7440)]
+    idle_timeout: u64,
+    /// Seconds of silence before TCP keep-alive probes on the client's and the
+    /// destination's sockets; 0: off.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    tcp_keepalive: u64,
 }
 
 /// A CIDR, or a bare address meaning a single host.
@@ -230,6 +251,8 @@ impl ServerArgs {
             bind_timeout: Duration::from_secs(self.bind_timeout),
             udp_idle_timeout: Duration::from_secs(self.udp_timeout),
             max_connections: self.max_connections,
+            idle_timeout: secs_or_off(self.idle_timeout),
+            keepalive: secs_or_off(self.tcp_keepalive),
         };
         config.validate(&self.listen).map_err(|e| e.to_string())?;
         Ok(config)
@@ -365,6 +388,8 @@ impl TunnelArgs {
                 handshake_timeout: timeout,
                 fwmark: self.fwmark.or(self.setup.then_some(setup::DEFAULT_FWMARK)),
                 interface: self.interface.clone(),
+                keepalive: secs_or_off(self.tcp_keepalive),
+                idle_timeout: secs_or_off(self.tcp_idle_timeout),
             },
         );
         Ok((device, stack, upstream))

@@ -11,6 +11,13 @@
 //! application leaves the send ring full, so the upstream socket is not read and the
 //! proxy's window closes. A FIN is carried each way on its own (half-close); a reset on
 //! either side becomes a reset on the other.
+//!
+//! Lifetime: once the SYN-ACK goes out, the socket sends keep-alive probes to the
+//! application after `keepalive` of silence and declares it gone when nothing came
+//! back for the longer of the stack's timeout and two probe intervals (with
+//! keep-alive off, an idle socket never times out: smoltcp's timeout would otherwise
+//! end every flow idle that long). A flow that moved no byte either way for
+//! `idle_timeout` is reset on both sides.
 
 use std::future::poll_fn;
 use std::io;
@@ -53,6 +60,9 @@ pub enum FlowError {
     /// The application reset the connection (or its smoltcp socket timed out).
     #[error("reset by the application")]
     AppReset,
+    /// No byte moved either way for the idle limit; both sides were reset.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
 }
 
 /// Runs one flow to its end. `permit` is the flow's place under the flow limit.
@@ -104,6 +114,7 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
             return Err(FlowError::AppReset);
         }
         socket.pause_synack(false);
+        set_lifetime(socket, cx.upstream.options().keepalive);
     }
     cx.signal.mark(flow);
     let mut pump = Pump {
@@ -114,8 +125,12 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
         down_eof: false,
         up: 0,
         down: 0,
+        last_progress: tokio::time::Instant::now(),
     };
-    let result = poll_fn(|task| pump.poll(task, &cx.signal)).await;
+    let result = match cx.upstream.options().idle_timeout {
+        Some(limit) => pump_until_idle(&mut pump, &cx.signal, limit).await,
+        None => poll_fn(|task| pump.poll(task, &cx.signal)).await,
+    };
     cx.stats.bytes_up.fetch_add(pump.up, Ordering::Relaxed);
     cx.stats.bytes_down.fetch_add(pump.down, Ordering::Relaxed);
     if result.is_err() {
@@ -123,6 +138,44 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
         let _ = SockRef::from(&pump.upstream).set_linger(Some(Duration::ZERO));
     }
     result.map(|()| (pump.up, pump.down))
+}
+
+/// Keep-alive probes to the application every `keepalive` of silence; it is declared
+/// gone after the longer of the socket's timeout and two probe intervals without a
+/// packet from it. Without keep-alive the timeout is lifted: smoltcp counts it from
+/// the last packet received, so it would end every flow that merely idles.
+fn set_lifetime(socket: &mut tcp::Socket<'_>, keepalive: Option<Duration>) {
+    match keepalive {
+        Some(every) => {
+            let every = smoltcp::time::Duration::from(every);
+            let floor = every + every + smoltcp::time::Duration::from_secs(1);
+            let timeout = socket.timeout().map_or(floor, |t| t.max(floor));
+            socket.set_keep_alive(Some(every));
+            socket.set_timeout(Some(timeout));
+        }
+        None => socket.set_timeout(None),
+    }
+}
+
+/// Runs the pump to its end, or resets both sides once it has made no progress for
+/// `limit` (keep-alive probes are no progress: they carry no byte).
+async fn pump_until_idle(
+    pump: &mut Pump,
+    signal: &Signal,
+    limit: Duration,
+) -> Result<(), FlowError> {
+    loop {
+        let deadline = pump.last_progress + limit;
+        let idle = tokio::select! {
+            result = poll_fn(|task| pump.poll(task, signal)) => return result,
+            () = tokio::time::sleep_until(deadline) => pump.last_progress + limit <= tokio::time::Instant::now(),
+        };
+        if idle {
+            abort_socket(&pump.flow);
+            signal.mark(&pump.flow);
+            return Err(FlowError::Idle(limit));
+        }
+    }
 }
 
 /// Resolves when the application gives up on a connection whose SYN-ACK is paused: a
@@ -154,6 +207,8 @@ struct Pump {
     down_eof: bool,
     up: u64,
     down: u64,
+    /// When bytes last moved (or a FIN was passed on).
+    last_progress: tokio::time::Instant,
 }
 
 /// One direction's outcome within a poll.
@@ -191,6 +246,7 @@ impl Pump {
                     // A state change (a reset) wakes both wakers; register one always.
                     socket.register_send_waker(task.waker());
                     if changed {
+                        self.last_progress = tokio::time::Instant::now();
                         signal.mark(&flow);
                     }
                     return Poll::Pending;
