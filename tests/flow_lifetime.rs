@@ -107,6 +107,8 @@ struct Harness {
     from_stack: mpsc::Receiver<Vec<u8>>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<io::Result<StackStats>>,
+    /// Every segment received, with when.
+    log: Vec<(Instant, Segment)>,
 }
 
 impl Harness {
@@ -128,6 +130,7 @@ impl Harness {
             from_stack,
             stop: Some(stop),
             task,
+            log: Vec::new(),
         }
     }
 
@@ -139,7 +142,9 @@ impl Harness {
         let p = tokio::time::timeout(Duration::from_millis(ms), self.from_stack.recv())
             .await
             .ok()??;
-        Some(Segment::parse(&p))
+        let s = Segment::parse(&p);
+        self.log.push((Instant::now(), s.clone()));
+        Some(s)
     }
 
     async fn stop(mut self) -> StackStats {
@@ -329,6 +334,9 @@ async fn keepalive_probes_keep_an_answering_app_and_free_a_vanished_one() {
     let every = Duration::from_secs(1);
     let mut h = Harness::start(proxy, config, options(None, Some(every)));
     let conn = open(&mut h, app(40003)).await;
+    // The proxy side: kernel keep-alive on the tunnel's socket to the proxy.
+    let upstream = proxy_socket_timers(proxy).await;
+    assert!(upstream.contains("keepalive"), "{upstream}");
     let started = Instant::now();
     // Phase 1: answer every probe for 4.5 s (past the timeout of max(1 s, 2 × 1 s + 1 s)).
     let mut probes = 0;
@@ -378,6 +386,28 @@ async fn keepalive_probes_keep_an_answering_app_and_free_a_vanished_one() {
     h.stop().await;
 }
 
+/// `ss -tnoH state established dport = :PORT`: the tunnel's sockets to the proxy with
+/// their timers, once none shows a retransmit timer (up to 2 s).
+async fn proxy_socket_timers(proxy: SocketAddr) -> String {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let out = std::process::Command::new("ss")
+            .args([
+                "-tnoH",
+                "state",
+                "established",
+                &format!("dport = :{}", proxy.port()),
+            ])
+            .output()
+            .expect("ss (iproute2) is required");
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.is_empty() && !out.contains("timer:(on") || Instant::now() > deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn without_keepalive_an_idle_flow_outlives_the_stack_timeout() {
     let (proxy, mut ends) = echo_proxy().await;
@@ -388,6 +418,11 @@ async fn without_keepalive_an_idle_flow_outlives_the_stack_timeout() {
     let mut h = Harness::start(proxy, config, options(None, None));
     let mut conn = open(&mut h, app(40004)).await;
     echo(&mut h, &mut conn, b"before").await;
+    let upstream = proxy_socket_timers(proxy).await;
+    assert!(
+        !upstream.is_empty() && !upstream.contains("keepalive"),
+        "{upstream}"
+    );
     tokio::time::sleep(Duration::from_millis(2500)).await;
     while let Some(s) = h.recv(50).await {
         assert!(!s.rst, "the idle flow was reset: {s:?}");
