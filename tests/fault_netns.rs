@@ -260,7 +260,7 @@ fn slow_readers_of_endless_downloads_keep_memory_bounded() -> Result<()> {
 #[test]
 fn udp_flood_keeps_memory_bounded_and_service_going() -> Result<()> {
     needs_root!("udp_flood_keeps_memory_bounded_and_service_going");
-    let net = Net::new("fflood", &[], &[])?;
+    let mut net = Net::new("fflood", &[], &[])?;
     echo_once(net.app())?;
     let pids = [net.tunnel_pid(), net.server_pid()];
     let before: Vec<u64> = pids.iter().map(|p| vm_rss_kib(*p).unwrap()).collect();
@@ -320,5 +320,13 @@ fn udp_flood_keeps_memory_bounded_and_service_going() -> Result<()> {
     ensure!(report.all_ok(), "UDP echo after the flood: {report}");
     echo_once(net.app())?;
     net.assert_no_panics()?;
+    let log = net.stop_tunnel()?;
+    eprintln!(
+        "tunnel counted {} datagrams up, {} dropped (bounded queues), {} associations",
+        stat(&log, "udp_up"),
+        stat(&log, "udp_dropped"),
+        stat(&log, "udp_associations")
+    );
+    ensure!(stat(&log, "udp_up") >= sunk, "{log}");
     Ok(())
 }

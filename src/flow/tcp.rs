@@ -113,10 +113,13 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
             // The application gave up while we were connecting.
             return Err(FlowError::AppReset);
         }
+        if let Some(every) = cx.upstream.options().keepalive {
+            set_keepalive(socket, every);
+        }
         socket.pause_synack(false);
-        set_lifetime(socket, cx.upstream.options().keepalive);
     }
     cx.signal.mark(flow);
+    app_established(flow, cx.upstream.options().keepalive).await?;
     let mut pump = Pump {
         flow: flow.clone(),
         upstream: connected.stream,
@@ -140,21 +143,41 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
     result.map(|()| (pump.up, pump.down))
 }
 
-/// Keep-alive probes to the application every `keepalive` of silence; it is declared
-/// gone after the longer of the socket's timeout and two probe intervals without a
-/// packet from it. Without keep-alive the timeout is lifted: smoltcp counts it from
-/// the last packet received, so it would end every flow that merely idles.
-fn set_lifetime(socket: &mut tcp::Socket<'_>, keepalive: Option<Duration>) {
-    match keepalive {
-        Some(every) => {
-            let every = smoltcp::time::Duration::from(every);
-            let floor = every + every + smoltcp::time::Duration::from_secs(1);
-            let timeout = socket.timeout().map_or(floor, |t| t.max(floor));
-            socket.set_keep_alive(Some(every));
-            socket.set_timeout(Some(timeout));
+/// Waits for the application's side of the handshake (its ACK of our SYN-ACK; until
+/// then the stack's timeout bounds the wait). Without keep-alive, the timeout is then
+/// lifted: smoltcp counts it from the last packet received, so it would end every
+/// flow that merely idles that long.
+async fn app_established(flow: &TcpFlow, keepalive: Option<Duration>) -> Result<(), FlowError> {
+    poll_fn(|task| {
+        let mut sockets = flow.sockets();
+        let socket = sockets.get_mut::<tcp::Socket>(flow.handle);
+        match socket.state() {
+            tcp::State::SynReceived => {
+                socket.register_recv_waker(task.waker());
+                Poll::Pending
+            }
+            tcp::State::Listen | tcp::State::Closed => Poll::Ready(Err(FlowError::AppReset)),
+            _ => {
+                if keepalive.is_none() {
+                    socket.set_timeout(None);
+                }
+                Poll::Ready(Ok(()))
+            }
         }
-        None => socket.set_timeout(None),
-    }
+    })
+    .await
+}
+
+/// Keep-alive probes to the application every `every` of silence; it is declared gone
+/// after the longer of the socket's timeout and two probe intervals without a packet
+/// from it. Set before the SYN-ACK leaves: on a socket that is already idle, smoltcp
+/// would send a first probe at once.
+fn set_keepalive(socket: &mut tcp::Socket<'_>, every: Duration) {
+    let every = smoltcp::time::Duration::from(every);
+    let floor = every + every + smoltcp::time::Duration::from_secs(1);
+    let timeout = socket.timeout().map_or(floor, |t| t.max(floor));
+    socket.set_keep_alive(Some(every));
+    socket.set_timeout(Some(timeout));
 }
 
 /// Runs the pump to its end, or resets both sides once it has made no progress for
