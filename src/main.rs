@@ -132,13 +132,18 @@ struct TunnelArgs {
     max_udp: u64,
     /// Seconds without a byte either way after which a TCP flow is reset on both
     /// sides (default: 2 h 4 min, RFC 5382's minimum for NATs); 0: never.
-    #[arg(long, value_name = "SECS", default_value_t = 7440)]
+    #[arg(long, value_name = "SECS", default_value_t = 7440, value_parser = clap::value_parser!(u64).range(..=MAX_IDLE_SECS))]
     tcp_idle_timeout: u64,
     /// Seconds of silence before TCP keep-alive probes, to the application and to the
     /// proxy; a peer that answers none for about twice as long is reset; 0: off.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(..=MAX_KEEPALIVE_SECS))]
     tcp_keepalive: u64,
 }
+
+/// The longest `--tcp-keepalive`: Linux's limit for `TCP_KEEPIDLE` (32767 s).
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+/// The longest idle limit: 30 days.
+const MAX_IDLE_SECS: u64 = 30 * 24 * 3600;
 
 /// Seconds, 0 meaning "off".
 fn secs_or_off(secs: u64) -> Option<Duration> {
@@ -203,11 +208,11 @@ struct ServerArgs {
     max_connections: usize,
     /// Seconds without a byte either way after which a CONNECT relay is reset
     /// on both sides (default: 2 h 4 min); 0: never.
-    #[arg(long, value_name = "SECS", default_value_t = 7440)]
+    #[arg(long, value_name = "SECS", default_value_t = 7440, value_parser = clap::value_parser!(u64).range(..=MAX_IDLE_SECS))]
     idle_timeout: u64,
     /// Seconds of silence before TCP keep-alive probes on the client's and the
     /// destination's sockets; 0: off.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(..=MAX_KEEPALIVE_SECS))]
     tcp_keepalive: u64,
 }
 

@@ -174,7 +174,12 @@ async fn app_established(flow: &TcpFlow, keepalive: Option<Duration>) -> Result<
 /// would send a first probe at once.
 fn set_keepalive(socket: &mut tcp::Socket<'_>, every: Duration) {
     let every = smoltcp::time::Duration::from(every);
-    let floor = every + every + smoltcp::time::Duration::from_secs(1);
+    let floor = smoltcp::time::Duration::from_micros(
+        every
+            .total_micros()
+            .saturating_mul(2)
+            .saturating_add(1_000_000),
+    );
     let timeout = socket.timeout().map_or(floor, |t| t.max(floor));
     socket.set_keep_alive(Some(every));
     socket.set_timeout(Some(timeout));
@@ -188,10 +193,15 @@ async fn pump_until_idle(
     limit: Duration,
 ) -> Result<(), FlowError> {
     loop {
-        let deadline = pump.last_progress + limit;
+        // A limit too far to express is no limit.
+        let Some(deadline) = pump.last_progress.checked_add(limit) else {
+            return poll_fn(|task| pump.poll(task, signal)).await;
+        };
         let idle = tokio::select! {
             result = poll_fn(|task| pump.poll(task, signal)) => return result,
-            () = tokio::time::sleep_until(deadline) => pump.last_progress + limit <= tokio::time::Instant::now(),
+            () = tokio::time::sleep_until(deadline) => {
+                pump.last_progress.checked_add(limit).is_some_and(|d| d <= tokio::time::Instant::now())
+            }
         };
         if idle {
             abort_socket(&pump.flow);

@@ -141,7 +141,8 @@ impl Activity {
     }
 
     fn last(&self) -> tokio::time::Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+        let ms = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.checked_add(ms).unwrap_or(self.start)
     }
 
     /// Resolves (with the limit) once nothing moved for `limit`; never without one.
@@ -150,9 +151,16 @@ impl Activity {
             return std::future::pending().await;
         };
         loop {
-            let deadline = self.last() + limit;
+            // A limit too far to express is no limit.
+            let Some(deadline) = self.last().checked_add(limit) else {
+                return std::future::pending().await;
+            };
             tokio::time::sleep_until(deadline).await;
-            if self.last() + limit <= tokio::time::Instant::now() {
+            if self
+                .last()
+                .checked_add(limit)
+                .is_some_and(|d| d <= tokio::time::Instant::now())
+            {
                 return limit;
             }
         }

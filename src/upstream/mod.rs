@@ -302,9 +302,10 @@ impl Upstream {
         self.mark(&SockRef::from(&socket)).map_err(dial_err)?;
         socket.set_nodelay(true).map_err(dial_err)?;
         if let Some(idle) = self.options.keepalive {
-            SockRef::from(&socket)
-                .set_tcp_keepalive(&keepalive(idle))
-                .map_err(dial_err)?;
+            // Without probes the connection still works: log, go on.
+            if let Err(e) = SockRef::from(&socket).set_tcp_keepalive(&keepalive(idle)) {
+                tracing::debug!(error = %e, "cannot enable keep-alive to the proxy");
+            }
         }
         let timeout = self.options.connect_timeout;
         match tokio::time::timeout(timeout, socket.connect(proxy)).await {
