@@ -236,3 +236,37 @@ fn finish(to: &TcpStream, one_done: &AtomicBool) -> io::Result<()> {
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_limit_counts_from_the_last_progress() {
+        let activity = Activity::new();
+        let started = tokio::time::Instant::now();
+        let limit = Duration::from_secs(10);
+        let idle = activity.idle_for(Some(limit));
+        tokio::pin!(idle);
+        // Progress at 6 s moves the deadline from 10 s to 16 s.
+        tokio::select! {
+            _ = &mut idle => panic!("idle before any deadline"),
+            () = tokio::time::sleep(Duration::from_secs(6)) => activity.touch(),
+        }
+        assert_eq!(idle.await, limit);
+        assert_eq!(started.elapsed(), Duration::from_secs(16));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_limit_never_fires_and_a_huge_one_does_not_overflow() {
+        let activity = Activity::new();
+        for limit in [None, Some(Duration::MAX)] {
+            let fired = tokio::time::timeout(
+                Duration::from_secs(365 * 24 * 3600),
+                activity.idle_for(limit),
+            )
+            .await;
+            assert!(fired.is_err(), "{limit:?}");
+        }
+    }
+}
