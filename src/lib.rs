@@ -40,6 +40,7 @@ pub mod exec;
 pub mod flow;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
 pub mod selftest;
 pub mod server;
 pub mod setup;
