@@ -17,11 +17,13 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
+use tokio_util::sync::CancellationToken;
 use tun2socks::config::{ProxyUrl, ProxyUrlError};
 use tun2socks::device::{Device, DeviceConfig, DeviceError};
 use tun2socks::dns::{DnsConfig, DnsMode};
 use tun2socks::exec::{self, ExecConfig};
 use tun2socks::flow::udp::UdpConfig;
+use tun2socks::metrics::{self, Metrics};
 use tun2socks::server::{self, ServerConfig};
 use tun2socks::setup::{self, SetupConfig, SetupError};
 use tun2socks::socks::Protocol;
@@ -125,6 +127,31 @@ struct TunnelArgs {
     /// sockets are dropped and the limit is logged.
     #[arg(long, value_name = "N", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
     max_udp: u64,
+    /// Log a summary line of the counters every SECS seconds (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    stats_interval: u64,
+    /// Serve the counters in the Prometheus text format at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9727 (a non-loopback address is allowed, with a warning).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+/// `--stats-interval` and `--metrics`, the listener already bound.
+#[derive(Debug)]
+struct Observe {
+    interval: Duration,
+    listener: Option<std::net::TcpListener>,
+}
+
+impl TunnelArgs {
+    /// Binds the metrics address now, so that a bad one stops the start (exit 2).
+    fn observe(&self) -> Result<Observe, String> {
+        let listener = self.metrics.map(metrics::http::bind).transpose();
+        Ok(Observe {
+            interval: Duration::from_secs(self.stats_interval),
+            listener: listener.map_err(|e| e.to_string())?,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -407,6 +434,13 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let observe = match args.observe() {
+        Ok(observe) => observe,
+        Err(e) => {
+            eprintln!("tun2socks: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     // One thread: the stack and every flow share it, so no lock is ever contended
     // and no packet crosses threads.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -445,7 +479,7 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             }
         };
         let _routing = routing; // undone when this block ends, after the stack stopped
-        match serve(device, stack_config, upstream, shutdown_signal()).await {
+        match serve(device, stack_config, upstream, observe, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tun2socks: {e}");
@@ -469,18 +503,63 @@ async fn serve(
     device: Device,
     stack_config: StackConfig,
     upstream: Upstream,
+    observe: Observe,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     if upstream.proxy_addrs().is_empty() {
         resolve_proxy(&upstream).await;
     }
     tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
-    match stack::run(device, stack_config, upstream, shutdown).await {
+    let counters = Arc::new(Metrics::new());
+    let side = observe.start(&counters)?;
+    let result = stack::run_with_metrics(device, stack_config, upstream, counters, shutdown).await;
+    side.stop().await;
+    match result {
         Ok(stats) => {
-            tracing::info!(?stats, "stopped");
+            tracing::info!(stats = %stats, "stopped");
             Ok(())
         }
         Err(e) => Err(format!("device failed: {e}")),
+    }
+}
+
+/// The stats line and the metrics endpoint, running beside the stack.
+struct SideTasks {
+    stop: CancellationToken,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Observe {
+    fn start(self, counters: &Arc<Metrics>) -> Result<SideTasks, String> {
+        let stop = CancellationToken::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        let log = metrics::log_every(
+            counters.clone(),
+            self.interval,
+            stop.clone().cancelled_owned(),
+        );
+        tasks.spawn(log);
+        if let Some(listener) = self.listener {
+            let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            let listener =
+                tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
+            tracing::info!("metrics at http://{addr}/metrics");
+            let served =
+                metrics::http::serve(listener, counters.clone(), stop.clone().cancelled_owned());
+            tasks.spawn(async move {
+                if let Err(e) = served.await {
+                    tracing::warn!(error = %e, "metrics endpoint stopped");
+                }
+            });
+        }
+        Ok(SideTasks { stop, tasks })
+    }
+}
+
+impl SideTasks {
+    async fn stop(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
     }
 }
 
@@ -506,8 +585,15 @@ fn run_exec(args: &ExecArgs) -> ExitCode {
             );
         }
     }
+    let observe = match args.tunnel.observe() {
+        Ok(observe) => observe,
+        Err(e) => {
+            eprintln!("tun2socks exec: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let config = ExecConfig::new(device_config);
-    let tunnel = |device, stop| serve(device, stack_config, upstream, stop);
+    let tunnel = |device, stop| serve(device, stack_config, upstream, observe, stop);
     match exec::run(&config, &args.command, tunnel) {
         Ok(exit) => ExitCode::from(exit.shell_status()),
         Err(e) => {
