@@ -17,13 +17,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
-use tokio_util::sync::CancellationToken;
 use tun2socks::config::{ProxyUrl, ProxyUrlError};
 use tun2socks::device::{Device, DeviceConfig, DeviceError};
 use tun2socks::dns::{DnsConfig, DnsMode};
 use tun2socks::exec::{self, ExecConfig};
 use tun2socks::flow::udp::UdpConfig;
-use tun2socks::metrics::{self, Metrics};
+use tun2socks::metrics::{self, Metrics, Observers};
 use tun2socks::server::{self, ServerConfig};
 use tun2socks::setup::{self, SetupConfig, SetupError};
 use tun2socks::socks::Protocol;
@@ -511,7 +510,8 @@ async fn serve(
     }
     tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
     let counters = Arc::new(Metrics::new());
-    let side = observe.start(&counters)?;
+    let side = Observers::start(&counters, observe.interval, observe.listener)
+        .map_err(|e| format!("metrics endpoint: {e}"))?;
     let result = stack::run_with_metrics(device, stack_config, upstream, counters, shutdown).await;
     side.stop().await;
     match result {
@@ -520,46 +520,6 @@ async fn serve(
             Ok(())
         }
         Err(e) => Err(format!("device failed: {e}")),
-    }
-}
-
-/// The stats line and the metrics endpoint, running beside the stack.
-struct SideTasks {
-    stop: CancellationToken,
-    tasks: tokio::task::JoinSet<()>,
-}
-
-impl Observe {
-    fn start(self, counters: &Arc<Metrics>) -> Result<SideTasks, String> {
-        let stop = CancellationToken::new();
-        let mut tasks = tokio::task::JoinSet::new();
-        let log = metrics::log_every(
-            counters.clone(),
-            self.interval,
-            stop.clone().cancelled_owned(),
-        );
-        tasks.spawn(log);
-        if let Some(listener) = self.listener {
-            let addr = listener.local_addr().map_err(|e| e.to_string())?;
-            let listener =
-                tokio::net::TcpListener::from_std(listener).map_err(|e| e.to_string())?;
-            tracing::info!("metrics at http://{addr}/metrics");
-            let served =
-                metrics::http::serve(listener, counters.clone(), stop.clone().cancelled_owned());
-            tasks.spawn(async move {
-                if let Err(e) = served.await {
-                    tracing::warn!(error = %e, "metrics endpoint stopped");
-                }
-            });
-        }
-        Ok(SideTasks { stop, tasks })
-    }
-}
-
-impl SideTasks {
-    async fn stop(mut self) {
-        self.stop.cancel();
-        while self.tasks.join_next().await.is_some() {}
     }
 }
 

@@ -17,7 +17,7 @@ mod snapshot;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-pub use interval::log_every;
+pub use interval::{Observers, log_every};
 pub use snapshot::{DnsStats, Snapshot, SocksErrorKey};
 
 use crate::stack::classify::DropReason;
