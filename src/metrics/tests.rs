@@ -292,3 +292,26 @@ async fn the_stats_logger_logs_one_line_per_period_until_shutdown() {
         );
     }
 }
+
+#[test]
+fn a_non_loopback_endpoint_is_allowed_with_a_warning() {
+    let log = |addr: &str| {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            http::bind(addr.parse().unwrap()).unwrap();
+        });
+        String::from_utf8(captured.0.lock().unwrap().clone()).unwrap()
+    };
+    let loopback = log("127.0.0.1:0");
+    assert!(!loopback.contains("WARN"), "{loopback}");
+    let any = log("0.0.0.0:0");
+    assert!(
+        any.contains("WARN") && any.contains("non-loopback"),
+        "{any}"
+    );
+}
