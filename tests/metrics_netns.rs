@@ -1,6 +1,6 @@
 //! The tunnel's observability end to end: `--metrics` serves the Prometheus text on
 //! loopback in the app namespace and its counters move while a flow carries bytes; a
-//! SOCKS refusal shows under its reply code; `--stats-interval` logs the summary
+//! SOCKS refusal shows under its reply code (CONNECT 0x02, UDP ASSOCIATE 0x07); `--stats-interval` logs the summary
 //! line; a bad `--metrics` address stops the start with exit 2 and one line.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -71,6 +71,8 @@ const OPENED: &str = "tun2socks_tcp_flows_opened_total";
 const CONNECTED: &str = "tun2socks_tcp_flows_connected_total";
 const FAILED: &str = "tun2socks_tcp_flows_failed_total";
 const REFUSED_0X02: &str = "tun2socks_socks_errors_total{command=\"connect\",code=\"0x02\"}";
+const REFUSED_UDP_0X07: &str =
+    "tun2socks_socks_errors_total{command=\"udp-associate\",code=\"0x07\"}";
 
 /// Scrapes until `done` holds for the text, or fails after 10 s with the last one.
 fn scrape_until(ns: &Namespace, what: &str, done: impl Fn(&str) -> bool) -> Result<String> {
@@ -94,7 +96,7 @@ fn metrics_move_while_a_flow_runs_and_a_refusal_shows_its_reply_code() -> Result
     let topo = Topology::create("metrics")?;
     let _services = Services::start(topo.target(), MIB, 1)?;
     let deny = format!("{DENIED}/32");
-    let mut server = start_server(topo.proxy(), &binary(), &["--deny", &deny])?;
+    let mut server = start_server(topo.proxy(), &binary(), &["--deny", &deny, "--no-udp"])?;
     let url = format!("socks5://{}", proxy_addr());
     let args = ["--metrics", METRICS, "--stats-interval", "1"];
     let tunnel = start_tunnel(topo.app(), &binary(), &url, &args)?;
@@ -157,6 +159,20 @@ fn metrics_move_while_a_flow_runs_and_a_refusal_shows_its_reply_code() -> Result
         "{after}"
     );
 
+    // UDP through a server without UDP: ASSOCIATE is refused with 0x07.
+    app.within(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.send_to(b"anyone there?", SocketAddr::new(TARGET_V4.into(), 9))?;
+        Ok(())
+    })?;
+    let udp = scrape_until(app, "the refused association was not counted", |t| {
+        sample(t, REFUSED_UDP_0X07) == 1
+    })?;
+    ensure!(
+        sample(&udp, "tun2socks_udp_associations_opened_total") == 0,
+        "{udp}"
+    );
+
     // The periodic summary line, then the stop line with the same counters.
     std::thread::sleep(Duration::from_millis(1200));
     let log = stop_cleanly(tunnel)?;
@@ -172,6 +188,7 @@ fn metrics_move_while_a_flow_runs_and_a_refusal_shows_its_reply_code() -> Result
     ensure!(field("flows_failed") == 1, "{stop}");
     ensure!(field("bytes_up") >= 4 * MIB as u64, "{stop}");
     ensure!(field("socks.connect.0x02") == 1, "{stop}");
+    ensure!(field("socks.udp-associate.0x07") == 1, "{stop}");
     ensure!(
         log.contains("metrics at http://127.0.0.1:9727/metrics"),
         "{log}"
