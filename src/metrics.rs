@@ -63,6 +63,9 @@ pub struct StackCounters {
     /// Passes of the poll loop (each follows a packet, a flow's request or a timer;
     /// an idle stack makes none).
     pub wakeups: AtomicU64,
+    /// Busy-poll passes that found work (a packet or a flow's request) instead of
+    /// sleeping for it.
+    pub spin_hits: AtomicU64,
     /// Packets read from the device.
     pub packets_in: AtomicU64,
     /// Packets smoltcp wrote to the device (egress counts its own).

@@ -124,6 +124,12 @@ impl Collector for TunnelCollector {
             "stack_wakeups",
             "Passes of the stack's poll loop",
             get(&s.wakeups),
+        )?;
+        counter(
+            &mut e,
+            "stack_spin_hits",
+            "Busy-poll passes of the stack that found work instead of sleeping for it",
+            get(&s.spin_hits),
         )
     }
 }

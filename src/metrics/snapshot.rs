@@ -86,6 +86,8 @@ impl DnsStats {
 pub struct Snapshot {
     /// Passes of the stack's poll loop.
     pub wakeups: u64,
+    /// Busy-poll passes that found work instead of sleeping for it.
+    pub spin_hits: u64,
     /// Packets read from the device.
     pub packets_in: u64,
     /// Packets written to the device (smoltcp's and egress's).
@@ -156,6 +158,7 @@ impl Metrics {
             .collect();
         Snapshot {
             wakeups: get(&s.wakeups),
+            spin_hits: get(&s.spin_hits),
             packets_in: get(&s.packets_in),
             packets_out: get(&s.packets_out).saturating_add(get(&e.sent)),
             packets_out_dropped: get(&s.packets_out_dropped),
@@ -204,7 +207,7 @@ impl Snapshot {
 impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.dns;
-        let scalars: [(&str, u64); 40] = [
+        let scalars: [(&str, u64); 41] = [
             ("flows_opened", self.flows_opened),
             ("flows_connected", self.flows_connected),
             ("flows_failed", self.flows_failed),
@@ -243,6 +246,7 @@ impl fmt::Display for Snapshot {
             ("packets_out_dropped", self.packets_out_dropped),
             ("egress_dropped", self.egress_dropped),
             ("wakeups", self.wakeups),
+            ("spin_hits", self.spin_hits),
             (
                 "dropped",
                 self.dropped.values().fold(0, |a, n| a.saturating_add(*n)),

@@ -22,6 +22,7 @@
     clippy::indexing_slicing
 )]
 
+pub mod busy;
 pub mod classify;
 mod datagram;
 mod phy;
@@ -36,6 +37,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use self::busy::BusyPoll;
 use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpListenEndpoint};
@@ -59,6 +61,8 @@ use timers::Timers;
 const BATCH: usize = 256;
 /// Largest packet read from the device (a TUN never hands more than its MTU).
 const RX_BUFFER: usize = 65_536;
+/// The longest one busy-poll pass runs before the loop checks shutdown and timers.
+const MAX_SPIN: Duration = Duration::from_millis(2);
 /// Shortest sleep between timer-driven polls of one flow (guards against spinning).
 const MIN_TIMER: Duration = Duration::from_millis(1);
 
@@ -103,6 +107,9 @@ impl PacketIo for crate::device::Device {
     }
 }
 
+/// The default `--busy-poll` window.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
+
 /// Stack settings.
 #[derive(Debug, Clone)]
 pub struct StackConfig {
@@ -118,6 +125,9 @@ pub struct StackConfig {
     pub udp: UdpConfig,
     /// DNS (`--dns` mode, resolver, fake-IP pools).
     pub dns: DnsConfig,
+    /// How long the loop keeps polling after work before it sleeps (`--busy-poll`);
+    /// zero never spins. See [`busy`].
+    pub busy_poll: Duration,
 }
 
 impl Default for StackConfig {
@@ -129,6 +139,7 @@ impl Default for StackConfig {
             tcp_timeout: Duration::from_secs(120),
             udp: UdpConfig::default(),
             dns: DnsConfig::default(),
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 }
@@ -184,6 +195,7 @@ struct Stack<D: PacketIo> {
     limit_log: BurstLog,
     loop_log: BurstLog,
     datagrams: Datagrams,
+    busy: BusyPoll,
 }
 
 impl<D: PacketIo> Stack<D> {
@@ -197,6 +209,7 @@ impl<D: PacketIo> Stack<D> {
             stats.clone(),
         ));
         let datagrams = Datagrams::new(upstream.clone(), egress, config.udp.clone(), dns);
+        let busy_poll = config.busy_poll;
         let epoch = Instant::now();
         let mut scratch = Vec::with_capacity(RX_BUFFER);
         let mut tx = TxCounters(stats.clone());
@@ -235,6 +248,7 @@ impl<D: PacketIo> Stack<D> {
             limit_log: BurstLog::new(Duration::from_secs(5)),
             loop_log: BurstLog::new(Duration::from_secs(5)),
             datagrams,
+            busy: BusyPoll::new(busy_poll),
         }
     }
 
@@ -247,12 +261,12 @@ impl<D: PacketIo> Stack<D> {
         let mut sleep = pin!(tokio::time::sleep_until(far()));
         let signal = self.cx.signal.clone();
         loop {
-            let received = tokio::select! {
+            let (received, asked) = tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
-                r = poll_fn(|cx| self.device.poll_recv(cx, &mut rx)) => Some(r?),
-                () = signal.notified() => None,
-                () = &mut sleep => None,
+                r = poll_fn(|cx| self.device.poll_recv(cx, &mut rx)) => (Some(r?), false),
+                () = signal.notified() => (None, true),
+                () = &mut sleep => (None, false),
             };
             let now = Instant::now();
             bump(&self.stats.stack.wakeups);
@@ -261,6 +275,12 @@ impl<D: PacketIo> Stack<D> {
                 self.ingress_batch(&mut rx, now)?;
             }
             self.poll_flows(now);
+            if received.is_some() || asked {
+                self.busy.work(now);
+                if let Some(until) = self.busy.spin_until(Instant::now()) {
+                    self.spin(until, &mut rx).await?;
+                }
+            }
             while self.tasks.try_join_next().is_some() {}
             self.datagrams.reap();
             let next = self
@@ -268,6 +288,39 @@ impl<D: PacketIo> Stack<D> {
                 .next()
                 .map_or_else(far, tokio::time::Instant::from_std);
             sleep.as_mut().reset(next);
+        }
+    }
+
+    /// Busy polling (see [`busy`]): keeps handling packets and flows' requests,
+    /// yielding to the runtime between passes, until `until` passes without work or
+    /// [`MAX_SPIN`] is reached (so shutdown and timers are never held off).
+    async fn spin(&mut self, mut until: Instant, rx: &mut [u8]) -> io::Result<()> {
+        let started = Instant::now();
+        loop {
+            tokio::task::yield_now().await;
+            let now = Instant::now();
+            let mut worked = self.cx.signal.pending();
+            match self.device.try_recv(rx) {
+                Ok(n) => {
+                    self.ingress(rx.get(..n).unwrap_or_default(), now);
+                    self.ingress_batch(rx, now)?;
+                    worked = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            if worked {
+                bump(&self.stats.stack.spin_hits);
+                self.poll_flows(now);
+                match self.busy.extend(now) {
+                    Some(later) => until = later,
+                    None => return Ok(()),
+                }
+            }
+            if now >= until || now.saturating_duration_since(started) >= MAX_SPIN {
+                return Ok(());
+            }
         }
     }
 
