@@ -22,6 +22,7 @@ use tun2socks::device::{Device, DeviceConfig, DeviceError};
 use tun2socks::dns::{DnsConfig, DnsMode};
 use tun2socks::exec::{self, ExecConfig};
 use tun2socks::flow::udp::UdpConfig;
+use tun2socks::metrics::{self, Metrics, Observers};
 use tun2socks::server::{self, ServerConfig};
 use tun2socks::setup::{self, SetupConfig, SetupError};
 use tun2socks::socks::Protocol;
@@ -138,6 +139,13 @@ struct TunnelArgs {
     /// proxy; a peer that answers none for about twice as long is reset; 0: off.
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(..=MAX_KEEPALIVE_SECS))]
     tcp_keepalive: u64,
+    /// Log a summary line of the counters every SECS seconds (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    stats_interval: u64,
+    /// Serve the counters in the Prometheus text format at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9727 (a non-loopback address is allowed, with a warning).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
 }
 
 /// The longest `--tcp-keepalive`: Linux's limit for `TCP_KEEPIDLE` (32767 s).
@@ -148,6 +156,24 @@ const MAX_IDLE_SECS: u64 = 30 * 24 * 3600;
 /// Seconds, 0 meaning "off".
 fn secs_or_off(secs: u64) -> Option<Duration> {
     (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+/// `--stats-interval` and `--metrics`, the listener already bound.
+#[derive(Debug)]
+struct Observe {
+    interval: Duration,
+    listener: Option<std::net::TcpListener>,
+}
+
+impl TunnelArgs {
+    /// Binds the metrics address now, so that a bad one stops the start (exit 2).
+    fn observe(&self) -> Result<Observe, String> {
+        let listener = self.metrics.map(metrics::http::bind).transpose();
+        Ok(Observe {
+            interval: Duration::from_secs(self.stats_interval),
+            listener: listener.map_err(|e| e.to_string())?,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -443,6 +469,13 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    let observe = match args.observe() {
+        Ok(observe) => observe,
+        Err(e) => {
+            eprintln!("tun2socks: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     // One thread: the stack and every flow share it, so no lock is ever contended
     // and no packet crosses threads.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -481,7 +514,7 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             }
         };
         let _routing = routing; // undone when this block ends, after the stack stopped
-        match serve(device, stack_config, upstream, shutdown_signal()).await {
+        match serve(device, stack_config, upstream, observe, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tun2socks: {e}");
@@ -505,15 +538,21 @@ async fn serve(
     device: Device,
     stack_config: StackConfig,
     upstream: Upstream,
+    observe: Observe,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     if upstream.proxy_addrs().is_empty() {
         resolve_proxy(&upstream).await;
     }
     tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
-    match stack::run(device, stack_config, upstream, shutdown).await {
+    let counters = Arc::new(Metrics::new());
+    let side = Observers::start(&counters, observe.interval, observe.listener)
+        .map_err(|e| format!("metrics endpoint: {e}"))?;
+    let result = stack::run_with_metrics(device, stack_config, upstream, counters, shutdown).await;
+    side.stop().await;
+    match result {
         Ok(stats) => {
-            tracing::info!(?stats, "stopped");
+            tracing::info!(stats = %stats, "stopped");
             Ok(())
         }
         Err(e) => Err(format!("device failed: {e}")),
@@ -542,8 +581,15 @@ fn run_exec(args: &ExecArgs) -> ExitCode {
             );
         }
     }
+    let observe = match args.tunnel.observe() {
+        Ok(observe) => observe,
+        Err(e) => {
+            eprintln!("tun2socks exec: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let config = ExecConfig::new(device_config);
-    let tunnel = |device, stop| serve(device, stack_config, upstream, stop);
+    let tunnel = |device, stop| serve(device, stack_config, upstream, observe, stop);
     match exec::run(&config, &args.command, tunnel) {
         Ok(exit) => ExitCode::from(exit.shell_status()),
         Err(e) => {

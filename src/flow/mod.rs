@@ -20,7 +20,7 @@ pub mod udp;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -157,18 +157,8 @@ impl Signal {
     }
 }
 
-/// Counters shared by all flows.
-#[derive(Debug, Default)]
-pub struct FlowStats {
-    /// Flows whose upstream CONNECT succeeded.
-    pub connected: AtomicU64,
-    /// Flows reset because the proxy could not be reached or refused.
-    pub failed: AtomicU64,
-    /// Bytes from applications to the proxy.
-    pub bytes_up: AtomicU64,
-    /// Bytes from the proxy to applications.
-    pub bytes_down: AtomicU64,
-}
+/// Counters shared by all flows (they live in the one set of counters).
+pub use crate::metrics::FlowStats;
 
 /// Logs the first failure of a burst and counts the rest, so a dead proxy yields one
 /// line per interval instead of one per connection attempt.

@@ -32,7 +32,8 @@ use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::{BurstLog, FlowStats, Signal, TcpFlow};
+use super::{BurstLog, Signal, TcpFlow};
+use crate::metrics::{Metrics, SocksCommand};
 use crate::upstream::{Upstream, UpstreamError};
 
 /// What a flow task needs besides its flow.
@@ -43,7 +44,7 @@ pub struct FlowContext {
     /// Where to ask the stack for a poll.
     pub signal: Arc<Signal>,
     /// Shared counters.
-    pub stats: Arc<FlowStats>,
+    pub stats: Arc<Metrics>,
     /// Rate limit for "cannot reach the proxy" messages.
     pub failures: BurstLog,
 }
@@ -68,11 +69,13 @@ pub enum FlowError {
 /// Runs one flow to its end. `permit` is the flow's place under the flow limit.
 pub async fn run(flow: Arc<TcpFlow>, cx: Arc<FlowContext>, permit: OwnedSemaphorePermit) {
     let _permit = permit;
+    let _active = cx.stats.flows.active_guard();
     let result = serve(&flow, &cx).await;
     match result {
         Ok(bytes) => tracing::debug!(up = bytes.0, down = bytes.1, "closed"),
         Err(FlowError::Upstream(e)) => {
-            cx.stats.failed.fetch_add(1, Ordering::Relaxed);
+            cx.stats.flows.failed.fetch_add(1, Ordering::Relaxed);
+            cx.stats.socks.record(SocksCommand::Connect, &e);
             abort_socket(&flow);
             match cx.failures.check(std::time::Instant::now()) {
                 Some(suppressed) if e.proxy_unreachable() => tracing::warn!(
@@ -104,7 +107,7 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
         () = app_gave_up(flow) => return Err(FlowError::AppReset),
         connected = cx.upstream.connect(flow.target.clone()) => connected?,
     };
-    cx.stats.connected.fetch_add(1, Ordering::Relaxed);
+    cx.stats.flows.connected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(bound = %connected.bound, "connected");
     {
         let mut sockets = flow.sockets();
@@ -129,13 +132,13 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
         up: 0,
         down: 0,
         last_progress: tokio::time::Instant::now(),
+        stats: cx.stats.clone(),
+        counted: (0, 0),
     };
     let result = match cx.upstream.options().idle_timeout {
         Some(limit) => pump_until_idle(&mut pump, &cx.signal, limit).await,
         None => poll_fn(|task| pump.poll(task, &cx.signal)).await,
     };
-    cx.stats.bytes_up.fetch_add(pump.up, Ordering::Relaxed);
-    cx.stats.bytes_down.fetch_add(pump.down, Ordering::Relaxed);
     if result.is_err() {
         // Whatever went wrong, the proxy side learns of it as a reset.
         let _ = SockRef::from(&pump.upstream).set_linger(Some(Duration::ZERO));
@@ -242,6 +245,11 @@ struct Pump {
     down: u64,
     /// When bytes last moved (or a FIN was passed on).
     last_progress: tokio::time::Instant,
+    /// The shared counters; bytes are counted as they move, so a scrape sees a long
+    /// transfer progress.
+    stats: Arc<Metrics>,
+    /// `(up, down)` already added to `stats`.
+    counted: (u64, u64),
 }
 
 /// One direction's outcome within a poll.
@@ -254,6 +262,18 @@ enum Step {
 
 impl Pump {
     fn poll(&mut self, task: &mut Context<'_>, signal: &Signal) -> Poll<Result<(), FlowError>> {
+        let poll = self.poll_sockets(task, signal);
+        self.stats
+            .flows
+            .count_bytes(&mut self.counted, (self.up, self.down));
+        poll
+    }
+
+    fn poll_sockets(
+        &mut self,
+        task: &mut Context<'_>,
+        signal: &Signal,
+    ) -> Poll<Result<(), FlowError>> {
         let flow = self.flow.clone();
         let mut sockets = flow.sockets();
         let socket = sockets.get_mut::<tcp::Socket>(flow.handle);

@@ -53,6 +53,27 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// How many reasons there are.
+    pub const COUNT: usize = 9;
+
+    /// Every reason, in [`DropReason::index`] order.
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::Malformed,
+        DropReason::Fragment,
+        DropReason::Icmp,
+        DropReason::OtherProtocol,
+        DropReason::NotUnicast,
+        DropReason::Multicast,
+        DropReason::Broadcast,
+        DropReason::LinkLocal,
+        DropReason::BadChecksum,
+    ];
+
+    /// The reason's place in [`DropReason::ALL`] (a counter array's index).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// A short name for counters and logs.
     pub fn name(self) -> &'static str {
         match self {

@@ -45,11 +45,12 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::dns::{Dns, DnsConfig, DnsStats};
+use crate::dns::{Dns, DnsConfig};
 use crate::egress::Egress;
 use crate::flow::tcp::FlowContext;
 use crate::flow::udp::UdpConfig;
-use crate::flow::{BurstLog, FlowId, FlowStats, FourTuple, Signal, TcpFlow};
+use crate::flow::{BurstLog, FlowId, FourTuple, Signal, TcpFlow};
+use crate::metrics::{Metrics, bump};
 use crate::upstream::Upstream;
 use classify::{Class, DropReason};
 use datagram::{Datagrams, DeviceSink};
@@ -143,56 +144,8 @@ impl Default for StackConfig {
     }
 }
 
-/// What the stack did, reported when it stops.
-#[derive(Debug, Default, Clone)]
-pub struct StackStats {
-    /// Passes of the poll loop (each follows a packet, a flow's request or a timer;
-    /// an idle stack makes none).
-    pub wakeups: u64,
-    /// Busy-poll passes that found work (a packet or a flow's request) instead of
-    /// sleeping for it.
-    pub spin_hits: u64,
-    /// Packets read from the device.
-    pub packets_in: u64,
-    /// Packets written to the device.
-    pub packets_out: u64,
-    /// Packets the device refused.
-    pub packets_out_dropped: u64,
-    /// Packets dropped on the way in, by reason.
-    pub dropped: HashMap<&'static str, u64>,
-    /// TCP flows opened.
-    pub flows_opened: u64,
-    /// SYNs reset because the flow limit was reached.
-    pub flows_over_limit: u64,
-    /// Flows whose upstream CONNECT succeeded.
-    pub flows_connected: u64,
-    /// Flows reset because the proxy could not be reached or refused.
-    pub flows_failed: u64,
-    /// Bytes from applications to the proxy.
-    pub bytes_up: u64,
-    /// Bytes from the proxy to applications.
-    pub bytes_down: u64,
-    /// TCP SYNs to the proxy's own address and port, reset (they would loop).
-    pub loops_refused: u64,
-    /// UDP associations set up with the proxy.
-    pub udp_associations: u64,
-    /// UDP datagrams from applications sent to the proxy.
-    pub udp_up: u64,
-    /// UDP datagrams from the proxy written to applications.
-    pub udp_down: u64,
-    /// UDP datagrams answered with port unreachable (the proxy has or gives no UDP).
-    pub udp_refused: u64,
-    /// UDP datagrams dropped on the way to the proxy (queue or socket full, limit,
-    /// oversized, broadcast).
-    pub udp_dropped: u64,
-    /// Packets built outside smoltcp (UDP replies, ICMP errors) that the device
-    /// refused.
-    pub egress_dropped: u64,
-    /// DNS datagrams dropped (not a query, or too many queries over TCP at once).
-    pub dns_dropped: u64,
-    /// DNS, by mode and outcome.
-    pub dns: DnsStats,
-}
+/// What the stack did, reported when it stops: a snapshot of the tunnel's counters.
+pub type StackStats = crate::metrics::Snapshot;
 
 /// Runs the stack on `device` until `shutdown` resolves or the device fails. Every
 /// TCP connection becomes a flow that goes through `upstream`.
@@ -202,10 +155,22 @@ pub async fn run<D: PacketIo>(
     upstream: Upstream,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<StackStats> {
-    let mut stack = Stack::new(device, config, upstream);
+    run_with_metrics(device, config, upstream, Arc::default(), shutdown).await
+}
+
+/// As [`run`], counting into `metrics` (which a stats line or a metrics endpoint
+/// reads while the stack runs).
+pub async fn run_with_metrics<D: PacketIo>(
+    device: D,
+    config: StackConfig,
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<StackStats> {
+    let mut stack = Stack::new(device, config, upstream, metrics);
     let result = stack.run(shutdown).await;
     stack.close().await;
-    result.map(|()| stack.stats())
+    result.map(|()| stack.stats.snapshot())
 }
 
 struct Stack<D: PacketIo> {
@@ -226,7 +191,7 @@ struct Stack<D: PacketIo> {
     scratch: Vec<u8>,
     tx: TxCounters,
     dirty: Vec<FlowId>,
-    stats: StackStats,
+    stats: Arc<Metrics>,
     limit_log: BurstLog,
     loop_log: BurstLog,
     datagrams: Datagrams,
@@ -234,15 +199,20 @@ struct Stack<D: PacketIo> {
 }
 
 impl<D: PacketIo> Stack<D> {
-    fn new(device: D, config: StackConfig, upstream: Upstream) -> Self {
+    fn new(device: D, config: StackConfig, upstream: Upstream, stats: Arc<Metrics>) -> Self {
         let device = Arc::new(device);
-        let egress = Arc::new(Egress::new(Arc::new(DeviceSink(device.clone()))));
-        let dns = Arc::new(Dns::new(config.dns.clone(), upstream.clone()));
+        let sink = Arc::new(DeviceSink(device.clone()));
+        let egress = Arc::new(Egress::with_metrics(sink, stats.clone()));
+        let dns = Arc::new(Dns::with_metrics(
+            config.dns.clone(),
+            upstream.clone(),
+            stats.clone(),
+        ));
         let datagrams = Datagrams::new(upstream.clone(), egress, config.udp.clone(), dns);
         let busy_poll = config.busy_poll;
         let epoch = Instant::now();
         let mut scratch = Vec::with_capacity(RX_BUFFER);
-        let mut tx = TxCounters::default();
+        let mut tx = TxCounters(stats.clone());
         let mut iface_config = Config::new(HardwareAddress::Ip);
         iface_config.random_seed = random_seed();
         let iface = {
@@ -255,7 +225,7 @@ impl<D: PacketIo> Stack<D> {
         let cx = Arc::new(FlowContext {
             upstream,
             signal: Arc::new(Signal::default()),
-            stats: Arc::new(FlowStats::default()),
+            stats: stats.clone(),
             failures: BurstLog::new(Duration::from_secs(5)),
         });
         Stack {
@@ -274,7 +244,7 @@ impl<D: PacketIo> Stack<D> {
             scratch,
             tx,
             dirty: Vec::new(),
-            stats: StackStats::default(),
+            stats,
             limit_log: BurstLog::new(Duration::from_secs(5)),
             loop_log: BurstLog::new(Duration::from_secs(5)),
             datagrams,
@@ -299,7 +269,7 @@ impl<D: PacketIo> Stack<D> {
                 () = &mut sleep => (None, false),
             };
             let now = Instant::now();
-            self.stats.wakeups = self.stats.wakeups.saturating_add(1);
+            bump(&self.stats.stack.wakeups);
             if let Some(n) = received {
                 self.ingress(rx.get(..n).unwrap_or_default(), now);
                 self.ingress_batch(&mut rx, now)?;
@@ -341,7 +311,7 @@ impl<D: PacketIo> Stack<D> {
                 Err(e) => return Err(e),
             }
             if worked {
-                self.stats.spin_hits = self.stats.spin_hits.saturating_add(1);
+                bump(&self.stats.stack.spin_hits);
                 self.poll_flows(now);
                 match self.busy.extend(now) {
                     Some(later) => until = later,
@@ -389,13 +359,12 @@ impl<D: PacketIo> Stack<D> {
     }
 
     fn drop_packet(&mut self, reason: DropReason) {
-        let count = self.stats.dropped.entry(reason.name()).or_default();
-        *count = count.saturating_add(1);
+        self.stats.stack.drop_packet(reason);
     }
 
     /// Handles one packet from the device.
     fn ingress(&mut self, packet: &[u8], now: Instant) {
-        self.stats.packets_in = self.stats.packets_in.saturating_add(1);
+        bump(&self.stats.stack.packets_in);
         match classify::classify(packet) {
             Class::Tcp { tuple, syn } => match self.by_tuple.get(&tuple).copied() {
                 Some(id) => {
@@ -437,7 +406,7 @@ impl<D: PacketIo> Stack<D> {
     fn open(&mut self, tuple: FourTuple, syn: &[u8], now: Instant) {
         if self.cx.upstream.is_proxy(tuple.dst) {
             // The proxy's own address through the tunnel would loop: refuse it.
-            self.stats.loops_refused = self.stats.loops_refused.saturating_add(1);
+            bump(&self.stats.flows.loops_refused);
             if let Some(suppressed) = self.loop_log.check(now) {
                 tracing::warn!(
                     %tuple, suppressed,
@@ -455,7 +424,7 @@ impl<D: PacketIo> Stack<D> {
             return;
         };
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            self.stats.flows_over_limit = self.stats.flows_over_limit.saturating_add(1);
+            bump(&self.stats.flows.over_limit);
             if let Some(suppressed) = self.limit_log.check(now) {
                 tracing::warn!(
                     limit = self.config.max_flows,
@@ -493,7 +462,7 @@ impl<D: PacketIo> Stack<D> {
         let flow = Arc::new(TcpFlow::new(id, tuple, target, sockets, handle));
         self.flows.insert(id, flow.clone());
         self.by_tuple.insert(tuple, id);
-        self.stats.flows_opened = self.stats.flows_opened.saturating_add(1);
+        bump(&self.stats.flows.opened);
         let span =
             tracing::info_span!("flow", id, proto = "tcp", src = %tuple.src, dst = %tuple.dst);
         self.tasks
@@ -555,43 +524,6 @@ impl<D: PacketIo> Stack<D> {
         self.datagrams.close().await;
         self.flows.clear();
         self.by_tuple.clear();
-    }
-
-    fn stats(&self) -> StackStats {
-        use std::sync::atomic::Ordering::Relaxed;
-        let flows = &self.cx.stats;
-        let udp = self.datagrams.udp().stats();
-        let egress = self.datagrams.egress().stats();
-        StackStats {
-            packets_out: self.tx.sent.saturating_add(egress.sent.load(Relaxed)),
-            packets_out_dropped: self.tx.dropped,
-            udp_associations: udp.associations.load(Relaxed),
-            udp_up: udp.datagrams_up.load(Relaxed),
-            udp_down: udp.datagrams_down.load(Relaxed),
-            udp_refused: udp.refused.load(Relaxed),
-            udp_dropped: [
-                &udp.queue_full,
-                &udp.relay_busy,
-                &udp.over_limit,
-                &udp.oversized,
-                &udp.broadcast,
-                &udp.unmappable,
-            ]
-            .iter()
-            .map(|c| c.load(Relaxed))
-            .fold(0u64, u64::saturating_add),
-            dns_dropped: self.datagrams.dns_dropped.load(Relaxed),
-            dns: self.datagrams.dns().stats(),
-            egress_dropped: egress
-                .device_full
-                .load(Relaxed)
-                .saturating_add(egress.unsendable.load(Relaxed)),
-            flows_connected: flows.connected.load(Relaxed),
-            flows_failed: flows.failed.load(Relaxed),
-            bytes_up: flows.bytes_up.load(Relaxed),
-            bytes_down: flows.bytes_down.load(Relaxed),
-            ..self.stats.clone()
-        }
     }
 }
 

@@ -72,24 +72,18 @@ impl Net {
     }
 }
 
-/// A counter of the tunnel's final stats line: `name: N` (a field) or `"name": N` (a
-/// drop reason). The one place that knows the line's format.
+/// A counter of the tunnel's final stats line (a field, or a drop reason). The one
+/// place that knows the line's format.
 pub fn stat(log: &str, name: &str) -> u64 {
     let line = log
         .lines()
         .rev()
         .find(|l| l.contains("stopped stats="))
         .unwrap_or_default();
-    for key in [format!("\"{name}\": "), format!(" {name}: ")] {
-        if let Some(at) = line.find(&key) {
-            let digits: String = line[at + key.len()..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            return digits.parse().unwrap_or(0);
-        }
-    }
-    0
+    // Counters are `name=N`; drops by reason `drop.REASON=N` (present once non-zero).
+    tun2socks::metrics::Snapshot::parse_field(line, name)
+        .or_else(|| tun2socks::metrics::Snapshot::parse_field(line, &format!("drop.{name}")))
+        .unwrap_or(0)
 }
 
 pub fn tcp_target(port: u16) -> SocketAddr {
