@@ -103,6 +103,7 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
             // The application gave up while we were connecting.
             return Err(FlowError::AppReset);
         }
+        flow.open_buffers(socket, std::time::Instant::now());
         socket.pause_synack(false);
     }
     cx.signal.mark(flow);

@@ -162,6 +162,7 @@ fn config(flags: u8) -> StackConfig {
             server,
             ..DnsConfig::default()
         },
+        ..StackConfig::default()
     }
 }
 

@@ -45,6 +45,7 @@ use tracing::Instrument;
 
 use crate::dns::{Dns, DnsConfig, DnsStats};
 use crate::egress::Egress;
+use crate::flow::buffers::{Budget, BufferConfig, Buffers};
 use crate::flow::tcp::FlowContext;
 use crate::flow::udp::UdpConfig;
 use crate::flow::{BurstLog, FlowId, FlowStats, FourTuple, Signal, TcpFlow};
@@ -102,13 +103,26 @@ impl PacketIo for crate::device::Device {
     }
 }
 
+/// Default budget for TCP rings: 256 MiB (512 flows with both rings at 256 KiB, or
+/// 32,768 flows with their initial 2 x 4 KiB).
+pub const DEFAULT_MEMORY_LIMIT: usize = 256 * 1024 * 1024;
+
 /// Stack settings.
 #[derive(Debug, Clone)]
 pub struct StackConfig {
-    /// Receive buffer per TCP flow (bytes); it is the window offered to applications.
+    /// Largest receive ring per TCP flow (bytes); it is the largest window offered to
+    /// applications, and the window scale is chosen for it.
     pub tcp_rx_buffer: usize,
-    /// Send buffer per TCP flow (bytes).
+    /// Largest send ring per TCP flow (bytes).
     pub tcp_tx_buffer: usize,
+    /// Ring size of a flow whose CONNECT succeeded, and after it idled (bytes); rings
+    /// grow from it while a flow moves data. Equal to the maximum: fixed rings.
+    pub tcp_initial_buffer: usize,
+    /// A flow that moved no data for this long gets its rings shrunk back.
+    pub tcp_idle_shrink: Duration,
+    /// Budget for all TCP rings (bytes): when spent, rings stop growing (smaller
+    /// windows); a connected flow always gets its initial rings.
+    pub memory_limit: usize,
     /// Flows at once; SYNs beyond are reset.
     pub max_flows: usize,
     /// A flow whose application stops acknowledging data for this long is reset.
@@ -124,6 +138,9 @@ impl Default for StackConfig {
         StackConfig {
             tcp_rx_buffer: 512 * 1024,
             tcp_tx_buffer: 512 * 1024,
+            tcp_initial_buffer: crate::flow::buffers::DEFAULT_INITIAL,
+            tcp_idle_shrink: BufferConfig::default().idle,
+            memory_limit: DEFAULT_MEMORY_LIMIT,
             max_flows: 8192,
             tcp_timeout: Duration::from_secs(120),
             udp: UdpConfig::default(),
@@ -178,6 +195,12 @@ pub struct StackStats {
     pub dns_dropped: u64,
     /// DNS, by mode and outcome.
     pub dns: DnsStats,
+    /// Bytes of TCP rings held by flows when the stack stopped (before it reset them).
+    pub ring_bytes: usize,
+    /// Most bytes of TCP rings held at once.
+    pub ring_bytes_peak: usize,
+    /// Ring growths refused because `memory_limit` was spent.
+    pub ring_growth_denied: u64,
 }
 
 /// Runs the stack on `device` until `shutdown` resolves or the device fails. Every
@@ -190,8 +213,12 @@ pub async fn run<D: PacketIo>(
 ) -> io::Result<StackStats> {
     let mut stack = Stack::new(device, config, upstream);
     let result = stack.run(shutdown).await;
+    let stats = stack.stats();
     stack.close().await;
-    result.map(|()| stack.stats())
+    result.map(|()| StackStats {
+        ring_growth_denied: stack.buffers.budget.denied(),
+        ..stats
+    })
 }
 
 struct Stack<D: PacketIo> {
@@ -206,6 +233,8 @@ struct Stack<D: PacketIo> {
     timers: Timers,
     permits: Arc<Semaphore>,
     cx: Arc<FlowContext>,
+    /// Ring sizes and the budget, shared with every flow.
+    buffers: Arc<Buffers>,
     tasks: JoinSet<()>,
     /// An empty set: packets of no flow go here, and smoltcp answers them with RST.
     no_sockets: SocketSet<'static>,
@@ -242,9 +271,19 @@ impl<D: PacketIo> Stack<D> {
             stats: Arc::new(FlowStats::default()),
             failures: BurstLog::new(Duration::from_secs(5)),
         });
+        let buffers = Arc::new(Buffers {
+            config: BufferConfig {
+                initial: config.tcp_initial_buffer,
+                max_rx: config.tcp_rx_buffer,
+                max_tx: config.tcp_tx_buffer,
+                idle: config.tcp_idle_shrink,
+            },
+            budget: Budget::new(config.memory_limit),
+        });
         Stack {
             device,
             iface,
+            buffers,
             epoch,
             permits: Arc::new(Semaphore::new(config.max_flows)),
             config,
@@ -410,10 +449,13 @@ impl<D: PacketIo> Stack<D> {
             self.refuse(syn, now);
             return;
         };
+        // No rings until the CONNECT succeeds (the flow then adds them), but the window
+        // scale announced in the SYN-ACK is the one for the largest ring.
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_rx_buffer]),
-            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_tx_buffer]),
+            tcp::SocketBuffer::new(Vec::new()),
+            tcp::SocketBuffer::new(Vec::new()),
         );
+        socket.set_window_shift_capacity(self.config.tcp_rx_buffer);
         socket.set_nagle_enabled(false);
         socket.set_timeout(Some(self.config.tcp_timeout.into()));
         socket.pause_synack(true);
@@ -434,7 +476,14 @@ impl<D: PacketIo> Stack<D> {
         }
         let id = self.next_id;
         self.next_id = self.next_id.saturating_add(1);
-        let flow = Arc::new(TcpFlow::new(id, tuple, target, sockets, handle));
+        let flow = Arc::new(TcpFlow::new(
+            id,
+            tuple,
+            target,
+            sockets,
+            handle,
+            self.buffers.clone(),
+        ));
         self.flows.insert(id, flow.clone());
         self.by_tuple.insert(tuple, id);
         self.stats.flows_opened = self.stats.flows_opened.saturating_add(1);
@@ -459,6 +508,7 @@ impl<D: PacketIo> Stack<D> {
         };
         let ts = smol_now(self.epoch, now);
         let mut sockets = flow.sockets();
+        let shrink_at = flow.resize_buffers(sockets.get_mut::<tcp::Socket>(flow.handle), now);
         {
             let mut dev = OnePacket::new(None, &*self.device, &mut self.scratch, &mut self.tx);
             while self.iface.poll_egress(ts, &mut dev, &mut sockets)
@@ -479,9 +529,12 @@ impl<D: PacketIo> Stack<D> {
             self.timers.cancel(id);
             return;
         }
-        if let Some(at) = self.iface.poll_at(ts, &sockets) {
-            let at = std_at(self.epoch, at).max(now + MIN_TIMER);
-            self.timers.schedule(id, at);
+        let poll_at = self
+            .iface
+            .poll_at(ts, &sockets)
+            .map(|at| std_at(self.epoch, at));
+        if let Some(at) = poll_at.into_iter().chain(shrink_at).min() {
+            self.timers.schedule(id, at.max(now + MIN_TIMER));
         }
     }
 
@@ -526,6 +579,9 @@ impl<D: PacketIo> Stack<D> {
             .fold(0u64, u64::saturating_add),
             dns_dropped: self.datagrams.dns_dropped.load(Relaxed),
             dns: self.datagrams.dns().stats(),
+            ring_bytes: self.buffers.budget.used(),
+            ring_bytes_peak: self.buffers.budget.peak(),
+            ring_growth_denied: self.buffers.budget.denied(),
             egress_dropped: egress
                 .device_full
                 .load(Relaxed)

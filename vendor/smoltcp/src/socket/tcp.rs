@@ -663,6 +663,12 @@ impl<'a> Socket<'a> {
         (u16::MAX as usize) << self.remote_win_shift
     }
 
+    /// [tun2socks patch] The window the peer last offered, counted from the oldest
+    /// unacknowledged octet: how much of the send buffer it could take now.
+    pub fn send_window(&self) -> usize {
+        self.remote_win_len
+    }
+
     /// [tun2socks patch] The smallest receive buffer that may replace the current one:
     /// it holds the unread data and the out-of-order data the assembler tracks, and it
     /// covers the whole window already advertised to the peer (a window offered is

@@ -1,0 +1,544 @@
+//! How big each TCP flow's smoltcp rings are: the memory-per-flow policy.
+//!
+//! Stage: flow (policy only). A paused SYN has no ring at all; the flow gets small
+//! rings when its CONNECT succeeds ([`open`]); each poll of the flow by the stack
+//! ([`resize`]) grows a ring that limits the flow (doubling, up to `--tcp-buffer`)
+//! and, once the flow has been idle for a while, shrinks its rings back. Every byte of
+//! ring is charged to one global [`Budget`] (`--memory-limit`): when it is spent,
+//! rings stop growing (smaller windows: backpressure), and no flow is ever refused or
+//! aborted for memory. This module does no I/O and reads no clock: time is passed in.
+//!
+//! A receive ring never shrinks below the window already advertised to the peer
+//! (smoltcp's `recv_capacity_needed`): a window offered is not taken back.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use smoltcp::socket::tcp;
+
+/// Ring sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferConfig {
+    /// Size of each ring when a flow's CONNECT succeeds, and after it idled.
+    pub initial: usize,
+    /// Largest receive ring (the window offered to the application).
+    pub max_rx: usize,
+    /// Largest send ring.
+    pub max_tx: usize,
+    /// A flow that moved no data for this long gets its rings shrunk.
+    pub idle: Duration,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            initial: DEFAULT_INITIAL,
+            max_rx: 512 * 1024,
+            max_tx: 512 * 1024,
+            idle: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Ring size of a newly connected flow.
+pub const DEFAULT_INITIAL: usize = 4096;
+
+/// The global memory budget for TCP rings, in bytes.
+#[derive(Debug)]
+pub struct Budget {
+    limit: usize,
+    used: AtomicUsize,
+    /// Most bytes charged at once.
+    peak: AtomicUsize,
+    /// Growths refused because the budget was spent.
+    denied: AtomicU64,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Budget {
+        Budget {
+            limit,
+            used: AtomicUsize::new(0),
+            peak: AtomicUsize::new(0),
+            denied: AtomicU64::new(0),
+        }
+    }
+
+    /// Takes `n` bytes if they fit under the limit.
+    pub fn try_charge(&self, n: usize) -> bool {
+        match self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(n).filter(|&total| total <= self.limit)
+            }) {
+            Ok(before) => {
+                self.peak
+                    .fetch_max(before.saturating_add(n), Ordering::Relaxed);
+                true
+            }
+            Err(_) => {
+                self.denied.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Takes `n` bytes even beyond the limit (the small rings every connected flow
+    /// needs: a flow is never refused for memory).
+    pub fn force_charge(&self, n: usize) {
+        let before = self.used.fetch_add(n, Ordering::AcqRel);
+        self.peak
+            .fetch_max(before.saturating_add(n), Ordering::Relaxed);
+    }
+
+    /// Gives back `n` bytes.
+    pub fn release(&self, n: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                Some(used.saturating_sub(n))
+            });
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// Most bytes charged at once.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Growths refused so far because the budget was spent.
+    pub fn denied(&self) -> u64 {
+        self.denied.load(Ordering::Relaxed)
+    }
+}
+
+/// The configuration and the budget, shared by all flows of a stack.
+#[derive(Debug)]
+pub struct Buffers {
+    /// Ring sizes.
+    pub config: BufferConfig,
+    /// The budget every ring is charged to.
+    pub budget: Budget,
+}
+
+/// What a poll of one flow saw of its rings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rings {
+    /// Unread bytes in the receive ring.
+    pub rx_len: usize,
+    /// Receive ring capacity.
+    pub rx_cap: usize,
+    /// The smallest receive ring allowed now (data held, window advertised).
+    pub rx_needed: usize,
+    /// The largest window the connection can offer (window scale).
+    pub rx_max_window: usize,
+    /// Queued bytes in the send ring (unacknowledged and unsent).
+    pub tx_len: usize,
+    /// Send ring capacity.
+    pub tx_cap: usize,
+    /// The window the application last offered.
+    pub tx_peer_window: usize,
+}
+
+impl Rings {
+    /// Reads a socket's rings.
+    pub fn of(socket: &tcp::Socket<'_>) -> Rings {
+        Rings {
+            rx_len: socket.recv_queue(),
+            rx_cap: socket.recv_capacity(),
+            rx_needed: socket.recv_capacity_needed(),
+            rx_max_window: socket.max_recv_window(),
+            tx_len: socket.send_queue(),
+            tx_cap: socket.send_capacity(),
+            tx_peer_window: socket.send_window(),
+        }
+    }
+}
+
+/// New ring sizes; growth is already charged to the budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// New receive ring capacity.
+    pub rx: Option<usize>,
+    /// New send ring capacity.
+    pub tx: Option<usize>,
+}
+
+/// One flow's share of the budget and what the policy remembers about it.
+#[derive(Debug)]
+pub struct Sizer {
+    buffers: Arc<Buffers>,
+    /// Bytes charged for this flow's rings.
+    charged: usize,
+    /// Last poll that saw data in a ring.
+    last_active: Option<Instant>,
+    /// The receive ring was seen empty since it last grew: the flow's reader keeps
+    /// up, so a ring that fills up is the window limiting the flow (not a stuck
+    /// proxy).
+    rx_drained: bool,
+}
+
+impl Sizer {
+    /// A sizer with nothing charged (a paused SYN has no rings).
+    pub fn new(buffers: Arc<Buffers>) -> Sizer {
+        Sizer {
+            buffers,
+            charged: 0,
+            last_active: None,
+            rx_drained: true,
+        }
+    }
+
+    /// Bytes charged for this flow now.
+    pub fn charged(&self) -> usize {
+        self.charged
+    }
+
+    /// The rings a newly connected flow starts with, charged even over the limit.
+    pub fn initial(&mut self, now: Instant) -> (usize, usize) {
+        let config = &self.buffers.config;
+        let rx = config.initial.min(config.max_rx);
+        let tx = config.initial.min(config.max_tx);
+        self.charge_forced(rx.saturating_add(tx));
+        self.last_active = Some(now);
+        (rx, tx)
+    }
+
+    fn charge_forced(&mut self, n: usize) {
+        self.buffers.budget.force_charge(n);
+        self.charged = self.charged.saturating_add(n);
+    }
+
+    /// Gives back the charge of a ring that went from `from` to `to` bytes (a
+    /// shrink that happened, or a planned growth that did not).
+    pub fn released(&mut self, from: usize, to: usize) {
+        let n = from.saturating_sub(to).min(self.charged);
+        self.buffers.budget.release(n);
+        self.charged -= n;
+    }
+
+    /// Decides new ring sizes from what a poll saw at `now`.
+    pub fn plan(&mut self, rings: &Rings, now: Instant) -> Plan {
+        let active = rings.rx_len > 0 || rings.tx_len > 0;
+        if rings.rx_len == 0 {
+            self.rx_drained = true;
+        }
+        if active {
+            self.last_active = Some(now);
+            return Plan {
+                rx: self.grow_rx(rings),
+                tx: self.grow_tx(rings),
+            };
+        }
+        if self.idle_since(now) {
+            return self.shrink(rings);
+        }
+        Plan::default()
+    }
+
+    /// When the flow's rings are due to shrink if it stays idle (None: already small).
+    pub fn shrink_at(&self, rings: &Rings) -> Option<Instant> {
+        let initial = self.buffers.config.initial;
+        if rings.rx_cap <= initial && rings.tx_cap <= initial {
+            return None;
+        }
+        self.last_active.map(|at| at + self.buffers.config.idle)
+    }
+
+    fn idle_since(&self, now: Instant) -> bool {
+        self.last_active
+            .is_some_and(|at| now.saturating_duration_since(at) >= self.buffers.config.idle)
+    }
+
+    /// A receive ring at least half full after a batch of packets, whose reader keeps
+    /// up, limits the flow: double it.
+    fn grow_rx(&mut self, rings: &Rings) -> Option<usize> {
+        let config = &self.buffers.config;
+        let ceiling = config.max_rx.min(rings.rx_max_window);
+        if !self.rx_drained
+            || rings.rx_len.saturating_mul(2) < rings.rx_cap
+            || rings.rx_cap >= ceiling
+        {
+            return None;
+        }
+        let target = rings
+            .rx_cap
+            .saturating_mul(2)
+            .clamp(config.initial, ceiling);
+        let grown = self.charge(target.saturating_sub(rings.rx_cap))?;
+        self.rx_drained = false;
+        Some(rings.rx_cap.saturating_add(grown))
+    }
+
+    /// A full send ring that the application's window could take whole limits the
+    /// flow: double it. (A slow application closes its window: no growth.)
+    fn grow_tx(&mut self, rings: &Rings) -> Option<usize> {
+        let config = &self.buffers.config;
+        if rings.tx_len < rings.tx_cap
+            || rings.tx_peer_window < rings.tx_cap
+            || rings.tx_cap >= config.max_tx
+        {
+            return None;
+        }
+        let target = rings
+            .tx_cap
+            .saturating_mul(2)
+            .clamp(config.initial, config.max_tx);
+        let grown = self.charge(target.saturating_sub(rings.tx_cap))?;
+        Some(rings.tx_cap.saturating_add(grown))
+    }
+
+    fn charge(&mut self, n: usize) -> Option<usize> {
+        if n == 0 || !self.buffers.budget.try_charge(n) {
+            return None;
+        }
+        self.charged = self.charged.saturating_add(n);
+        Some(n)
+    }
+
+    /// Idle: back to the initial size, or to what the receive ring must keep.
+    fn shrink(&self, rings: &Rings) -> Plan {
+        let initial = self.buffers.config.initial;
+        let rx = initial.max(rings.rx_needed);
+        let tx = initial.max(rings.tx_len);
+        Plan {
+            rx: (rx < rings.rx_cap).then_some(rx),
+            tx: (tx < rings.tx_cap).then_some(tx),
+        }
+    }
+}
+
+impl Drop for Sizer {
+    fn drop(&mut self) {
+        self.buffers.budget.release(self.charged);
+    }
+}
+
+/// Gives a connected flow's socket its first rings (a paused SYN had none).
+pub fn open(socket: &mut tcp::Socket<'static>, sizer: &mut Sizer, now: Instant) {
+    let (rx, tx) = sizer.initial(now);
+    if let Err(refused) = socket.replace_recv_buffer(ring(rx)) {
+        sizer.released(refused.capacity(), 0);
+    }
+    if let Err(refused) = socket.replace_send_buffer(ring(tx)) {
+        sizer.released(refused.capacity(), 0);
+    }
+}
+
+/// Applies the policy to a flow's socket after a poll. Returns when the flow should
+/// be polled again to shrink if it stays idle.
+pub fn resize(
+    socket: &mut tcp::Socket<'static>,
+    sizer: &mut Sizer,
+    now: Instant,
+) -> Option<Instant> {
+    if socket.recv_capacity() == 0 && socket.send_capacity() == 0 {
+        // A paused SYN, or a flow that never connected: no rings to size.
+        return None;
+    }
+    let rings = Rings::of(socket);
+    let plan = sizer.plan(&rings, now);
+    if let Some(rx) = plan.rx {
+        match socket.replace_recv_buffer(ring(rx)) {
+            Ok(old) => sizer.released(old.capacity(), rx),
+            Err(refused) => sizer.released(refused.capacity(), rings.rx_cap),
+        }
+    }
+    if let Some(tx) = plan.tx {
+        match socket.replace_send_buffer(ring(tx)) {
+            Ok(old) => sizer.released(old.capacity(), tx),
+            Err(refused) => sizer.released(refused.capacity(), rings.tx_cap),
+        }
+    }
+    sizer.shrink_at(&Rings::of(socket))
+}
+
+fn ring(capacity: usize) -> tcp::SocketBuffer<'static> {
+    tcp::SocketBuffer::new(vec![0u8; capacity])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KIB: usize = 1024;
+
+    fn buffers(limit: usize) -> Arc<Buffers> {
+        Arc::new(Buffers {
+            config: BufferConfig {
+                initial: 4 * KIB,
+                max_rx: 64 * KIB,
+                max_tx: 64 * KIB,
+                idle: Duration::from_secs(5),
+            },
+            budget: Budget::new(limit),
+        })
+    }
+
+    fn rings(rx_len: usize, rx_cap: usize, tx_len: usize, tx_cap: usize) -> Rings {
+        Rings {
+            rx_len,
+            rx_cap,
+            rx_needed: rx_len,
+            rx_max_window: 1 << 30,
+            tx_len,
+            tx_cap,
+            tx_peer_window: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn nothing_is_charged_before_the_flow_connects_and_all_is_given_back_on_drop() {
+        let b = buffers(1 << 20);
+        let mut sizer = Sizer::new(b.clone());
+        assert_eq!(b.budget.used(), 0);
+        let t0 = Instant::now();
+        assert_eq!(sizer.initial(t0), (4 * KIB, 4 * KIB));
+        assert_eq!(b.budget.used(), 8 * KIB);
+        drop(sizer);
+        assert_eq!(b.budget.used(), 0);
+    }
+
+    #[test]
+    fn a_filled_receive_ring_doubles_up_to_the_maximum_while_its_reader_keeps_up() {
+        let b = buffers(1 << 20);
+        let mut s = Sizer::new(b.clone());
+        let t = Instant::now();
+        let (mut rx, tx) = s.initial(t);
+        let mut sizes = Vec::new();
+        for _ in 0..10 {
+            let plan = s.plan(&rings(rx, rx, 0, tx), t);
+            if let Some(new) = plan.rx {
+                rx = new;
+                sizes.push(rx);
+            }
+            // The reader drains the ring before the next batch.
+            assert_eq!(s.plan(&rings(0, rx, 0, tx), t), Plan::default());
+        }
+        assert_eq!(sizes, [8 * KIB, 16 * KIB, 32 * KIB, 64 * KIB]);
+        assert_eq!(b.budget.used(), 64 * KIB + 4 * KIB);
+    }
+
+    #[test]
+    fn a_ring_that_stays_full_because_its_reader_is_stuck_grows_once_only() {
+        let b = buffers(1 << 20);
+        let mut s = Sizer::new(b);
+        let t = Instant::now();
+        let (rx, tx) = s.initial(t);
+        assert_eq!(s.plan(&rings(rx, rx, 0, tx), t).rx, Some(2 * rx));
+        // Never drained since: no further growth however full it is.
+        assert_eq!(s.plan(&rings(2 * rx, 2 * rx, 0, tx), t).rx, None);
+    }
+
+    #[test]
+    fn the_receive_ring_never_grows_beyond_the_window_the_connection_can_offer() {
+        let b = buffers(1 << 20);
+        let mut s = Sizer::new(b);
+        let t = Instant::now();
+        let mut r = rings(32 * KIB, 32 * KIB, 0, 4 * KIB);
+        r.rx_max_window = 40 * KIB; // no window scaling: 64 KiB - 1, here smaller
+        assert_eq!(s.plan(&r, t).rx, Some(40 * KIB));
+        r.rx_cap = 40 * KIB;
+        r.rx_len = 0;
+        s.plan(&r, t);
+        r.rx_len = 40 * KIB;
+        assert_eq!(s.plan(&r, t).rx, None);
+    }
+
+    #[test]
+    fn a_full_send_ring_grows_only_when_the_application_could_take_more() {
+        let b = buffers(1 << 20);
+        let mut s = Sizer::new(b);
+        let t = Instant::now();
+        let mut r = rings(0, 4 * KIB, 4 * KIB, 4 * KIB);
+        r.tx_peer_window = 2 * KIB; // a slow application
+        assert_eq!(s.plan(&r, t).tx, None);
+        r.tx_peer_window = 64 * KIB;
+        assert_eq!(s.plan(&r, t).tx, Some(8 * KIB));
+        r.tx_len = 3 * KIB; // not full
+        r.tx_cap = 8 * KIB;
+        assert_eq!(s.plan(&r, t).tx, None);
+    }
+
+    #[test]
+    fn a_spent_budget_stops_growth_but_never_the_first_rings() {
+        let b = buffers(12 * KIB);
+        let mut a = Sizer::new(b.clone());
+        let mut c = Sizer::new(b.clone());
+        let t = Instant::now();
+        a.initial(t);
+        c.initial(t); // 16 KiB charged under a 12 KiB limit: still given
+        assert_eq!(b.budget.used(), 16 * KIB);
+        assert_eq!(a.plan(&rings(4 * KIB, 4 * KIB, 0, 4 * KIB), t).rx, None);
+        assert_eq!(b.budget.denied(), 1);
+        drop(c);
+        assert_eq!(
+            a.plan(&rings(4 * KIB, 4 * KIB, 0, 4 * KIB), t).rx,
+            Some(8 * KIB)
+        );
+        assert_eq!(b.budget.used(), 12 * KIB);
+    }
+
+    #[test]
+    fn rings_shrink_back_after_the_idle_time_and_not_before() {
+        let b = buffers(1 << 20);
+        let mut s = Sizer::new(b.clone());
+        let t0 = Instant::now();
+        s.initial(t0);
+        s.charge(60 * KIB + 28 * KIB); // as if grown to 64 + 32 KiB
+        let grown = rings(0, 64 * KIB, 0, 32 * KIB);
+        let at = s.shrink_at(&grown).unwrap();
+        assert_eq!(at, t0 + Duration::from_secs(5));
+        assert_eq!(s.plan(&grown, t0 + Duration::from_secs(4)), Plan::default());
+        let plan = s.plan(&grown, at);
+        assert_eq!(
+            plan,
+            Plan {
+                rx: Some(4 * KIB),
+                tx: Some(4 * KIB)
+            }
+        );
+        s.released(64 * KIB, 4 * KIB);
+        s.released(32 * KIB, 4 * KIB);
+        assert_eq!(b.budget.used(), 8 * KIB);
+        assert_eq!(s.shrink_at(&rings(0, 4 * KIB, 0, 4 * KIB)), None);
+    }
+
+    #[test]
+    fn an_idle_receive_ring_keeps_the_window_it_advertised() {
+        let b = buffers(1 << 20);
+        let mut s = Sizer::new(b);
+        let t0 = Instant::now();
+        s.initial(t0);
+        let mut r = rings(0, 64 * KIB, 0, 4 * KIB);
+        r.rx_needed = 20 * KIB;
+        assert_eq!(s.plan(&r, t0 + Duration::from_secs(6)).rx, Some(20 * KIB));
+    }
+
+    #[test]
+    fn budget_charges_are_exact_under_contention() {
+        let b = Arc::new(Budget::new(1000));
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || (0..1000).filter(|_| b.try_charge(1)).count())
+            })
+            .collect();
+        let taken: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(taken, 1000);
+        assert_eq!(b.used(), 1000);
+        b.release(5000);
+        assert_eq!(b.used(), 0);
+    }
+}
