@@ -2926,7 +2926,16 @@ impl<'a> Socket<'a> {
             .remote_last_seq
             .max(repr.seq_number + repr.segment_len());
         self.remote_last_ack = repr.ack_number;
-        self.remote_last_win = repr.window_len;
+        // [tun2socks patch] The window field of a SYN or SYN|ACK is never scaled, but
+        // `remote_last_win` is read as a scaled value (shifted left by
+        // `remote_win_shift`): store the window it advertised, scaled, or the
+        // advertised right edge would be read up to 2^14 times too far.
+        self.remote_last_win = if repr.control == TcpControl::Syn {
+            u16::try_from(usize::from(repr.window_len) >> self.remote_win_shift)
+                .unwrap_or(u16::MAX)
+        } else {
+            repr.window_len
+        };
 
         if repr.segment_len() > 0 {
             self.rtte
