@@ -107,6 +107,19 @@ impl PacketIo for crate::device::Device {
 /// 32,768 flows with their initial 2 x 4 KiB).
 pub const DEFAULT_MEMORY_LIMIT: usize = 256 * 1024 * 1024;
 
+/// Descriptors kept out of the flow count: the TUN, the runtime, logs, DNS over TCP.
+const RESERVED_FILES: u64 = 256;
+
+/// The default flow limit for an open-files limit of `open_files`: each TCP flow holds
+/// one descriptor (its proxy connection), each UDP association two; three quarters of
+/// what is left after a reserve go to TCP flows. With 1,024 descriptors: 576 flows;
+/// with 20,000: 14,808; memory per flow is bounded by the buffer policy, not by a
+/// small fixed cap.
+pub fn default_max_flows(open_files: u64) -> usize {
+    let flows = open_files.saturating_sub(RESERVED_FILES) / 4 * 3;
+    usize::try_from(flows).unwrap_or(usize::MAX).max(1)
+}
+
 /// Stack settings.
 #[derive(Debug, Clone)]
 pub struct StackConfig {
@@ -618,4 +631,24 @@ fn std_at(epoch: Instant, at: smoltcp::time::Instant) -> Instant {
 fn random_seed() -> u64 {
     use std::hash::BuildHasher;
     std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_flow_limit_follows_the_descriptor_limit() {
+        assert_eq!(default_max_flows(1024), 576);
+        assert_eq!(default_max_flows(20_000), 14_808);
+        assert!(default_max_flows(20_000) >= 9_000);
+        // Flows plus UDP associations (two each) fit under the limit with the reserve.
+        for limit in [1024u64, 4096, 20_000, 1 << 20] {
+            let flows = default_max_flows(limit) as u64;
+            let udp = (limit - RESERVED_FILES - flows) / 2;
+            assert!(flows + 2 * udp + RESERVED_FILES <= limit);
+            assert!(udp > 0);
+        }
+        assert_eq!(default_max_flows(10), 1, "never zero");
+    }
 }
