@@ -50,7 +50,9 @@ fn iperf(app: &Namespace, secs: u64, reverse: bool) -> f64 {
         return f64::NAN;
     };
     let rest = &json[at..];
-    let bps = rest.find("\"bits_per_second\"").expect("no bits_per_second");
+    let bps = rest
+        .find("\"bits_per_second\"")
+        .expect("no bits_per_second");
     let number: String = rest[bps + 17..]
         .chars()
         .skip_while(|c| *c == ':' || c.is_whitespace())
@@ -81,7 +83,12 @@ impl Bench {
         let mut cmd = topo.target().command("iperf3");
         cmd.arg("-s");
         let iperf = topo.target().spawn(cmd).unwrap();
-        wait_for_tcp(topo.target(), (TARGET_V4, 5201).into(), Duration::from_secs(10)).unwrap();
+        wait_for_tcp(
+            topo.target(),
+            (TARGET_V4, 5201).into(),
+            Duration::from_secs(10),
+        )
+        .unwrap();
         let holder = memory::start_holder(topo.target(), (TARGET_V4, HOLD_PORT).into()).unwrap();
         let server = start_server(
             topo.proxy(),
@@ -165,7 +172,8 @@ fn hold_flows(app: &Namespace, tunnel: &Process, n: usize, hold: Duration) -> (u
         }
         let established = held.len();
         tokio::time::sleep(hold).await;
-        let rss = tun2socks::testbed::attach::vm_rss_kib(pid).map_or(f64::NAN, |k| k as f64 / 1024.0);
+        let rss =
+            tun2socks::testbed::attach::vm_rss_kib(pid).map_or(f64::NAN, |k| k as f64 / 1024.0);
         // Still open: nothing to read and no EOF or reset.
         let mut open = 0;
         let mut buf = [0u8; 1];
@@ -227,7 +235,10 @@ fn main() {
     let mut throughput = Vec::new();
     for (label, extra) in [
         ("growing 4 KiB .. 512 KiB (default)", vec![]),
-        ("fixed 512 KiB (--tcp-buffer-initial 512)", vec!["--tcp-buffer-initial", "512"]),
+        (
+            "fixed 512 KiB (--tcp-buffer-initial 512)",
+            vec!["--tcp-buffer-initial", "512"],
+        ),
     ] {
         let tunnel = bench.tunnel(&extra);
         let up = median((0..rounds).map(|_| iperf(app, secs, false)).collect());
@@ -243,9 +254,15 @@ fn main() {
         "Memory benchmark: tunnel RSS (VmRSS), release build, MTU 9000, {} CPUs",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    println!("| {:<52} | {:>16} | {:>10} |", "measurement", "value", "target");
+    println!(
+        "| {:<52} | {:>16} | {:>10} |",
+        "measurement", "value", "target"
+    );
     println!("|{:-<54}|{:->18}|{:->12}|", "", "", "");
-    println!("| {:<52} | {:>12.1} MiB | {:>10} |", "idle", idle, "<= 4 MiB");
+    println!(
+        "| {:<52} | {:>12.1} MiB | {:>10} |",
+        "idle", idle, "<= 4 MiB"
+    );
     println!(
         "| {:<52} | {:>12.1} MiB | {:>10} |",
         format!("{flows} idle flows ({established} established, {open} still open)"),

@@ -1,7 +1,8 @@
 //! How big each TCP flow's smoltcp rings are: the memory-per-flow policy.
 //!
-//! Stage: flow (policy only). A paused SYN has no ring at all; the flow gets small
-//! rings when its CONNECT succeeds ([`open`]); each poll of the flow by the stack
+//! Stage: flow (policy only). A paused SYN has no ring at all; the flow gets a small
+//! receive ring when its CONNECT succeeds ([`open`]) and a small send ring when the
+//! proxy first has data for it ([`open_send`]); each poll of the flow by the stack
 //! ([`resize`]) grows a ring that limits the flow (doubling, up to `--tcp-buffer`)
 //! and, once the flow has been idle for a while, shrinks its rings back. Every byte of
 //! ring is charged to one global [`Budget`] (`--memory-limit`): when it is spent,
@@ -20,7 +21,10 @@ use smoltcp::socket::tcp;
 /// Ring sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BufferConfig {
-    /// Size of each ring when a flow's CONNECT succeeds, and after it idled.
+    /// Size of the receive ring when a flow's CONNECT succeeds, of the send ring when
+    /// the proxy first sends, and of the receive ring after the flow idled (an idle
+    /// flow's empty send ring is freed). At `max_tx` and `max_rx`: fixed rings, both
+    /// made at CONNECT.
     pub initial: usize,
     /// Largest receive ring (the window offered to the application).
     pub max_rx: usize,
@@ -205,14 +209,40 @@ impl Sizer {
         self.charged
     }
 
-    /// The rings a newly connected flow starts with, charged even over the limit.
+    /// The rings a newly connected flow starts with (the send ring only with fixed
+    /// rings: 0 otherwise), charged even over the limit.
     pub fn initial(&mut self, now: Instant) -> (usize, usize) {
         let config = &self.buffers.config;
         let rx = config.initial.min(config.max_rx);
-        let tx = config.initial.min(config.max_tx);
+        let tx = if self.fixed_send() { config.max_tx } else { 0 };
         self.charge_forced(rx.saturating_add(tx));
         self.last_active = Some(now);
         (rx, tx)
+    }
+
+    /// The send ring a flow gets when the proxy first has data for it, charged even
+    /// over the limit.
+    pub fn initial_send(&mut self, now: Instant) -> usize {
+        let config = &self.buffers.config;
+        let tx = config.initial.min(config.max_tx);
+        self.charge_forced(tx);
+        self.last_active = Some(now);
+        tx
+    }
+
+    /// Fixed send rings (`initial` at the maximum): made at CONNECT, never freed.
+    fn fixed_send(&self) -> bool {
+        let config = &self.buffers.config;
+        config.initial >= config.max_tx
+    }
+
+    /// The send ring an idle flow keeps.
+    fn idle_send(&self) -> usize {
+        if self.fixed_send() {
+            self.buffers.config.max_tx
+        } else {
+            0
+        }
     }
 
     fn charge_forced(&mut self, n: usize) {
@@ -250,7 +280,7 @@ impl Sizer {
     /// When the flow's rings are due to shrink if it stays idle (None: already small).
     pub fn shrink_at(&self, rings: &Rings) -> Option<Instant> {
         let initial = self.buffers.config.initial;
-        if rings.rx_cap <= initial && rings.tx_cap <= initial {
+        if rings.rx_cap <= initial && rings.tx_cap <= self.idle_send() {
             return None;
         }
         self.last_active.map(|at| at + self.buffers.config.idle)
@@ -285,7 +315,9 @@ impl Sizer {
     /// flow: double it. (A slow application closes its window: no growth.)
     fn grow_tx(&mut self, rings: &Rings) -> Option<usize> {
         let config = &self.buffers.config;
-        if rings.tx_len < rings.tx_cap
+        // An absent send ring is made by the flow's pump (`open_send`), not here.
+        if rings.tx_cap == 0
+            || rings.tx_len < rings.tx_cap
             || rings.tx_peer_window < rings.tx_cap
             || rings.tx_cap >= config.max_tx
         {
@@ -307,11 +339,12 @@ impl Sizer {
         Some(n)
     }
 
-    /// Idle: back to the initial size, or to what the receive ring must keep.
+    /// Idle: the receive ring back to the initial size (or to what it must keep), the
+    /// send ring freed (or back to its fixed size).
     fn shrink(&self, rings: &Rings) -> Plan {
         let initial = self.buffers.config.initial;
         let rx = initial.max(rings.rx_needed);
-        let tx = initial.max(rings.tx_len);
+        let tx = self.idle_send().max(rings.tx_len);
         Plan {
             rx: (rx < rings.rx_cap).then_some(rx),
             tx: (tx < rings.tx_cap).then_some(tx),
@@ -325,14 +358,31 @@ impl Drop for Sizer {
     }
 }
 
-/// Gives a connected flow's socket its first rings (a paused SYN had none).
+/// Gives a connected flow's socket its first rings (a paused SYN had none): the
+/// receive ring (and, with fixed rings, the send ring).
 pub fn open(socket: &mut tcp::Socket<'static>, sizer: &mut Sizer, now: Instant) {
     let (rx, tx) = sizer.initial(now);
     if let Err(refused) = socket.replace_recv_buffer(ring(rx)) {
         sizer.released(refused.capacity(), 0);
     }
-    if let Err(refused) = socket.replace_send_buffer(ring(tx)) {
-        sizer.released(refused.capacity(), 0);
+    if tx > 0 {
+        open_send_ring(socket, sizer, tx);
+    }
+}
+
+/// Gives a flow without a send ring its first one (the proxy has data for it).
+pub fn open_send(socket: &mut tcp::Socket<'static>, sizer: &mut Sizer, now: Instant) {
+    if socket.send_capacity() == 0 {
+        let tx = sizer.initial_send(now);
+        open_send_ring(socket, sizer, tx);
+    }
+}
+
+fn open_send_ring(socket: &mut tcp::Socket<'static>, sizer: &mut Sizer, tx: usize) {
+    match socket.replace_send_buffer(ring(tx)) {
+        // The old ring was the empty one of a paused SYN or an idle flow.
+        Ok(_) => {}
+        Err(refused) => sizer.released(refused.capacity(), 0),
     }
 }
 
@@ -404,7 +454,10 @@ mod tests {
         let mut sizer = Sizer::new(b.clone());
         assert_eq!(b.budget.used(), 0);
         let t0 = Instant::now();
-        assert_eq!(sizer.initial(t0), (4 * KIB, 4 * KIB));
+        // A receive ring at CONNECT; the send ring when the proxy first sends.
+        assert_eq!(sizer.initial(t0), (4 * KIB, 0));
+        assert_eq!(b.budget.used(), 4 * KIB);
+        assert_eq!(sizer.initial_send(t0), 4 * KIB);
         assert_eq!(b.budget.used(), 8 * KIB);
         drop(sizer);
         assert_eq!(b.budget.used(), 0);
@@ -427,7 +480,7 @@ mod tests {
             assert_eq!(s.plan(&rings(0, rx, 0, tx), t), Plan::default());
         }
         assert_eq!(sizes, [8 * KIB, 16 * KIB, 32 * KIB, 64 * KIB]);
-        assert_eq!(b.budget.used(), 64 * KIB + 4 * KIB);
+        assert_eq!(b.budget.used(), 64 * KIB);
     }
 
     #[test]
@@ -473,21 +526,20 @@ mod tests {
 
     #[test]
     fn a_spent_budget_stops_growth_but_never_the_first_rings() {
-        let b = buffers(12 * KIB);
+        let b = buffers(8 * KIB);
         let mut a = Sizer::new(b.clone());
         let mut c = Sizer::new(b.clone());
+        let mut d = Sizer::new(b.clone());
         let t = Instant::now();
         a.initial(t);
-        c.initial(t); // 16 KiB charged under a 12 KiB limit: still given
-        assert_eq!(b.budget.used(), 16 * KIB);
-        assert_eq!(a.plan(&rings(4 * KIB, 4 * KIB, 0, 4 * KIB), t).rx, None);
-        assert_eq!(b.budget.denied(), 1);
-        drop(c);
-        assert_eq!(
-            a.plan(&rings(4 * KIB, 4 * KIB, 0, 4 * KIB), t).rx,
-            Some(8 * KIB)
-        );
+        c.initial(t);
+        d.initial(t); // 12 KiB charged under an 8 KiB limit: still given
         assert_eq!(b.budget.used(), 12 * KIB);
+        assert_eq!(a.plan(&rings(4 * KIB, 4 * KIB, 0, 0), t).rx, None);
+        assert_eq!(b.budget.denied(), 1);
+        drop((c, d));
+        assert_eq!(a.plan(&rings(4 * KIB, 4 * KIB, 0, 0), t).rx, Some(8 * KIB));
+        assert_eq!(b.budget.used(), 8 * KIB);
     }
 
     #[test]
@@ -496,23 +548,44 @@ mod tests {
         let mut s = Sizer::new(b.clone());
         let t0 = Instant::now();
         s.initial(t0);
-        s.charge(60 * KIB + 28 * KIB); // as if grown to 64 + 32 KiB
+        s.charge(60 * KIB + 32 * KIB); // as if grown to 64 + 32 KiB
         let grown = rings(0, 64 * KIB, 0, 32 * KIB);
         let at = s.shrink_at(&grown).unwrap();
         assert_eq!(at, t0 + Duration::from_secs(5));
         assert_eq!(s.plan(&grown, t0 + Duration::from_secs(4)), Plan::default());
         let plan = s.plan(&grown, at);
-        assert_eq!(
-            plan,
-            Plan {
-                rx: Some(4 * KIB),
-                tx: Some(4 * KIB)
-            }
-        );
+        // The receive ring back to 4 KiB, the empty send ring freed.
+        let expected = Plan {
+            rx: Some(4 * KIB),
+            tx: Some(0),
+        };
+        assert_eq!(plan, expected);
         s.released(64 * KIB, 4 * KIB);
-        s.released(32 * KIB, 4 * KIB);
-        assert_eq!(b.budget.used(), 8 * KIB);
-        assert_eq!(s.shrink_at(&rings(0, 4 * KIB, 0, 4 * KIB)), None);
+        s.released(32 * KIB, 0);
+        assert_eq!(b.budget.used(), 4 * KIB);
+        assert_eq!(s.shrink_at(&rings(0, 4 * KIB, 0, 0)), None);
+    }
+
+    #[test]
+    fn fixed_rings_are_made_whole_at_connect_and_never_resized() {
+        let b = Arc::new(Buffers {
+            config: BufferConfig {
+                initial: 64 * KIB,
+                max_rx: 64 * KIB,
+                max_tx: 64 * KIB,
+                idle: Duration::from_secs(5),
+            },
+            budget: Budget::new(1 << 20),
+        });
+        let mut s = Sizer::new(b.clone());
+        let t0 = Instant::now();
+        assert_eq!(s.initial(t0), (64 * KIB, 64 * KIB));
+        let full = rings(64 * KIB, 64 * KIB, 64 * KIB, 64 * KIB);
+        assert_eq!(s.plan(&full, t0), Plan::default());
+        let idle = rings(0, 64 * KIB, 0, 64 * KIB);
+        assert_eq!(s.plan(&idle, t0 + Duration::from_secs(60)), Plan::default());
+        assert_eq!(s.shrink_at(&idle), None);
+        assert_eq!(b.budget.used(), 128 * KIB);
     }
 
     #[test]

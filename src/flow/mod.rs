@@ -114,6 +114,11 @@ impl TcpFlow {
         buffers::open(socket, &mut self.sizer(), now);
     }
 
+    /// Gives the flow's socket a send ring if it has none (the proxy has data for it).
+    pub fn open_send_buffer(&self, socket: &mut TcpSocket<'static>, now: Instant) {
+        buffers::open_send(socket, &mut self.sizer(), now);
+    }
+
     /// Grows or shrinks the socket's rings after a poll (see [`buffers::resize`]);
     /// returns when to poll again to shrink them if the flow stays idle.
     pub fn resize_buffers(&self, socket: &mut TcpSocket<'static>, now: Instant) -> Option<Instant> {

@@ -92,7 +92,9 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
     let connected = tokio::select! {
         biased;
         () = app_gave_up(flow) => return Err(FlowError::AppReset),
-        connected = cx.upstream.connect(flow.target.clone()) => connected?,
+        // Boxed: the CONNECT's state (about 2 KiB) is freed once it is done, instead of
+        // sizing the task of every established flow.
+        connected = Box::pin(cx.upstream.connect(flow.target.clone())) => connected?,
     };
     cx.stats.connected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(bound = %connected.bound, "connected");
@@ -251,11 +253,23 @@ impl Pump {
     /// Proxy -> application.
     fn download(
         &mut self,
-        socket: &mut tcp::Socket<'_>,
+        socket: &mut tcp::Socket<'static>,
         task: &mut Context<'_>,
     ) -> io::Result<Step> {
         if self.down_eof {
             return Ok(Step::Blocked);
+        }
+        if socket.send_capacity() == 0 {
+            // No send ring yet (or it was freed while idle): make one once the proxy
+            // has data for the application.
+            if self.pending.is_empty() {
+                match self.upstream.poll_read_ready(task) {
+                    Poll::Pending => return Ok(Step::Blocked),
+                    Poll::Ready(result) => result?,
+                }
+            }
+            self.flow
+                .open_send_buffer(socket, std::time::Instant::now());
         }
         if !socket.can_send() {
             // Not established yet, or the send ring is full: wait for ACKs.

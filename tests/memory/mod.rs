@@ -45,7 +45,10 @@ pub fn syn_storm(ns: &Namespace, count: usize, seed: u64) -> io::Result<usize> {
                 match raw.send_to(&packet, &to) {
                     Ok(_) => break,
                     // The TUN's queue is full: give the tunnel a moment.
-                    Err(e) if e.raw_os_error() == Some(105) || e.kind() == io::ErrorKind::WouldBlock => {
+                    Err(e)
+                        if e.raw_os_error() == Some(105)
+                            || e.kind() == io::ErrorKind::WouldBlock =>
+                    {
                         std::thread::sleep(Duration::from_millis(1))
                     }
                     Err(e) => return Err(e),
@@ -63,14 +66,36 @@ pub fn blackhole(ns: &Namespace, port: u16) -> io::Result<()> {
     nft(
         ns,
         &[
-            "add", "chain", "inet", "blackhole", "input", "{", "type", "filter", "hook", "input",
-            "priority", "-10", ";", "}",
+            "add",
+            "chain",
+            "inet",
+            "blackhole",
+            "input",
+            "{",
+            "type",
+            "filter",
+            "hook",
+            "input",
+            "priority",
+            "-10",
+            ";",
+            "}",
         ],
     )?;
     let port = port.to_string();
     nft(
         ns,
-        &["add", "rule", "inet", "blackhole", "input", "tcp", "dport", &port, "drop"],
+        &[
+            "add",
+            "rule",
+            "inet",
+            "blackhole",
+            "input",
+            "tcp",
+            "dport",
+            &port,
+            "drop",
+        ],
     )
 }
 
