@@ -134,8 +134,13 @@ fn echo(app: &Namespace) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let r = tun2socks::testbed::namespace::join(app.enter_async(|| async {
-            let mut s = tokio::net::TcpStream::connect((TARGET_V4, ECHO_PORT)).await?;
-            echo_round_trip(&mut s, b"warm").await.map(|_| ())
+            let once = async {
+                let mut s = tokio::net::TcpStream::connect((TARGET_V4, ECHO_PORT)).await?;
+                echo_round_trip(&mut s, b"warm").await.map(|_| ())
+            };
+            tokio::time::timeout(Duration::from_secs(3), once)
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
         }));
         if r.is_ok() || Instant::now() > deadline {
             return;

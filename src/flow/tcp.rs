@@ -23,10 +23,10 @@ use std::time::Duration;
 use smoltcp::socket::tcp;
 use socket2::SockRef;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{BurstLog, FlowStats, Signal, TcpFlow};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{Connected, Upstream, UpstreamError};
 
 /// What a flow task needs besides its flow.
 #[derive(Debug)]
@@ -39,6 +39,10 @@ pub struct FlowContext {
     pub stats: Arc<FlowStats>,
     /// Rate limit for "cannot reach the proxy" messages.
     pub failures: BurstLog,
+    /// Places for CONNECTs in progress. A flow waiting for one costs its paused SYN
+    /// and a small task; only the CONNECT itself holds the dial's state (about 2 KiB),
+    /// so a SYN storm against a dead proxy costs little memory.
+    pub dials: Semaphore,
 }
 
 /// How a flow ended.
@@ -92,9 +96,7 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
     let connected = tokio::select! {
         biased;
         () = app_gave_up(flow) => return Err(FlowError::AppReset),
-        // Boxed: the CONNECT's state (about 2 KiB) is freed once it is done, instead of
-        // sizing the task of every established flow.
-        connected = Box::pin(cx.upstream.connect(flow.target.clone())) => connected?,
+        connected = dial(flow, cx) => connected?,
     };
     cx.stats.connected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(bound = %connected.bound, "connected");
@@ -126,6 +128,15 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
         let _ = SockRef::from(&pump.upstream).set_linger(Some(Duration::ZERO));
     }
     result.map(|()| (pump.up, pump.down))
+}
+
+/// SOCKS CONNECT to the flow's target, once a place under `cx.dials` is free. The
+/// CONNECT is boxed: its state exists only while it runs, instead of sizing the task
+/// of every flow (waiting, or established).
+async fn dial(flow: &TcpFlow, cx: &FlowContext) -> Result<Connected, UpstreamError> {
+    // The semaphore is never closed; were it, the dial would go ahead unlimited.
+    let _place = cx.dials.acquire().await.ok();
+    Box::pin(cx.upstream.connect(flow.target.clone())).await
 }
 
 /// Resolves when the application gives up on a connection whose SYN-ACK is paused: a

@@ -59,6 +59,12 @@ use timers::Timers;
 const BATCH: usize = 256;
 /// Largest packet read from the device (a TUN never hands more than its MTU).
 const RX_BUFFER: usize = 65_536;
+/// CONNECTs in progress at once; further flows wait for a place (their SYNs stay
+/// paused). Plenty for a live proxy (a dial takes a round trip); against a dead one,
+/// it keeps a SYN storm's memory to the paused SYNs.
+const CONCURRENT_DIALS: usize = 1024;
+/// Segments one flow may send per poll (a 4 MiB window of 4 KiB segments).
+const EGRESS_PER_POLL: usize = 1024;
 /// Shortest sleep between timer-driven polls of one flow (guards against spinning).
 const MIN_TIMER: Duration = Duration::from_millis(1);
 
@@ -283,6 +289,7 @@ impl<D: PacketIo> Stack<D> {
             signal: Arc::new(Signal::default()),
             stats: Arc::new(FlowStats::default()),
             failures: BurstLog::new(Duration::from_secs(5)),
+            dials: Semaphore::new(CONCURRENT_DIALS),
         });
         let buffers = Arc::new(Buffers {
             config: BufferConfig {
@@ -522,11 +529,22 @@ impl<D: PacketIo> Stack<D> {
         let ts = smol_now(self.epoch, now);
         let mut sockets = flow.sockets();
         let shrink_at = flow.resize_buffers(sockets.get_mut::<tcp::Socket>(flow.handle), now);
+        // Bounded: a socket that keeps finding something to send must not hold the
+        // loop (and every other flow, and shutdown) for ever; it is polled again next
+        // pass.
+        let mut more = false;
         {
             let mut dev = OnePacket::new(None, &*self.device, &mut self.scratch, &mut self.tx);
+            let mut sent = 0;
             while self.iface.poll_egress(ts, &mut dev, &mut sockets)
                 == PollResult::SocketStateChanged
-            {}
+            {
+                sent += 1;
+                if sent >= EGRESS_PER_POLL {
+                    more = true;
+                    break;
+                }
+            }
         }
         let state = sockets.get::<tcp::Socket>(flow.handle).state();
         let closed = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
@@ -546,7 +564,8 @@ impl<D: PacketIo> Stack<D> {
             .iface
             .poll_at(ts, &sockets)
             .map(|at| std_at(self.epoch, at));
-        if let Some(at) = poll_at.into_iter().chain(shrink_at).min() {
+        let again = more.then_some(now);
+        if let Some(at) = poll_at.into_iter().chain(shrink_at).chain(again).min() {
             self.timers.schedule(id, at.max(now + MIN_TIMER));
         }
     }
