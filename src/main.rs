@@ -95,12 +95,24 @@ struct TunnelArgs {
     /// With --setup: keep this network off the tunnel (repeatable).
     #[arg(long, value_name = "CIDR", value_parser = parse_net, requires = "setup")]
     exclude: Vec<IpNet>,
-    /// Receive and send buffer of each TCP flow, in KiB.
+    /// Largest receive and send buffer of each TCP flow, in KiB. A flow's buffers start
+    /// at --tcp-buffer-initial once its proxy connection is up (none before), double
+    /// while they limit the flow, and shrink back after 5 s idle.
     #[arg(long, value_name = "KIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(4..=65536))]
     tcp_buffer: u32,
-    /// TCP connections at once; further SYNs are reset.
-    #[arg(long, value_name = "N", default_value_t = 8192)]
-    max_flows: usize,
+    /// Buffers of a newly connected TCP flow, in KiB (equal to --tcp-buffer: fixed
+    /// buffers that never grow or shrink).
+    #[arg(long, value_name = "KIB", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    tcp_buffer_initial: u32,
+    /// Memory for all TCP buffers, in MiB. When it is spent, buffers stop growing (the
+    /// flows get smaller windows); no connection is refused or reset for it.
+    #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    memory_limit: u64,
+    /// TCP connections at once; further SYNs are reset [default: from the open-files
+    /// limit (raised to its hard limit at start): 256 kept in reserve, three quarters of
+    /// the rest (14,808 of 20,000), the last quarter for UDP associations (two each)]
+    #[arg(long, value_name = "N")]
+    max_flows: Option<usize>,
     /// Seconds to wait for the proxy to accept and answer.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     connect_timeout: u64,
@@ -378,6 +390,16 @@ impl TunnelArgs {
             txqueuelen: None,
         };
         let buffer = usize::try_from(self.tcp_buffer).unwrap_or(512) * 1024;
+        let initial = usize::try_from(self.tcp_buffer_initial)
+            .unwrap_or(4)
+            .saturating_mul(1024)
+            .min(buffer);
+        let memory_limit = usize::try_from(self.memory_limit)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(1024 * 1024);
+        let max_flows = self
+            .max_flows
+            .unwrap_or_else(|| tun2socks::stack::default_max_flows(open_files_limit()));
         let udp_timeout = Duration::from_secs(self.udp_timeout);
         let udp = UdpConfig {
             idle_timeout: udp_timeout,
@@ -411,7 +433,9 @@ impl TunnelArgs {
         let stack = StackConfig {
             tcp_rx_buffer: buffer,
             tcp_tx_buffer: buffer,
-            max_flows: self.max_flows.max(1),
+            tcp_initial_buffer: initial,
+            memory_limit,
+            max_flows: max_flows.max(1),
             udp,
             dns,
             busy_poll: Duration::from_micros(self.busy_poll),
@@ -648,6 +672,12 @@ fn raise_open_files_limit() {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
     }
+}
+
+/// The soft open-files limit now (after `raise_open_files_limit`, for the tunnel).
+fn open_files_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
 }
 
 fn main() -> ExitCode {

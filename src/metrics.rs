@@ -75,6 +75,12 @@ pub struct StackCounters {
     /// Packets dropped on the way in, by [`DropReason`] (indexed by
     /// [`DropReason::index`]).
     pub dropped: [AtomicU64; DropReason::COUNT],
+    /// Bytes of TCP rings held by flows now (the `--memory-limit` budget's use).
+    pub ring_bytes: AtomicU64,
+    /// Most bytes of TCP rings held at once.
+    pub ring_bytes_peak: AtomicU64,
+    /// Ring growths refused because the budget was spent.
+    pub ring_growth_denied: AtomicU64,
 }
 
 impl StackCounters {

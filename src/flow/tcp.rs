@@ -30,11 +30,11 @@ use std::time::Duration;
 use smoltcp::socket::tcp;
 use socket2::SockRef;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{BurstLog, Signal, TcpFlow};
 use crate::metrics::{Metrics, SocksCommand};
-use crate::upstream::{Upstream, UpstreamError};
+use crate::upstream::{Connected, Upstream, UpstreamError};
 
 /// What a flow task needs besides its flow.
 #[derive(Debug)]
@@ -47,6 +47,10 @@ pub struct FlowContext {
     pub stats: Arc<Metrics>,
     /// Rate limit for "cannot reach the proxy" messages.
     pub failures: BurstLog,
+    /// Places for CONNECTs in progress. A flow waiting for one costs its paused SYN
+    /// and a small task; only the CONNECT itself holds the dial's state (about 2 KiB),
+    /// so a SYN storm against a dead proxy costs little memory.
+    pub dials: Semaphore,
 }
 
 /// How a flow ended.
@@ -105,7 +109,7 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
     let connected = tokio::select! {
         biased;
         () = app_gave_up(flow) => return Err(FlowError::AppReset),
-        connected = cx.upstream.connect(flow.target.clone()) => connected?,
+        connected = dial(flow, cx) => connected?,
     };
     cx.stats.flows.connected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(bound = %connected.bound, "connected");
@@ -119,6 +123,7 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
         if let Some(every) = cx.upstream.options().keepalive {
             set_keepalive(socket, every);
         }
+        flow.open_buffers(socket, std::time::Instant::now());
         socket.pause_synack(false);
     }
     cx.signal.mark(flow);
@@ -212,6 +217,15 @@ async fn pump_until_idle(
             return Err(FlowError::Idle(limit));
         }
     }
+}
+
+/// SOCKS CONNECT to the flow's target, once a place under `cx.dials` is free. The
+/// CONNECT is boxed: its state exists only while it runs, instead of sizing the task
+/// of every flow (waiting, or established).
+async fn dial(flow: &TcpFlow, cx: &FlowContext) -> Result<Connected, UpstreamError> {
+    // The semaphore is never closed; were it, the dial would go ahead unlimited.
+    let _place = cx.dials.acquire().await.ok();
+    Box::pin(cx.upstream.connect(flow.target.clone())).await
 }
 
 /// Resolves when the application gives up on a connection whose SYN-ACK is paused: a
@@ -359,11 +373,23 @@ impl Pump {
     /// Proxy -> application.
     fn download(
         &mut self,
-        socket: &mut tcp::Socket<'_>,
+        socket: &mut tcp::Socket<'static>,
         task: &mut Context<'_>,
     ) -> io::Result<Step> {
         if self.down_eof {
             return Ok(Step::Blocked);
+        }
+        if socket.send_capacity() == 0 {
+            // No send ring yet (or it was freed while idle): make one once the proxy
+            // has data for the application.
+            if self.pending.is_empty() {
+                match self.upstream.poll_read_ready(task) {
+                    Poll::Pending => return Ok(Step::Blocked),
+                    Poll::Ready(result) => result?,
+                }
+            }
+            self.flow
+                .open_send_buffer(socket, std::time::Instant::now());
         }
         if !socket.can_send() {
             // Not established yet, or the send ring is full: wait for ACKs.

@@ -130,6 +130,24 @@ impl Collector for TunnelCollector {
             "stack_spin_hits",
             "Busy-poll passes of the stack that found work instead of sleeping for it",
             get(&s.spin_hits),
+        )?;
+        gauge(
+            &mut e,
+            "tcp_ring_bytes",
+            "Bytes of TCP rings held by flows (counted against --memory-limit)",
+            get(&s.ring_bytes),
+        )?;
+        gauge(
+            &mut e,
+            "tcp_ring_bytes_peak",
+            "Most bytes of TCP rings held at once",
+            get(&s.ring_bytes_peak),
+        )?;
+        counter(
+            &mut e,
+            "tcp_ring_growth_denied",
+            "TCP ring growths refused because --memory-limit was spent",
+            get(&s.ring_growth_denied),
         )
     }
 }

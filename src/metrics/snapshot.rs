@@ -88,6 +88,12 @@ pub struct Snapshot {
     pub wakeups: u64,
     /// Busy-poll passes that found work instead of sleeping for it.
     pub spin_hits: u64,
+    /// Bytes of TCP rings held by flows (at the snapshot).
+    pub ring_bytes: u64,
+    /// Most bytes of TCP rings held at once.
+    pub ring_bytes_peak: u64,
+    /// Ring growths refused because `--memory-limit` was spent.
+    pub ring_growth_denied: u64,
     /// Packets read from the device.
     pub packets_in: u64,
     /// Packets written to the device (smoltcp's and egress's).
@@ -159,6 +165,9 @@ impl Metrics {
         Snapshot {
             wakeups: get(&s.wakeups),
             spin_hits: get(&s.spin_hits),
+            ring_bytes: get(&s.ring_bytes),
+            ring_bytes_peak: get(&s.ring_bytes_peak),
+            ring_growth_denied: get(&s.ring_growth_denied),
             packets_in: get(&s.packets_in),
             packets_out: get(&s.packets_out).saturating_add(get(&e.sent)),
             packets_out_dropped: get(&s.packets_out_dropped),
@@ -207,7 +216,7 @@ impl Snapshot {
 impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.dns;
-        let scalars: [(&str, u64); 41] = [
+        let scalars: [(&str, u64); 44] = [
             ("flows_opened", self.flows_opened),
             ("flows_connected", self.flows_connected),
             ("flows_failed", self.flows_failed),
@@ -247,6 +256,9 @@ impl fmt::Display for Snapshot {
             ("egress_dropped", self.egress_dropped),
             ("wakeups", self.wakeups),
             ("spin_hits", self.spin_hits),
+            ("ring_bytes", self.ring_bytes),
+            ("ring_bytes_peak", self.ring_bytes_peak),
+            ("ring_growth_denied", self.ring_growth_denied),
             (
                 "dropped",
                 self.dropped.values().fold(0, |a, n| a.saturating_add(*n)),

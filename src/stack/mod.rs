@@ -47,6 +47,7 @@ use tracing::Instrument;
 
 use crate::dns::{Dns, DnsConfig};
 use crate::egress::Egress;
+use crate::flow::buffers::{Budget, BufferConfig, Buffers};
 use crate::flow::tcp::FlowContext;
 use crate::flow::udp::UdpConfig;
 use crate::flow::{BurstLog, FlowId, FourTuple, Signal, TcpFlow};
@@ -63,6 +64,12 @@ const BATCH: usize = 256;
 const RX_BUFFER: usize = 65_536;
 /// The longest one busy-poll pass runs before the loop checks shutdown and timers.
 const MAX_SPIN: Duration = Duration::from_millis(2);
+/// CONNECTs in progress at once; further flows wait for a place (their SYNs stay
+/// paused). Plenty for a live proxy (a dial takes a round trip); against a dead one,
+/// it keeps a SYN storm's memory to the paused SYNs.
+const CONCURRENT_DIALS: usize = 1024;
+/// Segments one flow may send per poll (a 4 MiB window of 4 KiB segments).
+const EGRESS_PER_POLL: usize = 1024;
 /// Shortest sleep between timer-driven polls of one flow (guards against spinning).
 const MIN_TIMER: Duration = Duration::from_millis(1);
 
@@ -110,13 +117,39 @@ impl PacketIo for crate::device::Device {
 /// The default `--busy-poll` window.
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
 
+/// Default budget for TCP rings: 256 MiB (512 flows with both rings at 256 KiB, or
+/// 32,768 flows with their initial 2 x 4 KiB).
+pub const DEFAULT_MEMORY_LIMIT: usize = 256 * 1024 * 1024;
+
+/// Descriptors kept out of the flow count: the TUN, the runtime, logs, DNS over TCP.
+const RESERVED_FILES: u64 = 256;
+
+/// The default flow limit for an open-files limit of `open_files`: each TCP flow holds
+/// one descriptor (its proxy connection), each UDP association two; three quarters of
+/// what is left after a reserve go to TCP flows. With 1,024 descriptors: 576 flows;
+/// with 20,000: 14,808; memory per flow is bounded by the buffer policy, not by a
+/// small fixed cap.
+pub fn default_max_flows(open_files: u64) -> usize {
+    let flows = open_files.saturating_sub(RESERVED_FILES) / 4 * 3;
+    usize::try_from(flows).unwrap_or(usize::MAX).max(1)
+}
+
 /// Stack settings.
 #[derive(Debug, Clone)]
 pub struct StackConfig {
-    /// Receive buffer per TCP flow (bytes); it is the window offered to applications.
+    /// Largest receive ring per TCP flow (bytes); it is the largest window offered to
+    /// applications, and the window scale is chosen for it.
     pub tcp_rx_buffer: usize,
-    /// Send buffer per TCP flow (bytes).
+    /// Largest send ring per TCP flow (bytes).
     pub tcp_tx_buffer: usize,
+    /// Ring size of a flow whose CONNECT succeeded, and after it idled (bytes); rings
+    /// grow from it while a flow moves data. Equal to the maximum: fixed rings.
+    pub tcp_initial_buffer: usize,
+    /// A flow that moved no data for this long gets its rings shrunk back.
+    pub tcp_idle_shrink: Duration,
+    /// Budget for all TCP rings (bytes): when spent, rings stop growing (smaller
+    /// windows); a connected flow always gets its initial rings.
+    pub memory_limit: usize,
     /// Flows at once; SYNs beyond are reset.
     pub max_flows: usize,
     /// A flow whose application stops acknowledging data for this long is reset.
@@ -135,6 +168,9 @@ impl Default for StackConfig {
         StackConfig {
             tcp_rx_buffer: 512 * 1024,
             tcp_tx_buffer: 512 * 1024,
+            tcp_initial_buffer: crate::flow::buffers::DEFAULT_INITIAL,
+            tcp_idle_shrink: BufferConfig::default().idle,
+            memory_limit: DEFAULT_MEMORY_LIMIT,
             max_flows: 8192,
             tcp_timeout: Duration::from_secs(120),
             udp: UdpConfig::default(),
@@ -169,8 +205,13 @@ pub async fn run_with_metrics<D: PacketIo>(
 ) -> io::Result<StackStats> {
     let mut stack = Stack::new(device, config, upstream, metrics);
     let result = stack.run(shutdown).await;
+    // Rings held when the stack stopped, before closing resets the flows.
+    let held = stack.buffers.budget.used() as u64;
     stack.close().await;
-    result.map(|()| stack.stats.snapshot())
+    result.map(|()| StackStats {
+        ring_bytes: held,
+        ..stack.stats.snapshot()
+    })
 }
 
 struct Stack<D: PacketIo> {
@@ -185,6 +226,8 @@ struct Stack<D: PacketIo> {
     timers: Timers,
     permits: Arc<Semaphore>,
     cx: Arc<FlowContext>,
+    /// Ring sizes and the budget, shared with every flow.
+    buffers: Arc<Buffers>,
     tasks: JoinSet<()>,
     /// An empty set: packets of no flow go here, and smoltcp answers them with RST.
     no_sockets: SocketSet<'static>,
@@ -227,10 +270,21 @@ impl<D: PacketIo> Stack<D> {
             signal: Arc::new(Signal::default()),
             stats: stats.clone(),
             failures: BurstLog::new(Duration::from_secs(5)),
+            dials: Semaphore::new(CONCURRENT_DIALS),
+        });
+        let buffers = Arc::new(Buffers {
+            config: BufferConfig {
+                initial: config.tcp_initial_buffer,
+                max_rx: config.tcp_rx_buffer,
+                max_tx: config.tcp_tx_buffer,
+                idle: config.tcp_idle_shrink,
+            },
+            budget: Budget::with_metrics(config.memory_limit, stats.clone()),
         });
         Stack {
             device,
             iface,
+            buffers,
             epoch,
             permits: Arc::new(Semaphore::new(config.max_flows)),
             config,
@@ -435,10 +489,13 @@ impl<D: PacketIo> Stack<D> {
             self.refuse(syn, now);
             return;
         };
+        // No rings until the CONNECT succeeds (the flow then adds them), but the window
+        // scale announced in the SYN-ACK is the one for the largest ring.
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_rx_buffer]),
-            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_tx_buffer]),
+            tcp::SocketBuffer::new(Vec::new()),
+            tcp::SocketBuffer::new(Vec::new()),
         );
+        socket.set_window_shift_capacity(self.config.tcp_rx_buffer);
         socket.set_nagle_enabled(false);
         socket.set_timeout(Some(self.config.tcp_timeout.into()));
         socket.pause_synack(true);
@@ -459,7 +516,14 @@ impl<D: PacketIo> Stack<D> {
         }
         let id = self.next_id;
         self.next_id = self.next_id.saturating_add(1);
-        let flow = Arc::new(TcpFlow::new(id, tuple, target, sockets, handle));
+        let flow = Arc::new(TcpFlow::new(
+            id,
+            tuple,
+            target,
+            sockets,
+            handle,
+            self.buffers.clone(),
+        ));
         self.flows.insert(id, flow.clone());
         self.by_tuple.insert(tuple, id);
         bump(&self.stats.flows.opened);
@@ -484,11 +548,23 @@ impl<D: PacketIo> Stack<D> {
         };
         let ts = smol_now(self.epoch, now);
         let mut sockets = flow.sockets();
+        let shrink_at = flow.resize_buffers(sockets.get_mut::<tcp::Socket>(flow.handle), now);
+        // Bounded: a socket that keeps finding something to send must not hold the
+        // loop (and every other flow, and shutdown) for ever; it is polled again next
+        // pass.
+        let mut more = false;
         {
             let mut dev = OnePacket::new(None, &*self.device, &mut self.scratch, &mut self.tx);
+            let mut sent = 0;
             while self.iface.poll_egress(ts, &mut dev, &mut sockets)
                 == PollResult::SocketStateChanged
-            {}
+            {
+                sent += 1;
+                if sent >= EGRESS_PER_POLL {
+                    more = true;
+                    break;
+                }
+            }
         }
         let state = sockets.get::<tcp::Socket>(flow.handle).state();
         let closed = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
@@ -504,9 +580,13 @@ impl<D: PacketIo> Stack<D> {
             self.timers.cancel(id);
             return;
         }
-        if let Some(at) = self.iface.poll_at(ts, &sockets) {
-            let at = std_at(self.epoch, at).max(now + MIN_TIMER);
-            self.timers.schedule(id, at);
+        let poll_at = self
+            .iface
+            .poll_at(ts, &sockets)
+            .map(|at| std_at(self.epoch, at));
+        let again = more.then_some(now);
+        if let Some(at) = poll_at.into_iter().chain(shrink_at).chain(again).min() {
+            self.timers.schedule(id, at.max(now + MIN_TIMER));
         }
     }
 
@@ -550,4 +630,24 @@ fn std_at(epoch: Instant, at: smoltcp::time::Instant) -> Instant {
 fn random_seed() -> u64 {
     use std::hash::BuildHasher;
     std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_flow_limit_follows_the_descriptor_limit() {
+        assert_eq!(default_max_flows(1024), 576);
+        assert_eq!(default_max_flows(20_000), 14_808);
+        assert!(default_max_flows(20_000) >= 9_000);
+        // Flows plus UDP associations (two each) fit under the limit with the reserve.
+        for limit in [1024u64, 4096, 20_000, 1 << 20] {
+            let flows = default_max_flows(limit) as u64;
+            let udp = (limit - RESERVED_FILES - flows) / 2;
+            assert!(flows + 2 * udp + RESERVED_FILES <= limit);
+            assert!(udp > 0);
+        }
+        assert_eq!(default_max_flows(10), 1, "never zero");
+    }
 }
