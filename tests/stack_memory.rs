@@ -305,6 +305,41 @@ async fn flow_limit_resets_new_connections() {
 }
 
 #[tokio::test]
+async fn syns_beyond_the_backlog_of_pending_connects_are_reset_at_once() {
+    // A "proxy" that accepts and never answers: every CONNECT stays pending.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = format!("socks5://{}", silent.local_addr().unwrap());
+    let _keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let mut h = Harness::start(&proxy, StackConfig::default());
+    let dst: SocketAddr = "10.9.9.9:80".parse().unwrap();
+    let extra = 5;
+    for i in 0..stack::MAX_PENDING + extra {
+        let src = SocketAddr::new(
+            std::net::Ipv4Addr::from(0x0a00_0000 + 2 + (i as u32 / 60_000)).into(),
+            1024 + (i % 60_000) as u16,
+        );
+        h.send(segment(src, dst, 10, None, "S", b"")).await;
+    }
+    let mut resets = 0;
+    while let Some(r) = h.recv(1000).await {
+        assert!(r.rst, "a pending SYN was answered: {r:?}");
+        resets += 1;
+    }
+    assert_eq!(
+        resets, extra,
+        "SYNs beyond the backlog are reset, the rest wait"
+    );
+    let stats = h.stop().await;
+    assert_eq!(stats.flows_over_limit, extra as u64, "{stats:?}");
+    assert_eq!(stats.flows_opened, stack::MAX_PENDING as u64, "{stats:?}");
+}
+
+#[tokio::test]
 async fn malformed_packets_are_dropped_and_counted() {
     let mut h = Harness::start(&dead_proxy(), StackConfig::default());
     for junk in [vec![], vec![0x45], vec![0x60; 39], vec![0xff; 100]] {

@@ -70,11 +70,18 @@ pub enum FlowError {
     Idle(Duration),
 }
 
-/// Runs one flow to its end. `permit` is the flow's place under the flow limit.
-pub async fn run(flow: Arc<TcpFlow>, cx: Arc<FlowContext>, permit: OwnedSemaphorePermit) {
+/// Runs one flow to its end. `permit` is the flow's place under the flow limit,
+/// `pending` its place among flows whose CONNECT has not finished (given back as soon
+/// as it has).
+pub async fn run(
+    flow: Arc<TcpFlow>,
+    cx: Arc<FlowContext>,
+    permit: OwnedSemaphorePermit,
+    pending: OwnedSemaphorePermit,
+) {
     let _permit = permit;
     let _active = cx.stats.flows.active_guard();
-    let result = serve(&flow, &cx).await;
+    let result = serve(&flow, &cx, pending).await;
     match result {
         Ok(bytes) => tracing::debug!(up = bytes.0, down = bytes.1, "closed"),
         Err(FlowError::Upstream(e)) => {
@@ -103,7 +110,11 @@ fn abort_socket(flow: &TcpFlow) {
     sockets.get_mut::<tcp::Socket>(flow.handle).abort();
 }
 
-async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), FlowError> {
+async fn serve(
+    flow: &Arc<TcpFlow>,
+    cx: &FlowContext,
+    pending: OwnedSemaphorePermit,
+) -> Result<(u64, u64), FlowError> {
     // The application may give up (reset) while the proxy is still connecting: then
     // the CONNECT is abandoned at once, and its socket closed.
     let connected = tokio::select! {
@@ -111,6 +122,7 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
         () = app_gave_up(flow) => return Err(FlowError::AppReset),
         connected = dial(flow, cx) => connected?,
     };
+    drop(pending);
     cx.stats.flows.connected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(bound = %connected.bound, "connected");
     {

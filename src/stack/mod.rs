@@ -68,6 +68,11 @@ const MAX_SPIN: Duration = Duration::from_millis(2);
 /// paused). Plenty for a live proxy (a dial takes a round trip); against a dead one,
 /// it keeps a SYN storm's memory to the paused SYNs.
 const CONCURRENT_DIALS: usize = 1024;
+/// Flows whose CONNECT has not finished yet (paused SYNs), as the kernel's SYN
+/// backlog (`somaxconn`, 4096): against a dead or blackholed proxy, SYNs beyond it are
+/// reset at once instead of each holding a paused socket (about 2 KiB) for the whole
+/// connect timeout.
+pub const MAX_PENDING: usize = 4096;
 /// Segments one flow may send per poll (a 4 MiB window of 4 KiB segments).
 const EGRESS_PER_POLL: usize = 1024;
 /// Shortest sleep between timer-driven polls of one flow (guards against spinning).
@@ -225,6 +230,8 @@ struct Stack<D: PacketIo> {
     next_id: FlowId,
     timers: Timers,
     permits: Arc<Semaphore>,
+    /// Places for flows whose CONNECT has not finished ([`MAX_PENDING`]).
+    pending: Arc<Semaphore>,
     cx: Arc<FlowContext>,
     /// Ring sizes and the budget, shared with every flow.
     buffers: Arc<Buffers>,
@@ -287,6 +294,7 @@ impl<D: PacketIo> Stack<D> {
             buffers,
             epoch,
             permits: Arc::new(Semaphore::new(config.max_flows)),
+            pending: Arc::new(Semaphore::new(MAX_PENDING)),
             config,
             flows: HashMap::new(),
             by_tuple: HashMap::new(),
@@ -489,6 +497,18 @@ impl<D: PacketIo> Stack<D> {
             self.refuse(syn, now);
             return;
         };
+        let Ok(pending) = self.pending.clone().try_acquire_owned() else {
+            bump(&self.stats.flows.over_limit);
+            if let Some(suppressed) = self.limit_log.check(now) {
+                tracing::warn!(
+                    limit = MAX_PENDING,
+                    suppressed,
+                    "too many connections waiting for the proxy; resetting new ones"
+                );
+            }
+            self.refuse(syn, now);
+            return;
+        };
         // No rings until the CONNECT succeeds (the flow then adds them), but the window
         // scale announced in the SYN-ACK is the one for the largest ring.
         let mut socket = tcp::Socket::new(
@@ -530,7 +550,7 @@ impl<D: PacketIo> Stack<D> {
         let span =
             tracing::info_span!("flow", id, proto = "tcp", src = %tuple.src, dst = %tuple.dst);
         self.tasks
-            .spawn(crate::flow::tcp::run(flow, self.cx.clone(), permit).instrument(span));
+            .spawn(crate::flow::tcp::run(flow, self.cx.clone(), permit, pending).instrument(span));
     }
 
     /// Answers a segment with RST (smoltcp does it for a segment no socket takes).
