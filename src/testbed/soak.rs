@@ -34,8 +34,9 @@
 mod counters;
 mod datagrams;
 mod stats;
-mod summary;
+mod table;
 mod tcp;
+mod verdict;
 
 use std::fmt;
 use std::io::{self, Write};
@@ -46,7 +47,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use counters::{Counters, Kind, KindTotals};
-pub use stats::{Drift, DriftRule, ProcStats, USER_HZ, cpu_ticks, proc_stats};
+pub use stats::{Drift, DriftRule, ProcStats, USER_HZ, cpu_ticks, load_average, proc_stats};
+pub use table::{header, row};
 
 use super::dnsmasq::{Dnsmasq, default_records};
 use super::namespace::{Namespace, join};
@@ -56,6 +58,8 @@ use super::topology::Topology;
 use super::tunnel::{panics_in, proxy_addr, start_server, start_tunnel, stop_cleanly};
 use super::udp::UdpServices;
 
+/// How many warning lines of each log the report keeps.
+const LOG_EXCERPT: usize = 10;
 /// The seed of the bulk body (served by the target, checked by the app).
 const BODY_SEED: u64 = 0x50a4;
 
@@ -145,6 +149,11 @@ pub struct Sample {
     pub server: ProcStats,
     /// The counts so far, in [`Kind::ALL`] order.
     pub load: [KindTotals; 4],
+    /// The machine's one-minute load average (`/proc/loadavg`): a busy machine starves
+    /// the tunnel, which shows as loss and piled-up flows, not as a tunnel fault.
+    pub machine_load: f64,
+    /// How late the sampler woke for this reading (the same sign, seen from here).
+    pub late: Duration,
 }
 
 /// What a soak saw and concluded.
@@ -164,6 +173,10 @@ pub struct SoakReport {
     pub failures: Vec<String>,
     /// The first error messages of the loads.
     pub error_messages: Vec<String>,
+    /// The tunnel's closing statistics line (its `stopped` log line), if it stopped.
+    pub tunnel_stats: Option<String>,
+    /// The last warnings and errors the tunnel and the server logged (up to 10 each).
+    pub log_excerpts: Vec<String>,
 }
 
 impl SoakReport {
@@ -195,25 +208,52 @@ pub fn run_soak(binary: &Path, config: &SoakConfig, out: &mut dyn Write) -> io::
         idle_cpu: None,
         failures: Vec::new(),
         error_messages: Vec::new(),
+        tunnel_stats: None,
+        log_excerpts: Vec::new(),
     };
     let counters = Arc::new(Counters::default());
-    writeln!(out, "{}", header())?;
+    writeln!(out, "{}", table::header())?;
     let mut tunnel = run_load(topo.app(), config, body, &counters, tunnel, &server, &mut report, out)?;
     report.error_messages = counters.messages();
 
     if let Some(process) = tunnel.as_mut() {
         idle_check(process, config, &mut report, out)?;
     }
-    judge(&mut report);
+    verdict::judge(&mut report);
     if let Some(process) = tunnel {
-        if let Err(e) = stop_cleanly(process) {
-            report.failures.push(format!("tunnel did not stop cleanly: {e}"));
+        match stop_cleanly(process) {
+            Ok(log) => {
+                report.tunnel_stats = log
+                    .lines()
+                    .rfind(|l| l.contains("stopped"))
+                    .map(str::to_owned);
+                report.log_excerpts.extend(warnings("tunnel", &log));
+            }
+            Err(e) => report
+                .failures
+                .push(format!("tunnel did not stop cleanly: {e}")),
         }
     }
     if !panics_in(&server).is_empty() {
         report.failures.push(format!("server panicked: {:?}", panics_in(&server)));
     }
+    report
+        .log_excerpts
+        .extend(warnings("server", &server.log().unwrap_or_default()));
     Ok(report)
+}
+
+/// The last [`LOG_EXCERPT`] lines of `log` that are warnings or errors, prefixed with `who`.
+fn warnings(who: &str, log: &str) -> Vec<String> {
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    lines
+        .iter()
+        .skip(lines.len().saturating_sub(LOG_EXCERPT))
+        .map(|l| format!("{who}: {l}"))
+        .collect()
 }
 
 /// Starts the loads, samples until the duration is over (or the tunnel exits), stops
@@ -239,14 +279,16 @@ fn run_load(
         tick += 1;
         let at = config.sample_every * tick;
         std::thread::sleep(at.saturating_sub(start.elapsed()));
+        let late = start.elapsed().saturating_sub(at);
         if let Some(status) = tunnel.try_wait()? {
             exited = Some(status);
             break;
         }
-        let sample = read_sample(start.elapsed(), &tunnel, server, counters)?;
+        let mut sample = read_sample(start.elapsed(), &tunnel, server, counters)?;
+        sample.late = late;
         report.samples.push(sample);
         if sample.elapsed >= next_row {
-            writeln!(out, "{}", row(&sample, None))?;
+            writeln!(out, "{}", table::row(&sample, None))?;
             next_row += config.report_every;
         }
     }
@@ -264,7 +306,7 @@ fn run_load(
         return Ok(None);
     }
     let end = read_sample(start.elapsed(), &tunnel, server, counters)?;
-    writeln!(out, "{}", row(&end, Some("end")))?;
+    writeln!(out, "{}", table::row(&end, Some("end")))?;
     report.end = Some(end);
     Ok(Some(tunnel))
 }
@@ -321,6 +363,8 @@ fn read_sample(
         tunnel: proc_stats(tunnel.id())?,
         server: proc_stats(server.id())?,
         load: counters.all(),
+        machine_load: load_average().unwrap_or(f64::NAN),
+        late: Duration::ZERO,
     })
 }
 
@@ -346,125 +390,9 @@ fn idle_check(
     Ok(())
 }
 
-/// Fills `report.drifts` and `report.failures` from the samples and counts.
-fn judge(report: &mut SoakReport) {
-    let config = &report.config;
-    let series = |f: fn(&Sample) -> u64| -> Vec<(Duration, u64)> {
-        report.samples.iter().map(|s| (s.elapsed, f(s))).collect()
-    };
-    let checks: [(&str, DriftRule, Vec<(Duration, u64)>); 4] = [
-        ("tunnel RSS KiB", config.rss_rule, series(|s| s.tunnel.rss_kib)),
-        ("tunnel fds", config.fd_rule, series(|s| s.tunnel.fds)),
-        ("server RSS KiB", config.rss_rule, series(|s| s.server.rss_kib)),
-        ("server fds", config.fd_rule, series(|s| s.server.fds)),
-    ];
-    let mut failures = Vec::new();
-    for (what, rule, samples) in checks {
-        match rule.judge(&samples, config.duration) {
-            Some(drift) => {
-                if !drift.within() {
-                    failures.push(format!(
-                        "{what} grew from {} (warm-up) to {} (last third), {:+.1}%, more than {} allowed",
-                        drift.reference,
-                        drift.peak,
-                        drift.percent(),
-                        drift.allowed
-                    ));
-                }
-                report.drifts.push((what.to_owned(), drift));
-            }
-            None => failures.push(format!("{what}: too few samples to judge drift")),
-        }
-    }
-    if let Some(end) = &report.end {
-        for (kind, totals) in Kind::ALL.iter().zip(end.load) {
-            if totals.errors > 0 {
-                failures.push(format!("{}: {} errors", kind.name(), totals.errors));
-            }
-            if rate_enabled(config, *kind) && totals.ops == 0 {
-                failures.push(format!("{}: no operation completed", kind.name()));
-            }
-            let lost = totals.lost as f64;
-            if totals.sent > 0 && lost > config.max_loss * totals.sent as f64 {
-                failures.push(format!(
-                    "{}: {} of {} lost ({:.3}%), more than {:.3}%",
-                    kind.name(),
-                    totals.lost,
-                    totals.sent,
-                    100.0 * lost / totals.sent.max(1) as f64,
-                    100.0 * config.max_loss
-                ));
-            }
-        }
-    }
-    if let Some((used, window)) = report.idle_cpu {
-        if used > config.max_idle_cpu * window.as_secs_f64() {
-            failures.push(format!(
-                "idle tunnel used {used:.2} s of CPU in {:.1} s (over {:.1}% of one core)",
-                window.as_secs_f64(),
-                100.0 * config.max_idle_cpu
-            ));
-        }
-    }
-    report.failures.extend(failures);
-}
-
-fn rate_enabled(config: &SoakConfig, kind: Kind) -> bool {
-    match kind {
-        Kind::Bulk => config.bulk_mbit > 0,
-        Kind::Short => config.short_per_sec > 0,
-        Kind::Udp => config.udp_per_sec > 0,
-        Kind::Dns => config.dns_per_sec > 0,
-    }
-}
-
-/// The column names of [`row`].
-pub fn header() -> String {
-    format!(
-        "{:>6} | {:>7} {:>5} {:>7} | {:>7} {:>5} {:>7} | {:>8} {:>7} {:>8} {:>7} | {:>11} | {:>9}",
-        "time",
-        "tun MiB",
-        "fds",
-        "CPU s",
-        "srv MiB",
-        "fds",
-        "CPU s",
-        "bulk MiB",
-        "short",
-        "udp",
-        "dns",
-        "errors",
-        "lost u/d"
-    )
-}
-
-/// One printed row: time, tunnel and server RSS / fds / CPU, ops per kind (bulk in
-/// MiB), errors per kind (bulk/short/udp/dns), UDP and DNS losses.
-pub fn row(s: &Sample, label: Option<&str>) -> String {
-    let mib = |kib: u64| kib as f64 / 1024.0;
-    let [bulk, short, udp, dns] = s.load;
-    let time = label.map_or_else(|| format!("{}s", s.elapsed.as_secs()), str::to_owned);
-    format!(
-        "{:>6} | {:>7.1} {:>5} {:>7.2} | {:>7.1} {:>5} {:>7.2} | {:>8} {:>7} {:>8} {:>7} | {:>11} | {:>9}",
-        time,
-        mib(s.tunnel.rss_kib),
-        s.tunnel.fds,
-        s.tunnel.cpu_secs,
-        mib(s.server.rss_kib),
-        s.server.fds,
-        s.server.cpu_secs,
-        bulk.bytes >> 20,
-        short.ops,
-        udp.ops,
-        dns.ops,
-        format!("{}/{}/{}/{}", bulk.errors, short.errors, udp.errors, dns.errors),
-        format!("{}/{}", udp.lost, dns.lost),
-    )
-}
-
 impl fmt::Display for SoakReport {
     /// The summary: totals and rates per load, drifts, idle CPU, verdict.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        summary::write(self, f)
+        table::summary(self, f)
     }
 }

@@ -52,6 +52,16 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     utime.checked_add(stime)
 }
 
+/// The machine's one-minute load average (the first field of `/proc/loadavg`).
+pub fn load_average() -> io::Result<f64> {
+    let path = "/proc/loadavg";
+    let text = std::fs::read_to_string(path).map_err(context(path))?;
+    text.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("{path}: {text:?}")))
+}
+
 /// The drift rule: the largest value seen in the last third of a run of `duration`
 /// may exceed the warm-up reference (the largest value of the first third) by at most
 /// `max_ratio` of it, or by `floor`, whichever is larger (so that tiny numbers do
@@ -130,6 +140,7 @@ mod tests {
         assert!(cpu_ticks(std::process::id()).is_ok());
         let own = proc_stats(std::process::id()).unwrap();
         assert!(own.rss_kib > 0 && own.fds > 0, "{own:?}");
+        assert!(load_average().unwrap() >= 0.0);
     }
 
     fn series(values: &[u64]) -> Vec<(Duration, u64)> {

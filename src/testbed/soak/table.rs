@@ -1,12 +1,59 @@
-//! The closing summary of a soak: per load the totals and rates, the drift of each
-//! watched figure, the idle CPU and the verdict.
+//! What a soak prints: the rows while it runs, and the closing summary (per load the
+//! totals and rates, the drift of each watched figure, the idle CPU and the verdict).
 
 use std::fmt;
 
-use super::{Kind, SoakReport};
+use super::{Kind, Sample, SoakReport};
+
+/// The column names of [`row`].
+pub fn header() -> String {
+    format!(
+        "{:>6} | {:>7} {:>5} {:>7} | {:>7} {:>5} {:>7} | {:>8} {:>7} {:>8} {:>7} | {:>11} | {:>9} | {:>5}",
+        "time",
+        "tun MiB",
+        "fds",
+        "CPU s",
+        "srv MiB",
+        "fds",
+        "CPU s",
+        "bulk MiB",
+        "short",
+        "udp",
+        "dns",
+        "errors",
+        "lost u/d",
+        "load"
+    )
+}
+
+/// One printed row: time, tunnel and server RSS / fds / CPU, ops per kind (bulk in
+/// MiB), errors per kind (bulk/short/udp/dns), UDP and DNS losses, and the machine's
+/// load average.
+pub fn row(s: &Sample, label: Option<&str>) -> String {
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let [bulk, short, udp, dns] = s.load;
+    let time = label.map_or_else(|| format!("{}s", s.elapsed.as_secs()), str::to_owned);
+    format!(
+        "{:>6} | {:>7.1} {:>5} {:>7.2} | {:>7.1} {:>5} {:>7.2} | {:>8} {:>7} {:>8} {:>7} | {:>11} | {:>9} | {:>5.1}",
+        time,
+        mib(s.tunnel.rss_kib),
+        s.tunnel.fds,
+        s.tunnel.cpu_secs,
+        mib(s.server.rss_kib),
+        s.server.fds,
+        s.server.cpu_secs,
+        bulk.bytes >> 20,
+        short.ops,
+        udp.ops,
+        dns.ops,
+        format!("{}/{}/{}/{}", bulk.errors, short.errors, udp.errors, dns.errors),
+        format!("{}/{}", udp.lost, dns.lost),
+        s.machine_load,
+    )
+}
 
 /// Writes the summary of `report` (see [`SoakReport`]'s `Display`).
-pub fn write(report: &SoakReport, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+pub fn summary(report: &SoakReport, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     let load_secs = report
         .end
         .map_or(0.0, |end| end.elapsed.as_secs_f64())
@@ -71,6 +118,12 @@ pub fn write(report: &SoakReport, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             window.as_secs_f64(),
             100.0 * used / window.as_secs_f64().max(1e-9)
         )?;
+    }
+    if let Some(stats) = &report.tunnel_stats {
+        writeln!(f, "tunnel at exit: {}", stats.trim())?;
+    }
+    for line in &report.log_excerpts {
+        writeln!(f, "log: {}", line.trim())?;
     }
     for message in &report.error_messages {
         writeln!(f, "error: {message}")?;
