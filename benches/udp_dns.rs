@@ -73,6 +73,18 @@ struct Row {
     udp: Option<Result<Udp, String>>,
     dns: Option<Result<QueryRateReport, String>>,
     rss: Option<Result<Rss, String>>,
+    /// The tunnel's CPU seconds over the UDP and DNS measurements.
+    cpu: Option<f64>,
+}
+
+/// A process's CPU time so far (user + system), from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start after ") ".
+    let rest = stat.rsplit_once(") ")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 struct Settings {
@@ -213,20 +225,27 @@ fn tunnel_rows(s: &Settings, binary: &Path) -> Vec<Row> {
     let mut rows = Vec::new();
     for (hand_made, device) in [(false, "created tun0"), (true, "hand-made MTU 1500")] {
         // UDP with the tunnel's defaults (DNS then goes as plain UDP, as `--dns udp`).
-        let mut row = Row {
-            path: format!("tunnel, {device}"),
-            ..Row::default()
-        };
-        eprintln!("{}", row.path);
-        match tunnel(&topo, binary, hand_made, &[]) {
-            Err(reason) => row.refused = Some(reason),
-            Ok(mut process) => {
-                row.udp = Some(measure_udp(topo.app(), s));
-                row.dns = Some(measure_dns(topo.app(), s));
-                let _ = process.terminate();
+        // And with busy polling off, to show what it buys and costs in the same run.
+        for (suffix, extra) in [
+            ("", &[][..]),
+            (", --busy-poll 0", &["--busy-poll", "0"][..]),
+        ] {
+            let mut row = Row {
+                path: format!("tunnel, {device}{suffix}"),
+                ..Row::default()
+            };
+            eprintln!("{}", row.path);
+            match tunnel(&topo, binary, hand_made, extra) {
+                Err(reason) => row.refused = Some(reason),
+                Ok(mut process) => {
+                    row.udp = Some(measure_udp(topo.app(), s));
+                    row.dns = Some(measure_dns(topo.app(), s));
+                    row.cpu = cpu_seconds(process.id());
+                    let _ = process.terminate();
+                }
             }
+            rows.push(row);
         }
-        rows.push(row);
         for mode in ["udp", "tcp", "fake-ip"] {
             let mut row = Row {
                 path: format!("tunnel, {device}, --dns {mode}"),
@@ -349,12 +368,19 @@ fn print_table(rows: &[Row], s: &Settings) {
         s.probes
     );
     println!(
-        "| {:<44} | {:>7} | {:>7} | {:>18} | {:>18} | {:>16} | {:>22} |",
-        "path", "p50 µs", "p99 µs", "50k/s offered", "100k/s offered", "DNS q/s", "tunnel RSS KiB"
+        "| {:<44} | {:>7} | {:>7} | {:>18} | {:>18} | {:>16} | {:>22} | {:>9} |",
+        "path",
+        "p50 µs",
+        "p99 µs",
+        "50k/s offered",
+        "100k/s offered",
+        "DNS q/s",
+        "tunnel RSS KiB",
+        "tunnel s"
     );
     println!(
-        "|{:-<46}|{:->9}|{:->9}|{:->20}|{:->20}|{:->18}|{:->24}|",
-        "", "", "", "", "", "", ""
+        "|{:-<46}|{:->9}|{:->9}|{:->20}|{:->20}|{:->18}|{:->24}|{:->11}|",
+        "", "", "", "", "", "", "", ""
     );
     for row in rows {
         if let Some(reason) = &row.refused {
@@ -378,9 +404,10 @@ fn print_table(rows: &[Row], s: &Settings) {
             ),
             Some(Err(_)) => "err".into(),
         };
+        let cpu = row.cpu.map_or(String::new(), |c| format!("{c:.2}"));
         println!(
-            "| {:<44} | {:>7} | {:>7} | {:>18} | {:>18} | {:>16} | {:>22} |",
-            row.path, udp[0], udp[1], udp[2], udp[3], dns, rss
+            "| {:<44} | {:>7} | {:>7} | {:>18} | {:>18} | {:>16} | {:>22} | {:>9} |",
+            row.path, udp[0], udp[1], udp[2], udp[3], dns, rss, cpu
         );
     }
     for row in rows {
@@ -446,6 +473,10 @@ fn json(rows: &[Row]) -> String {
             fields.push(format!("\"rss_before_kib\":{}", json_opt(rss.and_then(|r| r.before_kib))));
             fields.push(format!("\"rss_idle_kib\":{}", json_opt(rss.and_then(|r| r.after_kib))));
             fields.push(format!("\"idle_answered\":{}", json_opt(rss.map(|r| r.answered))));
+            fields.push(format!(
+                "\"tunnel_cpu_s\":{}",
+                json_opt(row.cpu.map(|c| format!("{c:.2}")))
+            ));
             let errors: Vec<String> = errors(row).into_iter().map(|e| json_str(e)).collect();
             fields.push(format!("\"errors\":[{}]", errors.join(",")));
             format!("{{{}}}", fields.join(","))

@@ -103,6 +103,11 @@ struct TunnelArgs {
     /// Seconds to wait for the proxy to accept and answer.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     connect_timeout: u64,
+    /// Microseconds the packet loop keeps polling after traffic before it sleeps, while
+    /// traffic comes at least that often (request/response latency for CPU; an idle
+    /// tunnel never polls); 0 turns it off.
+    #[arg(long, value_name = "MICROS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    busy_poll: u64,
     /// Seconds without traffic after which a UDP association is closed (associations
     /// that only carried DNS: 10 s or this, whichever is shorter).
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
@@ -355,6 +360,7 @@ impl TunnelArgs {
             max_flows: self.max_flows.max(1),
             udp,
             dns,
+            busy_poll: Duration::from_micros(self.busy_poll),
             ..StackConfig::default()
         };
         let timeout = Duration::from_secs(self.connect_timeout.max(1));

@@ -142,6 +142,15 @@ impl Signal {
         out.append(&mut queue);
     }
 
+    /// Is some flow waiting in the queue?
+    pub fn pending(&self) -> bool {
+        !self
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_empty()
+    }
+
     /// Resolves when some flow has been marked since the last call.
     pub async fn notified(&self) {
         self.notify.notified().await;

@@ -148,6 +148,8 @@ fn config(flags: u8) -> StackConfig {
         tcp_tx_buffer: 4096,
         max_flows: 8,
         tcp_timeout: Duration::from_secs(5),
+        // The fuzzer feeds packets as fast as it can: spinning would only slow it.
+        busy_poll: Duration::ZERO,
         udp: UdpConfig {
             max_associations: 8,
             pending: 4,

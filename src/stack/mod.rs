@@ -22,6 +22,7 @@
     clippy::indexing_slicing
 )]
 
+pub mod busy;
 pub mod classify;
 mod datagram;
 mod phy;
@@ -36,6 +37,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use self::busy::BusyPoll;
 use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpListenEndpoint};
@@ -58,6 +60,8 @@ use timers::Timers;
 const BATCH: usize = 256;
 /// Largest packet read from the device (a TUN never hands more than its MTU).
 const RX_BUFFER: usize = 65_536;
+/// The longest one busy-poll pass runs before the loop checks shutdown and timers.
+const MAX_SPIN: Duration = Duration::from_millis(2);
 /// Shortest sleep between timer-driven polls of one flow (guards against spinning).
 const MIN_TIMER: Duration = Duration::from_millis(1);
 
@@ -102,6 +106,9 @@ impl PacketIo for crate::device::Device {
     }
 }
 
+/// The default `--busy-poll` window.
+pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
+
 /// Stack settings.
 #[derive(Debug, Clone)]
 pub struct StackConfig {
@@ -117,6 +124,9 @@ pub struct StackConfig {
     pub udp: UdpConfig,
     /// DNS (`--dns` mode, resolver, fake-IP pools).
     pub dns: DnsConfig,
+    /// How long the loop keeps polling after work before it sleeps (`--busy-poll`);
+    /// zero never spins. See [`busy`].
+    pub busy_poll: Duration,
 }
 
 impl Default for StackConfig {
@@ -128,6 +138,7 @@ impl Default for StackConfig {
             tcp_timeout: Duration::from_secs(120),
             udp: UdpConfig::default(),
             dns: DnsConfig::default(),
+            busy_poll: DEFAULT_BUSY_POLL,
         }
     }
 }
@@ -138,6 +149,9 @@ pub struct StackStats {
     /// Passes of the poll loop (each follows a packet, a flow's request or a timer;
     /// an idle stack makes none).
     pub wakeups: u64,
+    /// Busy-poll passes that found work (a packet or a flow's request) instead of
+    /// sleeping for it.
+    pub spin_hits: u64,
     /// Packets read from the device.
     pub packets_in: u64,
     /// Packets written to the device.
@@ -216,6 +230,7 @@ struct Stack<D: PacketIo> {
     limit_log: BurstLog,
     loop_log: BurstLog,
     datagrams: Datagrams,
+    busy: BusyPoll,
 }
 
 impl<D: PacketIo> Stack<D> {
@@ -224,6 +239,7 @@ impl<D: PacketIo> Stack<D> {
         let egress = Arc::new(Egress::new(Arc::new(DeviceSink(device.clone()))));
         let dns = Arc::new(Dns::new(config.dns.clone(), upstream.clone()));
         let datagrams = Datagrams::new(upstream.clone(), egress, config.udp.clone(), dns);
+        let busy_poll = config.busy_poll;
         let epoch = Instant::now();
         let mut scratch = Vec::with_capacity(RX_BUFFER);
         let mut tx = TxCounters::default();
@@ -262,6 +278,7 @@ impl<D: PacketIo> Stack<D> {
             limit_log: BurstLog::new(Duration::from_secs(5)),
             loop_log: BurstLog::new(Duration::from_secs(5)),
             datagrams,
+            busy: BusyPoll::new(busy_poll),
         }
     }
 
@@ -274,12 +291,12 @@ impl<D: PacketIo> Stack<D> {
         let mut sleep = pin!(tokio::time::sleep_until(far()));
         let signal = self.cx.signal.clone();
         loop {
-            let received = tokio::select! {
+            let (received, asked) = tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
-                r = poll_fn(|cx| self.device.poll_recv(cx, &mut rx)) => Some(r?),
-                () = signal.notified() => None,
-                () = &mut sleep => None,
+                r = poll_fn(|cx| self.device.poll_recv(cx, &mut rx)) => (Some(r?), false),
+                () = signal.notified() => (None, true),
+                () = &mut sleep => (None, false),
             };
             let now = Instant::now();
             self.stats.wakeups = self.stats.wakeups.saturating_add(1);
@@ -288,6 +305,12 @@ impl<D: PacketIo> Stack<D> {
                 self.ingress_batch(&mut rx, now)?;
             }
             self.poll_flows(now);
+            if received.is_some() || asked {
+                self.busy.work(now);
+                if let Some(until) = self.busy.spin_until(Instant::now()) {
+                    self.spin(until, &mut rx).await?;
+                }
+            }
             while self.tasks.try_join_next().is_some() {}
             self.datagrams.reap();
             let next = self
@@ -295,6 +318,39 @@ impl<D: PacketIo> Stack<D> {
                 .next()
                 .map_or_else(far, tokio::time::Instant::from_std);
             sleep.as_mut().reset(next);
+        }
+    }
+
+    /// Busy polling (see [`busy`]): keeps handling packets and flows' requests,
+    /// yielding to the runtime between passes, until `until` passes without work or
+    /// [`MAX_SPIN`] is reached (so shutdown and timers are never held off).
+    async fn spin(&mut self, mut until: Instant, rx: &mut [u8]) -> io::Result<()> {
+        let started = Instant::now();
+        loop {
+            tokio::task::yield_now().await;
+            let now = Instant::now();
+            let mut worked = self.cx.signal.pending();
+            match self.device.try_recv(rx) {
+                Ok(n) => {
+                    self.ingress(rx.get(..n).unwrap_or_default(), now);
+                    self.ingress_batch(rx, now)?;
+                    worked = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+            if worked {
+                self.stats.spin_hits = self.stats.spin_hits.saturating_add(1);
+                self.poll_flows(now);
+                match self.busy.extend(now) {
+                    Some(later) => until = later,
+                    None => return Ok(()),
+                }
+            }
+            if now >= until || now.saturating_duration_since(started) >= MAX_SPIN {
+                return Ok(());
+            }
         }
     }
 
