@@ -33,6 +33,7 @@
 
 mod counters;
 mod datagrams;
+mod kernel;
 mod stats;
 mod table;
 mod tcp;
@@ -47,6 +48,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub use counters::{Counters, Kind, KindTotals};
+pub use kernel::KernelCounters;
 pub use stats::{Drift, DriftRule, ProcStats, USER_HZ, cpu_ticks, load_average, proc_stats};
 pub use table::{header, row};
 
@@ -55,7 +57,7 @@ use super::namespace::{Namespace, join};
 use super::process::Process;
 use super::services::{Services, blob};
 use super::topology::Topology;
-use super::tunnel::{panics_in, proxy_addr, start_server, start_tunnel, stop_cleanly};
+use super::tunnel::{TUN_NAME, panics_in, proxy_addr, start_server, start_tunnel, stop_cleanly};
 use super::udp::UdpServices;
 
 /// How many warning lines of each log the report keeps.
@@ -177,6 +179,8 @@ pub struct SoakReport {
     pub tunnel_stats: Option<String>,
     /// The last warnings and errors the tunnel and the server logged (up to 10 each).
     pub log_excerpts: Vec<String>,
+    /// The kernel's drop counters over the load, per namespace (app with `tun0`).
+    pub kernel: Vec<(String, KernelCounters)>,
 }
 
 impl SoakReport {
@@ -210,10 +214,24 @@ pub fn run_soak(binary: &Path, config: &SoakConfig, out: &mut dyn Write) -> io::
         error_messages: Vec::new(),
         tunnel_stats: None,
         log_excerpts: Vec::new(),
+        kernel: Vec::new(),
     };
     let counters = Arc::new(Counters::default());
+    let hosts = [
+        ("app", topo.app(), Some(TUN_NAME)),
+        ("proxy", topo.proxy(), None),
+        ("target", topo.target(), None),
+    ];
+    let before = hosts
+        .iter()
+        .map(|(_, ns, dev)| kernel::read(ns, *dev))
+        .collect::<io::Result<Vec<_>>>()?;
     writeln!(out, "{}", table::header())?;
     let mut tunnel = run_load(topo.app(), config, body, &counters, tunnel, &server, &mut report, out)?;
+    for ((name, ns, dev), earlier) in hosts.iter().zip(&before) {
+        let now = kernel::read(ns, *dev)?;
+        report.kernel.push(((*name).to_owned(), now.since(earlier)));
+    }
     report.error_messages = counters.messages();
 
     if let Some(process) = tunnel.as_mut() {
@@ -275,6 +293,7 @@ fn run_load(
     let mut next_row = config.report_every;
     let mut tick: u32 = 0;
     let mut exited = None;
+    let mut worst_late = Duration::ZERO;
     while start.elapsed() < config.duration {
         tick += 1;
         let at = config.sample_every * tick;
@@ -287,7 +306,10 @@ fn run_load(
         let mut sample = read_sample(start.elapsed(), &tunnel, server, counters)?;
         sample.late = late;
         report.samples.push(sample);
+        worst_late = worst_late.max(late);
         if sample.elapsed >= next_row {
+            // The row shows how late the sampler woke at worst since the last row.
+            sample.late = std::mem::take(&mut worst_late);
             writeln!(out, "{}", table::row(&sample, None))?;
             next_row += config.report_every;
         }

@@ -8,7 +8,7 @@ use super::{Kind, Sample, SoakReport};
 /// The column names of [`row`].
 pub fn header() -> String {
     format!(
-        "{:>6} | {:>7} {:>5} {:>7} | {:>7} {:>5} {:>7} | {:>8} {:>7} {:>8} {:>7} | {:>11} | {:>9} | {:>5}",
+        "{:>6} | {:>7} {:>5} {:>7} | {:>7} {:>5} {:>7} | {:>8} {:>7} {:>8} {:>7} | {:>11} | {:>9} | {:>5} {:>6}",
         "time",
         "tun MiB",
         "fds",
@@ -22,19 +22,20 @@ pub fn header() -> String {
         "dns",
         "errors",
         "lost u/d",
-        "load"
+        "load",
+        "lag ms"
     )
 }
 
 /// One printed row: time, tunnel and server RSS / fds / CPU, ops per kind (bulk in
 /// MiB), errors per kind (bulk/short/udp/dns), UDP and DNS losses, and the machine's
-/// load average.
+/// load average and how late the sampler woke (the worst since the last row).
 pub fn row(s: &Sample, label: Option<&str>) -> String {
     let mib = |kib: u64| kib as f64 / 1024.0;
     let [bulk, short, udp, dns] = s.load;
     let time = label.map_or_else(|| format!("{}s", s.elapsed.as_secs()), str::to_owned);
     format!(
-        "{:>6} | {:>7.1} {:>5} {:>7.2} | {:>7.1} {:>5} {:>7.2} | {:>8} {:>7} {:>8} {:>7} | {:>11} | {:>9} | {:>5.1}",
+        "{:>6} | {:>7.1} {:>5} {:>7.2} | {:>7.1} {:>5} {:>7.2} | {:>8} {:>7} {:>8} {:>7} | {:>11} | {:>9} | {:>5.1} {:>6}",
         time,
         mib(s.tunnel.rss_kib),
         s.tunnel.fds,
@@ -49,6 +50,7 @@ pub fn row(s: &Sample, label: Option<&str>) -> String {
         format!("{}/{}/{}/{}", bulk.errors, short.errors, udp.errors, dns.errors),
         format!("{}/{}", udp.lost, dns.lost),
         s.machine_load,
+        s.late.as_millis(),
     )
 }
 
@@ -117,6 +119,20 @@ pub fn summary(report: &SoakReport, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             "idle tunnel CPU: {used:.2} s in {:.1} s ({:.2}% of one core)",
             window.as_secs_f64(),
             100.0 * used / window.as_secs_f64().max(1e-9)
+        )?;
+    }
+    for (host, k) in &report.kernel {
+        writeln!(
+            f,
+            "kernel {host}: udp rcvbuf errors {}, udp in errors {}, tcp retransmits {}{}",
+            k.udp_rcvbuf_errors,
+            k.udp_in_errors,
+            k.tcp_retrans,
+            if host == "app" {
+                format!(", tun0 tx dropped {}", k.dev_tx_dropped)
+            } else {
+                String::new()
+            }
         )?;
     }
     if let Some(stats) = &report.tunnel_stats {
