@@ -26,7 +26,7 @@ use tokio::time::{Instant, MissedTickBehavior, interval, sleep};
 use super::super::dns_client::{TYPE_A, TYPE_AAAA, build_query, parse_response};
 use super::super::dnsmasq::{DNS_PORT, TARGET_NAME};
 use super::super::topology::{TARGET_V4, TARGET_V6};
-use super::super::udp::UDP_ECHO_PORT;
+use super::super::udp::{UDP_ECHO_PORT, bind_udp};
 use super::super::udp_client::{MIN_PAYLOAD, echo_payload, echo_size, wildcard};
 use super::counters::{Counters, Kind};
 
@@ -44,9 +44,13 @@ const TICK: Duration = Duration::from_millis(5);
 /// Late replies remembered at most (to tell "late" from "unknown").
 const MAX_REMEMBERED: usize = 100_000;
 
-/// A UDP socket bound to the wildcard of `dst`'s family and connected to it.
+/// A UDP socket bound to the wildcard of `dst`'s family and connected to it, with
+/// large buffers (8 MiB asked, as far as `net.core.rmem_max` lets), so that the
+/// client is not where a datagram is lost.
 async fn connected(dst: SocketAddr) -> io::Result<UdpSocket> {
-    let socket = UdpSocket::bind(wildcard(dst)).await?;
+    let socket = bind_udp(wildcard(dst))?;
+    socket.set_nonblocking(true)?;
+    let socket = UdpSocket::from_std(socket)?;
     socket.connect(dst).await?;
     Ok(socket)
 }
