@@ -69,7 +69,12 @@ pub async fn udp_echo(counters: Arc<Counters>, stop: Arc<AtomicBool>, per_sec: u
     tokio::join!(v4, v6);
 }
 
-async fn echo_socket(counters: Arc<Counters>, stop: Arc<AtomicBool>, per_sec: u64, dst: SocketAddr) {
+async fn echo_socket(
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    per_sec: u64,
+    dst: SocketAddr,
+) {
     let socket = match connected(dst).await {
         Ok(socket) => socket,
         Err(e) => return counters.error(Kind::Udp, format!("socket to {dst}: {e}")),
@@ -141,7 +146,10 @@ fn check_echo(
         .and_then(|b| <[u8; 8]>::try_from(b).ok())
         .map(u64::from_le_bytes);
     let Some(seq) = seq else {
-        return counters.error(Kind::Udp, format!("{} bytes from {dst}: no sequence", reply.len()));
+        return counters.error(
+            Kind::Udp,
+            format!("{} bytes from {dst}: no sequence", reply.len()),
+        );
     };
     match in_flight.remove(&seq) {
         Some((_, len)) if reply == echo_payload(seq, len).as_slice() => {
@@ -149,10 +157,16 @@ fn check_echo(
         }
         Some((_, len)) => counters.error(
             Kind::Udp,
-            format!("echo {seq} from {dst}: {len} bytes sent, {} altered ones back", reply.len()),
+            format!(
+                "echo {seq} from {dst}: {len} bytes sent, {} altered ones back",
+                reply.len()
+            ),
         ),
         None if expired.contains(&seq) => {}
-        None => counters.error(Kind::Udp, format!("echo {seq} from {dst}: never sent or a duplicate")),
+        None => counters.error(
+            Kind::Udp,
+            format!("echo {seq} from {dst}: never sent or a duplicate"),
+        ),
     }
 }
 
@@ -162,8 +176,16 @@ pub async fn dns(counters: Arc<Counters>, stop: Arc<AtomicBool>, per_sec: u64) {
     let start = Instant::now();
     let mut round: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
-        let server: IpAddr = if round % 2 == 0 { TARGET_V4.into() } else { TARGET_V6.into() };
-        rounds.spawn(dns_round(counters.clone(), (server, DNS_PORT).into(), per_sec));
+        let server: IpAddr = if round % 2 == 0 {
+            TARGET_V4.into()
+        } else {
+            TARGET_V6.into()
+        };
+        rounds.spawn(dns_round(
+            counters.clone(),
+            (server, DNS_PORT).into(),
+            per_sec,
+        ));
         round += 1;
         tokio::time::sleep_until(start + Duration::from_secs(round)).await;
         // Reap finished rounds as we go, so the set stays small.
@@ -253,7 +275,10 @@ async fn retry_or_give_up(
         };
         counters.lost(Kind::Dns, 1);
         if p.tries >= DNS_TRIES {
-            counters.error(Kind::Dns, format!("query {id} to {server}: no answer after {DNS_TRIES} tries"));
+            counters.error(
+                Kind::Dns,
+                format!("query {id} to {server}: no answer after {DNS_TRIES} tries"),
+            );
             pending.remove(&id);
             continue;
         }
@@ -272,12 +297,19 @@ fn check_answer(
     server: SocketAddr,
 ) {
     let Some(response) = parse_response(bytes) else {
-        return counters.error(Kind::Dns, format!("{} bytes from {server}: not a DNS response", bytes.len()));
+        return counters.error(
+            Kind::Dns,
+            format!("{} bytes from {server}: not a DNS response", bytes.len()),
+        );
     };
     let Some(query) = pending.remove(&response.id) else {
         return;
     };
-    let expected: IpAddr = if query.qtype == TYPE_A { TARGET_V4.into() } else { TARGET_V6.into() };
+    let expected: IpAddr = if query.qtype == TYPE_A {
+        TARGET_V4.into()
+    } else {
+        TARGET_V6.into()
+    };
     if response.rcode == 0 && response.addresses() == [expected] {
         counters.op(Kind::Dns, bytes.len() as u64);
     } else {
@@ -305,7 +337,10 @@ mod tests {
         let expired = HashSet::from([9]);
         check_echo(&echo_payload(1, 40), &mut in_flight, &expired, &c, dst);
         check_echo(&echo_payload(9, 40), &mut in_flight, &expired, &c, dst);
-        assert_eq!((c.totals(Kind::Udp).ops, c.totals(Kind::Udp).errors), (1, 0));
+        assert_eq!(
+            (c.totals(Kind::Udp).ops, c.totals(Kind::Udp).errors),
+            (1, 0)
+        );
         let mut altered = echo_payload(2, 40);
         altered[20] ^= 0xff;
         check_echo(&altered, &mut in_flight, &expired, &c, dst);

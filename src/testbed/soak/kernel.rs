@@ -25,7 +25,9 @@ impl KernelCounters {
     /// What happened between `earlier` and `self`.
     pub fn since(&self, earlier: &KernelCounters) -> KernelCounters {
         KernelCounters {
-            udp_rcvbuf_errors: self.udp_rcvbuf_errors.saturating_sub(earlier.udp_rcvbuf_errors),
+            udp_rcvbuf_errors: self
+                .udp_rcvbuf_errors
+                .saturating_sub(earlier.udp_rcvbuf_errors),
             udp_in_errors: self.udp_in_errors.saturating_sub(earlier.udp_in_errors),
             tcp_retrans: self.tcp_retrans.saturating_sub(earlier.tcp_retrans),
             dev_tx_dropped: self.dev_tx_dropped.saturating_sub(earlier.dev_tx_dropped),
@@ -65,7 +67,10 @@ fn snmp_value(snmp: &str, proto: &str, field: &str) -> Option<u64> {
 /// then tx bytes, packets, errs, drop).
 fn tx_dropped(devs: &str, dev: &str) -> Option<u64> {
     let prefix = format!("{dev}:");
-    let line = devs.lines().map(str::trim).find(|l| l.starts_with(&prefix))?;
+    let line = devs
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(&prefix))?;
     line.get(prefix.len()..)?
         .split_whitespace()
         .nth(11)?

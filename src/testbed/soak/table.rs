@@ -47,7 +47,10 @@ pub fn row(s: &Sample, label: Option<&str>) -> String {
         short.ops,
         udp.ops,
         dns.ops,
-        format!("{}/{}/{}/{}", bulk.errors, short.errors, udp.errors, dns.errors),
+        format!(
+            "{}/{}/{}/{}",
+            bulk.errors, short.errors, udp.errors, dns.errors
+        ),
         format!("{}/{}", udp.lost, dns.lost),
         s.machine_load,
         s.late.as_millis(),

@@ -108,7 +108,12 @@ impl Pacer {
 
 /// Bulk transfers of `body` at `bytes_per_sec` (both directions share the pace) until
 /// `stop`; a transfer in progress when it is set is finished.
-pub async fn bulk(counters: Arc<Counters>, stop: Arc<AtomicBool>, bytes_per_sec: u64, body: Arc<Vec<u8>>) {
+pub async fn bulk(
+    counters: Arc<Counters>,
+    stop: Arc<AtomicBool>,
+    bytes_per_sec: u64,
+    body: Arc<Vec<u8>>,
+) {
     let mut pacer = Pacer::new(bytes_per_sec.max(1));
     let mut n: u64 = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -133,10 +138,7 @@ pub async fn bulk(counters: Arc<Counters>, stop: Arc<AtomicBool>, bytes_per_sec:
 /// it answers.
 async fn upload(dst: SocketAddr, body: &[u8], pacer: &mut Pacer) -> io::Result<u64> {
     let what = format!("upload to {dst}");
-    let mut stream = within(IO_TIMEOUT, &what, async {
-        TcpStream::connect(dst).await
-    })
-    .await?;
+    let mut stream = within(IO_TIMEOUT, &what, async { TcpStream::connect(dst).await }).await?;
     let mut sent = 0;
     while let Some(rest) = body.get(sent..).filter(|r| !r.is_empty()) {
         let n = pacer.grant(rest.len().min(CHUNK)).await;
@@ -164,10 +166,7 @@ async fn upload(dst: SocketAddr, body: &[u8], pacer: &mut Pacer) -> io::Result<u
 /// GETs the HTTP blob at `dst`, reading at the pacer's rate, and checks it is `body`.
 async fn download(dst: SocketAddr, body: &[u8], pacer: &mut Pacer) -> io::Result<u64> {
     let what = format!("download from {dst}");
-    let mut stream = within(IO_TIMEOUT, &what, async {
-        TcpStream::connect(dst).await
-    })
-    .await?;
+    let mut stream = within(IO_TIMEOUT, &what, async { TcpStream::connect(dst).await }).await?;
     let request = b"GET /soak HTTP/1.1\r\nHost: target\r\nConnection: close\r\n\r\n";
     within(IO_TIMEOUT, &what, stream.write_all(request)).await?;
     let (length, mut got) = read_head(&mut stream, &what).await?;
@@ -213,7 +212,9 @@ async fn read_head(stream: &mut TcpStream, what: &str) -> io::Result<(usize, Vec
                 .filter_map(|l| l.split_once(':'))
                 .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
                 .and_then(|(_, v)| v.trim().parse().ok())
-                .ok_or_else(|| io::Error::other(format!("{what}: no Content-Length in {text:?}")))?;
+                .ok_or_else(|| {
+                    io::Error::other(format!("{what}: no Content-Length in {text:?}"))
+                })?;
             return Ok((length, rest));
         }
         if head.len() > MAX_HEAD {
@@ -279,7 +280,11 @@ async fn exchange(n: u64) -> io::Result<u64> {
             "echo with {dst}: sent {} bytes, {} came back{}",
             request.len(),
             back.len(),
-            if back.len() == request.len() { ", altered" } else { "" }
+            if back.len() == request.len() {
+                ", altered"
+            } else {
+                ""
+            }
         )));
     }
     Ok(2 * request.len() as u64)
@@ -296,7 +301,7 @@ mod tests {
         let mut moved = 0;
         while moved < 500_000 {
             let n = pacer.grant(CHUNK).await;
-            assert!(n >= MIN_GRANT && n <= CHUNK, "{n}");
+            assert!((MIN_GRANT..=CHUNK).contains(&n), "{n}");
             pacer.used(n);
             moved += n;
         }

@@ -5,16 +5,27 @@ use std::time::Duration;
 
 use super::{DriftRule, Kind, Sample, SoakConfig, SoakReport};
 
+/// A watched figure: its name, its rule, its readings `(elapsed, value)`.
+type Watched<'a> = (&'a str, DriftRule, Vec<(Duration, u64)>);
+
 /// Fills `report.drifts` and `report.failures` from the samples and counts.
 pub fn judge(report: &mut SoakReport) {
     let config = &report.config;
     let series = |f: fn(&Sample) -> u64| -> Vec<(Duration, u64)> {
         report.samples.iter().map(|s| (s.elapsed, f(s))).collect()
     };
-    let checks: [(&str, DriftRule, Vec<(Duration, u64)>); 4] = [
-        ("tunnel RSS KiB", config.rss_rule, series(|s| s.tunnel.rss_kib)),
+    let checks: [Watched<'_>; 4] = [
+        (
+            "tunnel RSS KiB",
+            config.rss_rule,
+            series(|s| s.tunnel.rss_kib),
+        ),
         ("tunnel fds", config.fd_rule, series(|s| s.tunnel.fds)),
-        ("server RSS KiB", config.rss_rule, series(|s| s.server.rss_kib)),
+        (
+            "server RSS KiB",
+            config.rss_rule,
+            series(|s| s.server.rss_kib),
+        ),
         ("server fds", config.fd_rule, series(|s| s.server.fds)),
     ];
     let mut failures = Vec::new();
@@ -76,4 +87,3 @@ fn rate_enabled(config: &SoakConfig, kind: Kind) -> bool {
         Kind::Dns => config.dns_per_sec > 0,
     }
 }
-
