@@ -7,6 +7,8 @@
 //! (`tun2socks::testbed::soak`). Needs root and dnsmasq.
 //!
 //! `cargo bench --bench soak -- --duration SECS` (or `T2S_SOAK_SECS`; default 600).
+//! `T2S_SOAK_TUNNEL_ARGS` adds tunnel options (split at spaces), e.g.
+//! `T2S_SOAK_TUNNEL_ARGS="--busy-poll 0"` to compare.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
@@ -60,10 +62,19 @@ fn main() {
         }
     }
     let binary = PathBuf::from(env!("CARGO_BIN_EXE_tun2socks"));
-    let config = SoakConfig::new(Duration::from_secs(secs));
+    let mut config = SoakConfig::new(Duration::from_secs(secs));
+    if let Ok(extra) = std::env::var("T2S_SOAK_TUNNEL_ARGS") {
+        config
+            .tunnel_args
+            .extend(extra.split_whitespace().map(str::to_owned));
+    }
     println!(
-        "soak: {secs} s; bulk {} Mbit/s, {} short connections/s, {} UDP datagrams/s, {} DNS queries/s",
-        config.bulk_mbit, config.short_per_sec, config.udp_per_sec, config.dns_per_sec
+        "soak: {secs} s; bulk {} Mbit/s, {} short connections/s, {} UDP datagrams/s, {} DNS queries/s; tunnel {}",
+        config.bulk_mbit,
+        config.short_per_sec,
+        config.udp_per_sec,
+        config.dns_per_sec,
+        config.tunnel_args.join(" ")
     );
     let report = match run_soak(&binary, &config, &mut std::io::stdout()) {
         Ok(report) => report,

@@ -161,7 +161,8 @@ pub struct Sample {
     /// The machine's one-minute load average (`/proc/loadavg`): a busy machine starves
     /// the tunnel, which shows as loss and piled-up flows, not as a tunnel fault.
     pub machine_load: f64,
-    /// How late the sampler woke for this reading (the same sign, seen from here).
+    /// How late the sampler thread woke for this reading: the machine's scheduling
+    /// delay as the harness sees it (a printed row shows the worst since the last row).
     pub late: Duration,
 }
 
