@@ -16,7 +16,7 @@ pub struct KernelCounters {
     pub udp_in_errors: u64,
     /// TCP segments retransmitted (`Tcp: RetransSegs`).
     pub tcp_retrans: u64,
-    /// Packets dropped on transmit by the device `dev` given to [`read`]: for a TUN
+    /// Packets dropped on transmit by the device the reading was asked about: for a TUN
     /// device, packets the kernel had for the tunnel while its queue was full.
     pub dev_tx_dropped: u64,
 }
