@@ -16,6 +16,7 @@ packages=(
   iperf3          # tunnel benchmark
   dnsmasq-base    # dnsmasq: the resolver in the target namespace (testbed::dnsmasq)
   bind9-dnsutils  # dig: DNS queries over UDP and TCP from a namespace
+  nftables        # nft: blackholing the proxy (memory_netns SYN storm)
   ca-certificates
 )
 

@@ -22,10 +22,12 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use etherparse::{PacketBuilder, icmpv4, icmpv6};
+
+use crate::metrics::Metrics;
 
 /// Hop limit of the packets we build.
 const TTL: u8 = 64;
@@ -44,46 +46,48 @@ pub trait PacketSink: Send + Sync + 'static {
     fn max_packet(&self) -> usize;
 }
 
-/// What egress did, for the stack's counters.
-#[derive(Debug, Default)]
-pub struct EgressStats {
-    /// Packets written.
-    pub sent: AtomicU64,
-    /// Packets the device refused (its queue was full).
-    pub device_full: AtomicU64,
-    /// Packets not built: larger than the device's MTU, or a source and destination
-    /// of different families.
-    pub unsendable: AtomicU64,
-}
+/// What egress did (its group of the one set of counters).
+pub use crate::metrics::EgressStats;
 
 /// Builds packets and writes them to the device. Cheap to share (`Arc`).
 pub struct Egress {
     sink: Arc<dyn PacketSink>,
     buf: Mutex<Vec<u8>>,
-    stats: EgressStats,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Egress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Egress")
-            .field("stats", &self.stats)
+            .field("stats", &self.metrics.egress)
             .finish()
     }
 }
 
 impl Egress {
-    /// Egress to `sink`.
+    /// Egress to `sink`, with counters of its own.
     pub fn new(sink: Arc<dyn PacketSink>) -> Self {
+        Egress::with_metrics(sink, Arc::default())
+    }
+
+    /// Egress to `sink`, counting into `metrics`.
+    pub fn with_metrics(sink: Arc<dyn PacketSink>, metrics: Arc<Metrics>) -> Self {
         Egress {
             buf: Mutex::new(Vec::with_capacity(sink.max_packet())),
             sink,
-            stats: EgressStats::default(),
+            metrics,
         }
     }
 
     /// The counters.
     pub fn stats(&self) -> &EgressStats {
-        &self.stats
+        &self.metrics.egress
+    }
+
+    /// The set of counters it counts into (shared with the stages that reply
+    /// through it).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The largest UDP payload that fits in one packet from `from` (IPv4: 20-byte
@@ -152,7 +156,7 @@ impl Egress {
     }
 
     fn unsendable(&self) -> bool {
-        self.stats.unsendable.fetch_add(1, Relaxed);
+        self.metrics.egress.unsendable.fetch_add(1, Relaxed);
         false
     }
 
@@ -165,11 +169,11 @@ impl Egress {
         }
         match self.sink.send_packet(&buf) {
             Ok(()) => {
-                self.stats.sent.fetch_add(1, Relaxed);
+                self.metrics.egress.sent.fetch_add(1, Relaxed);
                 true
             }
             Err(e) => {
-                self.stats.device_full.fetch_add(1, Relaxed);
+                self.metrics.egress.device_full.fetch_add(1, Relaxed);
                 tracing::trace!(error = %e, "device refused a packet");
                 false
             }

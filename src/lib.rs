@@ -38,8 +38,11 @@ pub mod dns;
 pub mod egress;
 pub mod exec;
 pub mod flow;
+/// Fuzz harnesses: only with the `fuzzing` feature (the fuzz crate, the corpus test).
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod metrics;
 pub mod selftest;
 pub mod server;
 pub mod setup;

@@ -22,6 +22,7 @@ use tun2socks::device::{Device, DeviceConfig, DeviceError};
 use tun2socks::dns::{DnsConfig, DnsMode};
 use tun2socks::exec::{self, ExecConfig};
 use tun2socks::flow::udp::UdpConfig;
+use tun2socks::metrics::{self, Metrics, Observers};
 use tun2socks::server::{self, ServerConfig};
 use tun2socks::setup::{self, SetupConfig, SetupError};
 use tun2socks::socks::Protocol;
@@ -94,12 +95,24 @@ struct TunnelArgs {
     /// With --setup: keep this network off the tunnel (repeatable).
     #[arg(long, value_name = "CIDR", value_parser = parse_net, requires = "setup")]
     exclude: Vec<IpNet>,
-    /// Receive and send buffer of each TCP flow, in KiB.
+    /// Largest receive and send buffer of each TCP flow, in KiB. A flow's buffers start
+    /// at --tcp-buffer-initial once its proxy connection is up (none before), double
+    /// while they limit the flow, and shrink back after 5 s idle.
     #[arg(long, value_name = "KIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(4..=65536))]
     tcp_buffer: u32,
-    /// TCP connections at once; further SYNs are reset.
-    #[arg(long, value_name = "N", default_value_t = 8192)]
-    max_flows: usize,
+    /// Buffers of a newly connected TCP flow, in KiB (equal to --tcp-buffer: fixed
+    /// buffers that never grow or shrink).
+    #[arg(long, value_name = "KIB", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    tcp_buffer_initial: u32,
+    /// Memory for all TCP buffers, in MiB. When it is spent, buffers stop growing (the
+    /// flows get smaller windows); no connection is refused or reset for it.
+    #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    memory_limit: u64,
+    /// TCP connections at once; further SYNs are reset [default: from the open-files
+    /// limit (raised to its hard limit at start): 256 kept in reserve, three quarters of
+    /// the rest (14,808 of 20,000), the last quarter for UDP associations (two each)]
+    #[arg(long, value_name = "N")]
+    max_flows: Option<usize>,
     /// Seconds to wait for the proxy to accept and answer.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     connect_timeout: u64,
@@ -130,6 +143,49 @@ struct TunnelArgs {
     /// sockets are dropped and the limit is logged.
     #[arg(long, value_name = "N", default_value_t = 8192, value_parser = clap::value_parser!(u64).range(1..))]
     max_udp: u64,
+    /// Seconds without a byte either way after which a TCP flow is reset on both
+    /// sides (default: 2 h 4 min, RFC 5382's minimum for NATs); 0: never.
+    #[arg(long, value_name = "SECS", default_value_t = 7440, value_parser = clap::value_parser!(u64).range(..=MAX_IDLE_SECS))]
+    tcp_idle_timeout: u64,
+    /// Seconds of silence before TCP keep-alive probes, to the application and to the
+    /// proxy; a peer that answers none for about twice as long is reset; 0: off.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(..=MAX_KEEPALIVE_SECS))]
+    tcp_keepalive: u64,
+    /// Log a summary line of the counters every SECS seconds (0: never).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    stats_interval: u64,
+    /// Serve the counters in the Prometheus text format at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9727 (a non-loopback address is allowed, with a warning).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+/// The longest `--tcp-keepalive`: Linux's limit for `TCP_KEEPIDLE` (32767 s).
+const MAX_KEEPALIVE_SECS: u64 = 32_767;
+/// The longest idle limit: 30 days.
+const MAX_IDLE_SECS: u64 = 30 * 24 * 3600;
+
+/// Seconds, 0 meaning "off".
+fn secs_or_off(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
+}
+
+/// `--stats-interval` and `--metrics`, the listener already bound.
+#[derive(Debug)]
+struct Observe {
+    interval: Duration,
+    listener: Option<std::net::TcpListener>,
+}
+
+impl TunnelArgs {
+    /// Binds the metrics address now, so that a bad one stops the start (exit 2).
+    fn observe(&self) -> Result<Observe, String> {
+        let listener = self.metrics.map(metrics::http::bind).transpose();
+        Ok(Observe {
+            interval: Duration::from_secs(self.stats_interval),
+            listener: listener.map_err(|e| e.to_string())?,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +244,14 @@ struct ServerArgs {
     /// Sessions served at once; clients beyond are closed immediately.
     #[arg(long, value_name = "N", default_value_t = 4096)]
     max_connections: usize,
+    /// Seconds without a byte either way after which a CONNECT relay is reset
+    /// on both sides (default: 2 h 4 min); 0: never.
+    #[arg(long, value_name = "SECS", default_value_t = 7440, value_parser = clap::value_parser!(u64).range(..=MAX_IDLE_SECS))]
+    idle_timeout: u64,
+    /// Seconds of silence before TCP keep-alive probes on the client's and the
+    /// destination's sockets; 0: off.
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(..=MAX_KEEPALIVE_SECS))]
+    tcp_keepalive: u64,
 }
 
 /// A CIDR, or a bare address meaning a single host.
@@ -235,6 +299,8 @@ impl ServerArgs {
             bind_timeout: Duration::from_secs(self.bind_timeout),
             udp_idle_timeout: Duration::from_secs(self.udp_timeout),
             max_connections: self.max_connections,
+            idle_timeout: secs_or_off(self.idle_timeout),
+            keepalive: secs_or_off(self.tcp_keepalive),
         };
         config.validate(&self.listen).map_err(|e| e.to_string())?;
         Ok(config)
@@ -324,6 +390,16 @@ impl TunnelArgs {
             txqueuelen: None,
         };
         let buffer = usize::try_from(self.tcp_buffer).unwrap_or(512) * 1024;
+        let initial = usize::try_from(self.tcp_buffer_initial)
+            .unwrap_or(4)
+            .saturating_mul(1024)
+            .min(buffer);
+        let memory_limit = usize::try_from(self.memory_limit)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(1024 * 1024);
+        let max_flows = self
+            .max_flows
+            .unwrap_or_else(|| tun2socks::stack::default_max_flows(open_files_limit()));
         let udp_timeout = Duration::from_secs(self.udp_timeout);
         let udp = UdpConfig {
             idle_timeout: udp_timeout,
@@ -357,7 +433,9 @@ impl TunnelArgs {
         let stack = StackConfig {
             tcp_rx_buffer: buffer,
             tcp_tx_buffer: buffer,
-            max_flows: self.max_flows.max(1),
+            tcp_initial_buffer: initial,
+            memory_limit,
+            max_flows: max_flows.max(1),
             udp,
             dns,
             busy_poll: Duration::from_micros(self.busy_poll),
@@ -371,6 +449,8 @@ impl TunnelArgs {
                 handshake_timeout: timeout,
                 fwmark: self.fwmark.or(self.setup.then_some(setup::DEFAULT_FWMARK)),
                 interface: self.interface.clone(),
+                keepalive: secs_or_off(self.tcp_keepalive),
+                idle_timeout: secs_or_off(self.tcp_idle_timeout),
             },
         );
         Ok((device, stack, upstream))
@@ -408,6 +488,13 @@ fn device_exit_code(error: &DeviceError) -> u8 {
 fn run_tunnel(args: &TunnelArgs) -> ExitCode {
     let (device_config, stack_config, upstream) = match args.configs() {
         Ok(configs) => configs,
+        Err(e) => {
+            eprintln!("tun2socks: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let observe = match args.observe() {
+        Ok(observe) => observe,
         Err(e) => {
             eprintln!("tun2socks: {e}");
             return ExitCode::from(EXIT_USAGE);
@@ -451,7 +538,7 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             }
         };
         let _routing = routing; // undone when this block ends, after the stack stopped
-        match serve(device, stack_config, upstream, shutdown_signal()).await {
+        match serve(device, stack_config, upstream, observe, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tun2socks: {e}");
@@ -475,15 +562,21 @@ async fn serve(
     device: Device,
     stack_config: StackConfig,
     upstream: Upstream,
+    observe: Observe,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
     if upstream.proxy_addrs().is_empty() {
         resolve_proxy(&upstream).await;
     }
     tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
-    match stack::run(device, stack_config, upstream, shutdown).await {
+    let counters = Arc::new(Metrics::new());
+    let side = Observers::start(&counters, observe.interval, observe.listener)
+        .map_err(|e| format!("metrics endpoint: {e}"))?;
+    let result = stack::run_with_metrics(device, stack_config, upstream, counters, shutdown).await;
+    side.stop().await;
+    match result {
         Ok(stats) => {
-            tracing::info!(?stats, "stopped");
+            tracing::info!(stats = %stats, "stopped");
             Ok(())
         }
         Err(e) => Err(format!("device failed: {e}")),
@@ -512,8 +605,15 @@ fn run_exec(args: &ExecArgs) -> ExitCode {
             );
         }
     }
+    let observe = match args.tunnel.observe() {
+        Ok(observe) => observe,
+        Err(e) => {
+            eprintln!("tun2socks exec: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
     let config = ExecConfig::new(device_config);
-    let tunnel = |device, stop| serve(device, stack_config, upstream, stop);
+    let tunnel = |device, stop| serve(device, stack_config, upstream, observe, stop);
     match exec::run(&config, &args.command, tunnel) {
         Ok(exit) => ExitCode::from(exit.shell_status()),
         Err(e) => {
@@ -572,6 +672,12 @@ fn raise_open_files_limit() {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot read the open-files limit"),
     }
+}
+
+/// The soft open-files limit now (after `raise_open_files_limit`, for the tunnel).
+fn open_files_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit};
+    getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
 }
 
 fn main() -> ExitCode {

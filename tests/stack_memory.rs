@@ -127,6 +127,8 @@ struct Segment {
     fin: bool,
     mss: Option<u16>,
     wscale: Option<u8>,
+    /// The window field as sent (unscaled).
+    window: u16,
     payload: Vec<u8>,
 }
 
@@ -166,6 +168,7 @@ impl Segment {
             fin: tcp.fin(),
             mss,
             wscale,
+            window: tcp.window_size(),
             payload: tcp.payload().to_vec(),
         }
     }
@@ -526,3 +529,6 @@ async fn a_reset_during_a_pending_connect_releases_the_flow_and_its_proxy_socket
     assert_eq!(stats.flows_over_limit, 0, "{stats:?}");
     assert_eq!(stats.flows_opened, 3, "{stats:?}");
 }
+
+#[path = "stack_memory/buffers.rs"]
+mod buffers;

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use tun2socks::metrics::Snapshot;
 use tun2socks::require_or_skip;
 use tun2socks::testbed::attach::{create_tun, open_fds, start_tunnel_attached};
 use tun2socks::testbed::dante::Dante;
@@ -90,23 +91,17 @@ impl Net {
     }
 }
 
-/// A counter of the tunnel's final stats line (`name: N`), or `"name": N` for drops.
+/// A counter of the tunnel's final stats line (`name=N`; a drop reason `drop.REASON=N`
+/// may be asked for by its bare name); 0 when absent.
 fn stat(log: &str, name: &str) -> u64 {
     let line = log
         .lines()
         .rev()
         .find(|l| l.contains("stopped stats="))
         .unwrap_or_default();
-    for key in [format!("\"{name}\": "), format!(" {name}: ")] {
-        if let Some(at) = line.find(&key) {
-            let digits: String = line[at + key.len()..]
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect();
-            return digits.parse().unwrap_or(0);
-        }
-    }
-    0
+    Snapshot::parse_field(line, name)
+        .or_else(|| Snapshot::parse_field(line, &format!("drop.{name}")))
+        .unwrap_or(0)
 }
 
 fn echo_targets() -> [(SocketAddr, bool); 2] {

@@ -35,7 +35,7 @@ mod tests;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use hickory_proto::rr::{DNSClass, RecordType};
@@ -47,6 +47,7 @@ use message::{MAX_NAME_LEN, Message, MessageError};
 pub use tcp::TcpError;
 use tcp::{TcpClient, TcpSettings};
 
+use crate::metrics::Metrics;
 use crate::socks::Address;
 use crate::upstream::Upstream;
 
@@ -137,61 +138,8 @@ pub enum Target {
     Unknown,
 }
 
-/// A snapshot of the DNS counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DnsStats {
-    /// Queries seen by [`Dns::on_query`].
-    pub queries: u64,
-    /// Relayed as UDP (`udp` mode).
-    pub via_udp: u64,
-    /// Sent over TCP (decisions; `tcp` mode and fake-ip's other queries).
-    pub via_tcp: u64,
-    /// Answered over TCP and handed back by [`Dns::query_tcp`].
-    pub tcp_answers: u64,
-    /// Answered from the fake-IP pool.
-    pub answered_fake: u64,
-    /// A / AAAA answered with no records (no pool of that family).
-    pub answered_empty: u64,
-    /// Answers truncated to the client's UDP limit.
-    pub truncated: u64,
-    /// SERVFAIL built here (fake-IP pool exhausted).
-    pub servfail: u64,
-    /// Queries that did not decode (FORMERR, or dropped when shorter than a header).
-    pub malformed: u64,
-    /// Datagrams dropped for another reason (a response sent to port 53).
-    pub dropped: u64,
-    /// Queries over TCP that failed (connection lost twice, or deadline).
-    pub tcp_errors: u64,
-    /// Of those, deadline reached.
-    pub tcp_timeouts: u64,
-    /// Queries retried after their connection failed.
-    pub tcp_retries: u64,
-    /// DNS-over-TCP connections opened.
-    pub tcp_connections: u64,
-    /// Fake-IP entries recycled for a new name.
-    pub fake_recycled: u64,
-    /// Flows to a fake address that no name holds.
-    pub fake_unknown: u64,
-    /// Names held in the fake-IP map now (both families).
-    pub fake_entries: u64,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    queries: AtomicU64,
-    via_udp: AtomicU64,
-    via_tcp: AtomicU64,
-    tcp_answers: AtomicU64,
-    answered_fake: AtomicU64,
-    answered_empty: AtomicU64,
-    truncated: AtomicU64,
-    servfail: AtomicU64,
-    malformed: AtomicU64,
-    dropped: AtomicU64,
-    tcp_errors: AtomicU64,
-    fake_recycled: AtomicU64,
-    fake_unknown: AtomicU64,
-}
+/// A snapshot of the DNS counters (defined with the one set of counters).
+pub use crate::metrics::DnsStats;
 
 fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
@@ -209,13 +157,18 @@ pub struct Dns {
     v4: Option<Mutex<FakeTable>>,
     v6: Option<Mutex<FakeTable>>,
     tcp: TcpClient,
-    counters: Counters,
+    metrics: Arc<Metrics>,
 }
 
 impl Dns {
     /// The module for `config` (checked with [`DnsConfig::validate`] beforehand),
-    /// reaching resolvers over TCP through `upstream`.
+    /// reaching resolvers over TCP through `upstream`, with counters of its own.
     pub fn new(config: DnsConfig, upstream: Upstream) -> Self {
+        Dns::with_metrics(config, upstream, Arc::default())
+    }
+
+    /// As [`Dns::new`], counting into `metrics`.
+    pub fn with_metrics(config: DnsConfig, upstream: Upstream, metrics: Arc<Metrics>) -> Self {
         let hold = config.fake_ttl.saturating_add(config.fake_grace);
         let table = |v6: bool| {
             (config.mode == DnsMode::FakeIp)
@@ -232,13 +185,14 @@ impl Dns {
                 timeout: config.query_timeout,
                 idle: config.tcp_idle,
             },
+            metrics.clone(),
         );
         Dns {
             config,
             v4,
             v6,
             tcp,
-            counters: Counters::default(),
+            metrics,
         }
     }
 
@@ -268,22 +222,22 @@ impl Dns {
         dst: SocketAddr,
         now: Instant,
     ) -> Decision {
-        bump(&self.counters.queries);
+        bump(&self.metrics.dns.queries);
         let Some(&flags) = payload
             .get(2)
             .filter(|_| payload.len() >= message::HEADER_LEN)
         else {
-            bump(&self.counters.malformed);
+            bump(&self.metrics.dns.malformed);
             return Decision::Drop("shorter than a DNS header");
         };
         if flags & 0x80 != 0 {
-            bump(&self.counters.dropped);
+            bump(&self.metrics.dns.dropped);
             return Decision::Drop("a DNS response sent to port 53");
         }
         let resolver = self.resolver_for(dst);
         match self.config.mode {
             DnsMode::Udp => {
-                bump(&self.counters.via_udp);
+                bump(&self.metrics.dns.via_udp);
                 Decision::Relay { resolver }
             }
             DnsMode::Tcp => match Message::decode_query(payload) {
@@ -298,12 +252,12 @@ impl Dns {
     }
 
     fn via_tcp(&self, resolver: SocketAddr) -> Decision {
-        bump(&self.counters.via_tcp);
+        bump(&self.metrics.dns.via_tcp);
         Decision::Tcp { resolver }
     }
 
     fn format_error(&self, payload: &[u8]) -> Decision {
-        bump(&self.counters.malformed);
+        bump(&self.metrics.dns.malformed);
         let mut out = Vec::with_capacity(message::HEADER_LEN);
         match message::format_error(payload, &mut out) {
             Some(()) => Decision::Answer(out),
@@ -334,7 +288,7 @@ impl Dns {
         };
         let mut out = Vec::with_capacity(query_answer_len(query));
         let Some(table) = (if v6 { &self.v6 } else { &self.v4 }) else {
-            bump(&self.counters.answered_empty);
+            bump(&self.metrics.dns.answered_empty);
             message::empty_response(query, message::RCODE_NOERROR, &mut out);
             return Decision::Answer(out);
         };
@@ -346,15 +300,18 @@ impl Dns {
         };
         match assigned {
             Ok((ip, how)) => {
-                if how == Assigned::Recycled {
-                    bump(&self.counters.fake_recycled);
+                if how == Assigned::Fresh {
+                    bump(&self.metrics.dns.fake_entries);
                 }
-                bump(&self.counters.answered_fake);
+                if how == Assigned::Recycled {
+                    bump(&self.metrics.dns.fake_recycled);
+                }
+                bump(&self.metrics.dns.answered_fake);
                 let ttl = u32::try_from(self.config.fake_ttl.as_secs()).unwrap_or(u32::MAX);
                 message::address_answer(query, ip, ttl, &mut out);
             }
             Err(_) => {
-                bump(&self.counters.servfail);
+                bump(&self.metrics.dns.servfail);
                 if warn {
                     tracing::warn!(
                         name,
@@ -395,7 +352,7 @@ impl Dns {
     }
 
     fn unknown(&self) -> Target {
-        bump(&self.counters.fake_unknown);
+        bump(&self.metrics.dns.fake_unknown);
         Target::Unknown
     }
 
@@ -430,15 +387,15 @@ impl Dns {
         let answer = match self.tcp.exchange(resolver, query).await {
             Ok(answer) => answer,
             Err(e) => {
-                bump(&self.counters.tcp_errors);
+                bump(&self.metrics.dns.tcp_errors);
                 return Err(e.into());
             }
         };
-        bump(&self.counters.tcp_answers);
+        bump(&self.metrics.dns.tcp_answers);
         if answer.len() <= limit {
             return Ok(answer);
         }
-        bump(&self.counters.truncated);
+        bump(&self.metrics.dns.truncated);
         let mut out = Vec::with_capacity(query.len().saturating_add(16));
         message::truncated(&answer, &parsed, &mut out);
         Ok(out)
@@ -448,7 +405,7 @@ impl Dns {
     /// query does not decode.
     pub fn servfail(&self, query: &[u8]) -> Option<Vec<u8>> {
         let parsed = Message::decode_query(query).ok()?;
-        bump(&self.counters.servfail);
+        bump(&self.metrics.dns.servfail);
         let mut out = Vec::with_capacity(query.len().saturating_add(16));
         message::empty_response(&parsed, message::RCODE_SERVFAIL, &mut out);
         Some(out)
@@ -456,32 +413,7 @@ impl Dns {
 
     /// The counters.
     pub fn stats(&self) -> DnsStats {
-        let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let t = self.tcp.counters();
-        let entries = |t: &Option<Mutex<FakeTable>>| {
-            t.as_ref()
-                .map_or(0, |t| u64::try_from(lock(t).len()).unwrap_or(u64::MAX))
-        };
-        DnsStats {
-            queries: get(&c.queries),
-            via_udp: get(&c.via_udp),
-            via_tcp: get(&c.via_tcp),
-            tcp_answers: get(&c.tcp_answers),
-            answered_fake: get(&c.answered_fake),
-            answered_empty: get(&c.answered_empty),
-            truncated: get(&c.truncated),
-            servfail: get(&c.servfail),
-            malformed: get(&c.malformed),
-            dropped: get(&c.dropped),
-            tcp_errors: get(&c.tcp_errors),
-            tcp_timeouts: get(&t.timeouts),
-            tcp_retries: get(&t.retries),
-            tcp_connections: get(&t.connections),
-            fake_recycled: get(&c.fake_recycled),
-            fake_unknown: get(&c.fake_unknown),
-            fake_entries: entries(&self.v4).saturating_add(entries(&self.v6)),
-        }
+        DnsStats::of(&self.metrics)
     }
 
     /// Open DNS-over-TCP connections to `resolver`.

@@ -26,6 +26,7 @@ use tracing::Instrument;
 
 use super::frames::Frames;
 use super::message::{HEADER_LEN, id_of, set_id};
+use crate::metrics::Metrics;
 use crate::socks::Address;
 use crate::upstream::Upstream;
 
@@ -80,20 +81,8 @@ pub enum TcpError {
     },
 }
 
-/// Counters of the TCP client.
-#[derive(Debug, Default)]
-pub struct TcpCounters {
-    /// Connections opened (SOCKS CONNECT attempted).
-    pub connections: AtomicU64,
-    /// Connections that failed to set up or died with queries outstanding.
-    pub failures: AtomicU64,
-    /// Queries sent again after their connection failed.
-    pub retries: AtomicU64,
-    /// Queries that reached their deadline.
-    pub timeouts: AtomicU64,
-    /// Answers whose ID matched no outstanding query (late, or bogus).
-    pub unmatched: AtomicU64,
-}
+/// Counters of the TCP client (their group of the one set of counters).
+pub use crate::metrics::DnsTcpCounters as TcpCounters;
 
 /// An answer slot: the sequence number that registered it, and where the answer goes.
 type Waiter = (u64, oneshot::Sender<Vec<u8>>);
@@ -241,7 +230,7 @@ struct Inner {
     /// Signalled whenever a slot frees up or a connection closes.
     freed: Arc<Notify>,
     next_conn: AtomicU64,
-    counters: TcpCounters,
+    metrics: Arc<Metrics>,
 }
 
 /// The pipelined DNS-over-TCP client. Cheap to clone; `Send + Sync`.
@@ -251,8 +240,8 @@ pub struct TcpClient {
 }
 
 impl TcpClient {
-    /// A client that reaches resolvers through `upstream`.
-    pub fn new(upstream: Upstream, settings: TcpSettings) -> Self {
+    /// A client that reaches resolvers through `upstream`, counting into `metrics`.
+    pub fn new(upstream: Upstream, settings: TcpSettings, metrics: Arc<Metrics>) -> Self {
         let settings = TcpSettings {
             connections: settings.connections.max(1),
             pipeline: settings.pipeline.clamp(1, usize::from(u16::MAX)),
@@ -265,14 +254,14 @@ impl TcpClient {
                 resolvers: Mutex::new(HashMap::new()),
                 freed: Arc::new(Notify::new()),
                 next_conn: AtomicU64::new(0),
-                counters: TcpCounters::default(),
+                metrics,
             }),
         }
     }
 
     /// The client's counters.
     pub fn counters(&self) -> &TcpCounters {
-        &self.inner.counters
+        &self.inner.metrics.dns.tcp
     }
 
     /// Open connections to `resolver` (for tests and stats).
@@ -293,7 +282,12 @@ impl TcpClient {
         let timeout = self.inner.settings.timeout;
         let deadline = Instant::now() + timeout;
         let timed_out = || {
-            self.inner.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .metrics
+                .dns
+                .tcp
+                .timeouts
+                .fetch_add(1, Ordering::Relaxed);
             TcpError::Timeout { resolver, timeout }
         };
         let mut retried = false;
@@ -330,7 +324,12 @@ impl TcpClient {
                 return Err(TcpError::Lost { resolver, reason });
             }
             tracing::debug!(%resolver, %reason, "DNS over TCP: connection lost, retrying once");
-            self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .metrics
+                .dns
+                .tcp
+                .retries
+                .fetch_add(1, Ordering::Relaxed);
             retried = true;
         }
     }
@@ -405,7 +404,9 @@ impl TcpClient {
             }),
         });
         self.inner
-            .counters
+            .metrics
+            .dns
+            .tcp
             .connections
             .fetch_add(1, Ordering::Relaxed);
         let span = tracing::debug_span!("dns_tcp", %resolver, conn = id);
@@ -425,7 +426,12 @@ async fn run(inner: Arc<Inner>, conn: Arc<Conn>, mut queue: mpsc::Receiver<Vec<u
     };
     let failed = conn.close(reason.clone());
     if failed > 0 || result.is_err() {
-        inner.counters.failures.fetch_add(1, Ordering::Relaxed);
+        inner
+            .metrics
+            .dns
+            .tcp
+            .failures
+            .fetch_add(1, Ordering::Relaxed);
         tracing::debug!(failed, %reason, "DNS over TCP connection failed");
     } else {
         tracing::trace!(%reason, "DNS over TCP connection ended");
@@ -460,7 +466,12 @@ async fn drive(
         loop {
             while let Some(message) = frames.next_message() {
                 if message.len() < HEADER_LEN || !conn.deliver(message) {
-                    inner.counters.unmatched.fetch_add(1, Ordering::Relaxed);
+                    inner
+                        .metrics
+                        .dns
+                        .tcp
+                        .unmatched
+                        .fetch_add(1, Ordering::Relaxed);
                 }
                 inner.freed.notify_waiters();
             }

@@ -7,6 +7,10 @@
 //! stack: [`TcpFlow`], its one-socket `SocketSet` behind a mutex, plus a "poll me"
 //! signal. A flow must not touch the interface, the device or another flow; its
 //! failure never reaches beyond itself.
+//!
+//! A flow's smoltcp rings are sized by [`buffers`]: none while its SYN waits for the
+//! CONNECT, small ones after, growing while it moves data and shrinking when it idles,
+//! all under one memory budget.
 
 #![deny(
     clippy::unwrap_used,
@@ -15,17 +19,21 @@
     clippy::indexing_slicing
 )]
 
+pub mod buffers;
 pub mod tcp;
 pub mod udp;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use smoltcp::iface::{SocketHandle, SocketSet};
+use smoltcp::socket::tcp::Socket as TcpSocket;
 use tokio::sync::Notify;
+
+use buffers::{Buffers, Sizer};
 
 /// A flow's number, unique within one run.
 pub type FlowId = u64;
@@ -60,6 +68,9 @@ pub struct TcpFlow {
     sockets: Mutex<SocketSet<'static>>,
     /// The socket's handle in `sockets`.
     pub handle: SocketHandle,
+    /// The size of the socket's rings and their charge to the budget. Locked after
+    /// `sockets`, never before.
+    sizer: Mutex<Sizer>,
     /// Set while the flow's id sits in the stack's "poll me" queue.
     queued: AtomicBool,
     /// Set when the flow's task has ended; the stack then drops the flow once its
@@ -75,6 +86,7 @@ impl TcpFlow {
         target: crate::socks::Address,
         sockets: SocketSet<'static>,
         handle: SocketHandle,
+        buffers: Arc<Buffers>,
     ) -> Self {
         TcpFlow {
             id,
@@ -82,6 +94,7 @@ impl TcpFlow {
             target,
             sockets: Mutex::new(sockets),
             handle,
+            sizer: Mutex::new(Sizer::new(buffers)),
             queued: AtomicBool::new(false),
             task_done: AtomicBool::new(false),
         }
@@ -91,6 +104,29 @@ impl TcpFlow {
     /// taken over: the socket state is still consistent for smoltcp.
     pub fn sockets(&self) -> MutexGuard<'_, SocketSet<'static>> {
         self.sockets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Gives the flow's socket its first rings (its SYN had none); called once the
+    /// CONNECT succeeded, before the SYN-ACK goes out.
+    pub fn open_buffers(&self, socket: &mut TcpSocket<'static>, now: Instant) {
+        buffers::open(socket, &mut self.sizer(), now);
+    }
+
+    /// Gives the flow's socket a send ring if it has none (the proxy has data for it).
+    pub fn open_send_buffer(&self, socket: &mut TcpSocket<'static>, now: Instant) {
+        buffers::open_send(socket, &mut self.sizer(), now);
+    }
+
+    /// Grows or shrinks the socket's rings after a poll (see [`buffers::resize`]);
+    /// returns when to poll again to shrink them if the flow stays idle.
+    pub fn resize_buffers(&self, socket: &mut TcpSocket<'static>, now: Instant) -> Option<Instant> {
+        buffers::resize(socket, &mut self.sizer(), now)
+    }
+
+    fn sizer(&self) -> MutexGuard<'_, Sizer> {
+        self.sizer
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -157,18 +193,8 @@ impl Signal {
     }
 }
 
-/// Counters shared by all flows.
-#[derive(Debug, Default)]
-pub struct FlowStats {
-    /// Flows whose upstream CONNECT succeeded.
-    pub connected: AtomicU64,
-    /// Flows reset because the proxy could not be reached or refused.
-    pub failed: AtomicU64,
-    /// Bytes from applications to the proxy.
-    pub bytes_up: AtomicU64,
-    /// Bytes from the proxy to applications.
-    pub bytes_down: AtomicU64,
-}
+/// Counters shared by all flows (they live in the one set of counters).
+pub use crate::metrics::FlowStats;
 
 /// Logs the first failure of a burst and counts the rest, so a dead proxy yields one
 /// line per interval instead of one per connection attempt.

@@ -11,6 +11,13 @@
 //! application leaves the send ring full, so the upstream socket is not read and the
 //! proxy's window closes. A FIN is carried each way on its own (half-close); a reset on
 //! either side becomes a reset on the other.
+//!
+//! Lifetime: once the SYN-ACK goes out, the socket sends keep-alive probes to the
+//! application after `keepalive` of silence and declares it gone when nothing came
+//! back for the longer of the stack's timeout and two probe intervals (with
+//! keep-alive off, an idle socket never times out: smoltcp's timeout would otherwise
+//! end every flow idle that long). A flow that moved no byte either way for
+//! `idle_timeout` is reset on both sides.
 
 use std::future::poll_fn;
 use std::io;
@@ -23,10 +30,11 @@ use std::time::Duration;
 use smoltcp::socket::tcp;
 use socket2::SockRef;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::{BurstLog, FlowStats, Signal, TcpFlow};
-use crate::upstream::{Upstream, UpstreamError};
+use super::{BurstLog, Signal, TcpFlow};
+use crate::metrics::{Metrics, SocksCommand};
+use crate::upstream::{Connected, Upstream, UpstreamError};
 
 /// What a flow task needs besides its flow.
 #[derive(Debug)]
@@ -36,9 +44,13 @@ pub struct FlowContext {
     /// Where to ask the stack for a poll.
     pub signal: Arc<Signal>,
     /// Shared counters.
-    pub stats: Arc<FlowStats>,
+    pub stats: Arc<Metrics>,
     /// Rate limit for "cannot reach the proxy" messages.
     pub failures: BurstLog,
+    /// Places for CONNECTs in progress. A flow waiting for one costs its paused SYN
+    /// and a small task; only the CONNECT itself holds the dial's state (about 2 KiB),
+    /// so a SYN storm against a dead proxy costs little memory.
+    pub dials: Semaphore,
 }
 
 /// How a flow ended.
@@ -53,16 +65,21 @@ pub enum FlowError {
     /// The application reset the connection (or its smoltcp socket timed out).
     #[error("reset by the application")]
     AppReset,
+    /// No byte moved either way for the idle limit; both sides were reset.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
 }
 
 /// Runs one flow to its end. `permit` is the flow's place under the flow limit.
 pub async fn run(flow: Arc<TcpFlow>, cx: Arc<FlowContext>, permit: OwnedSemaphorePermit) {
     let _permit = permit;
+    let _active = cx.stats.flows.active_guard();
     let result = serve(&flow, &cx).await;
     match result {
         Ok(bytes) => tracing::debug!(up = bytes.0, down = bytes.1, "closed"),
         Err(FlowError::Upstream(e)) => {
-            cx.stats.failed.fetch_add(1, Ordering::Relaxed);
+            cx.stats.flows.failed.fetch_add(1, Ordering::Relaxed);
+            cx.stats.socks.record(SocksCommand::Connect, &e);
             abort_socket(&flow);
             match cx.failures.check(std::time::Instant::now()) {
                 Some(suppressed) if e.proxy_unreachable() => tracing::warn!(
@@ -92,9 +109,9 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
     let connected = tokio::select! {
         biased;
         () = app_gave_up(flow) => return Err(FlowError::AppReset),
-        connected = cx.upstream.connect(flow.target.clone()) => connected?,
+        connected = dial(flow, cx) => connected?,
     };
-    cx.stats.connected.fetch_add(1, Ordering::Relaxed);
+    cx.stats.flows.connected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(bound = %connected.bound, "connected");
     {
         let mut sockets = flow.sockets();
@@ -103,9 +120,14 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
             // The application gave up while we were connecting.
             return Err(FlowError::AppReset);
         }
+        if let Some(every) = cx.upstream.options().keepalive {
+            set_keepalive(socket, every);
+        }
+        flow.open_buffers(socket, std::time::Instant::now());
         socket.pause_synack(false);
     }
     cx.signal.mark(flow);
+    app_established(flow, cx.upstream.options().keepalive).await?;
     let mut pump = Pump {
         flow: flow.clone(),
         upstream: connected.stream,
@@ -114,15 +136,96 @@ async fn serve(flow: &Arc<TcpFlow>, cx: &FlowContext) -> Result<(u64, u64), Flow
         down_eof: false,
         up: 0,
         down: 0,
+        last_progress: tokio::time::Instant::now(),
+        stats: cx.stats.clone(),
+        counted: (0, 0),
     };
-    let result = poll_fn(|task| pump.poll(task, &cx.signal)).await;
-    cx.stats.bytes_up.fetch_add(pump.up, Ordering::Relaxed);
-    cx.stats.bytes_down.fetch_add(pump.down, Ordering::Relaxed);
+    let result = match cx.upstream.options().idle_timeout {
+        Some(limit) => pump_until_idle(&mut pump, &cx.signal, limit).await,
+        None => poll_fn(|task| pump.poll(task, &cx.signal)).await,
+    };
     if result.is_err() {
         // Whatever went wrong, the proxy side learns of it as a reset.
         let _ = SockRef::from(&pump.upstream).set_linger(Some(Duration::ZERO));
     }
     result.map(|()| (pump.up, pump.down))
+}
+
+/// Waits for the application's side of the handshake (its ACK of our SYN-ACK; until
+/// then the stack's timeout bounds the wait). Without keep-alive, the timeout is then
+/// lifted: smoltcp counts it from the last packet received, so it would end every
+/// flow that merely idles that long.
+async fn app_established(flow: &TcpFlow, keepalive: Option<Duration>) -> Result<(), FlowError> {
+    poll_fn(|task| {
+        let mut sockets = flow.sockets();
+        let socket = sockets.get_mut::<tcp::Socket>(flow.handle);
+        match socket.state() {
+            tcp::State::SynReceived => {
+                socket.register_recv_waker(task.waker());
+                Poll::Pending
+            }
+            tcp::State::Listen | tcp::State::Closed => Poll::Ready(Err(FlowError::AppReset)),
+            _ => {
+                if keepalive.is_none() {
+                    socket.set_timeout(None);
+                }
+                Poll::Ready(Ok(()))
+            }
+        }
+    })
+    .await
+}
+
+/// Keep-alive probes to the application every `every` of silence; it is declared gone
+/// after the longer of the socket's timeout and two probe intervals without a packet
+/// from it. Set before the SYN-ACK leaves: on a socket that is already idle, smoltcp
+/// would send a first probe at once.
+fn set_keepalive(socket: &mut tcp::Socket<'_>, every: Duration) {
+    let every = smoltcp::time::Duration::from(every);
+    let floor = smoltcp::time::Duration::from_micros(
+        every
+            .total_micros()
+            .saturating_mul(2)
+            .saturating_add(1_000_000),
+    );
+    let timeout = socket.timeout().map_or(floor, |t| t.max(floor));
+    socket.set_keep_alive(Some(every));
+    socket.set_timeout(Some(timeout));
+}
+
+/// Runs the pump to its end, or resets both sides once it has made no progress for
+/// `limit` (keep-alive probes are no progress: they carry no byte).
+async fn pump_until_idle(
+    pump: &mut Pump,
+    signal: &Signal,
+    limit: Duration,
+) -> Result<(), FlowError> {
+    loop {
+        // A limit too far to express is no limit.
+        let Some(deadline) = pump.last_progress.checked_add(limit) else {
+            return poll_fn(|task| pump.poll(task, signal)).await;
+        };
+        let idle = tokio::select! {
+            result = poll_fn(|task| pump.poll(task, signal)) => return result,
+            () = tokio::time::sleep_until(deadline) => {
+                pump.last_progress.checked_add(limit).is_some_and(|d| d <= tokio::time::Instant::now())
+            }
+        };
+        if idle {
+            abort_socket(&pump.flow);
+            signal.mark(&pump.flow);
+            return Err(FlowError::Idle(limit));
+        }
+    }
+}
+
+/// SOCKS CONNECT to the flow's target, once a place under `cx.dials` is free. The
+/// CONNECT is boxed: its state exists only while it runs, instead of sizing the task
+/// of every flow (waiting, or established).
+async fn dial(flow: &TcpFlow, cx: &FlowContext) -> Result<Connected, UpstreamError> {
+    // The semaphore is never closed; were it, the dial would go ahead unlimited.
+    let _place = cx.dials.acquire().await.ok();
+    Box::pin(cx.upstream.connect(flow.target.clone())).await
 }
 
 /// Resolves when the application gives up on a connection whose SYN-ACK is paused: a
@@ -154,6 +257,13 @@ struct Pump {
     down_eof: bool,
     up: u64,
     down: u64,
+    /// When bytes last moved (or a FIN was passed on).
+    last_progress: tokio::time::Instant,
+    /// The shared counters; bytes are counted as they move, so a scrape sees a long
+    /// transfer progress.
+    stats: Arc<Metrics>,
+    /// `(up, down)` already added to `stats`.
+    counted: (u64, u64),
 }
 
 /// One direction's outcome within a poll.
@@ -166,6 +276,18 @@ enum Step {
 
 impl Pump {
     fn poll(&mut self, task: &mut Context<'_>, signal: &Signal) -> Poll<Result<(), FlowError>> {
+        let poll = self.poll_sockets(task, signal);
+        self.stats
+            .flows
+            .count_bytes(&mut self.counted, (self.up, self.down));
+        poll
+    }
+
+    fn poll_sockets(
+        &mut self,
+        task: &mut Context<'_>,
+        signal: &Signal,
+    ) -> Poll<Result<(), FlowError>> {
         let flow = self.flow.clone();
         let mut sockets = flow.sockets();
         let socket = sockets.get_mut::<tcp::Socket>(flow.handle);
@@ -191,6 +313,7 @@ impl Pump {
                     // A state change (a reset) wakes both wakers; register one always.
                     socket.register_send_waker(task.waker());
                     if changed {
+                        self.last_progress = tokio::time::Instant::now();
                         signal.mark(&flow);
                     }
                     return Poll::Pending;
@@ -250,11 +373,23 @@ impl Pump {
     /// Proxy -> application.
     fn download(
         &mut self,
-        socket: &mut tcp::Socket<'_>,
+        socket: &mut tcp::Socket<'static>,
         task: &mut Context<'_>,
     ) -> io::Result<Step> {
         if self.down_eof {
             return Ok(Step::Blocked);
+        }
+        if socket.send_capacity() == 0 {
+            // No send ring yet (or it was freed while idle): make one once the proxy
+            // has data for the application.
+            if self.pending.is_empty() {
+                match self.upstream.poll_read_ready(task) {
+                    Poll::Pending => return Ok(Step::Blocked),
+                    Poll::Ready(result) => result?,
+                }
+            }
+            self.flow
+                .open_send_buffer(socket, std::time::Instant::now());
         }
         if !socket.can_send() {
             // Not established yet, or the send ring is full: wait for ACKs.

@@ -164,6 +164,7 @@ fn config(flags: u8) -> StackConfig {
             server,
             ..DnsConfig::default()
         },
+        ..StackConfig::default()
     }
 }
 

@@ -103,6 +103,7 @@ pub(super) async fn serve(
         return Ok(());
     }
     let _ = peer_stream.set_nodelay(true);
+    super::set_keepalive(&peer_stream, shared.config.keepalive);
     client
         .write_all(&request.reply(ReplyCode::SUCCEEDED, &Address::from(peer)))
         .await?;
@@ -110,7 +111,7 @@ pub(super) async fn serve(
         peer_stream.write_all(&leftover).await?;
     }
     tracing::info!(%peer, "peer connected");
-    let outcome = relay::relay(client, peer_stream).await;
+    let outcome = relay::relay_with_idle(client, peer_stream, shared.config.idle_timeout).await;
     tracing::info!(
         sent = outcome.bytes.up,
         received = outcome.bytes.down,

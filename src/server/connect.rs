@@ -85,6 +85,7 @@ pub(super) async fn serve(
         }
     };
     let _ = remote.set_nodelay(true);
+    super::set_keepalive(&remote, shared.config.keepalive);
     let bound = Address::from(remote.local_addr()?);
     client
         .write_all(&request.reply(ReplyCode::SUCCEEDED, &bound))
@@ -93,7 +94,7 @@ pub(super) async fn serve(
         remote.write_all(&leftover).await?;
     }
     tracing::info!(target = %request.target, %peer, "connected");
-    let outcome = relay::relay(client, remote).await;
+    let outcome = relay::relay_with_idle(client, remote, shared.config.idle_timeout).await;
     let sent = outcome.bytes.up.saturating_add(leftover.len() as u64);
     match outcome.error {
         None => tracing::info!(sent, received = outcome.bytes.down, "closed"),

@@ -71,6 +71,13 @@ pub struct ServerConfig {
     pub udp_idle_timeout: Duration,
     /// Sessions served at once; further clients are closed at once.
     pub max_connections: usize,
+    /// A CONNECT relay that moved no byte either way for this long is reset on both
+    /// sides. `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// TCP keep-alive on the client's socket and the destination's: the first probe
+    /// after this long without traffic (parameters: [`relay::keepalive`]).
+    /// `None`: no probes.
+    pub keepalive: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -86,6 +93,8 @@ impl Default for ServerConfig {
             bind_timeout: Duration::from_secs(60),
             udp_idle_timeout: Duration::from_secs(300),
             max_connections: 4096,
+            idle_timeout: Some(relay::DEFAULT_IDLE_TIMEOUT),
+            keepalive: Some(relay::DEFAULT_KEEPALIVE),
         }
     }
 }
@@ -262,6 +271,7 @@ async fn accept_loop(
 /// One client, from the first byte to the close.
 async fn session(mut stream: TcpStream, shared: Arc<Shared>) {
     let _ = stream.set_nodelay(true);
+    set_keepalive(&stream, shared.config.keepalive);
     let hs = handshake::read_request(&mut stream, &shared.config, &shared.login_failures).await;
     let (request, leftover) = match hs {
         Ok(done) => done,
@@ -284,6 +294,16 @@ async fn session(mut stream: TcpStream, shared: Arc<Shared>) {
     };
     if let Err(e) = result {
         tracing::info!(error = %e, "session ended with an error");
+    }
+}
+
+/// Turns on TCP keep-alive probes (a failure only loses the probes: logged).
+fn set_keepalive(stream: &TcpStream, idle: Option<Duration>) {
+    if let Some(idle) = idle {
+        let params = relay::keepalive(idle);
+        if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&params) {
+            tracing::debug!(error = %e, "cannot enable keep-alive");
+        }
     }
 }
 

@@ -9,10 +9,13 @@
 //! [`SPLICE_AFTER`] bytes is a bulk stream and switches to `splice(2)` through a
 //! kernel pipe ([`Pipe`]): the bytes then never enter userspace. Short sessions never
 //! pay for the pipe's two descriptors; where pipes are unavailable, copying goes on.
+//!
+//! [`relay_with_idle`] also ends a relay that moved no byte either way for a while
+//! (copy and splice alike count as progress), with a reset to both peers.
 
 use std::io;
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use socket2::SockRef;
@@ -27,6 +30,24 @@ const COPY_BUFFER: usize = 16 * 1024;
 pub const SPLICE_AFTER: u64 = 256 * 1024;
 /// Capacity asked for each splice pipe.
 const PIPE_CAPACITY: usize = 512 * 1024;
+/// The default idle limit of a relay (`--idle-timeout`): 2 h 4 min, the shortest
+/// idle limit RFC 5382 (REQ-5) allows a NAT for established TCP.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(7440);
+/// The default keep-alive idle time (`--tcp-keepalive`).
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Unanswered keep-alive probes after which the kernel resets a connection.
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Kernel keep-alive parameters: the first probe after `idle` without traffic, then
+/// one every `idle / 3` (at least 1 s); after three unanswered probes the kernel
+/// resets the connection, about `2 × idle` after the peer's last packet.
+pub fn keepalive(idle: Duration) -> socket2::TcpKeepalive {
+    let interval = (idle / KEEPALIVE_PROBES).max(Duration::from_secs(1));
+    socket2::TcpKeepalive::new()
+        .with_time(idle.max(Duration::from_secs(1)))
+        .with_interval(interval)
+        .with_retries(KEEPALIVE_PROBES)
+}
 
 /// Bytes moved by [`relay`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,16 +68,38 @@ pub struct Outcome {
 }
 
 /// Relays `client` <-> `remote` until both directions are done or one fails.
-pub async fn relay(mut client: TcpStream, mut remote: TcpStream) -> Outcome {
+pub async fn relay(client: TcpStream, remote: TcpStream) -> Outcome {
+    relay_with_idle(client, remote, None).await
+}
+
+/// Like [`relay`], and ends the relay with a reset both ways (error `TimedOut`) once
+/// no byte moved either way for `idle_timeout`.
+pub async fn relay_with_idle(
+    mut client: TcpStream,
+    mut remote: TcpStream,
+    idle_timeout: Option<Duration>,
+) -> Outcome {
     let mut bytes = Transferred::default();
-    let one_done = AtomicBool::new(false);
+    let shared = Shared {
+        one_done: AtomicBool::new(false),
+        activity: Activity::new(),
+    };
     let result = {
         let (client_read, client_write) = client.split();
         let (remote_read, remote_write) = remote.split();
-        tokio::try_join!(
-            pipe(client_read, remote_write, &mut bytes.up, &one_done),
-            pipe(remote_read, client_write, &mut bytes.down, &one_done),
-        )
+        let copy = async {
+            tokio::try_join!(
+                pipe(client_read, remote_write, &mut bytes.up, &shared),
+                pipe(remote_read, client_write, &mut bytes.down, &shared),
+            )
+        };
+        tokio::select! {
+            result = copy => result.map(|_| ()),
+            limit = shared.activity.idle_for(idle_timeout) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no traffic for {limit:?}"),
+            )),
+        }
     };
     let error = result.err();
     if error.is_some() {
@@ -68,12 +111,68 @@ pub async fn relay(mut client: TcpStream, mut remote: TcpStream) -> Outcome {
     Outcome { bytes, error }
 }
 
+/// What the two directions of one relay share.
+struct Shared {
+    /// One direction has passed its FIN on.
+    one_done: AtomicBool,
+    /// When bytes last moved either way.
+    activity: Activity,
+}
+
+/// The time bytes last moved, as milliseconds since the relay started (an atomic, so
+/// the relay's future stays `Send`).
+struct Activity {
+    start: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            start: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that bytes moved now.
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        let ms = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.start.checked_add(ms).unwrap_or(self.start)
+    }
+
+    /// Resolves (with the limit) once nothing moved for `limit`; never without one.
+    async fn idle_for(&self, limit: Option<Duration>) -> Duration {
+        let Some(limit) = limit else {
+            return std::future::pending().await;
+        };
+        loop {
+            // A limit too far to express is no limit.
+            let Some(deadline) = self.last().checked_add(limit) else {
+                return std::future::pending().await;
+            };
+            tokio::time::sleep_until(deadline).await;
+            if self
+                .last()
+                .checked_add(limit)
+                .is_some_and(|d| d <= tokio::time::Instant::now())
+            {
+                return limit;
+            }
+        }
+    }
+}
+
 /// One direction: copy, then splice once it proves to be bulk; FIN at the end.
 async fn pipe(
     mut from: ReadHalf<'_>,
     mut to: WriteHalf<'_>,
     count: &mut u64,
-    one_done: &AtomicBool,
+    shared: &Shared,
 ) -> io::Result<()> {
     let mut buf = vec![0u8; COPY_BUFFER];
     let mut try_splice = true;
@@ -81,7 +180,7 @@ async fn pipe(
         if try_splice && *count >= SPLICE_AFTER {
             match Pipe::new(PIPE_CAPACITY) {
                 Ok(pipe) => {
-                    return splice(from.as_ref(), to.as_ref(), pipe, count, one_done).await;
+                    return splice(from.as_ref(), to.as_ref(), pipe, count, shared).await;
                 }
                 Err(e) => {
                     tracing::debug!(error = %e, "no splice pipe; copying");
@@ -91,8 +190,9 @@ async fn pipe(
         }
         let n = from.read(&mut buf).await?;
         if n == 0 {
-            return finish(to.as_ref(), one_done);
+            return finish(to.as_ref(), &shared.one_done);
         }
+        shared.activity.touch();
         to.write_all(buf.get(..n).unwrap_or_default()).await?;
         *count = count.saturating_add(n as u64);
     }
@@ -104,19 +204,21 @@ async fn splice(
     to: &TcpStream,
     mut pipe: Pipe,
     count: &mut u64,
-    one_done: &AtomicBool,
+    shared: &Shared,
 ) -> io::Result<()> {
     loop {
         let n = from
             .async_io(Interest::READABLE, || pipe.fill_from(from))
             .await?;
         if n == 0 {
-            return finish(to, one_done);
+            return finish(to, &shared.one_done);
         }
+        shared.activity.touch();
         while pipe.buffered() > 0 {
             let n = to
                 .async_io(Interest::WRITABLE, || pipe.drain_into(to))
                 .await?;
+            shared.activity.touch();
             *count = count.saturating_add(n as u64);
         }
     }
@@ -132,5 +234,39 @@ fn finish(to: &TcpStream, one_done: &AtomicBool) -> io::Result<()> {
     match SockRef::from(to).shutdown(Shutdown::Write) {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_limit_counts_from_the_last_progress() {
+        let activity = Activity::new();
+        let started = tokio::time::Instant::now();
+        let limit = Duration::from_secs(10);
+        let idle = activity.idle_for(Some(limit));
+        tokio::pin!(idle);
+        // Progress at 6 s moves the deadline from 10 s to 16 s.
+        tokio::select! {
+            _ = &mut idle => panic!("idle before any deadline"),
+            () = tokio::time::sleep(Duration::from_secs(6)) => activity.touch(),
+        }
+        assert_eq!(idle.await, limit);
+        assert_eq!(started.elapsed(), Duration::from_secs(16));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_limit_never_fires_and_a_huge_one_does_not_overflow() {
+        let activity = Activity::new();
+        for limit in [None, Some(Duration::MAX)] {
+            let fired = tokio::time::timeout(
+                Duration::from_secs(365 * 24 * 3600),
+                activity.idle_for(limit),
+            )
+            .await;
+            assert!(fired.is_err(), "{limit:?}");
+        }
     }
 }

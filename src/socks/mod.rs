@@ -34,6 +34,7 @@ pub mod addr;
 pub mod auth;
 pub mod client;
 mod error;
+#[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
 mod reader;

@@ -53,6 +53,27 @@ pub enum DropReason {
 }
 
 impl DropReason {
+    /// How many reasons there are.
+    pub const COUNT: usize = 9;
+
+    /// Every reason, in [`DropReason::index`] order.
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::Malformed,
+        DropReason::Fragment,
+        DropReason::Icmp,
+        DropReason::OtherProtocol,
+        DropReason::NotUnicast,
+        DropReason::Multicast,
+        DropReason::Broadcast,
+        DropReason::LinkLocal,
+        DropReason::BadChecksum,
+    ];
+
+    /// The reason's place in [`DropReason::ALL`] (a counter array's index).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// A short name for counters and logs.
     pub fn name(self) -> &'static str {
         match self {
@@ -90,9 +111,10 @@ pub fn is_link_local(ip: IpAddr) -> bool {
     }
 }
 
-/// The Internet checksum (RFC 1071) of a UDP datagram with its pseudo-header is
-/// right: the ones' complement sum over both is all ones.
-fn udp_checksum_ok(src: IpAddr, dst: IpAddr, udp: &[u8]) -> bool {
+/// The Internet checksum (RFC 1071) of a UDP datagram or TCP segment (`protocol` 17
+/// or 6) with its pseudo-header is right: the ones' complement sum over both is all
+/// ones.
+fn checksum_ok(src: IpAddr, dst: IpAddr, protocol: u8, segment: &[u8]) -> bool {
     let mut sum: u64 = 0;
     let mut add = |bytes: &[u8]| {
         let mut chunks = bytes.chunks_exact(2);
@@ -116,9 +138,9 @@ fn udp_checksum_ok(src: IpAddr, dst: IpAddr, udp: &[u8]) -> bool {
         }
         _ => return false,
     }
-    let len = udp.len() as u64;
-    add(udp);
-    sum += 17 + len;
+    let len = segment.len() as u64;
+    add(segment);
+    sum += u64::from(protocol) + len;
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -160,6 +182,9 @@ pub fn classify(packet: &[u8]) -> Class {
     };
     match &sliced.transport {
         Some(TransportSlice::Tcp(tcp)) => match tuple(tcp.source_port(), tcp.destination_port()) {
+            // Checked here, before a SYN can open a flow, and counted (smoltcp, which
+            // would drop it silently, is told not to check again).
+            Ok(_) if !checksum_ok(src, dst, 6, tcp.slice()) => Class::Drop(DropReason::BadChecksum),
             Ok(tuple) => Class::Tcp {
                 tuple,
                 syn: tcp.syn() && !tcp.ack() && !tcp.rst(),
@@ -177,7 +202,7 @@ pub fn classify(packet: &[u8]) -> Class {
                 // "No checksum": allowed in IPv4 only (RFC 768; RFC 8200 8.1).
                 src.is_ipv4()
             } else {
-                udp_checksum_ok(src, dst, udp.slice())
+                checksum_ok(src, dst, 17, udp.slice())
             };
             if !checked {
                 return Class::Drop(DropReason::BadChecksum);
@@ -333,6 +358,33 @@ mod tests {
             if !v6 {
                 assert!(matches!(classify(&out), Class::Udp { .. }));
             }
+        }
+    }
+
+    #[test]
+    fn tcp_checksums_are_checked_before_a_syn_opens_a_flow() {
+        for v6 in [false, true] {
+            let mut out = Vec::new();
+            let b = if v6 {
+                PacketBuilder::ipv6([0xfd; 16], [0x20; 16], 64)
+            } else {
+                PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+            };
+            b.tcp(40000, 80, 7, 1000)
+                .syn()
+                .write(&mut out, b"odd")
+                .unwrap();
+            assert!(
+                matches!(classify(&out), Class::Tcp { syn: true, .. }),
+                "v6={v6}"
+            );
+            let last = out.len() - 1;
+            out[last] ^= 1;
+            assert_eq!(
+                classify(&out),
+                Class::Drop(DropReason::BadChecksum),
+                "v6={v6}"
+            );
         }
     }
 

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use tokio::sync::Semaphore;
@@ -16,6 +15,7 @@ use crate::dns::{Decision, Dns, Target};
 use crate::egress::{Egress, PacketSink};
 use crate::flow::FourTuple;
 use crate::flow::udp::{Outgoing, UdpConfig, UdpNat};
+use crate::metrics::bump;
 use crate::socks::Address;
 use crate::upstream::Upstream;
 
@@ -48,8 +48,6 @@ pub(super) struct Datagrams {
     /// DNS-over-TCP queries in flight.
     dns_tasks: JoinSet<()>,
     dns_permits: Arc<Semaphore>,
-    /// DNS datagrams dropped: not a query, or too many queries over TCP in flight.
-    pub(super) dns_dropped: AtomicU64,
 }
 
 impl Datagrams {
@@ -66,20 +64,11 @@ impl Datagrams {
             dns,
             dns_tasks: JoinSet::new(),
             dns_permits: Arc::new(Semaphore::new(MAX_TCP_QUERIES)),
-            dns_dropped: AtomicU64::new(0),
         }
     }
 
     pub(super) fn dns(&self) -> &Dns {
         &self.dns
-    }
-
-    pub(super) fn udp(&self) -> &UdpNat {
-        &self.udp
-    }
-
-    pub(super) fn egress(&self) -> &Egress {
-        &self.egress
     }
 
     /// Where a flow to `dst` (TCP or UDP) must go, as the proxy is to be asked; `None`
@@ -148,7 +137,7 @@ impl Datagrams {
             }
             Decision::Tcp { resolver } => {
                 let Ok(permit) = self.dns_permits.clone().try_acquire_owned() else {
-                    self.dns_dropped.fetch_add(1, Relaxed);
+                    bump(&self.egress.metrics().dns.seam_dropped);
                     return;
                 };
                 let (dns, egress) = (self.dns.clone(), self.egress.clone());
@@ -170,7 +159,7 @@ impl Datagrams {
             }
             Decision::Drop(reason) => {
                 tracing::trace!(%tuple, reason, "DNS datagram dropped");
-                self.dns_dropped.fetch_add(1, Relaxed);
+                bump(&self.egress.metrics().dns.seam_dropped);
             }
         }
     }

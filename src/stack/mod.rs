@@ -45,11 +45,13 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::dns::{Dns, DnsConfig, DnsStats};
+use crate::dns::{Dns, DnsConfig};
 use crate::egress::Egress;
+use crate::flow::buffers::{Budget, BufferConfig, Buffers};
 use crate::flow::tcp::FlowContext;
 use crate::flow::udp::UdpConfig;
-use crate::flow::{BurstLog, FlowId, FlowStats, FourTuple, Signal, TcpFlow};
+use crate::flow::{BurstLog, FlowId, FourTuple, Signal, TcpFlow};
+use crate::metrics::{Metrics, bump};
 use crate::upstream::Upstream;
 use classify::{Class, DropReason};
 use datagram::{Datagrams, DeviceSink};
@@ -62,6 +64,12 @@ const BATCH: usize = 256;
 const RX_BUFFER: usize = 65_536;
 /// The longest one busy-poll pass runs before the loop checks shutdown and timers.
 const MAX_SPIN: Duration = Duration::from_millis(2);
+/// CONNECTs in progress at once; further flows wait for a place (their SYNs stay
+/// paused). Plenty for a live proxy (a dial takes a round trip); against a dead one,
+/// it keeps a SYN storm's memory to the paused SYNs.
+const CONCURRENT_DIALS: usize = 1024;
+/// Segments one flow may send per poll (a 4 MiB window of 4 KiB segments).
+const EGRESS_PER_POLL: usize = 1024;
 /// Shortest sleep between timer-driven polls of one flow (guards against spinning).
 const MIN_TIMER: Duration = Duration::from_millis(1);
 
@@ -109,13 +117,39 @@ impl PacketIo for crate::device::Device {
 /// The default `--busy-poll` window.
 pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
 
+/// Default budget for TCP rings: 256 MiB (512 flows with both rings at 256 KiB, or
+/// 32,768 flows with their initial 2 x 4 KiB).
+pub const DEFAULT_MEMORY_LIMIT: usize = 256 * 1024 * 1024;
+
+/// Descriptors kept out of the flow count: the TUN, the runtime, logs, DNS over TCP.
+const RESERVED_FILES: u64 = 256;
+
+/// The default flow limit for an open-files limit of `open_files`: each TCP flow holds
+/// one descriptor (its proxy connection), each UDP association two; three quarters of
+/// what is left after a reserve go to TCP flows. With 1,024 descriptors: 576 flows;
+/// with 20,000: 14,808; memory per flow is bounded by the buffer policy, not by a
+/// small fixed cap.
+pub fn default_max_flows(open_files: u64) -> usize {
+    let flows = open_files.saturating_sub(RESERVED_FILES) / 4 * 3;
+    usize::try_from(flows).unwrap_or(usize::MAX).max(1)
+}
+
 /// Stack settings.
 #[derive(Debug, Clone)]
 pub struct StackConfig {
-    /// Receive buffer per TCP flow (bytes); it is the window offered to applications.
+    /// Largest receive ring per TCP flow (bytes); it is the largest window offered to
+    /// applications, and the window scale is chosen for it.
     pub tcp_rx_buffer: usize,
-    /// Send buffer per TCP flow (bytes).
+    /// Largest send ring per TCP flow (bytes).
     pub tcp_tx_buffer: usize,
+    /// Ring size of a flow whose CONNECT succeeded, and after it idled (bytes); rings
+    /// grow from it while a flow moves data. Equal to the maximum: fixed rings.
+    pub tcp_initial_buffer: usize,
+    /// A flow that moved no data for this long gets its rings shrunk back.
+    pub tcp_idle_shrink: Duration,
+    /// Budget for all TCP rings (bytes): when spent, rings stop growing (smaller
+    /// windows); a connected flow always gets its initial rings.
+    pub memory_limit: usize,
     /// Flows at once; SYNs beyond are reset.
     pub max_flows: usize,
     /// A flow whose application stops acknowledging data for this long is reset.
@@ -134,6 +168,9 @@ impl Default for StackConfig {
         StackConfig {
             tcp_rx_buffer: 512 * 1024,
             tcp_tx_buffer: 512 * 1024,
+            tcp_initial_buffer: crate::flow::buffers::DEFAULT_INITIAL,
+            tcp_idle_shrink: BufferConfig::default().idle,
+            memory_limit: DEFAULT_MEMORY_LIMIT,
             max_flows: 8192,
             tcp_timeout: Duration::from_secs(120),
             udp: UdpConfig::default(),
@@ -143,56 +180,8 @@ impl Default for StackConfig {
     }
 }
 
-/// What the stack did, reported when it stops.
-#[derive(Debug, Default, Clone)]
-pub struct StackStats {
-    /// Passes of the poll loop (each follows a packet, a flow's request or a timer;
-    /// an idle stack makes none).
-    pub wakeups: u64,
-    /// Busy-poll passes that found work (a packet or a flow's request) instead of
-    /// sleeping for it.
-    pub spin_hits: u64,
-    /// Packets read from the device.
-    pub packets_in: u64,
-    /// Packets written to the device.
-    pub packets_out: u64,
-    /// Packets the device refused.
-    pub packets_out_dropped: u64,
-    /// Packets dropped on the way in, by reason.
-    pub dropped: HashMap<&'static str, u64>,
-    /// TCP flows opened.
-    pub flows_opened: u64,
-    /// SYNs reset because the flow limit was reached.
-    pub flows_over_limit: u64,
-    /// Flows whose upstream CONNECT succeeded.
-    pub flows_connected: u64,
-    /// Flows reset because the proxy could not be reached or refused.
-    pub flows_failed: u64,
-    /// Bytes from applications to the proxy.
-    pub bytes_up: u64,
-    /// Bytes from the proxy to applications.
-    pub bytes_down: u64,
-    /// TCP SYNs to the proxy's own address and port, reset (they would loop).
-    pub loops_refused: u64,
-    /// UDP associations set up with the proxy.
-    pub udp_associations: u64,
-    /// UDP datagrams from applications sent to the proxy.
-    pub udp_up: u64,
-    /// UDP datagrams from the proxy written to applications.
-    pub udp_down: u64,
-    /// UDP datagrams answered with port unreachable (the proxy has or gives no UDP).
-    pub udp_refused: u64,
-    /// UDP datagrams dropped on the way to the proxy (queue or socket full, limit,
-    /// oversized, broadcast).
-    pub udp_dropped: u64,
-    /// Packets built outside smoltcp (UDP replies, ICMP errors) that the device
-    /// refused.
-    pub egress_dropped: u64,
-    /// DNS datagrams dropped (not a query, or too many queries over TCP at once).
-    pub dns_dropped: u64,
-    /// DNS, by mode and outcome.
-    pub dns: DnsStats,
-}
+/// What the stack did, reported when it stops: a snapshot of the tunnel's counters.
+pub type StackStats = crate::metrics::Snapshot;
 
 /// Runs the stack on `device` until `shutdown` resolves or the device fails. Every
 /// TCP connection becomes a flow that goes through `upstream`.
@@ -202,10 +191,27 @@ pub async fn run<D: PacketIo>(
     upstream: Upstream,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<StackStats> {
-    let mut stack = Stack::new(device, config, upstream);
+    run_with_metrics(device, config, upstream, Arc::default(), shutdown).await
+}
+
+/// As [`run`], counting into `metrics` (which a stats line or a metrics endpoint
+/// reads while the stack runs).
+pub async fn run_with_metrics<D: PacketIo>(
+    device: D,
+    config: StackConfig,
+    upstream: Upstream,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<StackStats> {
+    let mut stack = Stack::new(device, config, upstream, metrics);
     let result = stack.run(shutdown).await;
+    // Rings held when the stack stopped, before closing resets the flows.
+    let held = stack.buffers.budget.used() as u64;
     stack.close().await;
-    result.map(|()| stack.stats())
+    result.map(|()| StackStats {
+        ring_bytes: held,
+        ..stack.stats.snapshot()
+    })
 }
 
 struct Stack<D: PacketIo> {
@@ -220,13 +226,15 @@ struct Stack<D: PacketIo> {
     timers: Timers,
     permits: Arc<Semaphore>,
     cx: Arc<FlowContext>,
+    /// Ring sizes and the budget, shared with every flow.
+    buffers: Arc<Buffers>,
     tasks: JoinSet<()>,
     /// An empty set: packets of no flow go here, and smoltcp answers them with RST.
     no_sockets: SocketSet<'static>,
     scratch: Vec<u8>,
     tx: TxCounters,
     dirty: Vec<FlowId>,
-    stats: StackStats,
+    stats: Arc<Metrics>,
     limit_log: BurstLog,
     loop_log: BurstLog,
     datagrams: Datagrams,
@@ -234,15 +242,20 @@ struct Stack<D: PacketIo> {
 }
 
 impl<D: PacketIo> Stack<D> {
-    fn new(device: D, config: StackConfig, upstream: Upstream) -> Self {
+    fn new(device: D, config: StackConfig, upstream: Upstream, stats: Arc<Metrics>) -> Self {
         let device = Arc::new(device);
-        let egress = Arc::new(Egress::new(Arc::new(DeviceSink(device.clone()))));
-        let dns = Arc::new(Dns::new(config.dns.clone(), upstream.clone()));
+        let sink = Arc::new(DeviceSink(device.clone()));
+        let egress = Arc::new(Egress::with_metrics(sink, stats.clone()));
+        let dns = Arc::new(Dns::with_metrics(
+            config.dns.clone(),
+            upstream.clone(),
+            stats.clone(),
+        ));
         let datagrams = Datagrams::new(upstream.clone(), egress, config.udp.clone(), dns);
         let busy_poll = config.busy_poll;
         let epoch = Instant::now();
         let mut scratch = Vec::with_capacity(RX_BUFFER);
-        let mut tx = TxCounters::default();
+        let mut tx = TxCounters(stats.clone());
         let mut iface_config = Config::new(HardwareAddress::Ip);
         iface_config.random_seed = random_seed();
         let iface = {
@@ -255,12 +268,23 @@ impl<D: PacketIo> Stack<D> {
         let cx = Arc::new(FlowContext {
             upstream,
             signal: Arc::new(Signal::default()),
-            stats: Arc::new(FlowStats::default()),
+            stats: stats.clone(),
             failures: BurstLog::new(Duration::from_secs(5)),
+            dials: Semaphore::new(CONCURRENT_DIALS),
+        });
+        let buffers = Arc::new(Buffers {
+            config: BufferConfig {
+                initial: config.tcp_initial_buffer,
+                max_rx: config.tcp_rx_buffer,
+                max_tx: config.tcp_tx_buffer,
+                idle: config.tcp_idle_shrink,
+            },
+            budget: Budget::with_metrics(config.memory_limit, stats.clone()),
         });
         Stack {
             device,
             iface,
+            buffers,
             epoch,
             permits: Arc::new(Semaphore::new(config.max_flows)),
             config,
@@ -274,7 +298,7 @@ impl<D: PacketIo> Stack<D> {
             scratch,
             tx,
             dirty: Vec::new(),
-            stats: StackStats::default(),
+            stats,
             limit_log: BurstLog::new(Duration::from_secs(5)),
             loop_log: BurstLog::new(Duration::from_secs(5)),
             datagrams,
@@ -299,7 +323,7 @@ impl<D: PacketIo> Stack<D> {
                 () = &mut sleep => (None, false),
             };
             let now = Instant::now();
-            self.stats.wakeups = self.stats.wakeups.saturating_add(1);
+            bump(&self.stats.stack.wakeups);
             if let Some(n) = received {
                 self.ingress(rx.get(..n).unwrap_or_default(), now);
                 self.ingress_batch(&mut rx, now)?;
@@ -341,7 +365,7 @@ impl<D: PacketIo> Stack<D> {
                 Err(e) => return Err(e),
             }
             if worked {
-                self.stats.spin_hits = self.stats.spin_hits.saturating_add(1);
+                bump(&self.stats.stack.spin_hits);
                 self.poll_flows(now);
                 match self.busy.extend(now) {
                     Some(later) => until = later,
@@ -389,13 +413,12 @@ impl<D: PacketIo> Stack<D> {
     }
 
     fn drop_packet(&mut self, reason: DropReason) {
-        let count = self.stats.dropped.entry(reason.name()).or_default();
-        *count = count.saturating_add(1);
+        self.stats.stack.drop_packet(reason);
     }
 
     /// Handles one packet from the device.
     fn ingress(&mut self, packet: &[u8], now: Instant) {
-        self.stats.packets_in = self.stats.packets_in.saturating_add(1);
+        bump(&self.stats.stack.packets_in);
         match classify::classify(packet) {
             Class::Tcp { tuple, syn } => match self.by_tuple.get(&tuple).copied() {
                 Some(id) => {
@@ -437,7 +460,7 @@ impl<D: PacketIo> Stack<D> {
     fn open(&mut self, tuple: FourTuple, syn: &[u8], now: Instant) {
         if self.cx.upstream.is_proxy(tuple.dst) {
             // The proxy's own address through the tunnel would loop: refuse it.
-            self.stats.loops_refused = self.stats.loops_refused.saturating_add(1);
+            bump(&self.stats.flows.loops_refused);
             if let Some(suppressed) = self.loop_log.check(now) {
                 tracing::warn!(
                     %tuple, suppressed,
@@ -455,7 +478,7 @@ impl<D: PacketIo> Stack<D> {
             return;
         };
         let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            self.stats.flows_over_limit = self.stats.flows_over_limit.saturating_add(1);
+            bump(&self.stats.flows.over_limit);
             if let Some(suppressed) = self.limit_log.check(now) {
                 tracing::warn!(
                     limit = self.config.max_flows,
@@ -466,10 +489,13 @@ impl<D: PacketIo> Stack<D> {
             self.refuse(syn, now);
             return;
         };
+        // No rings until the CONNECT succeeds (the flow then adds them), but the window
+        // scale announced in the SYN-ACK is the one for the largest ring.
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_rx_buffer]),
-            tcp::SocketBuffer::new(vec![0u8; self.config.tcp_tx_buffer]),
+            tcp::SocketBuffer::new(Vec::new()),
+            tcp::SocketBuffer::new(Vec::new()),
         );
+        socket.set_window_shift_capacity(self.config.tcp_rx_buffer);
         socket.set_nagle_enabled(false);
         socket.set_timeout(Some(self.config.tcp_timeout.into()));
         socket.pause_synack(true);
@@ -490,10 +516,17 @@ impl<D: PacketIo> Stack<D> {
         }
         let id = self.next_id;
         self.next_id = self.next_id.saturating_add(1);
-        let flow = Arc::new(TcpFlow::new(id, tuple, target, sockets, handle));
+        let flow = Arc::new(TcpFlow::new(
+            id,
+            tuple,
+            target,
+            sockets,
+            handle,
+            self.buffers.clone(),
+        ));
         self.flows.insert(id, flow.clone());
         self.by_tuple.insert(tuple, id);
-        self.stats.flows_opened = self.stats.flows_opened.saturating_add(1);
+        bump(&self.stats.flows.opened);
         let span =
             tracing::info_span!("flow", id, proto = "tcp", src = %tuple.src, dst = %tuple.dst);
         self.tasks
@@ -515,11 +548,23 @@ impl<D: PacketIo> Stack<D> {
         };
         let ts = smol_now(self.epoch, now);
         let mut sockets = flow.sockets();
+        let shrink_at = flow.resize_buffers(sockets.get_mut::<tcp::Socket>(flow.handle), now);
+        // Bounded: a socket that keeps finding something to send must not hold the
+        // loop (and every other flow, and shutdown) for ever; it is polled again next
+        // pass.
+        let mut more = false;
         {
             let mut dev = OnePacket::new(None, &*self.device, &mut self.scratch, &mut self.tx);
+            let mut sent = 0;
             while self.iface.poll_egress(ts, &mut dev, &mut sockets)
                 == PollResult::SocketStateChanged
-            {}
+            {
+                sent += 1;
+                if sent >= EGRESS_PER_POLL {
+                    more = true;
+                    break;
+                }
+            }
         }
         let state = sockets.get::<tcp::Socket>(flow.handle).state();
         let closed = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
@@ -535,9 +580,13 @@ impl<D: PacketIo> Stack<D> {
             self.timers.cancel(id);
             return;
         }
-        if let Some(at) = self.iface.poll_at(ts, &sockets) {
-            let at = std_at(self.epoch, at).max(now + MIN_TIMER);
-            self.timers.schedule(id, at);
+        let poll_at = self
+            .iface
+            .poll_at(ts, &sockets)
+            .map(|at| std_at(self.epoch, at));
+        let again = more.then_some(now);
+        if let Some(at) = poll_at.into_iter().chain(shrink_at).chain(again).min() {
+            self.timers.schedule(id, at.max(now + MIN_TIMER));
         }
     }
 
@@ -555,43 +604,6 @@ impl<D: PacketIo> Stack<D> {
         self.datagrams.close().await;
         self.flows.clear();
         self.by_tuple.clear();
-    }
-
-    fn stats(&self) -> StackStats {
-        use std::sync::atomic::Ordering::Relaxed;
-        let flows = &self.cx.stats;
-        let udp = self.datagrams.udp().stats();
-        let egress = self.datagrams.egress().stats();
-        StackStats {
-            packets_out: self.tx.sent.saturating_add(egress.sent.load(Relaxed)),
-            packets_out_dropped: self.tx.dropped,
-            udp_associations: udp.associations.load(Relaxed),
-            udp_up: udp.datagrams_up.load(Relaxed),
-            udp_down: udp.datagrams_down.load(Relaxed),
-            udp_refused: udp.refused.load(Relaxed),
-            udp_dropped: [
-                &udp.queue_full,
-                &udp.relay_busy,
-                &udp.over_limit,
-                &udp.oversized,
-                &udp.broadcast,
-                &udp.unmappable,
-            ]
-            .iter()
-            .map(|c| c.load(Relaxed))
-            .fold(0u64, u64::saturating_add),
-            dns_dropped: self.datagrams.dns_dropped.load(Relaxed),
-            dns: self.datagrams.dns().stats(),
-            egress_dropped: egress
-                .device_full
-                .load(Relaxed)
-                .saturating_add(egress.unsendable.load(Relaxed)),
-            flows_connected: flows.connected.load(Relaxed),
-            flows_failed: flows.failed.load(Relaxed),
-            bytes_up: flows.bytes_up.load(Relaxed),
-            bytes_down: flows.bytes_down.load(Relaxed),
-            ..self.stats.clone()
-        }
     }
 }
 
@@ -618,4 +630,24 @@ fn std_at(epoch: Instant, at: smoltcp::time::Instant) -> Instant {
 fn random_seed() -> u64 {
     use std::hash::BuildHasher;
     std::collections::hash_map::RandomState::new().hash_one(Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_flow_limit_follows_the_descriptor_limit() {
+        assert_eq!(default_max_flows(1024), 576);
+        assert_eq!(default_max_flows(20_000), 14_808);
+        assert!(default_max_flows(20_000) >= 9_000);
+        // Flows plus UDP associations (two each) fit under the limit with the reserve.
+        for limit in [1024u64, 4096, 20_000, 1 << 20] {
+            let flows = default_max_flows(limit) as u64;
+            let udp = (limit - RESERVED_FILES - flows) / 2;
+            assert!(flows + 2 * udp + RESERVED_FILES <= limit);
+            assert!(udp > 0);
+        }
+        assert_eq!(default_max_flows(10), 1, "never zero");
+    }
 }

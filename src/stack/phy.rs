@@ -5,16 +5,16 @@
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
-use super::PacketIo;
+use std::sync::Arc;
 
-/// Packets written, and dropped because the device would not take them.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct TxCounters {
-    /// Packets handed to the device.
-    pub sent: u64,
-    /// Packets the device refused (queue full); TCP retransmits them.
-    pub dropped: u64,
-}
+use super::PacketIo;
+use crate::metrics::{Metrics, bump};
+
+/// Where packets written, and dropped because the device would not take them (queue
+/// full; TCP retransmits them), are counted: `stack.packets_out` and
+/// `stack.packets_out_dropped`.
+#[derive(Debug, Default, Clone)]
+pub struct TxCounters(pub Arc<Metrics>);
 
 /// The device smoltcp sees for one call: at most one packet in, any number out.
 pub struct OnePacket<'a, D: PacketIo> {
@@ -74,6 +74,8 @@ impl<D: PacketIo> phy::Device for OnePacket<'_, D> {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = self.tx.device.mtu();
+        // `classify` has checked every TCP segment's checksum already.
+        caps.checksum.tcp = smoltcp::phy::Checksum::Tx;
         caps
     }
 }
@@ -106,9 +108,9 @@ impl<D: PacketIo> phy::TxToken for Tx<'_, D> {
         self.scratch.resize(len, 0);
         let result = f(self.scratch);
         match self.device.try_send(self.scratch) {
-            Ok(()) => self.counters.sent = self.counters.sent.saturating_add(1),
+            Ok(()) => bump(&self.counters.0.stack.packets_out),
             Err(e) => {
-                self.counters.dropped = self.counters.dropped.saturating_add(1);
+                bump(&self.counters.0.stack.packets_out_dropped);
                 tracing::trace!(error = %e, "device refused a packet");
             }
         }

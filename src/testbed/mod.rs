@@ -30,7 +30,7 @@
 //! - [`stale`]: unique names per run and [`cleanup_stale`] for crashed runs;
 //! - [`wait`]: [`wait_for_tcp`] and [`wait_for_udp`], polling for a listener;
 //! - [`skip`]: [`require_root`] and the skip-only-outside-CI rule
-//!   ([`require_or_skip!`](crate::require_or_skip));
+//!   (`require_or_skip!`, with the `test-support` feature);
 //! - [`services`]: target-side test servers (HTTP blob, SHA-256 upload sink, echo);
 //! - [`tunnel`]: our server and tunnel started as processes in their namespaces;
 //! - [`attach`]: a hand-made TUN device the tunnel attaches to; a process's RSS;

@@ -72,6 +72,9 @@ fn is_executable(path: &Path) -> bool {
 /// }
 /// # fn main() {}
 /// ```
+///
+/// Only with the `test-support` feature (the package's own tests enable it).
+#[cfg(feature = "test-support")]
 #[macro_export]
 macro_rules! require_or_skip {
     ($requirement:expr) => {

@@ -35,6 +35,33 @@ pub struct DialOptions {
     pub fwmark: Option<u32>,
     /// `SO_BINDTODEVICE`: send to the proxy through this interface only.
     pub interface: Option<String>,
+    /// TCP keep-alive on every connection to the proxy (and, for the flows, on the
+    /// application's side in the stack): the first probe after this long without
+    /// traffic; see [`keepalive`]. `None`: no probes.
+    pub keepalive: Option<Duration>,
+    /// A flow through the proxy that moved no byte either way for this long is reset
+    /// on both sides. `None`: never.
+    pub idle_timeout: Option<Duration>,
+}
+
+/// The default of [`DialOptions::keepalive`] (`--tcp-keepalive`).
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
+/// The default of [`DialOptions::idle_timeout`] (`--tcp-idle-timeout`): 2 h 4 min,
+/// the shortest idle limit RFC 5382 (REQ-5) allows a NAT for established TCP.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(7440);
+/// Unanswered keep-alive probes after which a peer is declared gone.
+const KEEPALIVE_PROBES: u32 = 3;
+
+/// Kernel keep-alive parameters for a first probe after `idle` without traffic: then
+/// a probe every `idle / 3` (at least 1 s); after [`KEEPALIVE_PROBES`] unanswered
+/// probes the kernel resets the connection, about `2 × idle` after the last packet
+/// from the peer. The reference server uses the same parameters.
+pub fn keepalive(idle: Duration) -> socket2::TcpKeepalive {
+    let interval = (idle / KEEPALIVE_PROBES).max(Duration::from_secs(1));
+    socket2::TcpKeepalive::new()
+        .with_time(idle.max(Duration::from_secs(1)))
+        .with_interval(interval)
+        .with_retries(KEEPALIVE_PROBES)
 }
 
 impl Default for DialOptions {
@@ -44,6 +71,8 @@ impl Default for DialOptions {
             handshake_timeout: Duration::from_secs(10),
             fwmark: None,
             interface: None,
+            keepalive: Some(DEFAULT_KEEPALIVE),
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
 }
@@ -272,6 +301,12 @@ impl Upstream {
         .map_err(dial_err)?;
         self.mark(&SockRef::from(&socket)).map_err(dial_err)?;
         socket.set_nodelay(true).map_err(dial_err)?;
+        if let Some(idle) = self.options.keepalive {
+            // Without probes the connection still works: log, go on.
+            if let Err(e) = SockRef::from(&socket).set_tcp_keepalive(&keepalive(idle)) {
+                tracing::debug!(error = %e, "cannot enable keep-alive to the proxy");
+            }
+        }
         let timeout = self.options.connect_timeout;
         match tokio::time::timeout(timeout, socket.connect(proxy)).await {
             Ok(Ok(stream)) => Ok(stream),

@@ -43,7 +43,7 @@ pub(super) async fn run(assoc: Arc<Assoc>, shared: Arc<Shared>) {
     {
         table.remove(&assoc.app);
     }
-    shared.stats.active.store(table.len() as u64, Relaxed);
+    shared.metrics.udp.active.store(table.len() as u64, Relaxed);
     drop(table);
     // Whatever still waits was never sent: tell the application.
     for q in take_queue(&assoc) {
@@ -63,7 +63,7 @@ async fn serve(assoc: &Assoc, shared: &Shared) -> &'static str {
                 return "proxy refused or unreachable";
             }
         };
-        shared.stats.associations.fetch_add(1, Relaxed);
+        shared.metrics.udp.associations.fetch_add(1, Relaxed);
         tracing::debug!(relay = %relay.relay(), "UDP association up");
         flush(assoc, shared, &relay);
         match relay_loop(assoc, shared, &relay).await {
@@ -74,7 +74,7 @@ async fn serve(assoc: &Assoc, shared: &Shared) -> &'static str {
             }
             Ended::ControlClosed => {
                 // Set up again when the application next sends.
-                shared.stats.reassociations.fetch_add(1, Relaxed);
+                shared.metrics.udp.reassociations.fetch_add(1, Relaxed);
                 tracing::debug!("proxy closed the association; will set it up again");
                 assoc.state().phase = Phase::Pending(VecDeque::new());
             }
@@ -171,14 +171,15 @@ fn drain(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> io::Result<(
             };
             let payload = buf.get(range).unwrap_or_default();
             let Some(source) = assoc.present(&from) else {
-                shared.stats.unmappable.fetch_add(1, Relaxed);
+                shared.metrics.udp.unmappable.fetch_add(1, Relaxed);
                 continue;
             };
             // A datagram the device cannot take is counted by egress.
             if shared.egress.udp(source, assoc.app, payload) {
-                shared.stats.datagrams_down.fetch_add(1, Relaxed);
+                shared.metrics.udp.datagrams_down.fetch_add(1, Relaxed);
                 shared
-                    .stats
+                    .metrics
+                    .udp
                     .bytes_down
                     .fetch_add(payload.len() as u64, Relaxed);
             }

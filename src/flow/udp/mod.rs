@@ -45,6 +45,7 @@ use tokio::task::JoinSet;
 
 use super::BurstLog;
 use crate::egress::Egress;
+use crate::metrics::{Metrics, SocksCommand};
 use crate::socks::{Address, Protocol};
 use crate::upstream::{UdpAssociation, Upstream, UpstreamError};
 
@@ -87,39 +88,8 @@ impl Default for UdpConfig {
     }
 }
 
-/// UDP counters.
-#[derive(Debug, Default)]
-pub struct UdpStats {
-    /// Associations set up with the proxy (re-associations included).
-    pub associations: AtomicU64,
-    /// Associations open now.
-    pub active: AtomicU64,
-    /// Control connections the proxy closed while the association was in use.
-    pub reassociations: AtomicU64,
-    /// Datagrams from applications sent to the relay.
-    pub datagrams_up: AtomicU64,
-    /// Datagrams from the relay written to the TUN.
-    pub datagrams_down: AtomicU64,
-    /// Payload bytes each way.
-    pub bytes_up: AtomicU64,
-    /// Payload bytes from the relay.
-    pub bytes_down: AtomicU64,
-    /// Datagrams answered with port unreachable (no UDP at the proxy, or it failed).
-    pub refused: AtomicU64,
-    /// Dropped: the association's set-up queue was full.
-    pub queue_full: AtomicU64,
-    /// Dropped: the relay socket's buffer was full.
-    pub relay_busy: AtomicU64,
-    /// Dropped: `max_associations` reached.
-    pub over_limit: AtomicU64,
-    /// Dropped: too large for a relay datagram.
-    pub oversized: AtomicU64,
-    /// Dropped: to a broadcast address of the device's networks.
-    pub broadcast: AtomicU64,
-    /// Dropped: a reply the application cannot be shown (a source name we cannot map,
-    /// or a family that is not the application's).
-    pub unmappable: AtomicU64,
-}
+/// UDP counters (their group of the one set of counters).
+pub use crate::metrics::UdpStats;
 
 /// A datagram on its way out: where the application sent it, and how the proxy is to
 /// be asked to deliver it (the same address, or a name for a fake-IP destination, or
@@ -151,7 +121,8 @@ struct Shared {
     config: UdpConfig,
     table: Mutex<HashMap<SocketAddr, Arc<Assoc>>>,
     refusal: Mutex<Option<Refusal>>,
-    stats: UdpStats,
+    /// The counters (those of egress: one set for the tunnel).
+    metrics: Arc<Metrics>,
     refusals_log: BurstLog,
     /// The clock associations count idle time from.
     epoch: Instant,
@@ -177,6 +148,7 @@ impl Shared {
     /// Remembers that the proxy would not (or could not) associate, and logs it once
     /// per burst.
     fn refused(&self, error: &UpstreamError) {
+        self.metrics.socks.record(SocksCommand::UdpAssociate, error);
         let now = Instant::now();
         let memory = if error.proxy_unreachable() {
             self.config.unreachable_memory
@@ -197,7 +169,7 @@ impl Shared {
 
     /// Answers a datagram the proxy will not carry with port unreachable.
     fn unreachable(&self, app: SocketAddr, dst: SocketAddr, payload: &[u8]) {
-        self.stats.refused.fetch_add(1, Relaxed);
+        self.metrics.udp.refused.fetch_add(1, Relaxed);
         self.egress.port_unreachable(app, dst, payload);
     }
 
@@ -211,11 +183,14 @@ impl Shared {
     ) {
         match relay.try_send_to(payload, target, scratch) {
             Ok(()) => {
-                self.stats.datagrams_up.fetch_add(1, Relaxed);
-                self.stats.bytes_up.fetch_add(payload.len() as u64, Relaxed);
+                self.metrics.udp.datagrams_up.fetch_add(1, Relaxed);
+                self.metrics
+                    .udp
+                    .bytes_up
+                    .fetch_add(payload.len() as u64, Relaxed);
             }
             Err(e) => {
-                self.stats.relay_busy.fetch_add(1, Relaxed);
+                self.metrics.udp.relay_busy.fetch_add(1, Relaxed);
                 tracing::trace!(error = %e, "relay socket refused a datagram");
             }
         }
@@ -331,12 +306,12 @@ impl UdpNat {
         let udp_capable = upstream.proxy().protocol == Protocol::Socks5;
         UdpNat {
             shared: Arc::new(Shared {
+                metrics: egress.metrics().clone(),
                 upstream,
                 egress,
                 config,
                 table: Mutex::new(HashMap::new()),
                 refusal: Mutex::new(None),
-                stats: UdpStats::default(),
                 refusals_log: BurstLog::new(Duration::from_secs(5)),
                 epoch: Instant::now(),
             }),
@@ -350,7 +325,7 @@ impl UdpNat {
 
     /// The counters.
     pub fn stats(&self) -> &UdpStats {
-        &self.shared.stats
+        &self.shared.metrics.udp
     }
 
     /// Associations open now.
@@ -368,11 +343,11 @@ impl UdpNat {
     pub fn send(&mut self, out: Outgoing<'_>, now: Instant) {
         let shared = self.shared.clone();
         if is_directed_broadcast(out.dst.ip(), &shared.config.local_nets) {
-            shared.stats.broadcast.fetch_add(1, Relaxed);
+            shared.metrics.udp.broadcast.fetch_add(1, Relaxed);
             return;
         }
         if relay_len(out.target, out.payload.len()) > MAX_RELAY_DATAGRAM {
-            shared.stats.oversized.fetch_add(1, Relaxed);
+            shared.metrics.udp.oversized.fetch_add(1, Relaxed);
             return;
         }
         if !self.udp_capable {
@@ -423,7 +398,7 @@ impl UdpNat {
                 assoc.queued.notify_one();
             }
             Phase::Pending(_) => {
-                shared.stats.queue_full.fetch_add(1, Relaxed);
+                shared.metrics.udp.queue_full.fetch_add(1, Relaxed);
             }
         }
     }
@@ -433,7 +408,7 @@ impl UdpNat {
         let shared = &self.shared;
         let mut table = shared.table();
         if table.len() >= shared.config.max_associations {
-            shared.stats.over_limit.fetch_add(1, Relaxed);
+            shared.metrics.udp.over_limit.fetch_add(1, Relaxed);
             if let Some(suppressed) = self.limit_log.check(now) {
                 tracing::warn!(
                     limit = shared.config.max_associations,
@@ -455,7 +430,7 @@ impl UdpNat {
             only_dns: AtomicBool::new(true),
         });
         table.insert(app, assoc.clone());
-        shared.stats.active.store(table.len() as u64, Relaxed);
+        shared.metrics.udp.active.store(table.len() as u64, Relaxed);
         drop(table);
         let span = tracing::debug_span!("flow", proto = "udp", src = %app);
         self.tasks.spawn(tracing::Instrument::instrument(

@@ -1,0 +1,76 @@
+//! Running beside a tunnel: `--stats-interval`'s summary line at a fixed period, and
+//! the metrics endpoint.
+
+use std::future::Future;
+use std::io;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use super::{Metrics, http};
+
+/// Logs the summary line of `metrics` at info level every `period` until `shutdown`
+/// resolves. A zero `period` logs nothing and returns at once.
+pub async fn log_every(
+    metrics: Arc<Metrics>,
+    period: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    if period.is_zero() {
+        return;
+    }
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut shutdown = pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = ticks.tick() => tracing::info!(stats = %metrics.snapshot(), "stats"),
+        }
+    }
+}
+
+/// The stats line and the metrics endpoint, running as tasks beside a tunnel until
+/// [`Observers::stop`].
+#[derive(Debug)]
+pub struct Observers {
+    stop: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl Observers {
+    /// Starts logging every `interval` (zero: never) and, given a listener (from
+    /// [`http::bind`]), serving `GET /metrics` on it. Needs a tokio runtime.
+    pub fn start(
+        metrics: &Arc<Metrics>,
+        interval: Duration,
+        listener: Option<std::net::TcpListener>,
+    ) -> io::Result<Observers> {
+        let stop = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let log = log_every(metrics.clone(), interval, stop.clone().cancelled_owned());
+        tasks.spawn(log);
+        if let Some(listener) = listener {
+            let addr = listener.local_addr()?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tracing::info!("metrics at http://{addr}/metrics");
+            let served = http::serve(listener, metrics.clone(), stop.clone().cancelled_owned());
+            tasks.spawn(async move {
+                if let Err(e) = served.await {
+                    tracing::warn!(error = %e, "metrics endpoint stopped");
+                }
+            });
+        }
+        Ok(Observers { stop, tasks })
+    }
+
+    /// Stops both and waits for them.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
