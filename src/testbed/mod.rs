@@ -39,7 +39,8 @@
 //! - [`udp_probes`]: many ports at once, full cone, port unreachable, broadcast;
 //! - [`dnsmasq`]: a resolver in the target, `dig` in a namespace, a proxy-only name;
 //! - [`dns_client`]: hand-built DNS queries and a query-rate client;
-//! - [`dante`]: danted in the proxy namespace with CONNECT and UDP.
+//! - [`dante`]: danted in the proxy namespace with CONNECT and UDP;
+//! - [`soak`]: mixed load for a long time, watching for leaks, errors and idle spinning.
 
 pub mod attach;
 pub mod dante;
@@ -49,6 +50,7 @@ pub mod namespace;
 pub mod process;
 pub mod services;
 pub mod skip;
+pub mod soak;
 pub mod stale;
 pub mod topology;
 pub mod tunnel;
