@@ -54,7 +54,10 @@ pub(super) async fn serve(
     let client_ip = control.peer_addr()?.ip().to_canonical();
     let local_ip = control.local_addr()?.ip();
     let relay = match UdpSocket::bind((local_ip, 0)).await {
-        Ok(relay) => relay,
+        Ok(relay) => {
+            set_recv_buffer(&relay);
+            relay
+        }
         Err(e) => {
             refuse(&mut control, request, reply::for_io_error(&e)).await;
             return Ok(());
@@ -297,9 +300,19 @@ impl Association<'_> {
             IpAddr::V6(_) => (&mut self.out_v6, (Ipv6Addr::UNSPECIFIED, 0).into()),
         };
         if slot.is_none() {
-            *slot = Some(UdpSocket::bind(any).await?);
+            let socket = UdpSocket::bind(any).await?;
+            set_recv_buffer(&socket);
+            *slot = Some(socket);
         }
         slot.as_ref()
             .ok_or_else(|| io::Error::other("outbound socket missing"))
     }
+}
+
+/// Asks for a 1 MiB receive buffer on a relay socket: with the default (rmem_default,
+/// ~208 KiB) a burst overflows in a fraction of a second at a few hundred datagrams/s
+/// while the server is busy. Best effort (the kernel caps it at rmem_max); it costs
+/// memory only while datagrams queue.
+fn set_recv_buffer(socket: &UdpSocket) {
+    let _ = socket2::SockRef::from(socket).set_recv_buffer_size(1 << 20);
 }

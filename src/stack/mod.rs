@@ -383,6 +383,11 @@ impl<D: PacketIo> Stack<D> {
             if now >= until || now.saturating_duration_since(started) >= MAX_SPIN {
                 return Ok(());
             }
+            if !worked {
+                // Spin only on a CPU nobody else wants: a thread that is ready to
+                // run here (the proxy, the application we wait for) goes first.
+                std::thread::yield_now();
+            }
         }
     }
 

@@ -12,6 +12,9 @@ use tokio::net::{TcpStream, UdpSocket};
 use super::{Upstream, UpstreamError, negotiate, peer};
 use crate::socks::{self, Address, ClientHandshake, ClientStatus, Command, udp};
 
+/// Receive buffer asked for on each association's UDP socket.
+pub const UDP_RECV_BUFFER: usize = 1 << 20;
+
 impl Upstream {
     /// Sets up a SOCKS5 UDP ASSOCIATE: a control connection and a UDP socket that
     /// talks to the proxy's relay. Over SOCKS4/4a it fails at once with
@@ -27,6 +30,11 @@ impl Upstream {
             .await
             .map_err(io_err)?;
         self.mark(&SockRef::from(&socket)).map_err(io_err)?;
+        // Bursts from the relay wait here while the stack is busy; the default
+        // (rmem_default, ~208 KiB) overflows in a fraction of a second at a few
+        // hundred datagrams/s. Best effort: the kernel caps it at rmem_max, and it
+        // costs memory only while datagrams queue.
+        let _ = SockRef::from(&socket).set_recv_buffer_size(UDP_RECV_BUFFER);
         let declared = socket.local_addr().map_err(io_err)?;
         let mut hs = ClientHandshake::new(
             self.proxy.protocol,
