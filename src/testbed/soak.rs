@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 
 pub use counters::{Counters, Kind, KindTotals};
 pub use kernel::KernelCounters;
-pub use stats::{Drift, DriftRule, ProcStats, USER_HZ, cpu_ticks, load_average, proc_stats};
+pub use stats::{Drift, DriftRule, Level, ProcStats, USER_HZ, cpu_ticks, load_average, proc_stats};
 pub use table::{header, row};
 
 use super::dnsmasq::{Dnsmasq, default_records};
@@ -122,10 +122,12 @@ impl SoakConfig {
             rss_rule: DriftRule {
                 max_ratio: 0.10,
                 floor: 1024,
+                level: Level::Max,
             },
             fd_rule: DriftRule {
                 max_ratio: 0.10,
                 floor: 4,
+                level: Level::Median,
             },
             tunnel_args: vec!["--udp-timeout".into(), "5".into()],
         }

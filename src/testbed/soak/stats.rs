@@ -62,8 +62,8 @@ pub fn load_average() -> io::Result<f64> {
         .ok_or_else(|| io::Error::other(format!("{path}: {text:?}")))
 }
 
-/// The drift rule: the largest value seen in the last third of a run of `duration`
-/// may exceed the warm-up reference (the largest value of the first third) by at most
+/// The drift rule: the level (see [`Level`]) of the last third of a run of `duration`
+/// may exceed the warm-up reference (the same level of the first third) by at most
 /// `max_ratio` of it, or by `floor`, whichever is larger (so that tiny numbers do
 /// not trip it). Only growth counts: a shrinking process is not leaking.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -72,6 +72,29 @@ pub struct DriftRule {
     pub max_ratio: f64,
     /// Allowed growth in absolute units, when that is more than the share.
     pub floor: u64,
+    /// Which level of each third is compared.
+    pub level: Level,
+}
+
+/// The level of a third of the run that a [`DriftRule`] compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// The largest reading: for memory, which an allocator keeps once taken.
+    Max,
+    /// The median reading: for descriptors, where a leak raises the whole level but a
+    /// moment of pile-up (connections waiting while the machine stalls, closed a
+    /// second later) only raises a peak.
+    Median,
+}
+
+impl Level {
+    fn of(self, mut values: Vec<u64>) -> Option<u64> {
+        values.sort_unstable();
+        match self {
+            Level::Max => values.last().copied(),
+            Level::Median => values.get(values.len() / 2).copied(),
+        }
+    }
 }
 
 /// What [`DriftRule::judge`] found.
@@ -106,16 +129,16 @@ impl DriftRule {
     pub fn judge(&self, samples: &[(Duration, u64)], duration: Duration) -> Option<Drift> {
         let warm_end = duration / 3;
         let last_start = duration.saturating_sub(duration / 3);
-        let reference = samples
+        let reference = self.level.of(samples
             .iter()
             .filter(|(at, _)| *at <= warm_end)
             .map(|&(_, v)| v)
-            .max()?;
-        let peak = samples
+            .collect())?;
+        let peak = self.level.of(samples
             .iter()
             .filter(|(at, _)| *at >= last_start)
             .map(|&(_, v)| v)
-            .max()?;
+            .collect())?;
         let share = (reference as f64 * self.max_ratio).ceil() as u64;
         Some(Drift {
             reference,
@@ -156,6 +179,7 @@ mod tests {
         let rule = DriftRule {
             max_ratio: 0.10,
             floor: 4,
+            level: Level::Max,
         };
         let run = Duration::from_secs(9);
         // Warm-up (1..=3 s) peaks at 100; the last third (6..=9 s) at 110: just within.
@@ -187,5 +211,25 @@ mod tests {
         );
         // No sample in a third: nothing to judge.
         assert_eq!(rule.judge(&series(&[1]), run), None);
+    }
+
+    #[test]
+    fn median_drift_ignores_a_moment_of_pile_up_but_not_a_leak() {
+        let rule = DriftRule {
+            max_ratio: 0.10,
+            floor: 4,
+            level: Level::Median,
+        };
+        let run = Duration::from_secs(9);
+        // One second at 41 descriptors in the last third, back to 29 after.
+        let stall = rule
+            .judge(&series(&[29, 30, 29, 30, 29, 29, 41, 29, 30]), run)
+            .unwrap();
+        assert!(stall.within(), "{stall:?}");
+        // A leak: the whole last third sits higher.
+        let leak = rule
+            .judge(&series(&[29, 30, 29, 32, 34, 36, 38, 40, 42]), run)
+            .unwrap();
+        assert!(!leak.within(), "{leak:?}");
     }
 }

@@ -108,7 +108,7 @@ pub fn summary(report: &SoakReport, f: &mut fmt::Formatter<'_>) -> fmt::Result {
     for (what, d) in &report.drifts {
         writeln!(
             f,
-            "{what}: warm-up max {}, last-third max {} ({:+.1}%, allowed +{}){}",
+            "{what}: warm-up {}, last third {} ({:+.1}%, allowed +{}){}",
             d.reference,
             d.peak,
             d.percent(),

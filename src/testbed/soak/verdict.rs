@@ -16,17 +16,25 @@ pub fn judge(report: &mut SoakReport) {
     };
     let checks: [Watched<'_>; 4] = [
         (
-            "tunnel RSS KiB",
+            "tunnel RSS KiB (max)",
             config.rss_rule,
             series(|s| s.tunnel.rss_kib),
         ),
-        ("tunnel fds", config.fd_rule, series(|s| s.tunnel.fds)),
         (
-            "server RSS KiB",
+            "tunnel fds (median)",
+            config.fd_rule,
+            series(|s| s.tunnel.fds),
+        ),
+        (
+            "server RSS KiB (max)",
             config.rss_rule,
             series(|s| s.server.rss_kib),
         ),
-        ("server fds", config.fd_rule, series(|s| s.server.fds)),
+        (
+            "server fds (median)",
+            config.fd_rule,
+            series(|s| s.server.fds),
+        ),
     ];
     let mut failures = Vec::new();
     for (what, rule, samples) in checks {
