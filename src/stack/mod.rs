@@ -64,6 +64,9 @@ const BATCH: usize = 256;
 const RX_BUFFER: usize = 65_536;
 /// The longest one busy-poll pass runs before the loop checks shutdown and timers.
 const MAX_SPIN: Duration = Duration::from_millis(2);
+/// How long a busy-poll pass spins without giving way to other threads on its CPU
+/// (a reply that comes this soon is caught at the cost of a few microseconds).
+const SPIN_ALONE: Duration = Duration::from_micros(50);
 /// CONNECTs in progress at once; further flows wait for a place (their SYNs stay
 /// paused). Plenty for a live proxy (a dial takes a round trip); against a dead one,
 /// it keeps a SYN storm's memory to the paused SYNs.
@@ -358,6 +361,7 @@ impl<D: PacketIo> Stack<D> {
     /// [`MAX_SPIN`] is reached (so shutdown and timers are never held off).
     async fn spin(&mut self, mut until: Instant, rx: &mut [u8]) -> io::Result<()> {
         let started = Instant::now();
+        let mut last_work = started;
         loop {
             tokio::task::yield_now().await;
             let now = Instant::now();
@@ -373,6 +377,7 @@ impl<D: PacketIo> Stack<D> {
                 Err(e) => return Err(e),
             }
             if worked {
+                last_work = now;
                 bump(&self.stats.stack.spin_hits);
                 self.poll_flows(now);
                 match self.busy.extend(now) {
@@ -383,9 +388,10 @@ impl<D: PacketIo> Stack<D> {
             if now >= until || now.saturating_duration_since(started) >= MAX_SPIN {
                 return Ok(());
             }
-            if !worked {
-                // Spin only on a CPU nobody else wants: a thread that is ready to
-                // run here (the proxy, the application we wait for) goes first.
+            if now.saturating_duration_since(last_work) >= SPIN_ALONE {
+                // Past the first moments, spin only on a CPU nobody else wants: a
+                // thread that is ready to run here (the proxy, the application we
+                // wait for) goes first.
                 std::thread::yield_now();
             }
         }
