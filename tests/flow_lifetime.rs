@@ -6,10 +6,11 @@
 //! echoes and reports how its connection ended (EOF, or a reset).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Mutex;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
@@ -17,48 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tun2socks::config::ProxyUrl;
-use tun2socks::stack::{self, PacketIo, StackConfig, StackStats};
+use tun2socks::stack::{self, StackConfig, StackStats};
 use tun2socks::upstream::{DialOptions, Upstream};
 
-const MTU: usize = 1500;
-
-struct MemDevice {
-    rx: Mutex<mpsc::Receiver<Vec<u8>>>,
-    tx: mpsc::Sender<Vec<u8>>,
-}
-
-impl PacketIo for MemDevice {
-    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        match self.rx.lock().unwrap().poll_recv(cx) {
-            Poll::Ready(Some(p)) => {
-                buf[..p.len()].copy_from_slice(&p);
-                Poll::Ready(Ok(p.len()))
-            }
-            Poll::Ready(None) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.rx.lock().unwrap().try_recv() {
-            Ok(p) => {
-                buf[..p.len()].copy_from_slice(&p);
-                Ok(p.len())
-            }
-            Err(_) => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-
-    fn try_send(&self, packet: &[u8]) -> io::Result<()> {
-        self.tx
-            .try_send(packet.to_vec())
-            .map_err(|_| io::Error::other("full"))
-    }
-
-    fn mtu(&self) -> usize {
-        MTU
-    }
-}
+use common::memdev::MemDevice;
 
 /// How the proxy's connection for one flow ended.
 #[derive(Debug, PartialEq, Eq)]

@@ -8,58 +8,17 @@ mod common;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
+use common::memdev::{MTU, MemDevice};
 use common::*;
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, oneshot};
 use tun2socks::config::ProxyUrl;
 use tun2socks::server::ServerConfig;
-use tun2socks::stack::{self, PacketIo, StackConfig, StackStats};
+use tun2socks::stack::{self, StackConfig, StackStats};
 use tun2socks::upstream::{DialOptions, Upstream};
-
-const MTU: usize = 1500;
-
-/// A device whose packets come from and go to channels.
-struct MemDevice {
-    rx: Mutex<mpsc::Receiver<Vec<u8>>>,
-    tx: mpsc::Sender<Vec<u8>>,
-}
-
-impl PacketIo for MemDevice {
-    fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        match self.rx.lock().unwrap().poll_recv(cx) {
-            Poll::Ready(Some(p)) => {
-                buf[..p.len()].copy_from_slice(&p);
-                Poll::Ready(Ok(p.len()))
-            }
-            Poll::Ready(None) => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self.rx.lock().unwrap().try_recv() {
-            Ok(p) => {
-                buf[..p.len()].copy_from_slice(&p);
-                Ok(p.len())
-            }
-            Err(_) => Err(io::ErrorKind::WouldBlock.into()),
-        }
-    }
-
-    fn try_send(&self, packet: &[u8]) -> io::Result<()> {
-        self.tx
-            .try_send(packet.to_vec())
-            .map_err(|_| io::Error::other("full"))
-    }
-
-    fn mtu(&self) -> usize {
-        MTU
-    }
-}
 
 /// The application's side of the device, and the running stack.
 struct Harness {

@@ -3,6 +3,8 @@
 //! an external program (fail in CI, skip with a message elsewhere).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod memdev;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
