@@ -30,24 +30,9 @@ const COPY_BUFFER: usize = 16 * 1024;
 pub const SPLICE_AFTER: u64 = 256 * 1024;
 /// Capacity asked for each splice pipe.
 const PIPE_CAPACITY: usize = 512 * 1024;
-/// The default idle limit of a relay (`--idle-timeout`): 2 h 4 min, the shortest
-/// idle limit RFC 5382 (REQ-5) allows a NAT for established TCP.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(7440);
-/// The default keep-alive idle time (`--tcp-keepalive`).
-pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
-/// Unanswered keep-alive probes after which the kernel resets a connection.
-const KEEPALIVE_PROBES: u32 = 3;
-
-/// Kernel keep-alive parameters: the first probe after `idle` without traffic, then
-/// one every `idle / 3` (at least 1 s); after three unanswered probes the kernel
-/// resets the connection, about `2 × idle` after the peer's last packet.
-pub fn keepalive(idle: Duration) -> socket2::TcpKeepalive {
-    let interval = (idle / KEEPALIVE_PROBES).max(Duration::from_secs(1));
-    socket2::TcpKeepalive::new()
-        .with_time(idle.max(Duration::from_secs(1)))
-        .with_interval(interval)
-        .with_retries(KEEPALIVE_PROBES)
-}
+// The idle limit, the keep-alive default and its parameters are the tunnel's: one
+// definition, in `upstream`.
+pub use crate::upstream::{DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE, keepalive};
 
 /// Bytes moved by [`relay`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
