@@ -309,10 +309,10 @@ impl Association<'_> {
     }
 }
 
-/// Asks for a 1 MiB receive buffer on a relay socket: with the default (rmem_default,
-/// ~208 KiB) a burst overflows in a fraction of a second at a few hundred datagrams/s
-/// while the server is busy. Best effort (the kernel caps it at rmem_max); it costs
-/// memory only while datagrams queue.
+/// Asks for the tunnel's receive buffer size on a relay socket: with the default
+/// (rmem_default, ~208 KiB) a burst overflows in a fraction of a second at a few
+/// hundred datagrams/s while the server is busy. Best effort (the kernel caps it at
+/// rmem_max); it costs memory only while datagrams queue.
 fn set_recv_buffer(socket: &UdpSocket) {
-    let _ = socket2::SockRef::from(socket).set_recv_buffer_size(1 << 20);
+    let _ = socket2::SockRef::from(socket).set_recv_buffer_size(crate::upstream::UDP_RECV_BUFFER);
 }

@@ -22,7 +22,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use crate::config::ProxyUrl;
 use crate::socks::{self, Address, ClientHandshake, ClientStatus, Command, ReplyCode};
 use resolve::ProxyAddrs;
-pub use udp::{Received, UdpAssociation};
+pub use udp::{Received, UDP_RECV_BUFFER, UdpAssociation};
 
 /// How sockets to the proxy are opened.
 #[derive(Debug, Clone)]
