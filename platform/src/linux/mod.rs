@@ -5,12 +5,14 @@
 
 mod link;
 mod netlink;
+mod resident;
 mod route;
 mod sandbox;
 mod splice;
 mod tun;
 
 pub use link::{Link, LinkGuard, LinkState};
+pub use resident::release_code;
 pub use route::{RouteGuard, Routing};
 pub use sandbox::{ProgramExit, Sandbox, SandboxSignal, SandboxSpec};
 pub use splice::Pipe;

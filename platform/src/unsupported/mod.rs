@@ -73,6 +73,11 @@ pub fn open_tun(_name: Option<&str>) -> Result<Tun, TunError> {
     Err(TunError::Unsupported)
 }
 
+/// Releasing resident code is not implemented here: nothing is released.
+pub fn release_code() -> io::Result<usize> {
+    Ok(0)
+}
+
 /// See the Linux implementation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
