@@ -55,7 +55,12 @@ impl TcpView {
                 }
                 let src: [u8; 4] = packet.get(12..16)?.try_into().ok()?;
                 let dst: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
-                (false, ip_len, Ipv4Addr::from(src).into(), Ipv4Addr::from(dst).into())
+                (
+                    false,
+                    ip_len,
+                    Ipv4Addr::from(src).into(),
+                    Ipv4Addr::from(dst).into(),
+                )
             }
             6 => {
                 let payload = u16::from_be_bytes([*packet.get(4)?, *packet.get(5)?]);
@@ -64,7 +69,12 @@ impl TcpView {
                 }
                 let src: [u8; 16] = packet.get(8..24)?.try_into().ok()?;
                 let dst: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
-                (true, 40, Ipv6Addr::from(src).into(), Ipv6Addr::from(dst).into())
+                (
+                    true,
+                    40,
+                    Ipv6Addr::from(src).into(),
+                    Ipv6Addr::from(dst).into(),
+                )
             }
             _ => return None,
         };
@@ -108,7 +118,9 @@ fn set_pseudo_sum(packet: &mut [u8], view: &TcpView) -> Option<()> {
     let tcp_len = packet.len().checked_sub(view.ip_len)?;
     let sum = pseudo_header_sum(view.src, view.dst, TCP_PROTOCOL, tcp_len)?;
     let at = view.ip_len + usize::from(TCP_CSUM_OFFSET);
-    packet.get_mut(at..at + 2)?.copy_from_slice(&sum.to_be_bytes());
+    packet
+        .get_mut(at..at + 2)?
+        .copy_from_slice(&sum.to_be_bytes());
     Some(())
 }
 
@@ -232,7 +244,9 @@ impl Coalescer {
             self.buf.get_mut(2..4)?.copy_from_slice(&len.to_be_bytes());
             self.buf.get_mut(10..12)?.copy_from_slice(&[0, 0]);
             let sum = !fold(sum_words(0, self.buf.get(..view.ip_len)?));
-            self.buf.get_mut(10..12)?.copy_from_slice(&sum.to_be_bytes());
+            self.buf
+                .get_mut(10..12)?
+                .copy_from_slice(&sum.to_be_bytes());
         }
         set_pseudo_sum(&mut self.buf, &view)?;
         let (gso_type, gso_size) = match (pending.segments, view.v6) {

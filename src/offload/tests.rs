@@ -190,7 +190,10 @@ fn a_completed_partial_checksum_is_the_full_one() {
         complete_checksum(&hdr, &mut [0u8; 40]),
         Err(OffloadError::ChecksumOutOfRange { len: 40, .. })
     ));
-    assert_eq!(pseudo_header_sum([1, 2, 3, 4].into(), V6_SRC.into(), 6, 1), None);
+    assert_eq!(
+        pseudo_header_sum([1, 2, 3, 4].into(), V6_SRC.into(), 6, 1),
+        None
+    );
 }
 
 #[test]
@@ -207,7 +210,12 @@ fn a_run_of_segments_becomes_one_super_segment_the_kernel_cuts_back() {
     for v6 in [false, true] {
         let packets = stream(v6, &[1460, 1460, 1460, 1460, 700], true);
         let out = coalesce(&packets);
-        assert_eq!(out.len(), 1, "{:?}", out.iter().map(|o| o.0).collect::<Vec<_>>());
+        assert_eq!(
+            out.len(),
+            1,
+            "{:?}",
+            out.iter().map(|o| o.0).collect::<Vec<_>>()
+        );
         let (hdr, sup) = &out[0];
         assert_eq!(hdr.gso_kind(), if v6 { gso::TCPV6 } else { gso::TCPV4 });
         assert_eq!(hdr.gso_size, 1460);
