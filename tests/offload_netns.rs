@@ -3,7 +3,8 @@
 //! content checked (SHA-256), with `--offload auto` and with `--offload off`. From
 //! the tunnel's final stats line: with offload the device moved far fewer packets
 //! than 1460-byte segments (super-segments both ways); without, at least one per
-//! segment.
+//! segment. A UDP super-packet (`UDP_SEGMENT`, cut by us under USO) comes back as
+//! its three datagrams from the target's echo.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::{IpAddr, SocketAddr};
@@ -19,6 +20,7 @@ use tun2socks::testbed::services::{
     HTTP_PORT, Services, UPLOAD_PORT, blob, sha256_hex, upload_sha256,
 };
 use tun2socks::testbed::tunnel::{panics_in, proxy_addr, start_server, stop_cleanly};
+use tun2socks::testbed::udp::{UDP_ECHO_PORT, UdpServices};
 use tun2socks::testbed::{TARGET_V4, TARGET_V6, Topology};
 
 const MIB: usize = 1024 * 1024;
@@ -45,6 +47,7 @@ struct Run {
 fn bulk_through(tag: &str, mode: &str) -> Result<Run> {
     let topo = Topology::create(tag)?;
     let services = Services::start(topo.target(), BULK, 9)?;
+    let udp = UdpServices::start(topo.target())?;
     let server = start_server(topo.proxy(), &binary(), &[])?;
     create_tun(topo.app(), "t2soffl0", 1500)?;
     let url = format!("socks5://{}", proxy_addr());
@@ -68,16 +71,22 @@ fn bulk_through(tag: &str, mode: &str) -> Result<Run> {
         Ok((up_ok, up6_ok, down_ok, down.len()))
     });
     let (up_ok, up6_ok, down_ok, down_len) = join(transfers)?;
+    let echoes = udp_gso_echo(topo.app())?;
     let panics = panics_in(&tunnel);
     let log = stop_cleanly(tunnel)?;
     drop(server);
     drop(services);
+    drop(udp);
     ensure!(panics.is_empty(), "tunnel panicked: {panics:?}");
     ensure!(up_ok, "the 64 MiB upload arrived changed");
     ensure!(up6_ok, "the 16 MiB IPv6 upload arrived changed");
     ensure!(
         down_ok,
         "the 64 MiB download arrived changed ({down_len} bytes)"
+    );
+    ensure!(
+        echoes == "[1000, 1000, 1000]",
+        "a 3000-byte UDP_SEGMENT send came back as {echoes}"
     );
     let line = log
         .lines()
@@ -91,6 +100,26 @@ fn bulk_through(tag: &str, mode: &str) -> Result<Run> {
         packets_out: field("packets_out"),
         log,
     })
+}
+
+/// Sends 3000 bytes with `UDP_SEGMENT` 1000 (one super-packet for the TUN) to the
+/// target's UDP echo from `app`; returns the sizes of the echoes, as `[a, b, c]`.
+fn udp_gso_echo(app: &tun2socks::testbed::Namespace) -> Result<String> {
+    let script = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.setsockopt(17, 103, 1000)  # SOL_UDP, UDP_SEGMENT\n\
+         s.settimeout(5)\n\
+         s.sendto(bytes(range(250)) * 12, ('{TARGET_V4}', {UDP_ECHO_PORT}))\n\
+         print(sorted(len(s.recv(4096)) for _ in range(3)))\n"
+    );
+    let out = app.run("python3", ["-c", &script])?;
+    ensure!(
+        out.status.success(),
+        "python3: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// `GET /` from the target's HTTP server; returns the body.

@@ -3,7 +3,7 @@
 //! is delivered intact and acknowledged; the same bytes, echoed by the proxy, come
 //! out as TSO super-segments whose `gso_size` is the application's MSS, with partial
 //! checksums that complete to valid ones, and whose payload reassembles to the data.
-//! A UDP super-packet (USO) reaches the proxy as its separate datagrams' worth.
+//! A segment without an offload header whose checksum is wrong is still dropped.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;

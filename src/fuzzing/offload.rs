@@ -94,7 +94,7 @@ fn write_side(packets: &[&[u8]]) {
     let mut coalescer = Coalescer::new();
     let mut held = 0usize;
     let mut written = 0usize;
-    let mut check = |hdr: VnetHdr, out: &[u8]| {
+    let check = |hdr: VnetHdr, out: &[u8]| {
         assert!(
             out.len() <= 65_535 + 40,
             "super-segment of {} bytes",
