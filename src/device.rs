@@ -142,7 +142,15 @@ impl Device {
         let options = TunOptions {
             vnet_hdr: config.offload == OffloadMode::Auto,
         };
-        let mut tun = open_tun_with(config.name.as_deref(), options)?;
+        let mut tun = match open_tun_with(config.name.as_deref(), options) {
+            Err(error) if options.vnet_hdr => {
+                // A kernel without IFF_VNET_HDR for TUN: plain packets, if that opens.
+                let tun = open_tun_with(config.name.as_deref(), TunOptions::default())?;
+                tracing::warn!(%error, "TUN offload header refused; plain packets");
+                tun
+            }
+            other => other?,
+        };
         let offload = probe_offload(&mut tun);
         let name = tun.name().to_owned();
         let (ifindex, created) = (tun.ifindex(), tun.created());
