@@ -24,6 +24,7 @@ async fn main() -> anyhow::Result<()> {
         addresses: None, // 198.18.0.1/16 and fd18::1/64 on a device we create
         mtu: None,       // 9000 on a device we create
         txqueuelen: None,
+        offload: Default::default(), // auto: checksum and segmentation offload
     })?;
     eprintln!("{} is up; relaying its TCP through {proxy}", device.name());
     let upstream = Upstream::new(proxy, DialOptions::default());

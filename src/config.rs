@@ -160,6 +160,41 @@ fn redact(input: &str) -> String {
     }
 }
 
+/// `--offload`: whether the TUN device carries a `virtio_net_hdr` and lets the kernel
+/// hand over (and take back) TCP super-segments and partial checksums.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum OffloadMode {
+    /// Ask for checksum, TSO and USO offload; use whatever the kernel grants, or none
+    /// (logged) if it refuses.
+    #[default]
+    Auto,
+    /// Plain packets, no header.
+    Off,
+}
+
+impl FromStr for OffloadMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(OffloadMode::Auto),
+            "off" => Ok(OffloadMode::Off),
+            other => Err(format!(
+                "invalid offload mode {other:?}: expected auto or off"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for OffloadMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OffloadMode::Auto => "auto",
+            OffloadMode::Off => "off",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,5 +286,18 @@ mod tests {
         assert!(err.to_string().contains("256"), "{err}");
         let ok = "a".repeat(255);
         parse(&format!("socks5://{ok}:{ok}@127.0.0.1"));
+    }
+
+    #[test]
+    fn offload_modes_parse_and_print() {
+        for mode in [OffloadMode::Auto, OffloadMode::Off] {
+            assert_eq!(mode.to_string().parse::<OffloadMode>(), Ok(mode));
+        }
+        assert_eq!(OffloadMode::default(), OffloadMode::Auto);
+        assert!(
+            "on".parse::<OffloadMode>()
+                .unwrap_err()
+                .contains("auto or off")
+        );
     }
 }

@@ -4,6 +4,12 @@
 //! [`Device::try_recv`] / [`Device::try_send`] and waits with [`Device::readable`] /
 //! [`Device::writable`] (or the `poll_*` forms).
 //!
+//! With offload (`--offload auto`, the default) the device is opened with
+//! `IFF_VNET_HDR` and `TUNSETOFFLOAD`: reads and writes carry a `virtio_net_hdr`
+//! ([`crate::offload::VnetHdr`]) through [`Device::try_recv_hdr`] /
+//! [`Device::try_send_hdr`]; the plain forms drop it on read and write an all-zero
+//! one. What the kernel granted is [`Device::offload`].
+//!
 //! No allocation per packet: the caller owns the buffers. Every interface change is
 //! held as a guard inside the [`Device`] and undone when it drops, except on a
 //! device we created, whose settings vanish with it.
@@ -11,14 +17,19 @@
 //! This module must not parse packets (that is the stack's classifier), spawn tasks,
 //! or hold packet queues; OS specifics stay in `tun2socks-platform`.
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::task::{Context, Poll};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tun2socks_platform::{Link, LinkError, LinkGuard, Tun, TunError, open_tun};
+use tun2socks_platform::{
+    Link, LinkError, LinkGuard, Offloads, Tun, TunError, TunOptions, open_tun_with,
+};
+
+use crate::config::OffloadMode;
+use crate::offload::{Features, HDR_LEN, VnetHdr};
 
 /// Default transmit queue length of the TUN device, in packets. The kernel's default
 /// (500) overflows as soon as several flows have large windows, and smoltcp recovers
@@ -55,6 +66,9 @@ pub struct DeviceConfig {
     pub mtu: Option<u16>,
     /// Transmit queue length in packets; `None` means [`DEFAULT_TXQUEUELEN`] (10000).
     pub txqueuelen: Option<u32>,
+    /// TUN offload: [`OffloadMode::Auto`] asks the kernel for checksum and
+    /// segmentation offload and takes what it grants.
+    pub offload: OffloadMode,
 }
 
 impl DeviceConfig {
@@ -66,6 +80,7 @@ impl DeviceConfig {
             addresses: None,
             mtu: Some(mtu),
             txqueuelen: None,
+            offload: OffloadMode::default(),
         }
     }
 }
@@ -109,6 +124,7 @@ pub struct Device {
     guards: Vec<LinkGuard>,
     io: AsyncFd<Tun>,
     mtu: u16,
+    offload: Features,
 }
 
 impl Device {
@@ -123,7 +139,19 @@ impl Device {
     /// a device we created disappears with its descriptor instead.
     pub fn open(config: &DeviceConfig) -> Result<Device, DeviceError> {
         tokio::runtime::Handle::try_current().map_err(DeviceError::NoRuntime)?;
-        let tun = open_tun(config.name.as_deref())?;
+        let options = TunOptions {
+            vnet_hdr: config.offload == OffloadMode::Auto,
+        };
+        let mut tun = match open_tun_with(config.name.as_deref(), options) {
+            Err(error) if options.vnet_hdr => {
+                // A kernel without IFF_VNET_HDR for TUN: plain packets, if that opens.
+                let tun = open_tun_with(config.name.as_deref(), TunOptions::default())?;
+                tracing::warn!(%error, "TUN offload header refused; plain packets");
+                tun
+            }
+            other => other?,
+        };
+        let offload = probe_offload(&mut tun);
         let name = tun.name().to_owned();
         let (ifindex, created) = (tun.ifindex(), tun.created());
         let io = tun.into_async_fd().map_err(|error| DeviceError::Register {
@@ -147,18 +175,29 @@ impl Device {
             ifindex,
             created,
             mtu,
+            %offload,
             "TUN device ready"
         );
-        Ok(Device { guards, io, mtu })
+        Ok(Device {
+            guards,
+            io,
+            mtu,
+            offload,
+        })
     }
 
     /// Serves a TUN device that is already open and configured, possibly in another
     /// network namespace (`tun2socks exec` receives it from the sandbox). `mtu` is
     /// the MTU it was configured with. Nothing is changed and nothing restored: the
     /// device belongs to whoever configured it. Must be called inside a tokio runtime
-    /// with I/O enabled, like [`Device::open`].
+    /// with I/O enabled, like [`Device::open`]. A descriptor opened with
+    /// `IFF_VNET_HDR` is read and written with its header, without offloads.
     pub fn from_tun(tun: Tun, mtu: u16) -> Result<Device, DeviceError> {
         tokio::runtime::Handle::try_current().map_err(DeviceError::NoRuntime)?;
+        let offload = Features {
+            vnet_hdr: tun.vnet_hdr(),
+            ..Features::NONE
+        };
         let name = tun.name().to_owned();
         let io = tun
             .into_async_fd()
@@ -167,6 +206,7 @@ impl Device {
             guards: Vec::new(),
             io,
             mtu,
+            offload,
         })
     }
 
@@ -190,20 +230,67 @@ impl Device {
         self.io.get_ref().created()
     }
 
-    /// Reads one packet into `buf` (which should hold at least [`Device::mtu`] bytes;
-    /// a longer packet is truncated) and returns its length. `WouldBlock` means the
-    /// queue is empty: wait with [`Device::readable`], then read again. A poll loop
-    /// drains the device by calling this until `WouldBlock`.
+    /// What the device offloads (what the kernel granted at open).
+    pub fn offload(&self) -> Features {
+        self.offload
+    }
+
+    /// Reads one packet into `buf` (which should hold at least [`Device::mtu`] bytes,
+    /// or [`crate::offload::MAX_PACKET`] with offload; a longer packet is truncated)
+    /// and returns its length. `WouldBlock` means the queue is empty: wait with
+    /// [`Device::readable`], then read again. A poll loop drains the device by
+    /// calling this until `WouldBlock`. With offload, the packet's header is
+    /// dropped: use [`Device::try_recv_hdr`] to see super-segments for what they are.
     pub fn try_recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.try_io(Interest::READABLE, |tun| tun.recv(buf))
+        self.try_recv_hdr(buf).map(|(n, _)| n)
+    }
+
+    /// [`Device::try_recv`] with the packet's offload header ([`VnetHdr::NONE`] on a
+    /// device without offload).
+    pub fn try_recv_hdr(&self, buf: &mut [u8]) -> io::Result<(usize, VnetHdr)> {
+        if !self.offload.vnet_hdr {
+            return self
+                .try_io(Interest::READABLE, |tun| tun.recv(buf))
+                .map(|n| (n, VnetHdr::NONE));
+        }
+        let mut hdr = [0u8; HDR_LEN];
+        let n = self.try_io(Interest::READABLE, |tun| {
+            tun.recv_vectored(&mut [IoSliceMut::new(&mut hdr), IoSliceMut::new(buf)])
+        })?;
+        let n = n.checked_sub(HDR_LEN).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "TUN read shorter than its header",
+            )
+        })?;
+        Ok((n, VnetHdr::decode(&hdr)))
     }
 
     /// Writes one packet. `WouldBlock` (the device's queue is full, `EAGAIN`) means:
     /// keep the packet, wait with [`Device::writable`], then retry. Other errors are
     /// the kernel's verdict on this packet (`EINVAL`: not IPv4 or IPv6; `EIO`: the
-    /// device is down) and do not make the device unusable.
+    /// device is down) and do not make the device unusable. With offload it goes out
+    /// with an all-zero header (a whole, checksummed packet).
     pub fn try_send(&self, packet: &[u8]) -> io::Result<()> {
-        self.try_io(Interest::WRITABLE, |tun| tun.send(packet))
+        self.try_send_hdr(&VnetHdr::NONE, packet)
+    }
+
+    /// [`Device::try_send`] with an offload header (partial checksum, super-segment).
+    /// Without offload only [`VnetHdr::NONE`] is accepted (`Unsupported` otherwise).
+    pub fn try_send_hdr(&self, hdr: &VnetHdr, packet: &[u8]) -> io::Result<()> {
+        if !self.offload.vnet_hdr {
+            if *hdr != VnetHdr::NONE {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "offload header on a device without offload",
+                ));
+            }
+            return self.try_io(Interest::WRITABLE, |tun| tun.send(packet));
+        }
+        let hdr = hdr.encode();
+        self.try_io(Interest::WRITABLE, |tun| {
+            tun.send_vectored(&[IoSlice::new(&hdr), IoSlice::new(packet)])
+        })
     }
 
     /// Waits until a packet may be readable. Readiness stays set until
@@ -260,6 +347,39 @@ impl Drop for Device {
         while let Some(guard) = self.guards.pop() {
             drop(guard);
         }
+    }
+}
+
+/// Asks for the most offload the kernel grants: TCP (checksum, TSO4, TSO6) with UDP
+/// (USO4, USO6; Linux 6.2+), then TCP alone, then checksums alone; none if it refuses
+/// even that (the header stays, all zero). Logged.
+fn probe_offload(tun: &mut Tun) -> Features {
+    if !tun.vnet_hdr() {
+        return Features::NONE;
+    }
+    let tcp = Offloads::CSUM.union(Offloads::TSO4).union(Offloads::TSO6);
+    let all = tcp.union(Offloads::USO4).union(Offloads::USO6);
+    let mut refused = Vec::new();
+    for set in [all, tcp, Offloads::CSUM] {
+        match tun.set_offload(set) {
+            Ok(()) => {
+                if !refused.is_empty() {
+                    tracing::info!(granted = %set, refused = ?refused, "TUN offload partly refused");
+                }
+                return Features {
+                    vnet_hdr: true,
+                    csum: true,
+                    tso: set.contains(tcp),
+                    uso: set.contains(all),
+                };
+            }
+            Err(error) => refused.push(format!("{set}: {error}")),
+        }
+    }
+    tracing::warn!(refused = ?refused, "TUN offload refused by the kernel; plain packets");
+    Features {
+        vnet_hdr: true,
+        ..Features::NONE
     }
 }
 

@@ -277,6 +277,7 @@ mod tests {
             addresses: None,
             mtu: None,
             txqueuelen: None,
+            offload: Default::default(),
         });
         let command: Vec<OsString> = vec!["curl".into(), "-v".into(), "http://x".into()];
         let spec = config.spec(&command).unwrap();

@@ -43,6 +43,7 @@ pub mod flow;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;
+pub mod offload;
 pub mod selftest;
 pub mod server;
 pub mod setup;

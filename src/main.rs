@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
-use tun2socks::config::{ProxyUrl, ProxyUrlError};
+use tun2socks::config::{OffloadMode, ProxyUrl, ProxyUrlError};
 use tun2socks::device::{Device, DeviceConfig, DeviceError};
 use tun2socks::dns::{DnsConfig, DnsMode};
 use tun2socks::exec::{self, ExecConfig};
@@ -81,6 +81,11 @@ struct TunnelArgs {
     /// MTU [default for a device we create: 9000; an attached device keeps its own]
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(576..))]
     mtu: Option<u16>,
+    /// TUN offload: auto asks the kernel for checksum and segmentation offload
+    /// (IFF_VNET_HDR, TUNSETOFFLOAD: 64 KiB TCP segments each way) and falls back to
+    /// plain packets, logged, if it refuses; off never asks.
+    #[arg(long, value_name = "auto|off", default_value = "auto", value_parser = parse_offload)]
+    offload: OffloadMode,
     /// Send to the proxy through this interface only (SO_BINDTODEVICE).
     #[arg(long, value_name = "IFNAME")]
     interface: Option<String>,
@@ -262,6 +267,10 @@ fn parse_net(s: &str) -> Result<IpNet, String> {
 }
 
 /// A number, decimal or `0x` hexadecimal.
+fn parse_offload(s: &str) -> Result<OffloadMode, String> {
+    s.parse()
+}
+
 fn parse_u32(s: &str) -> Result<u32, String> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
@@ -388,6 +397,7 @@ impl TunnelArgs {
             addresses: (!self.address.is_empty()).then(|| self.address.clone()),
             mtu: self.mtu,
             txqueuelen: None,
+            offload: self.offload,
         };
         let buffer = usize::try_from(self.tcp_buffer).unwrap_or(512) * 1024;
         let initial = usize::try_from(self.tcp_buffer_initial)

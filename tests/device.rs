@@ -48,6 +48,7 @@ fn config(name: &str, addresses: &[&str], mtu: u16, txqueuelen: Option<u32>) -> 
         ),
         mtu: Some(mtu),
         txqueuelen,
+        offload: Default::default(),
     }
 }
 
@@ -384,6 +385,7 @@ fn attaching_without_settings_keeps_the_owners_mtu_and_addresses() {
             addresses: None,
             mtu: None,
             txqueuelen: None,
+            offload: Default::default(),
         };
         let device = Device::open(&cfg).expect("attach");
         assert!(!device.created());

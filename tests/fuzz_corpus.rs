@@ -22,7 +22,7 @@ use tun2socks::socks::{auth, udp, v4, v5};
 type Harness = fn(&[u8]);
 
 /// Fuzz targets and the harness each one calls.
-const TARGETS: [(&str, Harness); 9] = [
+const TARGETS: [(&str, Harness); 10] = [
     ("server_handshake", fuzzing::server_handshake_chunks),
     ("client_handshake", fuzzing::client_handshake_chunks),
     ("client_server", fuzzing::client_server),
@@ -32,6 +32,10 @@ const TARGETS: [(&str, Harness); 9] = [
     ("packet_stack", tun2socks::fuzzing::stack::packet_stack),
     ("dns_message", tun2socks::fuzzing::dns::dns_message),
     ("dns_frames", tun2socks::fuzzing::dns::dns_frames),
+    (
+        "offload_frames",
+        tun2socks::fuzzing::offload::offload_frames,
+    ),
 ];
 
 /// Fewest inputs per target: an empty or lost corpus must not pass silently.

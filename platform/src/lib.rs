@@ -37,6 +37,7 @@
 //! ```
 
 mod error;
+mod offload;
 mod routing;
 
 #[cfg(target_os = "linux")]
@@ -50,8 +51,9 @@ mod imp;
 pub use error::{LinkError, LinkOp, RouteError, RouteOp, SandboxError, TunError};
 pub use imp::{
     Link, LinkGuard, LinkState, Pipe, ProgramExit, RouteGuard, Routing, Sandbox, SandboxSignal,
-    SandboxSpec, Tun, open_tun, release_code,
+    SandboxSpec, Tun, TunOptions, VNET_HDR_LEN, open_tun, open_tun_with, release_code,
 };
+pub use offload::Offloads;
 pub use routing::{Family, MAIN_TABLE, ParseError, Route, RoutingEntry, Rule};
 
 /// The longest interface name the OS accepts, in bytes (without a terminating NUL).

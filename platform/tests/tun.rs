@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use netns::{Netns, root_or_skip};
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
-use tun2socks_platform::{Link, MAX_NAME_LEN, TunError, open_tun};
+use tun2socks_platform::{
+    Link, MAX_NAME_LEN, Offloads, TunError, TunOptions, VNET_HDR_LEN, open_tun, open_tun_with,
+};
 
 #[test]
 fn bad_names_fail_before_any_system_call() {
@@ -179,5 +181,174 @@ fn registers_with_the_tokio_reactor() {
             );
             assert_eq!(fd.get_ref().name(), "t2stokio");
         });
+    });
+}
+
+/// Waits (up to 5 s) for one packet on a non-blocking TUN opened with a
+/// `virtio_net_hdr`; returns the header and the IP packet.
+fn recv_with_header(tun: &tun2socks_platform::Tun) -> ([u8; VNET_HDR_LEN], Vec<u8>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        let mut buf = vec![0u8; 65_536];
+        let mut bufs = [io::IoSliceMut::new(&mut hdr), io::IoSliceMut::new(&mut buf)];
+        match tun.recv_vectored(&mut bufs) {
+            Ok(n) => {
+                assert!(n > VNET_HDR_LEN, "short read {n}");
+                buf.truncate(n - VNET_HDR_LEN);
+                if is_our_udp(&buf) {
+                    return (hdr, buf);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                assert!(std::time::Instant::now() < deadline, "no packet");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+}
+
+/// Sends one UDP datagram of `segments * 1000` bytes with `UDP_SEGMENT` 1000 (one
+/// super-packet for the kernel) to 10.77.0.2:9 through the TUN.
+fn send_udp_gso(segments: usize) {
+    use std::os::fd::AsRawFd;
+    let socket = std::net::UdpSocket::bind("10.77.0.1:0").unwrap();
+    let size: libc::c_int = 1000;
+    // SAFETY: `socket` is open for the whole call; UDP_SEGMENT reads one c_int from
+    // `size`, which lives on the stack with the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_UDP,
+            libc::UDP_SEGMENT,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "UDP_SEGMENT: {}", io::Error::last_os_error());
+    let payload = vec![0x5au8; segments * 1000];
+    socket.send_to(&payload, "10.77.0.2:9").unwrap();
+}
+
+#[test]
+fn offload_hands_over_a_udp_super_packet_with_its_header() {
+    if !root_or_skip("offload_hands_over_a_udp_super_packet_with_its_header") {
+        return;
+    }
+    let ns = Netns::new("tun-offload");
+    ns.run(|| {
+        let mut tun = open_tun_with(Some("t2soff0"), TunOptions { vnet_hdr: true }).unwrap();
+        assert!(tun.vnet_hdr());
+        let tcp = Offloads::CSUM.union(Offloads::TSO4).union(Offloads::TSO6);
+        tun.set_offload(tcp).expect("checksum and TSO offload");
+        tun.set_offload(tcp.union(Offloads::USO4).union(Offloads::USO6))
+            .expect("USO (Linux 6.2+)");
+        let link = Link::new(tun.ifindex()).unwrap();
+        let _mtu = link.set_mtu(1500).unwrap();
+        let _up = link.set_up().unwrap();
+        let _addr = link.add_address("10.77.0.1/24".parse().unwrap()).unwrap();
+
+        send_udp_gso(3);
+        let (hdr, packet) = recv_with_header(&tun);
+        // virtio_net_hdr: flags, gso_type, hdr_len, gso_size (host order) ...
+        assert_eq!(hdr[1], 5, "gso_type UDP_L4: {hdr:?}");
+        assert_eq!(u16::from_ne_bytes([hdr[4], hdr[5]]), 1000, "gso_size");
+        assert_eq!(hdr[0] & 1, 1, "NEEDS_CSUM");
+        assert_eq!(packet[0] >> 4, 4);
+        assert_eq!(packet.len(), 20 + 8 + 3000, "one super-packet, not three");
+
+        // A write takes a header too: an all-zero one and a plain ICMP echo reply
+        // makes the kernel count one received packet.
+        let hdr = [0u8; VNET_HDR_LEN];
+        let echo = [
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 10, 77, 0, 2, 10, 77, 0, 1, 0, 0, 0xff, 0xff,
+            0, 0, 0, 0,
+        ];
+        let mut echo = echo.to_vec();
+        let sum = !ipv4_header_sum(&echo[..20]);
+        echo[10..12].copy_from_slice(&sum.to_be_bytes());
+        tun.send_vectored(&[io::IoSlice::new(&hdr), io::IoSlice::new(&echo)])
+            .expect("write with a header");
+    });
+}
+
+/// IPv4 UDP to 10.77.0.2 (not the IPv6 router solicitations a link sends when up).
+fn is_our_udp(packet: &[u8]) -> bool {
+    packet.len() > 20 && packet[0] >> 4 == 4 && packet[9] == 17 && packet[16..20] == [10, 77, 0, 2]
+}
+
+fn ipv4_header_sum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+#[test]
+fn without_offload_a_vnet_device_segments_in_the_kernel() {
+    if !root_or_skip("without_offload_a_vnet_device_segments_in_the_kernel") {
+        return;
+    }
+    let ns = Netns::new("tun-nooffload");
+    ns.ip(&["tuntap", "add", "dev", "t2soff1", "mode", "tun"]);
+    ns.run(|| {
+        // Attached, with a header but no offload: three datagrams, plain headers.
+        let tun = open_tun_with(Some("t2soff1"), TunOptions { vnet_hdr: true }).unwrap();
+        assert!(!tun.created());
+        let link = Link::new(tun.ifindex()).unwrap();
+        let _up = link.set_up().unwrap();
+        let _addr = link.add_address("10.77.0.1/24".parse().unwrap()).unwrap();
+        send_udp_gso(3);
+        for _ in 0..3 {
+            let (hdr, packet) = recv_with_header(&tun);
+            assert_eq!(hdr[1], 0, "no GSO without offload: {hdr:?}");
+            assert_eq!(packet.len(), 20 + 8 + 1000);
+        }
+    });
+}
+
+#[test]
+fn offload_needs_the_header_and_is_undone_on_an_attached_device() {
+    if !root_or_skip("offload_needs_the_header_and_is_undone_on_an_attached_device") {
+        return;
+    }
+    let ns = Netns::new("tun-offreset");
+    ns.ip(&["tuntap", "add", "dev", "t2soff2", "mode", "tun"]);
+    ns.run(|| {
+        let mut plain = open_tun(Some("t2soff2")).unwrap();
+        let err = plain.set_offload(Offloads::CSUM).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        drop(plain);
+
+        let mut tun = open_tun_with(Some("t2soff2"), TunOptions { vnet_hdr: true }).unwrap();
+        tun.set_offload(Offloads::CSUM.union(Offloads::USO4).union(Offloads::USO6))
+            .unwrap();
+        drop(tun);
+        // The next reader has no header: it must get the datagrams one by one.
+        let plain = open_tun(Some("t2soff2")).unwrap();
+        let link = Link::new(plain.ifindex()).unwrap();
+        let _up = link.set_up().unwrap();
+        let _addr = link.add_address("10.77.0.1/24".parse().unwrap()).unwrap();
+        send_udp_gso(2);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let mut lens = Vec::new();
+        while lens.len() < 2 {
+            let mut buf = vec![0u8; 65_536];
+            match plain.recv(&mut buf) {
+                Ok(n) if is_our_udp(&buf[..n]) => lens.push(n),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(std::time::Instant::now() < deadline, "got {lens:?}");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(lens, [1028, 1028], "offload was reset on close");
     });
 }

@@ -13,6 +13,7 @@
 //! packet_stack:   | flags | len (2, BE) | packet | len | packet | ...       |
 //! dns_message:    | one DNS message (as the payload of a datagram to :53)  |
 //! dns_frames:     | n | sizes... | a DNS-over-TCP byte stream              |
+//! offload_frames: | virtio_net_hdr (10) | len (2, BE) | packet | ...        |
 //! flags (packet_*): bit 0 fix the IPv4 header, TCP and UDP checksums first;
 //!   packet_ingress: bits 1-2 the device MTU (1280, 1500, 9000, 65535);
 //!   packet_stack:   bits 1-2 the DNS mode (udp, tcp, fake-ip, fake-ip with
@@ -27,6 +28,7 @@
 #![allow(clippy::panic)]
 
 pub mod dns;
+pub mod offload;
 pub mod packet;
 pub mod seeds;
 pub mod stack;

@@ -28,6 +28,7 @@ pub fn all() -> Vec<Seed> {
     seeds.extend(frames());
     seeds.extend(ingress());
     seeds.extend(stack());
+    seeds.extend(super::offload::seeds());
     seeds
 }
 

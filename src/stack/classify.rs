@@ -147,8 +147,16 @@ fn checksum_ok(src: IpAddr, dst: IpAddr, protocol: u8, segment: &[u8]) -> bool {
     sum == 0xffff
 }
 
-/// Classifies one IP packet.
+/// Classifies one IP packet, checking its TCP or UDP checksum.
 pub fn classify(packet: &[u8]) -> Class {
+    classify_offload(packet, false)
+}
+
+/// Classifies one IP packet read with an offload header. `checksum_trusted`: the
+/// header says the transport checksum is partial (`NEEDS_CSUM`: the packet never
+/// crossed a wire, the field holds only the pseudo-header sum) or already checked by
+/// the kernel (`DATA_VALID`), so it is not checked again; any other packet is.
+pub fn classify_offload(packet: &[u8], checksum_trusted: bool) -> Class {
     let Ok(sliced) = SlicedPacket::from_ip(packet) else {
         return Class::Drop(DropReason::Malformed);
     };
@@ -184,7 +192,9 @@ pub fn classify(packet: &[u8]) -> Class {
         Some(TransportSlice::Tcp(tcp)) => match tuple(tcp.source_port(), tcp.destination_port()) {
             // Checked here, before a SYN can open a flow, and counted (smoltcp, which
             // would drop it silently, is told not to check again).
-            Ok(_) if !checksum_ok(src, dst, 6, tcp.slice()) => Class::Drop(DropReason::BadChecksum),
+            Ok(_) if !checksum_trusted && !checksum_ok(src, dst, 6, tcp.slice()) => {
+                Class::Drop(DropReason::BadChecksum)
+            }
             Ok(tuple) => Class::Tcp {
                 tuple,
                 syn: tcp.syn() && !tcp.ack() && !tcp.rst(),
@@ -198,7 +208,9 @@ pub fn classify(packet: &[u8]) -> Class {
                 Err(reason) => return Class::Drop(reason),
             };
             let checksum = udp.checksum();
-            let checked = if checksum == 0 {
+            let checked = if checksum_trusted {
+                true
+            } else if checksum == 0 {
                 // "No checksum": allowed in IPv4 only (RFC 768; RFC 8200 8.1).
                 src.is_ipv4()
             } else {
@@ -388,10 +400,53 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_checksum_the_offload_header_vouches_for_is_not_checked() {
+        for (v6, udp) in [(false, false), (true, false), (false, true), (true, true)] {
+            let b = if v6 {
+                PacketBuilder::ipv6([0xfd; 16], [0x20; 16], 64)
+            } else {
+                PacketBuilder::ipv4([10, 0, 0, 2], [10, 0, 0, 1], 64)
+            };
+            let mut out = Vec::new();
+            if udp {
+                b.udp(40000, 5000).write(&mut out, b"partial").unwrap();
+            } else {
+                b.tcp(40000, 80, 7, 1000)
+                    .ack(1)
+                    .write(&mut out, b"partial")
+                    .unwrap();
+            }
+            // A partial checksum: the field holds the pseudo-header sum only.
+            let at = if v6 { 40 } else { 20 } + if udp { 6 } else { 16 };
+            out[at..at + 2].copy_from_slice(&[0x12, 0x34]);
+            let case = format!("v6={v6} udp={udp}");
+            assert_eq!(
+                classify(&out),
+                Class::Drop(DropReason::BadChecksum),
+                "{case}"
+            );
+            assert_eq!(
+                classify_offload(&out, false),
+                Class::Drop(DropReason::BadChecksum)
+            );
+            let class = classify_offload(&out, true);
+            if udp {
+                assert!(matches!(class, Class::Udp { .. }), "{case}: {class:?}");
+            } else {
+                assert!(
+                    matches!(class, Class::Tcp { syn: false, .. }),
+                    "{case}: {class:?}"
+                );
+            }
+        }
+    }
+
     proptest! {
         #[test]
         fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = classify(&bytes);
+            let _ = classify_offload(&bytes, true);
         }
 
         #[test]

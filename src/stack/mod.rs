@@ -52,6 +52,7 @@ use crate::flow::tcp::FlowContext;
 use crate::flow::udp::UdpConfig;
 use crate::flow::{BurstLog, FlowId, FourTuple, Signal, TcpFlow};
 use crate::metrics::{Metrics, bump};
+use crate::offload::{Features, VnetHdr};
 use crate::upstream::Upstream;
 use classify::{Class, DropReason};
 use datagram::{Datagrams, DeviceSink};
@@ -60,8 +61,9 @@ use timers::Timers;
 
 /// Packets handled per wake-up before the loop yields to flow tasks.
 const BATCH: usize = 256;
-/// Largest packet read from the device (a TUN never hands more than its MTU).
-const RX_BUFFER: usize = 65_536;
+/// Largest packet read from the device (a TUN never hands more than its MTU, or a
+/// 64 KiB super-segment with offload).
+const RX_BUFFER: usize = crate::offload::MAX_PACKET;
 /// The longest one busy-poll pass runs before the loop checks shutdown and timers.
 const MAX_SPIN: Duration = Duration::from_millis(2);
 /// How long a busy-poll pass spins without giving way to other threads on its CPU
@@ -82,6 +84,12 @@ const EGRESS_PER_POLL: usize = 1024;
 const MIN_TIMER: Duration = Duration::from_millis(1);
 
 /// A packet device the stack can drive: the TUN, or an in-memory one in tests.
+///
+/// A device with offload ([`PacketIo::offload`]) also carries each packet's
+/// `virtio_net_hdr` ([`VnetHdr`]) through the `_hdr` methods: TCP super-segments of up
+/// to 64 KiB and partial checksums in, the same out. The `_hdr` methods default to
+/// the plain ones with [`VnetHdr::NONE`], so a device without offload implements
+/// only those.
 pub trait PacketIo: Send + Sync + 'static {
     /// Receives one packet, registering for readiness when none is there.
     fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>>;
@@ -91,17 +99,50 @@ pub trait PacketIo: Send + Sync + 'static {
     fn try_send(&self, packet: &[u8]) -> io::Result<()>;
     /// The device's MTU (the largest packet it carries).
     fn mtu(&self) -> usize;
+    /// What the device offloads; [`Features::NONE`] by default.
+    fn offload(&self) -> Features {
+        Features::NONE
+    }
+    /// [`PacketIo::poll_recv`] with the packet's offload header.
+    fn poll_recv_hdr(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<(usize, VnetHdr)>> {
+        self.poll_recv(cx, buf).map_ok(|n| (n, VnetHdr::NONE))
+    }
+    /// [`PacketIo::try_recv`] with the packet's offload header.
+    fn try_recv_hdr(&self, buf: &mut [u8]) -> io::Result<(usize, VnetHdr)> {
+        self.try_recv(buf).map(|n| (n, VnetHdr::NONE))
+    }
+    /// [`PacketIo::try_send`] with an offload header; a device without offload takes
+    /// only [`VnetHdr::NONE`].
+    fn try_send_hdr(&self, hdr: &VnetHdr, packet: &[u8]) -> io::Result<()> {
+        if *hdr == VnetHdr::NONE {
+            self.try_send(packet)
+        } else {
+            Err(io::ErrorKind::Unsupported.into())
+        }
+    }
 }
 
 impl PacketIo for crate::device::Device {
     fn poll_recv(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        self.poll_recv_hdr(cx, buf).map_ok(|(n, _)| n)
+    }
+
+    fn poll_recv_hdr(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<(usize, VnetHdr)>> {
         loop {
             match self.poll_recv_ready(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {}
             }
-            match self.try_recv(buf) {
+            match self.try_recv_hdr(buf) {
                 // Readiness is cleared: the next poll_recv_ready registers the waker.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 other => return Poll::Ready(other),
@@ -113,12 +154,24 @@ impl PacketIo for crate::device::Device {
         crate::device::Device::try_recv(self, buf)
     }
 
+    fn try_recv_hdr(&self, buf: &mut [u8]) -> io::Result<(usize, VnetHdr)> {
+        crate::device::Device::try_recv_hdr(self, buf)
+    }
+
     fn try_send(&self, packet: &[u8]) -> io::Result<()> {
         crate::device::Device::try_send(self, packet)
     }
 
+    fn try_send_hdr(&self, hdr: &VnetHdr, packet: &[u8]) -> io::Result<()> {
+        crate::device::Device::try_send_hdr(self, hdr, packet)
+    }
+
     fn mtu(&self) -> usize {
         usize::from(crate::device::Device::mtu(self))
+    }
+
+    fn offload(&self) -> Features {
+        crate::device::Device::offload(self)
     }
 }
 
@@ -265,7 +318,7 @@ impl<D: PacketIo> Stack<D> {
         let busy_poll = config.busy_poll;
         let epoch = Instant::now();
         let mut scratch = Vec::with_capacity(RX_BUFFER);
-        let mut tx = TxCounters(stats.clone());
+        let mut tx = TxCounters::new(stats.clone(), device.offload());
         let mut iface_config = Config::new(HardwareAddress::Ip);
         iface_config.random_seed = random_seed();
         let iface = {
@@ -329,14 +382,14 @@ impl<D: PacketIo> Stack<D> {
             let (received, asked) = tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
-                r = poll_fn(|cx| self.device.poll_recv(cx, &mut rx)) => (Some(r?), false),
+                r = poll_fn(|cx| self.device.poll_recv_hdr(cx, &mut rx)) => (Some(r?), false),
                 () = signal.notified() => (None, true),
                 () = &mut sleep => (None, false),
             };
             let now = Instant::now();
             bump(&self.stats.stack.wakeups);
-            if let Some(n) = received {
-                self.ingress(rx.get(..n).unwrap_or_default(), now);
+            if let Some((n, hdr)) = received {
+                self.ingress(rx.get(..n).unwrap_or_default(), &hdr, now);
                 self.ingress_batch(&mut rx, now)?;
             }
             self.poll_flows(now);
@@ -366,9 +419,9 @@ impl<D: PacketIo> Stack<D> {
             tokio::task::yield_now().await;
             let now = Instant::now();
             let mut worked = self.cx.signal.pending();
-            match self.device.try_recv(rx) {
-                Ok(n) => {
-                    self.ingress(rx.get(..n).unwrap_or_default(), now);
+            match self.device.try_recv_hdr(rx) {
+                Ok((n, hdr)) => {
+                    self.ingress(rx.get(..n).unwrap_or_default(), &hdr, now);
                     self.ingress_batch(rx, now)?;
                     worked = true;
                 }
@@ -400,8 +453,8 @@ impl<D: PacketIo> Stack<D> {
     /// Reads and handles queued packets, up to a batch.
     fn ingress_batch(&mut self, rx: &mut [u8], now: Instant) -> io::Result<()> {
         for _ in 1..BATCH {
-            match self.device.try_recv(rx) {
-                Ok(n) => self.ingress(rx.get(..n).unwrap_or_default(), now),
+            match self.device.try_recv_hdr(rx) {
+                Ok((n, hdr)) => self.ingress(rx.get(..n).unwrap_or_default(), &hdr, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
@@ -435,10 +488,12 @@ impl<D: PacketIo> Stack<D> {
         self.stats.stack.drop_packet(reason);
     }
 
-    /// Handles one packet from the device.
-    fn ingress(&mut self, packet: &[u8], now: Instant) {
+    /// Handles one packet from the device. A TCP super-segment (offload) goes to
+    /// smoltcp whole (it takes segments beyond its MSS); a UDP super-packet is cut
+    /// into its datagrams first.
+    fn ingress(&mut self, packet: &[u8], hdr: &VnetHdr, now: Instant) {
         bump(&self.stats.stack.packets_in);
-        match classify::classify(packet) {
+        match classify::classify_offload(packet, hdr.checksum_trusted()) {
             Class::Tcp { tuple, syn } => match self.by_tuple.get(&tuple).copied() {
                 Some(id) => {
                     if let Some(flow) = self.flows.get(&id).cloned() {
@@ -458,7 +513,14 @@ impl<D: PacketIo> Stack<D> {
                 let payload = packet
                     .get(offset..offset.saturating_add(len))
                     .unwrap_or_default();
-                self.datagrams.ingress(tuple, payload, now);
+                match hdr.udp_segment_size() {
+                    None => self.datagrams.ingress(tuple, payload, now),
+                    Some(size) => {
+                        for datagram in crate::offload::udp_segments(payload, size) {
+                            self.datagrams.ingress(tuple, datagram, now);
+                        }
+                    }
+                }
             }
             Class::Drop(reason) => {
                 tracing::trace!(reason = reason.name(), "packet dropped");

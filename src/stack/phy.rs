@@ -1,6 +1,12 @@
 //! smoltcp's `phy::Device` over the TUN: receive yields the one packet the stack is
 //! handing in (borrowed, not copied); transmit writes each outgoing packet straight
 //! to the device from a reused scratch buffer. No per-packet allocation.
+//!
+//! With checksum offload smoltcp computes no TCP checksum: each TCP packet goes out
+//! with `NEEDS_CSUM` and the pseudo-header sum. With TSO, consecutive segments of the
+//! flow being polled are merged ([`Coalescer`]) and written as one super-segment when
+//! the run ends: when a segment does not continue it, or when the [`OnePacket`] of
+//! one poll is dropped.
 
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
@@ -9,12 +15,33 @@ use std::sync::Arc;
 
 use super::PacketIo;
 use crate::metrics::{Metrics, bump};
+use crate::offload::{Coalescer, Features, VnetHdr, partial_checksum};
 
-/// Where packets written, and dropped because the device would not take them (queue
-/// full; TCP retransmits them), are counted: `stack.packets_out` and
-/// `stack.packets_out_dropped`.
-#[derive(Debug, Default, Clone)]
-pub struct TxCounters(pub Arc<Metrics>);
+/// The transmit side's state across polls: where packets written, and dropped
+/// because the device would not take them (queue full; TCP retransmits them), are
+/// counted (`stack.packets_out`, `stack.packets_out_dropped`), what the device
+/// offloads, and the TSO coalescer.
+#[derive(Debug)]
+pub struct TxCounters {
+    metrics: Arc<Metrics>,
+    offload: Features,
+    coalescer: Coalescer,
+}
+
+impl TxCounters {
+    /// Counts into `metrics`; writes as `offload` allows.
+    pub fn new(metrics: Arc<Metrics>, offload: Features) -> TxCounters {
+        TxCounters {
+            metrics,
+            offload,
+            coalescer: if offload.tso {
+                Coalescer::new()
+            } else {
+                Coalescer::default()
+            },
+        }
+    }
+}
 
 /// The device smoltcp sees for one call: at most one packet in, any number out.
 pub struct OnePacket<'a, D: PacketIo> {
@@ -74,9 +101,22 @@ impl<D: PacketIo> phy::Device for OnePacket<'_, D> {
         let mut caps = DeviceCapabilities::default();
         caps.medium = Medium::Ip;
         caps.max_transmission_unit = self.tx.device.mtu();
-        // `classify` has checked every TCP segment's checksum already.
-        caps.checksum.tcp = smoltcp::phy::Checksum::Tx;
+        // `classify` has checked every TCP segment's checksum already (or the offload
+        // header vouched for it); with checksum offload the kernel computes ours.
+        caps.checksum.tcp = if self.tx.counters.offload.csum {
+            smoltcp::phy::Checksum::None
+        } else {
+            smoltcp::phy::Checksum::Tx
+        };
         caps
+    }
+}
+
+impl<D: PacketIo> Drop for OnePacket<'_, D> {
+    /// Writes the super-segment still being built: a poll's segments never wait for
+    /// the next poll.
+    fn drop(&mut self) {
+        self.tx.flush();
     }
 }
 
@@ -86,6 +126,50 @@ impl<'a, D: PacketIo> Tx<'a, D> {
             device: self.device,
             scratch: self.scratch,
             counters: self.counters,
+        }
+    }
+
+    /// Writes the pending super-segment, if any.
+    fn flush(&mut self) {
+        if let Some((hdr, packet)) = self.counters.coalescer.take() {
+            send(self.device, &self.counters.metrics, &hdr, packet);
+        }
+    }
+
+    /// Writes the packet smoltcp built in `scratch` as the device's offload allows.
+    fn transmit(&mut self) {
+        let offload = self.counters.offload;
+        if !offload.csum {
+            send(
+                self.device,
+                &self.counters.metrics,
+                &VnetHdr::NONE,
+                self.scratch,
+            );
+            return;
+        }
+        if offload.tso {
+            if self.counters.coalescer.append(self.scratch) {
+                return;
+            }
+            self.flush();
+            if self.counters.coalescer.start(self.scratch) {
+                return;
+            }
+        }
+        // Not TCP (smoltcp checksummed it), or TCP that starts no super-segment.
+        let hdr = partial_checksum(self.scratch).unwrap_or(VnetHdr::NONE);
+        send(self.device, &self.counters.metrics, &hdr, self.scratch);
+    }
+}
+
+/// Writes one packet, counting it as sent or dropped.
+fn send<D: PacketIo>(device: &D, metrics: &Metrics, hdr: &VnetHdr, packet: &[u8]) {
+    match device.try_send_hdr(hdr, packet) {
+        Ok(()) => bump(&metrics.stack.packets_out),
+        Err(e) => {
+            bump(&metrics.stack.packets_out_dropped);
+            tracing::trace!(error = %e, "device refused a packet");
         }
     }
 }
@@ -100,20 +184,14 @@ impl phy::RxToken for Rx<'_> {
 }
 
 impl<D: PacketIo> phy::TxToken for Tx<'_, D> {
-    fn consume<R, F>(self, len: usize, f: F) -> R
+    fn consume<R, F>(mut self, len: usize, f: F) -> R
     where
         F: FnOnce(&mut [u8]) -> R,
     {
         self.scratch.clear();
         self.scratch.resize(len, 0);
         let result = f(self.scratch);
-        match self.device.try_send(self.scratch) {
-            Ok(()) => bump(&self.counters.0.stack.packets_out),
-            Err(e) => {
-                bump(&self.counters.0.stack.packets_out_dropped);
-                tracing::trace!(error = %e, "device refused a packet");
-            }
-        }
+        self.transmit();
         result
     }
 }

@@ -1,5 +1,7 @@
 //! Opening a Linux TUN device: `/dev/net/tun` plus the `TUNSETIFF` ioctl, in layer-3
-//! mode without packet information (`IFF_TUN | IFF_NO_PI`), non-blocking.
+//! mode without packet information (`IFF_TUN | IFF_NO_PI`), non-blocking; with
+//! [`TunOptions::vnet_hdr`] every packet carries a `virtio_net_hdr` (`IFF_VNET_HDR`)
+//! and [`Tun::set_offload`] turns on checksum and segmentation offload.
 //!
 //! Whether we created the device or attached to an existing one is decided by the
 //! kernel, not guessed: the first `TUNSETIFF` carries `IFF_TUN_EXCL`, which only
@@ -8,14 +10,14 @@
 
 use std::ffi::{CStr, CString};
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 
-use crate::TunError;
+use crate::{Offloads, TunError};
 
 use super::MAX_NAME_LEN;
 
@@ -36,7 +38,23 @@ pub struct Tun {
     name: String,
     ifindex: u32,
     created: bool,
+    vnet_hdr: bool,
+    /// Turns the offloads off again when an attached device's descriptor closes.
+    reset: OffloadReset,
 }
+
+/// How to open a TUN device, beyond its name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunOptions {
+    /// `IFF_VNET_HDR`: every packet read or written starts with a 10-byte
+    /// `virtio_net_hdr` ([`VNET_HDR_LEN`]). Needed for [`Tun::set_offload`]. Every
+    /// descriptor of one device must agree.
+    pub vnet_hdr: bool,
+}
+
+/// Length of the `virtio_net_hdr` before each packet on a device opened with
+/// [`TunOptions::vnet_hdr`] (the kernel's default `TUNSETVNETHDRSZ`).
+pub const VNET_HDR_LEN: usize = 10;
 
 impl Tun {
     /// The interface name the kernel gave (it differs from the request only when
@@ -54,6 +72,54 @@ impl Tun {
     /// closes); `false` if it attached to a device that already existed.
     pub fn created(&self) -> bool {
         self.created
+    }
+
+    /// `true` if every packet carries a `virtio_net_hdr` ([`TunOptions::vnet_hdr`]).
+    pub fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
+    }
+
+    /// `TUNSETOFFLOAD`: lets the kernel hand over (and take) packets with partial
+    /// checksums and TCP/UDP super-segments of the given kinds. Fails with
+    /// `InvalidInput` on a device without [`TunOptions::vnet_hdr`], and with the
+    /// kernel's `EINVAL` for a feature it does not know (USO before Linux 6.2): the
+    /// caller probes by trying a smaller set. On a device we attached to, the
+    /// offloads are turned off again when this descriptor closes, so a later reader
+    /// without the header never gets super-segments.
+    pub fn set_offload(&mut self, offloads: Offloads) -> io::Result<()> {
+        if !self.vnet_hdr {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "TUN offload needs IFF_VNET_HDR",
+            ));
+        }
+        set_offload(self.file.as_fd(), offloads)?;
+        if !self.created && !offloads.is_empty() && self.reset.0.is_none() {
+            // Best effort: without a second descriptor there is just no reset.
+            self.reset = OffloadReset(self.file.as_fd().try_clone_to_owned().ok());
+        }
+        Ok(())
+    }
+
+    /// Reads one packet split across `bufs` (readv: a `virtio_net_hdr` into the
+    /// first, the IP packet into the second) and returns the total length.
+    /// `WouldBlock` when no packet is queued.
+    pub fn recv_vectored(&self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        (&self.file).read_vectored(bufs)
+    }
+
+    /// Writes one packet gathered from `bufs` (writev: header, then the packet).
+    pub fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<()> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        let written = (&self.file).write_vectored(bufs)?;
+        if written == total {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                format!("TUN took {written} of {total} bytes"),
+            ))
+        }
     }
 
     /// Reads one packet into `buf` and returns its length. `buf` should hold at least
@@ -103,13 +169,16 @@ impl Tun {
         Ok(Tun::from_parts(file.into(), name, ifindex, true))
     }
 
-    /// A `Tun` from a descriptor known to be an open, non-blocking TUN device.
+    /// A `Tun` from a descriptor known to be an open, non-blocking TUN device
+    /// without `IFF_VNET_HDR`.
     pub(crate) fn from_parts(fd: OwnedFd, name: String, ifindex: u32, created: bool) -> Tun {
         Tun {
             file: File::from(fd),
             name,
             ifindex,
             created,
+            vnet_hdr: false,
+            reset: OffloadReset(None),
         }
     }
 
@@ -141,8 +210,43 @@ impl AsRawFd for Tun {
 }
 
 impl From<Tun> for OwnedFd {
+    /// The descriptor, for another owner: the offloads stay as they are.
     fn from(tun: Tun) -> OwnedFd {
+        tun.reset.disarm();
         tun.file.into()
+    }
+}
+
+/// A second descriptor of an attached device whose drop turns its offloads off.
+#[derive(Debug)]
+struct OffloadReset(Option<OwnedFd>);
+
+impl OffloadReset {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for OffloadReset {
+    fn drop(&mut self) {
+        if let Some(fd) = self.0.take() {
+            // Nothing to do about a failure: the device may already be gone.
+            let _ = set_offload(fd.as_fd(), Offloads::NONE);
+        }
+    }
+}
+
+/// `TUNSETOFFLOAD` with `offloads` on an open TUN descriptor.
+fn set_offload(fd: BorrowedFd<'_>, offloads: Offloads) -> io::Result<()> {
+    let bits = libc::c_ulong::from(offloads.bits());
+    // SAFETY: `fd` is an open TUN descriptor (borrowed, not closed); TUNSETOFFLOAD
+    // takes its argument by value (an unsigned long of TUN_F_* bits), reads no memory
+    // of ours and writes none.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETOFFLOAD, bits) };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -153,6 +257,12 @@ impl From<Tun> for OwnedFd {
 ///
 /// The device is created in the network namespace of the calling thread.
 pub fn open_tun(name: Option<&str>) -> Result<Tun, TunError> {
+    open_tun_with(name, TunOptions::default())
+}
+
+/// [`open_tun`] with options: with [`TunOptions::vnet_hdr`] the device (created or
+/// attached) carries a `virtio_net_hdr` before every packet.
+pub fn open_tun_with(name: Option<&str>, options: TunOptions) -> Result<Tun, TunError> {
     if let Some(name) = name {
         validate_name(name)?;
     }
@@ -165,12 +275,17 @@ pub fn open_tun(name: Option<&str>) -> Result<Tun, TunError> {
         .map_err(|error| classify(error, "open /dev/net/tun", shown, false))?;
 
     let mut created = true;
-    let mut actual = match set_iff(&file, name.unwrap_or(""), libc::IFF_TUN_EXCL) {
+    let flags = if options.vnet_hdr {
+        libc::IFF_VNET_HDR
+    } else {
+        0
+    };
+    let mut actual = match set_iff(&file, name.unwrap_or(""), libc::IFF_TUN_EXCL | flags) {
         Ok(actual) => actual,
         Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {
             // The name is taken: attach instead of creating.
             created = false;
-            set_iff(&file, name.unwrap_or(""), 0)
+            set_iff(&file, name.unwrap_or(""), flags)
                 .map_err(|error| classify(error, "TUNSETIFF (attach)", shown, true))?
         }
         Err(error) => return Err(classify(error, "TUNSETIFF (create)", shown, false)),
@@ -188,6 +303,8 @@ pub fn open_tun(name: Option<&str>) -> Result<Tun, TunError> {
         name: actual,
         ifindex,
         created,
+        vnet_hdr: options.vnet_hdr,
+        reset: OffloadReset(None),
     })
 }
 

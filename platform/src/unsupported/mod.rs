@@ -54,6 +54,26 @@ impl Tun {
         match self.never {}
     }
 
+    /// Whether packets carry a `virtio_net_hdr`.
+    pub fn vnet_hdr(&self) -> bool {
+        match self.never {}
+    }
+
+    /// Sets the offload features.
+    pub fn set_offload(&mut self, _offloads: crate::Offloads) -> io::Result<()> {
+        match self.never {}
+    }
+
+    /// Reads one packet into several buffers.
+    pub fn recv_vectored(&self, _bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+        match self.never {}
+    }
+
+    /// Writes one packet from several buffers.
+    pub fn send_vectored(&self, _bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
+        match self.never {}
+    }
+
     /// Registers the descriptor with the tokio reactor.
     #[cfg(unix)]
     pub fn into_async_fd(self) -> io::Result<tokio::io::unix::AsyncFd<Tun>> {
@@ -76,6 +96,21 @@ pub fn open_tun(_name: Option<&str>) -> Result<Tun, TunError> {
 /// Releasing resident code is not implemented here: nothing is released.
 pub fn release_code() -> io::Result<usize> {
     Ok(0)
+}
+
+/// See the Linux implementation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunOptions {
+    /// A `virtio_net_hdr` before every packet.
+    pub vnet_hdr: bool,
+}
+
+/// See the Linux implementation.
+pub const VNET_HDR_LEN: usize = 10;
+
+/// Always fails with [`TunError::Unsupported`].
+pub fn open_tun_with(_name: Option<&str>, _options: TunOptions) -> Result<Tun, TunError> {
+    Err(TunError::Unsupported)
 }
 
 /// See the Linux implementation.
