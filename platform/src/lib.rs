@@ -50,7 +50,7 @@ mod imp;
 pub use error::{LinkError, LinkOp, RouteError, RouteOp, SandboxError, TunError};
 pub use imp::{
     Link, LinkGuard, LinkState, Pipe, ProgramExit, RouteGuard, Routing, Sandbox, SandboxSignal,
-    SandboxSpec, Tun, open_tun,
+    SandboxSpec, Tun, TunOptions, open_tun, open_tun_with,
 };
 pub use routing::{Family, MAIN_TABLE, ParseError, Route, RoutingEntry, Rule};
 

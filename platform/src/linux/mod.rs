@@ -14,7 +14,7 @@ pub use link::{Link, LinkGuard, LinkState};
 pub use route::{RouteGuard, Routing};
 pub use sandbox::{ProgramExit, Sandbox, SandboxSignal, SandboxSpec};
 pub use splice::Pipe;
-pub use tun::{Tun, open_tun};
+pub use tun::{Tun, TunOptions, open_tun, open_tun_with};
 
 /// `IFNAMSIZ` less the terminating NUL.
 pub const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;

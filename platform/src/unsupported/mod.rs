@@ -44,6 +44,16 @@ impl Tun {
         match self.never {}
     }
 
+    /// Whether the descriptor is a queue of a multi-queue device.
+    pub fn multi_queue(&self) -> bool {
+        match self.never {}
+    }
+
+    /// Opens one more queue.
+    pub fn open_queue(&self) -> Result<Tun, TunError> {
+        match self.never {}
+    }
+
     /// Reads one packet.
     pub fn recv(&self, _buf: &mut [u8]) -> io::Result<usize> {
         match self.never {}
@@ -70,6 +80,18 @@ impl std::os::fd::AsRawFd for Tun {
 
 /// Always fails with [`TunError::Unsupported`].
 pub fn open_tun(_name: Option<&str>) -> Result<Tun, TunError> {
+    Err(TunError::Unsupported)
+}
+
+/// See the Linux implementation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TunOptions {
+    /// Open with `IFF_MULTI_QUEUE`.
+    pub multi_queue: bool,
+}
+
+/// Always fails with [`TunError::Unsupported`].
+pub fn open_tun_with(_name: Option<&str>, _options: &TunOptions) -> Result<Tun, TunError> {
     Err(TunError::Unsupported)
 }
 
