@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
-use tun2socks_platform::{Link, LinkError, LinkGuard, Tun, TunError, open_tun};
+use tun2socks_platform::{Link, LinkError, LinkGuard, Tun, TunError, TunOptions, open_tun_with};
 
 /// Default transmit queue length of the TUN device, in packets. The kernel's default
 /// (500) overflows as soon as several flows have large windows, and smoltcp recovers
@@ -122,8 +122,27 @@ impl Device {
     /// (previous MTU, queue length and down state restored, our addresses removed);
     /// a device we created disappears with its descriptor instead.
     pub fn open(config: &DeviceConfig) -> Result<Device, DeviceError> {
+        Device::open_queues(config, 1).map(|(device, _)| device)
+    }
+
+    /// [`Device::open`] with up to `queues` queues: the device is opened with
+    /// `IFF_MULTI_QUEUE` when `queues > 1`, and the further queues come back as raw
+    /// descriptors, each to be served by [`Device::from_tun`] on the runtime (thread)
+    /// that reads it, while the returned `Device` (the first queue, which holds the
+    /// configuration guards) lives longer than all of them. An existing device made
+    /// without `multi_queue` gives one queue (logged); a queue the kernel refuses ends
+    /// the list there (logged).
+    pub fn open_queues(
+        config: &DeviceConfig,
+        queues: usize,
+    ) -> Result<(Device, Vec<Tun>), DeviceError> {
         tokio::runtime::Handle::try_current().map_err(DeviceError::NoRuntime)?;
-        let tun = open_tun(config.name.as_deref())?;
+        let options = TunOptions {
+            multi_queue: queues > 1,
+            ..TunOptions::default()
+        };
+        let tun = open_tun_with(config.name.as_deref(), &options)?;
+        let more = further_queues(&tun, queues);
         let name = tun.name().to_owned();
         let (ifindex, created) = (tun.ifindex(), tun.created());
         let io = tun.into_async_fd().map_err(|error| DeviceError::Register {
@@ -147,9 +166,10 @@ impl Device {
             ifindex,
             created,
             mtu,
+            queues = more.len() + 1,
             "TUN device ready"
         );
-        Ok(Device { guards, io, mtu })
+        Ok((Device { guards, io, mtu }, more))
     }
 
     /// Serves a TUN device that is already open and configured, possibly in another
@@ -251,6 +271,32 @@ impl Device {
             other => other,
         }
     }
+}
+
+/// Opens up to `queues - 1` queues of `tun` beside it.
+fn further_queues(tun: &Tun, queues: usize) -> Vec<Tun> {
+    if queues <= 1 {
+        return Vec::new();
+    }
+    if !tun.multi_queue() {
+        tracing::warn!(
+            device = tun.name(),
+            "the device was made without multi_queue (`ip tuntap add ... multi_queue`); \
+             serving it with one queue"
+        );
+        return Vec::new();
+    }
+    let mut more = Vec::with_capacity(queues - 1);
+    for _ in 1..queues {
+        match tun.open_queue() {
+            Ok(queue) => more.push(queue),
+            Err(error) => {
+                tracing::warn!(device = tun.name(), %error, opened = more.len() + 1, "cannot open another queue");
+                break;
+            }
+        }
+    }
+    more
 }
 
 impl Drop for Device {

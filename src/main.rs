@@ -29,7 +29,7 @@ use tun2socks::socks::Protocol;
 use tun2socks::socks::{Credentials, ServerPolicy, Users};
 use tun2socks::stack::{self, StackConfig};
 use tun2socks::upstream::{DialOptions, Upstream};
-use tun2socks_platform::TunError;
+use tun2socks_platform::{Tun, TunError};
 
 /// Exit code for invalid arguments or configuration.
 const EXIT_USAGE: u8 = 2;
@@ -158,6 +158,20 @@ struct TunnelArgs {
     /// 127.0.0.1:9727 (a non-loopback address is allowed, with a warning).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Packet threads: the TUN is opened multi-queue and each queue gets a thread with
+    /// its own stack (a TCP flow stays on the thread whose queue saw its SYN); 1: one
+    /// thread for everything. A device made without multi_queue gets one
+    /// [default: the number of cores]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=tun2socks::config::MAX_THREADS as i64))]
+    threads: Option<u16>,
+}
+
+impl TunnelArgs {
+    /// `--threads`, or its default.
+    fn threads(&self) -> usize {
+        self.threads
+            .map_or_else(tun2socks::config::default_threads, usize::from)
+    }
 }
 
 /// The longest `--tcp-keepalive`: Linux's limit for `TCP_KEEPIDLE` (32767 s).
@@ -521,8 +535,8 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             }
             lock => lock.and_then(Result::ok),
         };
-        let device = match Device::open(&device_config) {
-            Ok(device) => device,
+        let (device, queues) = match Device::open_queues(&device_config, args.threads()) {
+            Ok(opened) => opened,
             Err(e) => {
                 eprintln!("tun2socks: {e}");
                 return ExitCode::from(device_exit_code(&e));
@@ -538,7 +552,12 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             }
         };
         let _routing = routing; // undone when this block ends, after the stack stopped
-        match serve(device, stack_config, upstream, observe, shutdown_signal()).await {
+        let tunnel = Tunnel {
+            stack_config,
+            upstream,
+            observe,
+        };
+        match serve(device, queues, tunnel, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tun2socks: {e}");
@@ -548,8 +567,6 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
     })
 }
 
-/// The tunnel, the same for `tun2socks` and `tun2socks exec`: serves `device` until
-/// `shutdown` resolves.
 /// Looks the proxy's name up, once, at start; again later only if every address fails:
 /// once the host's DNS goes through the tunnel, a lookup per flow would loop.
 async fn resolve_proxy(upstream: &Upstream) {
@@ -558,28 +575,150 @@ async fn resolve_proxy(upstream: &Upstream) {
     }
 }
 
-async fn serve(
-    device: Device,
+/// What every queue's stack runs with.
+struct Tunnel {
     stack_config: StackConfig,
     upstream: Upstream,
     observe: Observe,
+}
+
+/// The tunnel, the same for `tun2socks` and `tun2socks exec`: serves `device` (on
+/// this thread's runtime) and each of the further `queues` of it (each on a thread
+/// and runtime of its own) until `shutdown` resolves or a queue fails; then stops
+/// them all and logs the counters of all of them.
+async fn serve(
+    device: Device,
+    queues: Vec<Tun>,
+    tunnel: Tunnel,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    let Tunnel {
+        stack_config,
+        upstream,
+        observe,
+    } = tunnel;
     if upstream.proxy_addrs().is_empty() {
         resolve_proxy(&upstream).await;
     }
-    tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
+    tracing::info!(
+        proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(),
+        threads = queues.len() + 1, "tunnel running"
+    );
     let counters = Arc::new(Metrics::new());
     let side = Observers::start(&counters, observe.interval, observe.listener)
         .map_err(|e| format!("metrics endpoint: {e}"))?;
-    let result = stack::run_with_metrics(device, stack_config, upstream, counters, shutdown).await;
-    side.stop().await;
-    match result {
-        Ok(stats) => {
-            tracing::info!(stats = %stats, "stopped");
-            Ok(())
+    let shared = Arc::new(stack::Shared::new(&stack_config, counters.clone()));
+    // Set when any queue stops (shutdown, or its device failed): all stop.
+    let stop = Arc::new(tokio::sync::watch::channel(false).0);
+    let mtu = device.mtu();
+    let mut workers = Vec::with_capacity(queues.len());
+    for (index, tun) in queues.into_iter().enumerate() {
+        let queue = QueueThread {
+            queue: index + 1,
+            tun,
+            mtu,
+            stack_config: stack_config.clone(),
+            upstream: upstream.clone(),
+            shared: shared.clone(),
+            stop: stop.clone(),
+        };
+        match queue.spawn() {
+            Ok(worker) => workers.push(worker),
+            Err(e) => {
+                tracing::warn!(queue = index + 1, error = %e, "cannot start a queue thread; serving with fewer");
+            }
         }
-        Err(e) => Err(format!("device failed: {e}")),
+    }
+    let stopped = stopped(&stop);
+    let both = async {
+        tokio::select! {
+            () = shutdown => {}
+            () = stopped => {}
+        }
+    };
+    let first = stack::run_queue(device, stack_config, upstream, shared, 0, both).await;
+    stop.send_replace(true);
+    let mut result = first
+        .map(|stats| stats.ring_bytes)
+        .map_err(|e| format!("device failed: {e}"));
+    for worker in workers {
+        let joined = tokio::task::spawn_blocking(move || worker.join()).await;
+        let failed = match joined {
+            Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(e))) => Some(e),
+            Ok(Err(_)) | Err(_) => Some("a queue thread panicked".to_owned()),
+        };
+        if let (Some(e), Ok(_)) = (failed, &result) {
+            result = Err(e);
+        }
+    }
+    side.stop().await;
+    let ring_bytes = result?;
+    let stats = stack::StackStats {
+        ring_bytes,
+        ..counters.snapshot()
+    };
+    tracing::info!(stats = %stats, "stopped");
+    Ok(())
+}
+
+/// Resolves once `stop` is set.
+async fn stopped(stop: &tokio::sync::watch::Sender<bool>) {
+    let mut rx = stop.subscribe();
+    // An error means the sender is gone: nothing can set it any more, so stop too.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// One further queue of the device, to be served on a thread of its own.
+struct QueueThread {
+    queue: usize,
+    tun: Tun,
+    mtu: u16,
+    stack_config: StackConfig,
+    upstream: Upstream,
+    shared: Arc<stack::Shared>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl QueueThread {
+    /// Starts the thread: a current-thread runtime of its own (no signal handling:
+    /// the main thread's), running the queue's stack until `stop` is set; sets `stop`
+    /// itself when it ends, so that one failed queue stops them all.
+    fn spawn(self) -> std::io::Result<std::thread::JoinHandle<Result<(), String>>> {
+        std::thread::Builder::new()
+            .name(format!("t2s-queue-{}", self.queue))
+            .spawn(move || {
+                let stop = self.stop.clone();
+                let result = self.run();
+                stop.send_replace(true);
+                result
+            })
+    }
+
+    fn run(self) -> Result<(), String> {
+        let queue = self.queue;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()
+            .map_err(|e| format!("queue {queue}: cannot start the runtime: {e}"))?;
+        runtime.block_on(async {
+            let device =
+                Device::from_tun(self.tun, self.mtu).map_err(|e| format!("queue {queue}: {e}"))?;
+            let stop = self.stop;
+            let shutdown = async move { stopped(&stop).await };
+            stack::run_queue(
+                device,
+                self.stack_config,
+                self.upstream,
+                self.shared,
+                queue,
+                shutdown,
+            )
+            .await
+            .map(drop)
+            .map_err(|e| format!("queue {queue}: device failed: {e}"))
+        })
     }
 }
 
@@ -613,7 +752,13 @@ fn run_exec(args: &ExecArgs) -> ExitCode {
         }
     };
     let config = ExecConfig::new(device_config);
-    let tunnel = |device, stop| serve(device, stack_config, upstream, observe, stop);
+    let tunnel = Tunnel {
+        stack_config,
+        upstream,
+        observe,
+    };
+    // The sandbox hands over one descriptor, opened in its namespace: one queue.
+    let tunnel = |device, stop| serve(device, Vec::new(), tunnel, stop);
     match exec::run(&config, &args.command, tunnel) {
         Ok(exit) => ExitCode::from(exit.shell_status()),
         Err(e) => {

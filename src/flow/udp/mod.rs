@@ -113,14 +113,38 @@ struct Refusal {
     why: String,
 }
 
+/// The associations by application endpoint, and what the proxy last said about UDP.
+/// Cloning shares them: the stacks of a multi-queue tunnel each have a [`UdpNat`]
+/// over one table ([`UdpNat::with_table`]), so a datagram from an endpoint that
+/// arrives on any queue finds the one association of that endpoint (full cone holds
+/// whichever queue the kernel picked). Replies go out through the egress of the
+/// stack that opened the association.
+#[derive(Debug, Clone)]
+pub struct NatTable {
+    table: Arc<Mutex<HashMap<SocketAddr, Arc<Assoc>>>>,
+    refusal: Arc<Mutex<Option<Refusal>>>,
+    /// The clock associations count idle time from (one for every sharer).
+    epoch: Instant,
+}
+
+impl Default for NatTable {
+    fn default() -> Self {
+        NatTable {
+            table: Arc::default(),
+            refusal: Arc::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
 /// What the association tasks share with the NAT.
 #[derive(Debug)]
 struct Shared {
     upstream: Upstream,
     egress: Arc<Egress>,
     config: UdpConfig,
-    table: Mutex<HashMap<SocketAddr, Arc<Assoc>>>,
-    refusal: Mutex<Option<Refusal>>,
+    table: Arc<Mutex<HashMap<SocketAddr, Arc<Assoc>>>>,
+    refusal: Arc<Mutex<Option<Refusal>>>,
     /// The counters (those of egress: one set for the tunnel).
     metrics: Arc<Metrics>,
     refusals_log: BurstLog,
@@ -303,6 +327,18 @@ impl UdpNat {
     /// A NAT whose associations go through `upstream` and whose replies go out
     /// through `egress`.
     pub fn new(upstream: Upstream, egress: Arc<Egress>, config: UdpConfig) -> Self {
+        UdpNat::with_table(upstream, egress, config, &NatTable::default())
+    }
+
+    /// As [`UdpNat::new`], over `table` (shared with the other NATs made from it);
+    /// the associations this NAT opens run as tasks on the runtime that calls
+    /// [`UdpNat::send`], and their replies go out through `egress`.
+    pub fn with_table(
+        upstream: Upstream,
+        egress: Arc<Egress>,
+        config: UdpConfig,
+        table: &NatTable,
+    ) -> Self {
         let udp_capable = upstream.proxy().protocol == Protocol::Socks5;
         UdpNat {
             shared: Arc::new(Shared {
@@ -310,10 +346,10 @@ impl UdpNat {
                 upstream,
                 egress,
                 config,
-                table: Mutex::new(HashMap::new()),
-                refusal: Mutex::new(None),
+                table: table.table.clone(),
+                refusal: table.refusal.clone(),
                 refusals_log: BurstLog::new(Duration::from_secs(5)),
-                epoch: Instant::now(),
+                epoch: table.epoch,
             }),
             tasks: JoinSet::new(),
             udp_capable,
