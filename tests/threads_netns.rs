@@ -289,7 +289,7 @@ fn fake_ip_answers_on_one_queue_serve_flows_on_the_other() -> Result<()> {
     // Each curl asks the name (UDP, a fresh source port) and connects (TCP): the
     // query and the SYN hash to queues independently, so with one fake-IP map per
     // queue about half of these would be refused.
-    for round in 0..12 {
+    for round in 0..24 {
         let out = net
             .app()
             .command("curl")
@@ -314,7 +314,7 @@ fn fake_ip_answers_on_one_queue_serve_flows_on_the_other() -> Result<()> {
     }
     let log = net.stop()?;
     both_queues_carried(&log)?;
-    ensure!(stat(&log, "dns_answered_fake") >= 12, "{log}");
+    ensure!(stat(&log, "dns_answered_fake") >= 24, "{log}");
     ensure!(stat(&log, "dns_fake_unknown") == 0, "{log}");
     Ok(())
 }
