@@ -514,8 +514,11 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    // One thread: the stack and every flow share it, so no lock is ever contended
-    // and no packet crosses threads.
+    // One thread per queue: a queue's stack and every flow it accepted share that
+    // thread, so no lock is contended on the TCP path and no packet crosses threads.
+    // The further queues' runtimes are built now, before the device exists, so that
+    // once it is up the process holds all its descriptors; those a device without
+    // multi_queue leaves unused are dropped after `block_on` (never inside it).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -523,6 +526,13 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tun2socks: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut runtimes: Vec<_> = match (1..args.threads()).map(|_| queue_runtime()).collect() {
+        Ok(runtimes) => runtimes,
+        Err(e) => {
+            eprintln!("tun2socks: cannot start the runtimes: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -535,8 +545,11 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             }
             lock => lock.and_then(Result::ok),
         };
-        let (device, queues) = match Device::open_queues(&device_config, args.threads()) {
-            Ok(opened) => opened,
+        let (device, queues) = match Device::open_queues(&device_config, runtimes.len() + 1) {
+            Ok((device, queues)) => {
+                let runtimes = runtimes.drain(..queues.len());
+                (device, queues.into_iter().zip(runtimes).collect())
+            }
             Err(e) => {
                 eprintln!("tun2socks: {e}");
                 return ExitCode::from(device_exit_code(&e));
@@ -588,7 +601,7 @@ struct Tunnel {
 /// them all and logs the counters of all of them.
 async fn serve(
     device: Device,
-    queues: Vec<Tun>,
+    queues: Vec<(Tun, QueueRuntime)>,
     tunnel: Tunnel,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
@@ -612,10 +625,11 @@ async fn serve(
     let stop = Arc::new(tokio::sync::watch::channel(false).0);
     let mtu = device.mtu();
     let mut workers = Vec::with_capacity(queues.len());
-    for (index, tun) in queues.into_iter().enumerate() {
+    for (index, (tun, runtime)) in queues.into_iter().enumerate() {
         let queue = QueueThread {
             queue: index + 1,
             tun,
+            runtime,
             mtu,
             stack_config: stack_config.clone(),
             upstream: upstream.clone(),
@@ -662,6 +676,29 @@ async fn serve(
     Ok(())
 }
 
+/// The runtime of a further queue: current-thread, I/O and time, no signal
+/// handling (the main thread's runtime has it). Dropping it never blocks, so it may
+/// be dropped anywhere, also inside another runtime (where tokio forbids dropping
+/// one the ordinary way).
+#[derive(Debug)]
+struct QueueRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for QueueRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn queue_runtime() -> std::io::Result<QueueRuntime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map(|runtime| QueueRuntime(Some(runtime)))
+}
+
 /// Resolves once `stop` is set.
 async fn stopped(stop: &tokio::sync::watch::Sender<bool>) {
     let mut rx = stop.subscribe();
@@ -673,6 +710,8 @@ async fn stopped(stop: &tokio::sync::watch::Sender<bool>) {
 struct QueueThread {
     queue: usize,
     tun: Tun,
+    /// Built by [`queue_runtime`] (on the main thread), run and dropped on this one.
+    runtime: QueueRuntime,
     mtu: u16,
     stack_config: StackConfig,
     upstream: Upstream,
@@ -681,8 +720,7 @@ struct QueueThread {
 }
 
 impl QueueThread {
-    /// Starts the thread: a current-thread runtime of its own (no signal handling:
-    /// the main thread's), running the queue's stack until `stop` is set; sets `stop`
+    /// Starts the thread: its current-thread runtime running the queue's stack until `stop` is set; sets `stop`
     /// itself when it ends, so that one failed queue stops them all.
     fn spawn(self) -> std::io::Result<std::thread::JoinHandle<Result<(), String>>> {
         std::thread::Builder::new()
@@ -697,11 +735,8 @@ impl QueueThread {
 
     fn run(self) -> Result<(), String> {
         let queue = self.queue;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .enable_time()
-            .build()
-            .map_err(|e| format!("queue {queue}: cannot start the runtime: {e}"))?;
+        let runtime =
+            (self.runtime.0.as_ref()).ok_or_else(|| format!("queue {queue}: no runtime"))?;
         runtime.block_on(async {
             let device =
                 Device::from_tun(self.tun, self.mtu).map_err(|e| format!("queue {queue}: {e}"))?;
