@@ -123,6 +123,8 @@ struct Refusal {
 pub struct NatTable {
     table: Arc<Mutex<HashMap<SocketAddr, Arc<Assoc>>>>,
     refusal: Arc<Mutex<Option<Refusal>>>,
+    /// Once-per-burst warnings, once for all sharers.
+    logs: Arc<NatLogs>,
     /// The clock associations count idle time from (one for every sharer).
     epoch: Instant,
 }
@@ -132,9 +134,25 @@ impl Default for NatTable {
         NatTable {
             table: Arc::default(),
             refusal: Arc::default(),
+            logs: Arc::new(NatLogs {
+                refusals: BurstLog::new(Duration::from_secs(5)),
+                limit: BurstLog::new(Duration::from_secs(5)),
+                no_udp: BurstLog::new(Duration::from_secs(5)),
+            }),
             epoch: Instant::now(),
         }
     }
+}
+
+/// The warnings the NAT logs once per burst.
+#[derive(Debug)]
+struct NatLogs {
+    /// The proxy refused or could not be reached.
+    refusals: BurstLog,
+    /// `--max-udp` reached.
+    limit: BurstLog,
+    /// The proxy speaks SOCKS4.
+    no_udp: BurstLog,
 }
 
 /// What the association tasks share with the NAT.
@@ -147,7 +165,7 @@ struct Shared {
     refusal: Arc<Mutex<Option<Refusal>>>,
     /// The counters (those of egress: one set for the tunnel).
     metrics: Arc<Metrics>,
-    refusals_log: BurstLog,
+    logs: Arc<NatLogs>,
     /// The clock associations count idle time from.
     epoch: Instant,
 }
@@ -183,7 +201,7 @@ impl Shared {
             until: now + memory,
             why: error.to_string(),
         });
-        if let Some(suppressed) = self.refusals_log.check(now) {
+        if let Some(suppressed) = self.logs.refusals.check(now) {
             tracing::warn!(
                 error = %error, remembered = ?memory, suppressed,
                 "UDP association failed; answering datagrams with port unreachable"
@@ -319,8 +337,6 @@ pub struct UdpNat {
     /// The proxy speaks SOCKS5 (the only version with UDP).
     udp_capable: bool,
     scratch: Vec<u8>,
-    limit_log: BurstLog,
-    no_udp_log: BurstLog,
 }
 
 impl UdpNat {
@@ -348,14 +364,12 @@ impl UdpNat {
                 config,
                 table: table.table.clone(),
                 refusal: table.refusal.clone(),
-                refusals_log: BurstLog::new(Duration::from_secs(5)),
+                logs: table.logs.clone(),
                 epoch: table.epoch,
             }),
             tasks: JoinSet::new(),
             udp_capable,
             scratch: Vec::with_capacity(2048),
-            limit_log: BurstLog::new(Duration::from_secs(5)),
-            no_udp_log: BurstLog::new(Duration::from_secs(5)),
         }
     }
 
@@ -387,7 +401,7 @@ impl UdpNat {
             return;
         }
         if !self.udp_capable {
-            if let Some(suppressed) = self.no_udp_log.check(now) {
+            if let Some(suppressed) = self.shared.logs.no_udp.check(now) {
                 tracing::warn!(
                     proxy = %shared.upstream.proxy(), suppressed,
                     "SOCKS4 has no UDP; answering datagrams with port unreachable"
@@ -445,7 +459,7 @@ impl UdpNat {
         let mut table = shared.table();
         if table.len() >= shared.config.max_associations {
             shared.metrics.udp.over_limit.fetch_add(1, Relaxed);
-            if let Some(suppressed) = self.limit_log.check(now) {
+            if let Some(suppressed) = shared.logs.limit.check(now) {
                 tracing::warn!(
                     limit = shared.config.max_associations,
                     suppressed,
