@@ -137,6 +137,8 @@ impl Device {
         queues: usize,
     ) -> Result<(Device, Vec<Tun>), DeviceError> {
         tokio::runtime::Handle::try_current().map_err(DeviceError::NoRuntime)?;
+        // `..default()` so that further TUN options (offload) merge without an edit here.
+        #[allow(clippy::needless_update)]
         let options = TunOptions {
             multi_queue: queues > 1,
             ..TunOptions::default()
@@ -188,6 +190,14 @@ impl Device {
             io,
             mtu,
         })
+    }
+
+    /// Takes the guards that undo the configuration of an attached device (none for a
+    /// device we created), so that they outlive this queue: with several queues the
+    /// device must keep its addresses and state until the last queue's stack has
+    /// stopped, not just this one's. Dropping the result undoes the changes.
+    pub fn take_guards(&mut self) -> DeviceGuards {
+        DeviceGuards(std::mem::take(&mut self.guards))
     }
 
     /// The interface name.
@@ -297,6 +307,20 @@ fn further_queues(tun: &Tun, queues: usize) -> Vec<Tun> {
         }
     }
     more
+}
+
+/// The changes made to an attached device, undone (in reverse order) on drop; see
+/// [`Device::take_guards`].
+#[derive(Debug)]
+#[must_use = "dropping it undoes the device's configuration at once"]
+pub struct DeviceGuards(Vec<LinkGuard>);
+
+impl Drop for DeviceGuards {
+    fn drop(&mut self) {
+        while let Some(guard) = self.0.pop() {
+            drop(guard);
+        }
+    }
 }
 
 impl Drop for Device {

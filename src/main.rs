@@ -624,6 +624,9 @@ async fn serve(
     // Set when any queue stops (shutdown, or its device failed): all stop.
     let stop = Arc::new(tokio::sync::watch::channel(false).0);
     let mtu = device.mtu();
+    // The attached device keeps its configuration until every queue has stopped.
+    let mut device = device;
+    let _guards = device.take_guards();
     let mut workers = Vec::with_capacity(queues.len());
     for (index, (tun, runtime)) in queues.into_iter().enumerate() {
         let queue = QueueThread {

@@ -453,10 +453,16 @@ impl UdpNat {
         }
     }
 
-    /// A new association for `app`, its task started; `None` over the limit.
+    /// A new association for `app`, its task started; `None` over the limit. If
+    /// another stack sharing the table opened one for `app` since the caller looked,
+    /// that one (checked under the same lock as the insert: one association per
+    /// endpoint).
     fn open(&mut self, app: SocketAddr, now: Instant) -> Option<Arc<Assoc>> {
         let shared = &self.shared;
         let mut table = shared.table();
+        if let Some(assoc) = table.get(&app) {
+            return Some(assoc.clone());
+        }
         if table.len() >= shared.config.max_associations {
             shared.metrics.udp.over_limit.fetch_add(1, Relaxed);
             if let Some(suppressed) = shared.logs.limit.check(now) {
