@@ -709,6 +709,15 @@ async fn stopped(stop: &tokio::sync::watch::Sender<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
+/// Sets the stop flag when dropped (also while a panic unwinds).
+struct StopOnDrop(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
 /// One further queue of the device, to be served on a thread of its own.
 struct QueueThread {
     queue: usize,
@@ -723,16 +732,16 @@ struct QueueThread {
 }
 
 impl QueueThread {
-    /// Starts the thread: its current-thread runtime running the queue's stack until `stop` is set; sets `stop`
-    /// itself when it ends, so that one failed queue stops them all.
+    /// Starts the thread: its current-thread runtime runs the queue's stack until
+    /// `stop` is set; the thread sets `stop` itself when it ends, so that one failed
+    /// queue stops them all.
     fn spawn(self) -> std::io::Result<std::thread::JoinHandle<Result<(), String>>> {
         std::thread::Builder::new()
             .name(format!("t2s-queue-{}", self.queue))
             .spawn(move || {
-                let stop = self.stop.clone();
-                let result = self.run();
-                stop.send_replace(true);
-                result
+                // Also when the thread panics: one queue down stops them all.
+                let _stop = StopOnDrop(self.stop.clone());
+                self.run()
             })
     }
 
