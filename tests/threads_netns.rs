@@ -358,3 +358,43 @@ fn one_thread_serves_everything_on_one_queue() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn the_flow_limit_holds_for_all_queues_together() -> Result<()> {
+    needs_root!("the_flow_limit_holds_for_all_queues_together");
+    let mut net = Net::new("thr-limit", |_| Ok(()))?;
+    net.created(&["--threads", "2", "--max-flows", "8"])?;
+    // 24 connections held at once: with a limit per queue, up to 16 would be served.
+    let served = join(net.app().enter_async(|| async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dst = SocketAddr::new(TARGET_V4.into(), ECHO_PORT);
+        let mut held = Vec::new();
+        for _ in 0..24 {
+            let connect = tokio::net::TcpStream::connect(dst);
+            let Ok(Ok(mut stream)) = tokio::time::timeout(Duration::from_secs(5), connect).await
+            else {
+                continue;
+            };
+            let mut byte = [0u8; 1];
+            let echoed = async {
+                stream.write_all(b"x").await?;
+                stream.read_exact(&mut byte).await
+            };
+            if tokio::time::timeout(Duration::from_secs(5), echoed)
+                .await
+                .is_ok_and(|r| r.is_ok())
+            {
+                held.push(stream);
+            }
+        }
+        Ok(held.len())
+    }))?;
+    let log = net.stop()?;
+    both_queues_carried(&log)?;
+    ensure!(
+        served == 8,
+        "{served} connections served with --max-flows 8\n{log}"
+    );
+    ensure!(stat(&log, "flows_over_limit") >= 16, "{log}");
+    Ok(())
+}
