@@ -13,6 +13,17 @@ use url::{Host, Url};
 
 use crate::socks::{Auth, Credentials, Protocol, v4::UserId};
 
+/// The most TUN queues (`--threads`) a device takes: the kernel's `MAX_TAP_QUEUES`.
+pub const MAX_THREADS: usize = 256;
+
+/// The default `--threads`: one stack per core the process may run on (1 if that
+/// cannot be known), at most [`MAX_THREADS`].
+pub fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .clamp(1, MAX_THREADS)
+}
+
 /// The port used when a proxy URL names none.
 pub const DEFAULT_PROXY_PORT: u16 = 1080;
 

@@ -138,20 +138,40 @@ impl Device {
     /// (previous MTU, queue length and down state restored, our addresses removed);
     /// a device we created disappears with its descriptor instead.
     pub fn open(config: &DeviceConfig) -> Result<Device, DeviceError> {
+        Device::open_queues(config, 1).map(|(device, _)| device)
+    }
+
+    /// [`Device::open`] with up to `queues` queues: the device is opened with
+    /// `IFF_MULTI_QUEUE` when `queues > 1`, and the further queues come back as raw
+    /// descriptors, each to be served by [`Device::from_tun`] on the runtime (thread)
+    /// that reads it, while the returned `Device` (the first queue, which holds the
+    /// configuration guards) lives longer than all of them. An existing device made
+    /// without `multi_queue` gives one queue (logged); a queue the kernel refuses ends
+    /// the list there (logged).
+    pub fn open_queues(
+        config: &DeviceConfig,
+        queues: usize,
+    ) -> Result<(Device, Vec<Tun>), DeviceError> {
         tokio::runtime::Handle::try_current().map_err(DeviceError::NoRuntime)?;
         let options = TunOptions {
+            multi_queue: queues > 1,
             vnet_hdr: config.offload == OffloadMode::Auto,
         };
-        let mut tun = match open_tun_with(config.name.as_deref(), options) {
+        let mut tun = match open_tun_with(config.name.as_deref(), &options) {
             Err(error) if options.vnet_hdr => {
                 // A kernel without IFF_VNET_HDR for TUN: plain packets, if that opens.
-                let tun = open_tun_with(config.name.as_deref(), TunOptions::default())?;
+                let plain = TunOptions {
+                    vnet_hdr: false,
+                    ..options
+                };
+                let tun = open_tun_with(config.name.as_deref(), &plain)?;
                 tracing::warn!(%error, "TUN offload header refused; plain packets");
                 tun
             }
             other => other?,
         };
         let offload = probe_offload(&mut tun);
+        let more = further_queues(&tun, queues);
         let name = tun.name().to_owned();
         let (ifindex, created) = (tun.ifindex(), tun.created());
         let io = tun.into_async_fd().map_err(|error| DeviceError::Register {
@@ -176,14 +196,18 @@ impl Device {
             created,
             mtu,
             %offload,
+            queues = more.len() + 1,
             "TUN device ready"
         );
-        Ok(Device {
-            guards,
-            io,
-            mtu,
-            offload,
-        })
+        Ok((
+            Device {
+                guards,
+                io,
+                mtu,
+                offload,
+            },
+            more,
+        ))
     }
 
     /// Serves a TUN device that is already open and configured, possibly in another
@@ -208,6 +232,26 @@ impl Device {
             mtu,
             offload,
         })
+    }
+
+    /// Serves a further queue of a multi-queue device that [`Device::open_queues`]
+    /// opened: `mtu` and `offload` are the first queue's ([`Device::mtu`],
+    /// [`Device::offload`]; offloads belong to the device, not to a queue). Must be
+    /// called inside the tokio runtime that will read it.
+    pub fn from_queue(tun: Tun, mtu: u16, offload: Features) -> Result<Device, DeviceError> {
+        let mut device = Device::from_tun(tun, mtu)?;
+        if device.offload.vnet_hdr {
+            device.offload = offload;
+        }
+        Ok(device)
+    }
+
+    /// Takes the guards that undo the configuration of an attached device (none for a
+    /// device we created), so that they outlive this queue: with several queues the
+    /// device must keep its addresses and state until the last queue's stack has
+    /// stopped, not just this one's. Dropping the result undoes the changes.
+    pub fn take_guards(&mut self) -> DeviceGuards {
+        DeviceGuards(std::mem::take(&mut self.guards))
     }
 
     /// The interface name.
@@ -336,6 +380,46 @@ impl Device {
                 op(self.io.get_ref())
             }
             other => other,
+        }
+    }
+}
+
+/// Opens up to `queues - 1` queues of `tun` beside it.
+fn further_queues(tun: &Tun, queues: usize) -> Vec<Tun> {
+    if queues <= 1 {
+        return Vec::new();
+    }
+    if !tun.multi_queue() {
+        tracing::warn!(
+            device = tun.name(),
+            "the device was made without multi_queue (`ip tuntap add ... multi_queue`); \
+             serving it with one queue"
+        );
+        return Vec::new();
+    }
+    let mut more = Vec::with_capacity(queues - 1);
+    for _ in 1..queues {
+        match tun.open_queue() {
+            Ok(queue) => more.push(queue),
+            Err(error) => {
+                tracing::warn!(device = tun.name(), %error, opened = more.len() + 1, "cannot open another queue");
+                break;
+            }
+        }
+    }
+    more
+}
+
+/// The changes made to an attached device, undone (in reverse order) on drop; see
+/// [`Device::take_guards`].
+#[derive(Debug)]
+#[must_use = "dropping it undoes the device's configuration at once"]
+pub struct DeviceGuards(Vec<LinkGuard>);
+
+impl Drop for DeviceGuards {
+    fn drop(&mut self) {
+        while let Some(guard) = self.0.pop() {
+            drop(guard);
         }
     }
 }

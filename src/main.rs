@@ -29,7 +29,7 @@ use tun2socks::socks::Protocol;
 use tun2socks::socks::{Credentials, ServerPolicy, Users};
 use tun2socks::stack::{self, StackConfig};
 use tun2socks::upstream::{DialOptions, Upstream};
-use tun2socks_platform::TunError;
+use tun2socks_platform::{Tun, TunError};
 
 /// Exit code for invalid arguments or configuration.
 const EXIT_USAGE: u8 = 2;
@@ -163,6 +163,20 @@ struct TunnelArgs {
     /// 127.0.0.1:9727 (a non-loopback address is allowed, with a warning).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Packet threads: the TUN is opened multi-queue and each queue gets a thread with
+    /// its own stack (a TCP flow stays on the thread whose queue saw its SYN); 1: one
+    /// thread for everything. A device made without multi_queue gets one
+    /// [default: the number of cores]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=tun2socks::config::MAX_THREADS as i64))]
+    threads: Option<u16>,
+}
+
+impl TunnelArgs {
+    /// `--threads`, or its default.
+    fn threads(&self) -> usize {
+        self.threads
+            .map_or_else(tun2socks::config::default_threads, usize::from)
+    }
 }
 
 /// The longest `--tcp-keepalive`: Linux's limit for `TCP_KEEPIDLE` (32767 s).
@@ -510,8 +524,11 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    // One thread: the stack and every flow share it, so no lock is ever contended
-    // and no packet crosses threads.
+    // One thread per queue: a queue's stack and every flow it accepted share that
+    // thread, so no lock is contended on the TCP path and no packet crosses threads.
+    // The further queues' runtimes are built now, before the device exists, so that
+    // once it is up the process holds all its descriptors; those a device without
+    // multi_queue leaves unused are dropped after `block_on` (never inside it).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -519,6 +536,13 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tun2socks: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut runtimes: Vec<_> = match (1..args.threads()).map(|_| queue_runtime()).collect() {
+        Ok(runtimes) => runtimes,
+        Err(e) => {
+            eprintln!("tun2socks: cannot start the runtimes: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -531,8 +555,11 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             }
             lock => lock.and_then(Result::ok),
         };
-        let device = match Device::open(&device_config) {
-            Ok(device) => device,
+        let (device, queues) = match Device::open_queues(&device_config, runtimes.len() + 1) {
+            Ok((device, queues)) => {
+                let runtimes = runtimes.drain(..queues.len());
+                (device, queues.into_iter().zip(runtimes).collect())
+            }
             Err(e) => {
                 eprintln!("tun2socks: {e}");
                 return ExitCode::from(device_exit_code(&e));
@@ -548,7 +575,12 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             }
         };
         let _routing = routing; // undone when this block ends, after the stack stopped
-        match serve(device, stack_config, upstream, observe, shutdown_signal()).await {
+        let tunnel = Tunnel {
+            stack_config,
+            upstream,
+            observe,
+        };
+        match serve(device, queues, tunnel, shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tun2socks: {e}");
@@ -558,8 +590,6 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
     })
 }
 
-/// The tunnel, the same for `tun2socks` and `tun2socks exec`: serves `device` until
-/// `shutdown` resolves.
 /// Looks the proxy's name up, once, at start; again later only if every address fails:
 /// once the host's DNS goes through the tunnel, a lookup per flow would loop.
 async fn resolve_proxy(upstream: &Upstream) {
@@ -568,30 +598,190 @@ async fn resolve_proxy(upstream: &Upstream) {
     }
 }
 
-async fn serve(
-    device: Device,
+/// What every queue's stack runs with.
+struct Tunnel {
     stack_config: StackConfig,
     upstream: Upstream,
     observe: Observe,
+}
+
+/// The tunnel, the same for `tun2socks` and `tun2socks exec`: serves `device` (on
+/// this thread's runtime) and each of the further `queues` of it (each on a thread
+/// and runtime of its own) until `shutdown` resolves or a queue fails; then stops
+/// them all and logs the counters of all of them.
+async fn serve(
+    device: Device,
+    queues: Vec<(Tun, QueueRuntime)>,
+    tunnel: Tunnel,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), String> {
+    let Tunnel {
+        stack_config,
+        upstream,
+        observe,
+    } = tunnel;
     if upstream.proxy_addrs().is_empty() {
         resolve_proxy(&upstream).await;
     }
-    tracing::info!(proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(), "tunnel running");
+    tracing::info!(
+        proxy = %upstream.proxy(), device = device.name(), mtu = device.mtu(),
+        threads = queues.len() + 1, "tunnel running"
+    );
     let counters = Arc::new(Metrics::new());
     let side = Observers::start(&counters, observe.interval, observe.listener)
         .map_err(|e| format!("metrics endpoint: {e}"))?;
-    let trim = tokio::spawn(release_startup_code());
-    let result = stack::run_with_metrics(device, stack_config, upstream, counters, shutdown).await;
-    trim.abort();
-    side.stop().await;
-    match result {
-        Ok(stats) => {
-            tracing::info!(stats = %stats, "stopped");
-            Ok(())
+    let shared = Arc::new(stack::Shared::new(&stack_config, counters.clone()));
+    // Set when any queue stops (shutdown, or its device failed): all stop.
+    let stop = Arc::new(tokio::sync::watch::channel(false).0);
+    let mtu = device.mtu();
+    let offload = device.offload();
+    // The attached device keeps its configuration until every queue has stopped.
+    let mut device = device;
+    let _guards = device.take_guards();
+    let mut workers = Vec::with_capacity(queues.len());
+    for (index, (tun, runtime)) in queues.into_iter().enumerate() {
+        let queue = QueueThread {
+            queue: index + 1,
+            tun,
+            runtime,
+            mtu,
+            offload,
+            stack_config: stack_config.clone(),
+            upstream: upstream.clone(),
+            shared: shared.clone(),
+            stop: stop.clone(),
+        };
+        match queue.spawn() {
+            Ok(worker) => workers.push(worker),
+            Err(e) => {
+                tracing::warn!(queue = index + 1, error = %e, "cannot start a queue thread; serving with fewer");
+            }
         }
-        Err(e) => Err(format!("device failed: {e}")),
+    }
+    let stopped = stopped(&stop);
+    let both = async {
+        tokio::select! {
+            () = shutdown => {}
+            () = stopped => {}
+        }
+    };
+    let trim = tokio::spawn(release_startup_code());
+    let first = stack::run_queue(device, stack_config, upstream, shared, 0, both).await;
+    trim.abort();
+    stop.send_replace(true);
+    let mut result = first
+        .map(|stats| stats.ring_bytes)
+        .map_err(|e| format!("device failed: {e}"));
+    for worker in workers {
+        let joined = tokio::task::spawn_blocking(move || worker.join()).await;
+        let failed = match joined {
+            Ok(Ok(Ok(()))) => None,
+            Ok(Ok(Err(e))) => Some(e),
+            Ok(Err(_)) | Err(_) => Some("a queue thread panicked".to_owned()),
+        };
+        if let (Some(e), Ok(_)) = (failed, &result) {
+            result = Err(e);
+        }
+    }
+    side.stop().await;
+    let ring_bytes = result?;
+    let stats = stack::StackStats {
+        ring_bytes,
+        ..counters.snapshot()
+    };
+    tracing::info!(stats = %stats, "stopped");
+    Ok(())
+}
+
+/// The runtime of a further queue: current-thread, I/O and time, no signal
+/// handling (the main thread's runtime has it). Dropping it never blocks, so it may
+/// be dropped anywhere, also inside another runtime (where tokio forbids dropping
+/// one the ordinary way).
+#[derive(Debug)]
+struct QueueRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for QueueRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+fn queue_runtime() -> std::io::Result<QueueRuntime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map(|runtime| QueueRuntime(Some(runtime)))
+}
+
+/// Resolves once `stop` is set.
+async fn stopped(stop: &tokio::sync::watch::Sender<bool>) {
+    let mut rx = stop.subscribe();
+    // An error means the sender is gone: nothing can set it any more, so stop too.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Sets the stop flag when dropped (also while a panic unwinds).
+struct StopOnDrop(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
+    }
+}
+
+/// One further queue of the device, to be served on a thread of its own.
+struct QueueThread {
+    queue: usize,
+    tun: Tun,
+    /// Built by [`queue_runtime`] (on the main thread), run and dropped on this one.
+    runtime: QueueRuntime,
+    mtu: u16,
+    /// What the first queue's probe got from the kernel (offloads are the device's).
+    offload: tun2socks::offload::Features,
+    stack_config: StackConfig,
+    upstream: Upstream,
+    shared: Arc<stack::Shared>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl QueueThread {
+    /// Starts the thread: its current-thread runtime runs the queue's stack until
+    /// `stop` is set; the thread sets `stop` itself when it ends, so that one failed
+    /// queue stops them all.
+    fn spawn(self) -> std::io::Result<std::thread::JoinHandle<Result<(), String>>> {
+        std::thread::Builder::new()
+            .name(format!("t2s-queue-{}", self.queue))
+            .spawn(move || {
+                // Also when the thread panics: one queue down stops them all.
+                let _stop = StopOnDrop(self.stop.clone());
+                self.run()
+            })
+    }
+
+    fn run(self) -> Result<(), String> {
+        let queue = self.queue;
+        let runtime =
+            (self.runtime.0.as_ref()).ok_or_else(|| format!("queue {queue}: no runtime"))?;
+        runtime.block_on(async {
+            let device = Device::from_queue(self.tun, self.mtu, self.offload)
+                .map_err(|e| format!("queue {queue}: {e}"))?;
+            let stop = self.stop;
+            let shutdown = async move { stopped(&stop).await };
+            stack::run_queue(
+                device,
+                self.stack_config,
+                self.upstream,
+                self.shared,
+                queue,
+                shutdown,
+            )
+            .await
+            .map(drop)
+            .map_err(|e| format!("queue {queue}: device failed: {e}"))
+        })
     }
 }
 
@@ -640,7 +830,13 @@ fn run_exec(args: &ExecArgs) -> ExitCode {
         }
     };
     let config = ExecConfig::new(device_config);
-    let tunnel = |device, stop| serve(device, stack_config, upstream, observe, stop);
+    let tunnel = Tunnel {
+        stack_config,
+        upstream,
+        observe,
+    };
+    // The sandbox hands over one descriptor, opened in its namespace: one queue.
+    let tunnel = |device, stop| serve(device, Vec::new(), tunnel, stop);
     match exec::run(&config, &args.command, tunnel) {
         Ok(exit) => ExitCode::from(exit.shell_status()),
         Err(e) => {

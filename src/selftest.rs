@@ -112,6 +112,8 @@ struct Variant {
     udp: bool,
     /// The tunnel's `--dns` mode.
     dns: DnsMode,
+    /// The tunnel's `--threads` (queues and stacks).
+    threads: &'static str,
 }
 
 fn variants() -> Vec<Variant> {
@@ -125,6 +127,7 @@ fn variants() -> Vec<Variant> {
             throughput: true,
             udp: true,
             dns: DnsMode::Udp,
+            threads: "2",
         },
         Variant {
             name: "socks5+login",
@@ -134,6 +137,7 @@ fn variants() -> Vec<Variant> {
             throughput: false,
             udp: true,
             dns: DnsMode::Tcp,
+            threads: "1",
         },
         Variant {
             name: "socks4",
@@ -143,6 +147,7 @@ fn variants() -> Vec<Variant> {
             throughput: false,
             udp: false,
             dns: DnsMode::Tcp,
+            threads: "1",
         },
         Variant {
             name: "socks4a",
@@ -152,6 +157,7 @@ fn variants() -> Vec<Variant> {
             throughput: false,
             udp: false,
             dns: DnsMode::FakeIp,
+            threads: "2",
         },
     ]
 }
@@ -193,7 +199,12 @@ pub fn run(binary: &Path, mut progress: impl FnMut(&Check)) -> io::Result<Report
         let app = topo.app();
         let routing_before = routing_snapshot(app)?;
         let dns_mode = v.dns.to_string();
-        let tunnel = start_tunnel_setup(app, binary, &v.url, &["--dns", &dns_mode])?;
+        let tunnel = start_tunnel_setup(
+            app,
+            binary,
+            &v.url,
+            &["--dns", &dns_mode, "--threads", v.threads],
+        )?;
         for (family, ip) in [("IPv4", TARGET_V4.into()), ("IPv6", TARGET_V6.into())] {
             let at = |port| SocketAddr::new(ip, port);
             if !v.ipv6 && family == "IPv6" {
@@ -228,7 +239,10 @@ pub fn run(binary: &Path, mut progress: impl FnMut(&Check)) -> io::Result<Report
             let up = SocketAddr::new(TARGET_V4.into(), DISCARD_PORT);
             record(&mut report, name, client(app, upload_rate(up)));
         }
-        let name = format!("{} clean exit on SIGTERM, no panic", v.name);
+        let name = format!(
+            "{} clean exit on SIGTERM, no panic (--threads {})",
+            v.name, v.threads
+        );
         record(&mut report, name, stop_cleanly(tunnel, server));
         let name = format!("{} --setup: ip rule/route (v4, v6) restored", v.name);
         record(&mut report, name, routing_restored(app, &routing_before));

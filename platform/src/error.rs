@@ -51,9 +51,9 @@ pub enum TunError {
         /// The device name.
         name: String,
     },
-    /// An interface of that name exists but is not a TUN device: a TAP, a multi-queue
-    /// TUN, or another kind of link (the kernel answers EINVAL).
-    #[error("interface {name} exists but is not a single-queue TUN device")]
+    /// An interface of that name exists but is not a TUN device: a TAP or another
+    /// kind of link (the kernel answers EINVAL).
+    #[error("interface {name} exists but is not a TUN device")]
     NotTun {
         /// The interface name.
         name: String,

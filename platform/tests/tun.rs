@@ -238,7 +238,14 @@ fn offload_hands_over_a_udp_super_packet_with_its_header() {
     }
     let ns = Netns::new("tun-offload");
     ns.run(|| {
-        let mut tun = open_tun_with(Some("t2soff0"), TunOptions { vnet_hdr: true }).unwrap();
+        let mut tun = open_tun_with(
+            Some("t2soff0"),
+            &TunOptions {
+                vnet_hdr: true,
+                ..TunOptions::default()
+            },
+        )
+        .unwrap();
         assert!(tun.vnet_hdr());
         let tcp = Offloads::CSUM.union(Offloads::TSO4).union(Offloads::TSO6);
         tun.set_offload(tcp).expect("checksum and TSO offload");
@@ -298,7 +305,14 @@ fn without_offload_a_vnet_device_segments_in_the_kernel() {
     ns.ip(&["tuntap", "add", "dev", "t2soff1", "mode", "tun"]);
     ns.run(|| {
         // Attached, with a header but no offload: three datagrams, plain headers.
-        let tun = open_tun_with(Some("t2soff1"), TunOptions { vnet_hdr: true }).unwrap();
+        let tun = open_tun_with(
+            Some("t2soff1"),
+            &TunOptions {
+                vnet_hdr: true,
+                ..TunOptions::default()
+            },
+        )
+        .unwrap();
         assert!(!tun.created());
         let link = Link::new(tun.ifindex()).unwrap();
         let _up = link.set_up().unwrap();
@@ -325,7 +339,14 @@ fn offload_needs_the_header_and_is_undone_on_an_attached_device() {
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         drop(plain);
 
-        let mut tun = open_tun_with(Some("t2soff2"), TunOptions { vnet_hdr: true }).unwrap();
+        let mut tun = open_tun_with(
+            Some("t2soff2"),
+            &TunOptions {
+                vnet_hdr: true,
+                ..TunOptions::default()
+            },
+        )
+        .unwrap();
         tun.set_offload(Offloads::CSUM.union(Offloads::USO4).union(Offloads::USO6))
             .unwrap();
         drop(tun);

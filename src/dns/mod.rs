@@ -149,13 +149,40 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// The fake-IP tables (one per family; `None` where the mode is not fake-ip or no pool
+/// of the family exists). Cloning shares them: every stack of a multi-queue tunnel
+/// answers from one map, so a name has one fake address whichever queue asked, and a
+/// flow on any queue finds its name.
+#[derive(Debug, Clone, Default)]
+pub struct FakeIps {
+    v4: Option<Arc<Mutex<FakeTable>>>,
+    v6: Option<Arc<Mutex<FakeTable>>>,
+}
+
+impl FakeIps {
+    /// Empty tables for `config`'s pools (nothing unless the mode is fake-ip).
+    pub fn new(config: &DnsConfig) -> FakeIps {
+        let hold = config.fake_ttl.saturating_add(config.fake_grace);
+        let table = |v6: bool| {
+            (config.mode == DnsMode::FakeIp)
+                .then(|| FakeTable::new(&config.fake_pools, v6, config.max_fake_entries, hold))
+                .flatten()
+                .map(|table| Arc::new(Mutex::new(table)))
+        };
+        FakeIps {
+            v4: table(false),
+            v6: table(true),
+        }
+    }
+}
+
 /// The DNS module: `Send + Sync`, shared as `Arc<Dns>` by the stack and flow tasks.
 #[derive(Debug)]
 pub struct Dns {
     config: DnsConfig,
-    /// Fake-IP tables (fake-ip mode only; `None` when no pool of the family exists).
-    v4: Option<Mutex<FakeTable>>,
-    v6: Option<Mutex<FakeTable>>,
+    /// Fake-IP tables (possibly shared with other stacks' `Dns`).
+    v4: Option<Arc<Mutex<FakeTable>>>,
+    v6: Option<Arc<Mutex<FakeTable>>>,
     tcp: TcpClient,
     metrics: Arc<Metrics>,
 }
@@ -169,14 +196,19 @@ impl Dns {
 
     /// As [`Dns::new`], counting into `metrics`.
     pub fn with_metrics(config: DnsConfig, upstream: Upstream, metrics: Arc<Metrics>) -> Self {
-        let hold = config.fake_ttl.saturating_add(config.fake_grace);
-        let table = |v6: bool| {
-            (config.mode == DnsMode::FakeIp)
-                .then(|| FakeTable::new(&config.fake_pools, v6, config.max_fake_entries, hold))
-                .flatten()
-                .map(Mutex::new)
-        };
-        let (v4, v6) = (table(false), table(true));
+        let fake = FakeIps::new(&config);
+        Dns::with_fake_ips(config, upstream, metrics, &fake)
+    }
+
+    /// As [`Dns::with_metrics`], answering from `fake` (shared with other `Dns`
+    /// values made from it). DNS-over-TCP connections stay this value's own (their
+    /// tasks run on the runtime that opened them).
+    pub fn with_fake_ips(
+        config: DnsConfig,
+        upstream: Upstream,
+        metrics: Arc<Metrics>,
+        fake: &FakeIps,
+    ) -> Self {
         let tcp = TcpClient::new(
             upstream,
             TcpSettings {
@@ -189,8 +221,8 @@ impl Dns {
         );
         Dns {
             config,
-            v4,
-            v6,
+            v4: fake.v4.clone(),
+            v6: fake.v6.clone(),
             tcp,
             metrics,
         }
@@ -328,8 +360,8 @@ impl Dns {
 
     fn table(&self, ip: IpAddr) -> Option<&Mutex<FakeTable>> {
         match ip {
-            IpAddr::V4(_) => self.v4.as_ref(),
-            IpAddr::V6(_) => self.v6.as_ref(),
+            IpAddr::V4(_) => self.v4.as_deref(),
+            IpAddr::V6(_) => self.v6.as_deref(),
         }
     }
 
@@ -369,7 +401,7 @@ impl Dns {
     pub fn fake_address_of(&self, name: &str, family_v6: bool) -> Option<IpAddr> {
         let table = if family_v6 { &self.v6 } else { &self.v4 };
         let key = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
-        lock(table.as_ref()?).address_of(&key)
+        lock(table.as_deref()?).address_of(&key)
     }
 
     /// DNS over TCP through the proxy to `resolver` (tcp mode, and fake-ip's other

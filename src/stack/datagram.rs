@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use crate::dns::{Decision, Dns, Target};
 use crate::egress::{Egress, PacketSink};
 use crate::flow::FourTuple;
-use crate::flow::udp::{Outgoing, UdpConfig, UdpNat};
+use crate::flow::udp::{NatTable, Outgoing, UdpConfig, UdpNat};
 use crate::metrics::bump;
 use crate::socks::Address;
 use crate::upstream::Upstream;
@@ -51,14 +51,16 @@ pub(super) struct Datagrams {
 }
 
 impl Datagrams {
+    /// `table`: the UDP associations, shared by every stack of the tunnel.
     pub(super) fn new(
         upstream: Upstream,
         egress: Arc<Egress>,
         config: UdpConfig,
         dns: Arc<Dns>,
+        table: &NatTable,
     ) -> Self {
         Datagrams {
-            udp: UdpNat::new(upstream.clone(), egress.clone(), config),
+            udp: UdpNat::with_table(upstream.clone(), egress.clone(), config, table),
             egress,
             upstream,
             dns,

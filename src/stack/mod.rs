@@ -26,7 +26,10 @@ pub mod busy;
 pub mod classify;
 mod datagram;
 mod phy;
+mod shared;
 mod timers;
+
+pub use shared::Shared;
 
 use std::collections::HashMap;
 use std::future::poll_fn;
@@ -47,7 +50,7 @@ use tracing::Instrument;
 
 use crate::dns::{Dns, DnsConfig};
 use crate::egress::Egress;
-use crate::flow::buffers::{Budget, BufferConfig, Buffers};
+use crate::flow::buffers::{BufferConfig, Buffers};
 use crate::flow::tcp::FlowContext;
 use crate::flow::udp::UdpConfig;
 use crate::flow::{BurstLog, FlowId, FourTuple, Signal, TcpFlow};
@@ -264,11 +267,33 @@ pub async fn run_with_metrics<D: PacketIo>(
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<StackStats> {
-    let mut stack = Stack::new(device, config, upstream, metrics);
+    let shared = Arc::new(Shared::new(&config, metrics));
+    run_queue(device, config, upstream, shared, 0, shutdown).await
+}
+
+/// As [`run`], for one queue (`queue`, counted from 0, names it in logs) of a
+/// multi-queue tunnel: every queue's stack gets the same `config` and `shared`, and
+/// runs on a runtime of its own. Returns the counters of the whole tunnel when this
+/// stack stopped.
+pub async fn run_queue<D: PacketIo>(
+    device: D,
+    config: StackConfig,
+    upstream: Upstream,
+    shared: Arc<Shared>,
+    queue: usize,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<StackStats> {
+    let mut stack = Stack::new(device, config, upstream, &shared);
     let result = stack.run(shutdown).await;
     // Rings held when the stack stopped, before closing resets the flows.
-    let held = stack.buffers.budget.used() as u64;
+    let held = shared.ring_bytes();
     stack.close().await;
+    tracing::info!(
+        queue,
+        packets_in = stack.packets_in,
+        flows = stack.next_id.saturating_sub(1),
+        "queue stopped"
+    );
     result.map(|()| StackStats {
         ring_bytes: held,
         ..stack.stats.snapshot()
@@ -302,19 +327,29 @@ struct Stack<D: PacketIo> {
     loop_log: BurstLog,
     datagrams: Datagrams,
     busy: BusyPoll,
+    /// Packets this stack (its queue) read from the device.
+    packets_in: u64,
 }
 
 impl<D: PacketIo> Stack<D> {
-    fn new(device: D, config: StackConfig, upstream: Upstream, stats: Arc<Metrics>) -> Self {
+    fn new(device: D, config: StackConfig, upstream: Upstream, shared: &Shared) -> Self {
+        let stats = shared.metrics.clone();
         let device = Arc::new(device);
         let sink = Arc::new(DeviceSink(device.clone()));
         let egress = Arc::new(Egress::with_metrics(sink, stats.clone()));
-        let dns = Arc::new(Dns::with_metrics(
+        let dns = Arc::new(Dns::with_fake_ips(
             config.dns.clone(),
             upstream.clone(),
             stats.clone(),
+            &shared.fake_ips,
         ));
-        let datagrams = Datagrams::new(upstream.clone(), egress, config.udp.clone(), dns);
+        let datagrams = Datagrams::new(
+            upstream.clone(),
+            egress,
+            config.udp.clone(),
+            dns,
+            &shared.udp,
+        );
         let busy_poll = config.busy_poll;
         let epoch = Instant::now();
         let mut scratch = Vec::with_capacity(RX_BUFFER);
@@ -335,22 +370,13 @@ impl<D: PacketIo> Stack<D> {
             failures: BurstLog::new(Duration::from_secs(5)),
             dials: Semaphore::new(CONCURRENT_DIALS),
         });
-        let buffers = Arc::new(Buffers {
-            config: BufferConfig {
-                initial: config.tcp_initial_buffer,
-                max_rx: config.tcp_rx_buffer,
-                max_tx: config.tcp_tx_buffer,
-                idle: config.tcp_idle_shrink,
-            },
-            budget: Budget::with_metrics(config.memory_limit, stats.clone()),
-        });
         Stack {
             device,
             iface,
-            buffers,
+            buffers: shared.buffers.clone(),
             epoch,
-            permits: Arc::new(Semaphore::new(config.max_flows)),
-            pending: Arc::new(Semaphore::new(MAX_PENDING)),
+            permits: shared.permits.clone(),
+            pending: shared.pending.clone(),
             config,
             flows: HashMap::new(),
             by_tuple: HashMap::new(),
@@ -367,6 +393,7 @@ impl<D: PacketIo> Stack<D> {
             loop_log: BurstLog::new(Duration::from_secs(5)),
             datagrams,
             busy: BusyPoll::new(busy_poll),
+            packets_in: 0,
         }
     }
 
@@ -493,6 +520,7 @@ impl<D: PacketIo> Stack<D> {
     /// into its datagrams first.
     fn ingress(&mut self, packet: &[u8], hdr: &VnetHdr, now: Instant) {
         bump(&self.stats.stack.packets_in);
+        self.packets_in = self.packets_in.wrapping_add(1);
         match classify::classify_offload(packet, hdr.checksum_trusted()) {
             Class::Tcp { tuple, syn } => match self.by_tuple.get(&tuple).copied() {
                 Some(id) => {

@@ -2,6 +2,9 @@
 //! mode without packet information (`IFF_TUN | IFF_NO_PI`), non-blocking; with
 //! [`TunOptions::vnet_hdr`] every packet carries a `virtio_net_hdr` (`IFF_VNET_HDR`)
 //! and [`Tun::set_offload`] turns on checksum and segmentation offload.
+//! With [`TunOptions::multi_queue`] the device is opened with `IFF_MULTI_QUEUE`, and
+//! [`Tun::open_queue`] opens further queues (descriptors) of the same device, each
+//! with the same flags; the kernel spreads packets over them by flow hash.
 //!
 //! Whether we created the device or attached to an existing one is decided by the
 //! kernel, not guessed: the first `TUNSETIFF` carries `IFF_TUN_EXCL`, which only
@@ -38,14 +41,23 @@ pub struct Tun {
     name: String,
     ifindex: u32,
     created: bool,
-    vnet_hdr: bool,
+    /// The `TUNSETIFF` flags beyond `IFF_TUN | IFF_NO_PI` this descriptor was opened
+    /// with (never `IFF_TUN_EXCL`): every further queue is opened with the same.
+    flags: libc::c_int,
     /// Turns the offloads off again when an attached device's descriptor closes.
     reset: OffloadReset,
 }
 
-/// How to open a TUN device, beyond its name.
+/// How to open a TUN device (beyond layer 3 without packet information, which is
+/// always asked for). Build it with `..TunOptions::default()` so new options keep
+/// old callers compiling.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TunOptions {
+    /// Open with `IFF_MULTI_QUEUE`, so that [`Tun::open_queue`] can add queues. An
+    /// existing device made without it refuses the flag: the open then falls back to
+    /// one queue ([`Tun::multi_queue`] tells). Without it, an existing multi-queue
+    /// device is still attached to (with the flag, as the kernel demands).
+    pub multi_queue: bool,
     /// `IFF_VNET_HDR`: every packet read or written starts with a 10-byte
     /// `virtio_net_hdr` ([`VNET_HDR_LEN`]). Needed for [`Tun::set_offload`]. Every
     /// descriptor of one device must agree.
@@ -76,7 +88,7 @@ impl Tun {
 
     /// `true` if every packet carries a `virtio_net_hdr` ([`TunOptions::vnet_hdr`]).
     pub fn vnet_hdr(&self) -> bool {
-        self.vnet_hdr
+        self.flags & libc::IFF_VNET_HDR != 0
     }
 
     /// `TUNSETOFFLOAD`: lets the kernel hand over (and take) packets with partial
@@ -87,7 +99,7 @@ impl Tun {
     /// offloads are turned off again when this descriptor closes, so a later reader
     /// without the header never gets super-segments.
     pub fn set_offload(&mut self, offloads: Offloads) -> io::Result<()> {
-        if !self.vnet_hdr {
+        if !self.vnet_hdr() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "TUN offload needs IFF_VNET_HDR",
@@ -120,6 +132,40 @@ impl Tun {
                 format!("TUN took {written} of {total} bytes"),
             ))
         }
+    }
+
+    /// `true` if the descriptor is a queue of a multi-queue device (`IFF_MULTI_QUEUE`),
+    /// so that [`Tun::open_queue`] can open more.
+    pub fn multi_queue(&self) -> bool {
+        self.flags & libc::IFF_MULTI_QUEUE != 0
+    }
+
+    /// Opens one more queue of this multi-queue device: a new non-blocking,
+    /// close-on-exec descriptor with the same flags. Like [`open_tun`], it must be
+    /// called in the device's network namespace. Packets may be read from and written
+    /// to any queue; the kernel picks the queue a packet is read from by its flow.
+    ///
+    /// Fails with [`TunError::Io`] (`EINVAL`) on a single-queue device.
+    pub fn open_queue(&self) -> Result<Tun, TunError> {
+        if !self.multi_queue() {
+            return Err(TunError::Io {
+                op: "open a further queue (the device is single-queue)",
+                name: self.name.clone(),
+                error: io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        }
+        let file = open_clone_device(&self.name)?;
+        set_iff(&file, &self.name, self.flags)
+            .map_err(|error| classify(error, "TUNSETIFF (queue)", &self.name, false))?;
+        Ok(Tun {
+            file,
+            name: self.name.clone(),
+            ifindex: self.ifindex,
+            created: self.created,
+            flags: self.flags,
+            // Offloads are the device's: the first descriptor turns them off.
+            reset: OffloadReset(None),
+        })
     }
 
     /// Reads one packet into `buf` and returns its length. `buf` should hold at least
@@ -177,7 +223,7 @@ impl Tun {
             name,
             ifindex,
             created,
-            vnet_hdr: false,
+            flags: 0,
             reset: OffloadReset(None),
         }
     }
@@ -253,45 +299,72 @@ fn set_offload(fd: BorrowedFd<'_>, offloads: Offloads) -> io::Result<()> {
 /// Creates the TUN device `name`, or attaches to an existing TUN device of that
 /// name (for example a persistent one made with `ip tuntap add mode tun`). With
 /// `None` the kernel picks a free `tunN` name. The descriptor is non-blocking and
-/// close-on-exec.
+/// close-on-exec. The same as [`open_tun_with`] with the default options.
 ///
 /// The device is created in the network namespace of the calling thread.
 pub fn open_tun(name: Option<&str>) -> Result<Tun, TunError> {
-    open_tun_with(name, TunOptions::default())
+    open_tun_with(name, &TunOptions::default())
 }
 
-/// [`open_tun`] with options: with [`TunOptions::vnet_hdr`] the device (created or
-/// attached) carries a `virtio_net_hdr` before every packet.
-pub fn open_tun_with(name: Option<&str>, options: TunOptions) -> Result<Tun, TunError> {
+/// [`open_tun`] with `options`: with [`TunOptions::vnet_hdr`] the device (created or
+/// attached) carries a `virtio_net_hdr` before every packet. An existing device whose
+/// multi-queue flag differs from the request is attached with its own (the kernel
+/// refuses a mismatch); a multi-queue device that is not persistent and exists
+/// already belongs to another process's descriptors, and is refused as
+/// [`TunError::Busy`] like a single-queue one held elsewhere.
+pub fn open_tun_with(name: Option<&str>, options: &TunOptions) -> Result<Tun, TunError> {
     if let Some(name) = name {
         validate_name(name)?;
     }
     let shown = name.unwrap_or(KERNEL_TEMPLATE);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(CLONE_DEVICE)
-        .map_err(|error| classify(error, "open /dev/net/tun", shown, false))?;
-
-    let mut created = true;
-    let flags = if options.vnet_hdr {
+    let file = open_clone_device(shown)?;
+    let vnet = if options.vnet_hdr {
         libc::IFF_VNET_HDR
     } else {
         0
     };
-    let mut actual = match set_iff(&file, name.unwrap_or(""), libc::IFF_TUN_EXCL | flags) {
+    let wanted = vnet
+        | if options.multi_queue {
+            libc::IFF_MULTI_QUEUE
+        } else {
+            0
+        };
+    let mut flags = wanted;
+    let mut created = true;
+    let mut actual = match set_iff(&file, name.unwrap_or(""), wanted | libc::IFF_TUN_EXCL) {
         Ok(actual) => actual,
         Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {
             // The name is taken: attach instead of creating.
             created = false;
-            set_iff(&file, name.unwrap_or(""), flags)
-                .map_err(|error| classify(error, "TUNSETIFF (attach)", shown, true))?
+            let name = name.unwrap_or("");
+            match set_iff(&file, name, wanted) {
+                Ok(actual) => actual,
+                Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+                    // A device made with the other multi-queue setting (or no TUN at
+                    // all, which the second try tells).
+                    flags = wanted ^ libc::IFF_MULTI_QUEUE;
+                    set_iff(&file, name, flags)
+                        .map_err(|error| classify(error, "TUNSETIFF (attach)", shown, true))?
+                }
+                Err(error) => return Err(classify(error, "TUNSETIFF (attach)", shown, true)),
+            }
         }
         Err(error) => return Err(classify(error, "TUNSETIFF (create)", shown, false)),
     };
     if actual.is_empty() {
         actual = shown.to_owned();
+    }
+    if !created && flags & libc::IFF_MULTI_QUEUE != 0 {
+        // A multi-queue device takes any number of queues, so "held by another
+        // process" shows only as: it exists, yet nobody made it persistent.
+        let device_flags = get_iff(&file).map_err(|error| TunError::Io {
+            op: "TUNGETIFF",
+            name: actual.clone(),
+            error,
+        })?;
+        if device_flags & libc::IFF_PERSIST == 0 {
+            return Err(TunError::Busy { name: actual });
+        }
     }
     let ifindex = if_index(&actual).map_err(|error| TunError::Io {
         op: "look up the ifindex",
@@ -303,9 +376,19 @@ pub fn open_tun_with(name: Option<&str>, options: TunOptions) -> Result<Tun, Tun
         name: actual,
         ifindex,
         created,
-        vnet_hdr: options.vnet_hdr,
+        flags,
         reset: OffloadReset(None),
     })
+}
+
+/// A fresh non-blocking, close-on-exec descriptor of the clone device.
+fn open_clone_device(shown: &str) -> Result<File, TunError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(CLONE_DEVICE)
+        .map_err(|error| classify(error, "open /dev/net/tun", shown, false))
 }
 
 /// Applies the kernel's `dev_valid_name` rules, so a bad name fails with a clear
@@ -380,6 +463,29 @@ fn set_iff(file: &File, name: &str, extra: libc::c_int) -> io::Result<String> {
         .map(|&c| c as u8)
         .collect();
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `TUNGETIFF`: the flags of the device `file` is attached to (`IFF_PERSIST`,
+/// `IFF_MULTI_QUEUE`, ...).
+fn get_iff(file: &File) -> io::Result<libc::c_int> {
+    // SAFETY: as in `set_iff`: all-zero bytes are a valid `ifreq`.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is an open `/dev/net/tun` attached to a device;
+    // TUNGETIFF writes exactly one `struct ifreq` into `req`, which is live and
+    // initialised for the whole call. The descriptor is borrowed, not closed.
+    let rc = unsafe {
+        libc::ioctl(
+            file.as_raw_fd(),
+            libc::TUNGETIFF,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: TUNGETIFF filled the flags member of the union (as a `short`).
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    Ok(libc::c_int::from(flags) & 0xffff)
 }
 
 /// `if_nametoindex(3)` in the calling thread's network namespace.

@@ -44,6 +44,16 @@ impl Tun {
         match self.never {}
     }
 
+    /// Whether the descriptor is a queue of a multi-queue device.
+    pub fn multi_queue(&self) -> bool {
+        match self.never {}
+    }
+
+    /// Opens one more queue.
+    pub fn open_queue(&self) -> Result<Tun, TunError> {
+        match self.never {}
+    }
+
     /// Reads one packet.
     pub fn recv(&self, _buf: &mut [u8]) -> io::Result<usize> {
         match self.never {}
@@ -101,6 +111,8 @@ pub fn release_code() -> io::Result<usize> {
 /// See the Linux implementation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TunOptions {
+    /// Open with `IFF_MULTI_QUEUE`.
+    pub multi_queue: bool,
     /// A `virtio_net_hdr` before every packet.
     pub vnet_hdr: bool,
 }
@@ -109,7 +121,7 @@ pub struct TunOptions {
 pub const VNET_HDR_LEN: usize = 10;
 
 /// Always fails with [`TunError::Unsupported`].
-pub fn open_tun_with(_name: Option<&str>, _options: TunOptions) -> Result<Tun, TunError> {
+pub fn open_tun_with(_name: Option<&str>, _options: &TunOptions) -> Result<Tun, TunError> {
     Err(TunError::Unsupported)
 }
 

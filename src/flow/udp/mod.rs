@@ -113,17 +113,59 @@ struct Refusal {
     why: String,
 }
 
+/// The associations by application endpoint, and what the proxy last said about UDP.
+/// Cloning shares them: the stacks of a multi-queue tunnel each have a [`UdpNat`]
+/// over one table ([`UdpNat::with_table`]), so a datagram from an endpoint that
+/// arrives on any queue finds the one association of that endpoint (full cone holds
+/// whichever queue the kernel picked). Replies go out through the egress of the
+/// stack that opened the association.
+#[derive(Debug, Clone)]
+pub struct NatTable {
+    table: Arc<Mutex<HashMap<SocketAddr, Arc<Assoc>>>>,
+    refusal: Arc<Mutex<Option<Refusal>>>,
+    /// Once-per-burst warnings, once for all sharers.
+    logs: Arc<NatLogs>,
+    /// The clock associations count idle time from (one for every sharer).
+    epoch: Instant,
+}
+
+impl Default for NatTable {
+    fn default() -> Self {
+        NatTable {
+            table: Arc::default(),
+            refusal: Arc::default(),
+            logs: Arc::new(NatLogs {
+                refusals: BurstLog::new(Duration::from_secs(5)),
+                limit: BurstLog::new(Duration::from_secs(5)),
+                no_udp: BurstLog::new(Duration::from_secs(5)),
+            }),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+/// The warnings the NAT logs once per burst.
+#[derive(Debug)]
+struct NatLogs {
+    /// The proxy refused or could not be reached.
+    refusals: BurstLog,
+    /// `--max-udp` reached.
+    limit: BurstLog,
+    /// The proxy speaks SOCKS4.
+    no_udp: BurstLog,
+}
+
 /// What the association tasks share with the NAT.
 #[derive(Debug)]
 struct Shared {
     upstream: Upstream,
     egress: Arc<Egress>,
     config: UdpConfig,
-    table: Mutex<HashMap<SocketAddr, Arc<Assoc>>>,
-    refusal: Mutex<Option<Refusal>>,
+    table: Arc<Mutex<HashMap<SocketAddr, Arc<Assoc>>>>,
+    refusal: Arc<Mutex<Option<Refusal>>>,
     /// The counters (those of egress: one set for the tunnel).
     metrics: Arc<Metrics>,
-    refusals_log: BurstLog,
+    logs: Arc<NatLogs>,
     /// The clock associations count idle time from.
     epoch: Instant,
 }
@@ -159,7 +201,7 @@ impl Shared {
             until: now + memory,
             why: error.to_string(),
         });
-        if let Some(suppressed) = self.refusals_log.check(now) {
+        if let Some(suppressed) = self.logs.refusals.check(now) {
             tracing::warn!(
                 error = %error, remembered = ?memory, suppressed,
                 "UDP association failed; answering datagrams with port unreachable"
@@ -295,14 +337,24 @@ pub struct UdpNat {
     /// The proxy speaks SOCKS5 (the only version with UDP).
     udp_capable: bool,
     scratch: Vec<u8>,
-    limit_log: BurstLog,
-    no_udp_log: BurstLog,
 }
 
 impl UdpNat {
     /// A NAT whose associations go through `upstream` and whose replies go out
     /// through `egress`.
     pub fn new(upstream: Upstream, egress: Arc<Egress>, config: UdpConfig) -> Self {
+        UdpNat::with_table(upstream, egress, config, &NatTable::default())
+    }
+
+    /// As [`UdpNat::new`], over `table` (shared with the other NATs made from it);
+    /// the associations this NAT opens run as tasks on the runtime that calls
+    /// [`UdpNat::send`], and their replies go out through `egress`.
+    pub fn with_table(
+        upstream: Upstream,
+        egress: Arc<Egress>,
+        config: UdpConfig,
+        table: &NatTable,
+    ) -> Self {
         let udp_capable = upstream.proxy().protocol == Protocol::Socks5;
         UdpNat {
             shared: Arc::new(Shared {
@@ -310,16 +362,14 @@ impl UdpNat {
                 upstream,
                 egress,
                 config,
-                table: Mutex::new(HashMap::new()),
-                refusal: Mutex::new(None),
-                refusals_log: BurstLog::new(Duration::from_secs(5)),
-                epoch: Instant::now(),
+                table: table.table.clone(),
+                refusal: table.refusal.clone(),
+                logs: table.logs.clone(),
+                epoch: table.epoch,
             }),
             tasks: JoinSet::new(),
             udp_capable,
             scratch: Vec::with_capacity(2048),
-            limit_log: BurstLog::new(Duration::from_secs(5)),
-            no_udp_log: BurstLog::new(Duration::from_secs(5)),
         }
     }
 
@@ -351,7 +401,7 @@ impl UdpNat {
             return;
         }
         if !self.udp_capable {
-            if let Some(suppressed) = self.no_udp_log.check(now) {
+            if let Some(suppressed) = self.shared.logs.no_udp.check(now) {
                 tracing::warn!(
                     proxy = %shared.upstream.proxy(), suppressed,
                     "SOCKS4 has no UDP; answering datagrams with port unreachable"
@@ -403,13 +453,19 @@ impl UdpNat {
         }
     }
 
-    /// A new association for `app`, its task started; `None` over the limit.
+    /// A new association for `app`, its task started; `None` over the limit. If
+    /// another stack sharing the table opened one for `app` since the caller looked,
+    /// that one (checked under the same lock as the insert: one association per
+    /// endpoint).
     fn open(&mut self, app: SocketAddr, now: Instant) -> Option<Arc<Assoc>> {
         let shared = &self.shared;
         let mut table = shared.table();
+        if let Some(assoc) = table.get(&app) {
+            return Some(assoc.clone());
+        }
         if table.len() >= shared.config.max_associations {
             shared.metrics.udp.over_limit.fetch_add(1, Relaxed);
-            if let Some(suppressed) = self.limit_log.check(now) {
+            if let Some(suppressed) = shared.logs.limit.check(now) {
                 tracing::warn!(
                     limit = shared.config.max_associations,
                     suppressed,

@@ -308,3 +308,53 @@ fn replies_are_shown_as_the_address_the_app_used() {
         None
     );
 }
+
+/// Two stacks' NATs over one table (a multi-queue tunnel): datagrams from one app
+/// endpoint that arrive on either share one association, whose replies go out through
+/// the egress of the stack that opened it.
+#[tokio::test]
+async fn nats_sharing_a_table_keep_one_association_per_endpoint() {
+    let proxy = server(ServerPolicy::default()).await;
+    let (echo_a, echo_b) = echo().await;
+    let metrics = Arc::new(Metrics::new());
+    let table = NatTable::default();
+    let url: crate::config::ProxyUrl = format!("socks5://{proxy}").parse().unwrap();
+    let upstream = Upstream::new(url, DialOptions::default());
+    let make = |capture: Arc<Capture>| {
+        let egress = Arc::new(Egress::with_metrics(capture, metrics.clone()));
+        UdpNat::with_table(upstream.clone(), egress, UdpConfig::default(), &table)
+    };
+    let (first, second) = (Arc::new(Capture::default()), Arc::new(Capture::default()));
+    let mut nat_a = make(first.clone());
+    let mut nat_b = make(second.clone());
+    send(&mut nat_a, echo_a, b"one");
+    // The other stack looked before the insert and now opens: it gets the same one.
+    let app: SocketAddr = APP.parse().unwrap();
+    let a = nat_a.shared.table().get(&app).cloned().unwrap();
+    let b = nat_b.open(app, Instant::now()).unwrap();
+    assert!(Arc::ptr_eq(&a, &b), "a second association for one endpoint");
+    assert!(nat_b.tasks.is_empty(), "no second association task");
+    send(&mut nat_b, echo_a, b"CONE");
+    let seen = first.wait_for(2).await;
+    let mut sources: Vec<SocketAddr> = seen
+        .iter()
+        .map(|p| match parse(p) {
+            Seen::Udp(src, dst, _) => {
+                assert_eq!(dst, app);
+                src
+            }
+            Seen::Unreachable => panic!("unreachable"),
+        })
+        .collect();
+    sources.sort();
+    let mut expected = vec![echo_a, echo_b];
+    expected.sort();
+    assert_eq!(sources, expected, "the echo and the cone reply");
+    assert!(
+        second.packets.lock().unwrap().is_empty(),
+        "replies left by the opener"
+    );
+    assert_eq!((nat_a.len(), nat_b.len()), (1, 1));
+    assert_eq!(metrics.udp.associations.load(Relaxed), 1);
+    assert_eq!(metrics.udp.datagrams_up.load(Relaxed), 2);
+}
