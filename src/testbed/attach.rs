@@ -69,7 +69,17 @@ pub fn start_tunnel_attached(
     command
         .args(["--proxy", proxy_url, "--device", name])
         .args(extra);
-    let mut process = ns.spawn(command)?;
+    route_when_attached(ns, ns.spawn(command)?, name)
+}
+
+/// Waits until `process` (a tunnel of any make, started on the hand-made device
+/// `name`) holds the device, then routes everything (v4 and v6) into it; fails with the
+/// process's log if it exits first or does not attach within ten seconds.
+pub fn route_when_attached(
+    ns: &Namespace,
+    mut process: Process,
+    name: &str,
+) -> io::Result<Process> {
     let deadline = Instant::now() + ATTACH_TIMEOUT;
     while !has_carrier(ns, name) {
         if let Some(status) = process.try_wait()? {
