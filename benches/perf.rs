@@ -15,32 +15,7 @@
 #[path = "perfbench/mod.rs"]
 mod perfbench;
 
-use std::path::PathBuf;
-
-use perfbench::report::{json, table};
-use perfbench::settings::Settings;
-
 fn main() {
-    if !tun2socks::testbed::bench::is_root() {
-        println!("perf benchmark: needs root (network namespaces); skipped");
-        return;
-    }
-    let built = PathBuf::from(env!("CARGO_BIN_EXE_tun2socks"));
-    let settings = match Settings::from_env(built) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("perf benchmark: {e}");
-            std::process::exit(2);
-        }
-    };
-    let report = perfbench::run(&settings);
-    let json = json(&report, &settings);
-    println!();
-    println!("{}", table(&report, &settings));
-    println!("{json}");
-    if let Some(path) = &settings.json_path {
-        if let Err(e) = std::fs::write(path, format!("{json}\n")) {
-            eprintln!("perf benchmark: writing {}: {e}", path.display());
-        }
-    }
+    let built = std::path::PathBuf::from(env!("CARGO_BIN_EXE_tun2socks"));
+    perfbench::bench_main("perf", built, None);
 }

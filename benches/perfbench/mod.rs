@@ -13,14 +13,47 @@ pub mod report;
 pub mod rig;
 pub mod settings;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use tun2socks::testbed::bench::{cpus, load_average, raise_nofile};
+use tun2socks::testbed::bench::{cpus, is_root, load_average, raise_nofile};
 
 use measure::PathResult;
 use report::Report;
 use rig::Rig;
 use settings::{Group, Settings};
+
+/// A bench binary's `main`: skips unless root, reads the settings (`default_groups`
+/// when `T2S_BENCH_ONLY` is unset), runs, prints the table and the JSON, and writes the
+/// JSON to `T2S_BENCH_JSON` if set. `built` is cargo's build of tun2socks.
+pub fn bench_main(name: &str, built: PathBuf, default_groups: Option<&[Group]>) {
+    if !is_root() {
+        println!("{name} benchmark: needs root (network namespaces); skipped");
+        return;
+    }
+    let mut settings = match Settings::from_env(built) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{name} benchmark: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Some(groups) = default_groups {
+        if std::env::var_os("T2S_BENCH_ONLY").is_none() {
+            settings.groups = groups.to_vec();
+        }
+    }
+    let report = run(&settings);
+    let json = report::json(&report, &settings);
+    println!();
+    println!("{}", report::table(&report, &settings));
+    println!("{json}");
+    if let Some(path) = &settings.json_path {
+        if let Err(e) = std::fs::write(path, format!("{json}\n")) {
+            eprintln!("{name} benchmark: writing {}: {e}", path.display());
+        }
+    }
+}
 
 /// Sets up every path, measures every selected group on each, tears everything down.
 pub fn run(s: &Settings) -> Report {
