@@ -5,7 +5,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use tun2socks::testbed::attach::{create_tun, route_when_attached, start_tunnel_attached};
 use tun2socks::testbed::bench::start_iperf_server;
@@ -32,7 +32,8 @@ pub fn dns_name(i: usize) -> String {
 pub struct Rig {
     /// Which path.
     pub kind: PathKind,
-    /// The namespaces (dropped last: fields drop in order).
+    // Fields drop in order: the target's services, the tunnel, the server, then the
+    // namespaces.
     _iperf: Process,
     _echo: EchoServer,
     _udp: UdpServices,
@@ -43,7 +44,7 @@ pub struct Rig {
     pub server: Option<Process>,
     /// A peer's config directory, removed on drop.
     config_dir: Option<PathBuf>,
-    /// The three namespaces.
+    /// The three namespaces (dropped last).
     pub topo: Topology,
 }
 
@@ -121,6 +122,14 @@ fn start_path_tunnel(
     let mut ours: Vec<&str> = vec!["--log-level", "warn"];
     ours.extend(s.tunnel_args.iter().map(String::as_str));
     let app = topo.app();
+    if let PathKind::Hev(peer) | PathKind::Tun2proxy(peer) = kind {
+        if !peer.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("peer binary {} not found", peer.display()),
+            ));
+        }
+    }
     match kind {
         PathKind::Kernel => Err(io::Error::other("the kernel path has no tunnel")),
         PathKind::Attached => {
@@ -181,9 +190,4 @@ pub fn tun2proxy_args(device: &str, url: &str) -> Vec<String> {
     .into_iter()
     .map(str::to_owned)
     .collect()
-}
-
-/// Whether `binary` exists and is a file (a peer's path from the environment).
-pub fn binary_exists(binary: &Path) -> bool {
-    binary.is_file()
 }
