@@ -110,6 +110,9 @@ pub fn run(s: &Settings) -> Report {
             if s.wants(Group::Cpu) {
                 result.finish_cpu(&rig);
             }
+            if !result.errors.is_empty() {
+                result.errors.extend(log_tail(&rig));
+            }
             result.errors.extend(crashed(rig));
         }
         results.push(result);
@@ -121,6 +124,21 @@ pub fn run(s: &Settings) -> Report {
         cpus: cpus(),
         elapsed_s: started.elapsed().as_secs_f64(),
     }
+}
+
+/// The last lines of the tunnel's log, to show beside failed measurements.
+fn log_tail(rig: &Rig) -> Option<String> {
+    let log = rig.tunnel.as_ref()?.log().ok()?;
+    let tail: Vec<&str> = log
+        .lines()
+        .rev()
+        .filter(|l| !l.trim().is_empty())
+        .take(3)
+        .collect();
+    (!tail.is_empty()).then(|| {
+        let lines: Vec<&str> = tail.into_iter().rev().collect();
+        format!("tunnel log ends: {}", lines.join(" / "))
+    })
 }
 
 /// Tears a rig down; an error for each of its processes that exited on its own

@@ -157,7 +157,12 @@ fn start_path_tunnel(
         PathKind::Tun2proxy(binary) => {
             create_tun(app, HAND_TUN, s.mtu)?;
             let mut command = app.command(binary);
-            command.args(tun2proxy_args(HAND_TUN, &url));
+            command.args(tun2proxy_args(
+                HAND_TUN,
+                &url,
+                s.mtu,
+                s.held_flows * 2 + 1000,
+            ));
             route_when_attached(app, app.spawn(command)?, HAND_TUN)
         }
     }
@@ -174,20 +179,24 @@ pub fn hev_config(device: &str, mtu: u32, proxy: Ipv4Addr, port: u16) -> String 
     )
 }
 
-/// tun2proxy 0.8's arguments: the existing device by name, the proxy URL, DNS as plain
-/// UDP through the proxy (`--dns direct`), warnings only.
-pub fn tun2proxy_args(device: &str, url: &str) -> Vec<String> {
-    [
-        "--tun",
-        device,
-        "--proxy",
-        url,
-        "--dns",
-        "direct",
-        "--verbosity",
-        "warn",
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect()
+/// tun2proxy 0.8's arguments: the existing device by name and its MTU, the proxy URL,
+/// DNS as plain UDP through the proxy (`--dns direct`), an MSS of MTU - 40 in its
+/// SYN-ACKs (its help advises it: without it the kernel falls back to 536), room for
+/// `sessions` flows (its default, 200, would cut the held-flows row), warnings only.
+pub fn tun2proxy_args(device: &str, url: &str, mtu: u32, sessions: usize) -> Vec<String> {
+    let mut args: Vec<String> = ["--tun", device, "--proxy", url, "--dns", "direct"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    args.extend([
+        "--mtu".to_owned(),
+        mtu.to_string(),
+        "--tcp-mss".to_owned(),
+        mtu.saturating_sub(40).to_string(),
+        "--max-sessions".to_owned(),
+        sessions.to_string(),
+        "--verbosity".to_owned(),
+        "warn".to_owned(),
+    ]);
+    args
 }
