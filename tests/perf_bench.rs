@@ -166,9 +166,16 @@ fn peer_configs_name_the_device_and_the_proxy() {
     ] {
         assert!(yaml.lines().any(|l| l == line), "{line:?} in\n{yaml}");
     }
-    let args = tun2proxy_args("tunb", "socks5://198.19.1.2:1080");
+    let args = tun2proxy_args("tunb", "socks5://198.19.1.2:1080", 1500, 5000);
     assert_eq!(
         args[..4],
         ["--tun", "tunb", "--proxy", "socks5://198.19.1.2:1080"]
     );
+    let after = |flag: &str| {
+        let at = args.iter().position(|a| a == flag).unwrap();
+        args[at + 1].clone()
+    };
+    assert_eq!(after("--mtu"), "1500");
+    assert_eq!(after("--tcp-mss"), "1460");
+    assert_eq!(after("--max-sessions"), "5000");
 }
