@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tun2socks::testbed::attach::{create_tun, refusal_reason, start_tunnel_attached, vm_rss_kib};
-use tun2socks::testbed::bench::{cpu_seconds, env_or, is_root, raise_nofile};
+use tun2socks::testbed::bench::{cpu_seconds, env_or, is_root, json_str, raise_nofile};
 use tun2socks::testbed::dns_client::{QueryRateReport, TYPE_A, dns_query, dns_query_rate};
 use tun2socks::testbed::dnsmasq::{DNS_PORT, Dnsmasq};
 use tun2socks::testbed::tunnel::{proxy_addr, start_server, start_tunnel};
@@ -374,20 +374,6 @@ fn print_table(rows: &[Row], s: &Settings) {
             println!("err: {}: {e}", row.path);
         }
     }
-}
-
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 fn json_opt<T: std::fmt::Display>(v: Option<T>) -> String {

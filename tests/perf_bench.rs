@@ -112,6 +112,7 @@ fn perf_bench_produces_every_row_and_valid_json() {
                  assert len(m) == len(d['metrics']), (len(m), len(d['metrics']))\n\
                  assert paths['kernel']['metrics']['rss_idle_mib'] is None\n\
                  assert paths['hev']['setup_error']\n\
+                 assert paths['attached']['samples']['conn_per_s'] == [m['conn_per_s']]\n\
                  print(m['tcp1_up_gbps'])\n";
     let mut python = Command::new("python3")
         .args(["-c", check])

@@ -77,9 +77,9 @@ impl PathResult {
         m.is_finite().then_some(m)
     }
 
-    /// Every metric key with a value.
-    pub fn keys(&self) -> impl Iterator<Item = &&'static str> {
-        self.samples.keys()
+    /// The metric's samples, one per round, in order (empty when not measured).
+    pub fn samples(&self, key: &str) -> &[f64] {
+        self.samples.get(key).map_or(&[], Vec::as_slice)
     }
 
     fn add(&mut self, key: &'static str, value: f64) {

@@ -3,6 +3,8 @@
 
 use std::fmt::Write as _;
 
+use tun2socks::testbed::bench::json_str;
+
 use super::measure::PathResult;
 use super::settings::{Group, Settings};
 
@@ -337,24 +339,6 @@ fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or_default()
 }
 
-/// A JSON string literal.
-pub fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 fn json_num(v: f64) -> String {
     if v.is_finite() {
         format!("{v:.3}")
@@ -369,7 +353,8 @@ fn json_list<I: IntoIterator<Item = String>>(items: I) -> String {
 
 /// The whole run as one JSON object: `machine`, `settings`, `metrics` (the row
 /// definitions) and `paths` (each with `key`, `label`, `setup_error`, `metrics`
-/// (key -> median, null when not measured) and `errors`).
+/// (key -> median, null when not measured), `samples` (key -> one value per round)
+/// and `errors`).
 pub fn json(report: &Report, s: &Settings) -> String {
     let machine = format!(
         "{{\"cpus\":{},\"load_before\":{},\"load_after\":{},\"elapsed_s\":{}}}",
@@ -416,8 +401,18 @@ pub fn json(report: &Report, s: &Settings) -> String {
             })
             .collect::<Vec<_>>()
             .join(",");
+        let samples = METRICS
+            .iter()
+            .filter(|m| !p.samples(m.key).is_empty())
+            .map(|m| {
+                let list = json_list(p.samples(m.key).iter().map(|v| json_num(*v)));
+                format!("{}:{list}", json_str(m.key))
+            })
+            .collect::<Vec<_>>()
+            .join(",");
         format!(
-            "{{\"key\":{},\"label\":{},\"setup_error\":{},\"metrics\":{{{values}}},\"errors\":{}}}",
+            "{{\"key\":{},\"label\":{},\"setup_error\":{},\"metrics\":{{{values}}},\
+             \"samples\":{{{samples}}},\"errors\":{}}}",
             json_str(p.key),
             json_str(&p.label),
             p.setup_error.as_deref().map_or("null".into(), json_str),

@@ -19,6 +19,9 @@ use super::settings::{PathKind, Settings};
 
 /// The hand-made device's name in the app namespace.
 pub const HAND_TUN: &str = "tunb";
+/// tun2proxy's `--max-sessions` at least: it counts closed sessions for a while, and
+/// its default (200) or a few thousand stop it after the held flows and a conn/s round.
+pub const TUN2PROXY_SESSIONS: usize = 65_536;
 /// Names dnsmasq knows, queried round robin.
 pub const DNS_NAMES: usize = 64;
 
@@ -60,7 +63,12 @@ impl Rig {
     /// Builds the topology and starts everything `kind` needs.
     pub fn start(kind: &PathKind, s: &Settings) -> io::Result<Rig> {
         let topo = Topology::create(&format!("perf{}", kind.key()))?;
+        // The app opens thousands of short connections (conn/s), and so does the SOCKS
+        // server toward the target: each side that closes first keeps a TIME_WAIT
+        // socket, and without port reuse the server's connects slow down to a crawl
+        // after ~15,000 connections (the ephemeral range fills).
         prepare_client(topo.app())?;
+        prepare_client(topo.proxy())?;
         let iperf = start_iperf_server(topo.target(), IpAddr::V4(TARGET_V4))?;
         let echo = EchoServer::start_in(topo.target())?;
         let udp = UdpServices::start(topo.target())?;
@@ -161,7 +169,7 @@ fn start_path_tunnel(
                 HAND_TUN,
                 &url,
                 s.mtu,
-                s.held_flows * 2 + 1000,
+                (s.held_flows * 2 + 1000).max(TUN2PROXY_SESSIONS),
             ));
             route_when_attached(app, app.spawn(command)?, HAND_TUN)
         }

@@ -235,6 +235,24 @@ where
     }))
 }
 
+/// `text` as a JSON string literal (quotes, backslashes and control characters
+/// escaped): the benches write their JSON by hand.
+pub fn json_str(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// The load average line of the machine (`/proc/loadavg`'s first three fields), to
 /// print beside figures measured on a shared machine.
 pub fn load_average() -> String {
@@ -281,6 +299,11 @@ mod tests {
             })
         );
         assert_eq!(parse_iperf_json(r#"{"error":"unable to connect"}"#), None);
+    }
+
+    #[test]
+    fn escapes_json_strings() {
+        assert_eq!(json_str("a\"b\\c\nd\u{1}"), "\"a\\\"b\\\\c\\nd\\u0001\"");
     }
 
     #[test]
