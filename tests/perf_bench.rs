@@ -45,6 +45,7 @@ fn tiny_settings() -> Settings {
             PathKind::Hev(PathBuf::from("/bin/false")),
         ],
         mtu: 1500,
+        multi_queue: false,
         created_mtu: None,
         held_flows: 50,
         rr_round_trips: 200,
@@ -157,7 +158,13 @@ fn settings_lists_parse_and_refuse_unknown_names() {
 
 #[test]
 fn peer_configs_name_the_device_and_the_proxy() {
-    let yaml = hev_config("tunb", 1500, std::net::Ipv4Addr::new(198, 19, 1, 2), 1080);
+    let yaml = hev_config(
+        "tunb",
+        1500,
+        false,
+        std::net::Ipv4Addr::new(198, 19, 1, 2),
+        1080,
+    );
     for line in [
         "  name: tunb",
         "  mtu: 1500",

@@ -365,7 +365,7 @@ pub fn json(report: &Report, s: &Settings) -> String {
     );
     let settings = format!(
         "{{\"binary\":{},\"server_binary\":{},\"tunnel_args\":{},\"secs\":{},\"rounds\":{},\
-         \"groups\":{},\"mtu\":{},\"created_mtu\":{},\"held_flows\":{},\"rr_round_trips\":{},\
+         \"groups\":{},\"mtu\":{},\"multi_queue\":{},\"created_mtu\":{},\"held_flows\":{},\"rr_round_trips\":{},\
          \"conn_workers\":{},\"udp_probes\":{},\"udp_rate\":{},\"udp_secs\":{}}}",
         json_str(&s.binary.to_string_lossy()),
         json_str(&s.server_binary.to_string_lossy()),
@@ -374,6 +374,7 @@ pub fn json(report: &Report, s: &Settings) -> String {
         s.rounds,
         json_list(s.groups.iter().map(|g| json_str(g.name()))),
         s.mtu,
+        s.multi_queue,
         s.created_mtu.map_or("null".into(), |m| m.to_string()),
         s.held_flows,
         s.rr_round_trips,

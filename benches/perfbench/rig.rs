@@ -7,7 +7,9 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 
-use tun2socks::testbed::attach::{create_tun, route_when_attached, start_tunnel_attached};
+use tun2socks::testbed::attach::{
+    create_tun, create_tun_with, route_when_attached, start_tunnel_attached,
+};
 use tun2socks::testbed::bench::start_iperf_server;
 use tun2socks::testbed::dnsmasq::Dnsmasq;
 use tun2socks::testbed::load::{EchoServer, LOAD_ECHO_PORT, prepare_client};
@@ -141,7 +143,7 @@ fn start_path_tunnel(
     match kind {
         PathKind::Kernel => Err(io::Error::other("the kernel path has no tunnel")),
         PathKind::Attached => {
-            create_tun(app, HAND_TUN, s.mtu)?;
+            create_tun_with(app, HAND_TUN, s.mtu, s.multi_queue)?;
             start_tunnel_attached(app, &s.binary, &url, HAND_TUN, &ours)
         }
         PathKind::Created => {
@@ -152,12 +154,13 @@ fn start_path_tunnel(
             start_tunnel(app, &s.binary, &url, &ours)
         }
         PathKind::Hev(binary) => {
-            create_tun(app, HAND_TUN, s.mtu)?;
+            create_tun_with(app, HAND_TUN, s.mtu, s.multi_queue)?;
             let dir = std::env::temp_dir().join(unique_name("perfhev"));
             std::fs::create_dir_all(&dir)?;
             *config_dir = Some(dir.clone());
             let config = dir.join("hev.yml");
-            std::fs::write(&config, hev_config(HAND_TUN, s.mtu, PROXY_V4, PROXY_PORT))?;
+            let yaml = hev_config(HAND_TUN, s.mtu, s.multi_queue, PROXY_V4, PROXY_PORT);
+            std::fs::write(&config, yaml)?;
             let mut command = app.command(binary);
             command.arg(&config);
             route_when_attached(app, app.spawn(command)?, HAND_TUN)
@@ -177,11 +180,11 @@ fn start_path_tunnel(
 }
 
 /// hev-socks5-tunnel's YAML config (its README's format): the hand-made device by
-/// name and MTU, one queue, the addresses [`create_tun`] gave the device, SOCKS5 with
+/// name, MTU and queue mode, the addresses [`create_tun`] gave the device, SOCKS5 with
 /// UDP over UDP ASSOCIATE.
-pub fn hev_config(device: &str, mtu: u32, proxy: Ipv4Addr, port: u16) -> String {
+pub fn hev_config(device: &str, mtu: u32, multi_queue: bool, proxy: Ipv4Addr, port: u16) -> String {
     format!(
-        "tunnel:\n  name: {device}\n  mtu: {mtu}\n  multi-queue: false\n  ipv4: 198.18.0.1\n  \
+        "tunnel:\n  name: {device}\n  mtu: {mtu}\n  multi-queue: {multi_queue}\n  ipv4: 198.18.0.1\n  \
          ipv6: 'fd18::1'\nsocks5:\n  port: {port}\n  address: {proxy}\n  udp: 'udp'\n\
          misc:\n  log-level: warn\n"
     )

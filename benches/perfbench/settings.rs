@@ -116,7 +116,10 @@ pub struct Settings {
     pub paths: Vec<PathKind>,
     /// The hand-made device's MTU (`T2S_BENCH_MTU`, default 1500).
     pub mtu: u32,
-    /// `--mtu` for the device tunnel2socks creates (`T2S_BENCH_CREATED_MTU`; unset:
+    /// Whether the hand-made device of tun2socks and hev has several queues
+    /// (`T2S_BENCH_MULTI_QUEUE=1`; tun2proxy's stays single-queue: it cannot open one).
+    pub multi_queue: bool,
+    /// `--mtu` for the device tun2socks creates (`T2S_BENCH_CREATED_MTU`; unset:
     /// the tunnel's default, 9000).
     pub created_mtu: Option<u32>,
     /// Flows held open for the RSS row (`T2S_BENCH_FLOWS`, default 2000).
@@ -167,6 +170,7 @@ impl Settings {
             groups,
             paths,
             mtu: env_or("T2S_BENCH_MTU", 1500),
+            multi_queue: env_or("T2S_BENCH_MULTI_QUEUE", 0u8) == 1,
             created_mtu: std::env::var("T2S_BENCH_CREATED_MTU")
                 .ok()
                 .and_then(|v| v.trim().parse().ok()),
