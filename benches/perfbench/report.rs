@@ -326,13 +326,29 @@ pub fn table(report: &Report, s: &Settings) -> String {
     }
     for p in &report.paths {
         if let Some(e) = &p.setup_error {
-            let _ = writeln!(out, "not set up: {}: {}", p.label, first_line(e));
+            let _ = writeln!(out, "not set up: {}: {}", p.label, setup_reason(e));
         }
         for e in &p.errors {
             let _ = writeln!(out, "error: {}: {}", p.label, first_line(e));
         }
     }
     out
+}
+
+/// A setup error in one line: its first line, and the log line that tells why (the
+/// first that says "error", else the last).
+fn setup_reason(message: &str) -> String {
+    let mut lines = message.lines().map(str::trim).filter(|l| !l.is_empty());
+    let head = lines.next().unwrap_or_default();
+    let rest: Vec<&str> = lines.collect();
+    let why = rest
+        .iter()
+        .find(|l| l.to_ascii_lowercase().contains("error"))
+        .or(rest.last());
+    match why {
+        Some(why) => format!("{head} {}", why.chars().take(200).collect::<String>()),
+        None => head.to_owned(),
+    }
 }
 
 fn first_line(text: &str) -> &str {
