@@ -101,6 +101,18 @@ fn perf_bench_produces_every_row_and_valid_json() {
     }
     assert_eq!(attached.value("held_open"), Some(50.0));
     assert!(text.contains("TCP 8 streams, download") && text.contains("not set up: hev"));
+    let leftovers: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(&format!("t2s-perfhev-{}-", std::process::id()))
+        })
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "hev config left behind: {leftovers:?}"
+    );
 
     // The JSON parses, and carries the same figures.
     let document = json(&report, &s);

@@ -91,7 +91,15 @@ impl Rig {
                 &s.server_binary,
                 &["--log-level", "warn", "--max-connections", &max],
             )?;
-            let tunnel = start_path_tunnel(kind, &topo, s, &mut config_dir)?;
+            let tunnel = match start_path_tunnel(kind, &topo, s, &mut config_dir) {
+                Ok(tunnel) => tunnel,
+                Err(e) => {
+                    if let Some(dir) = &config_dir {
+                        let _ = std::fs::remove_dir_all(dir);
+                    }
+                    return Err(e);
+                }
+            };
             (Some(server), Some(tunnel))
         };
         Ok(Rig {
