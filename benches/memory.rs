@@ -15,56 +15,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use tun2socks::testbed::bench::{
+    env_or, hold_flows, iperf, is_root, median, raise_nofile, rss_mib, start_iperf_server,
+};
 use tun2socks::testbed::services::{ECHO_PORT, Services, echo_round_trip};
 use tun2socks::testbed::tunnel::{PROXY_PORT, proxy_addr, start_server, start_tunnel};
-use tun2socks::testbed::{Namespace, Process, TARGET_V4, Topology, wait_for_tcp};
+use tun2socks::testbed::{Namespace, Process, TARGET_V4, Topology};
 
 /// Where the connection-holding server listens in the target namespace.
 const HOLD_PORT: u16 = 7100;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Gbit/s received, from iperf3's JSON (`end.sum_received.bits_per_second`).
-fn iperf(app: &Namespace, secs: u64, reverse: bool) -> f64 {
-    let mut args = vec![
-        "-c".to_string(),
-        TARGET_V4.to_string(),
-        "-t".into(),
-        secs.to_string(),
-        "-J".into(),
-        "-O".into(),
-        "1".into(),
-    ];
-    if reverse {
-        args.push("-R".into());
-    }
-    let out = app.run("iperf3", &args).expect("iperf3 client");
-    let json = String::from_utf8_lossy(&out.stdout);
-    let Some(at) = json.find("\"sum_received\"") else {
-        eprintln!("iperf3 failed: {json}");
-        return f64::NAN;
-    };
-    let rest = &json[at..];
-    let bps = rest
-        .find("\"bits_per_second\"")
-        .expect("no bits_per_second");
-    let number: String = rest[bps + 17..]
-        .chars()
-        .skip_while(|c| *c == ':' || c.is_whitespace())
-        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == 'e' || *c == '+')
-        .collect();
-    number.parse::<f64>().expect("bits_per_second") / 1e9
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    v[v.len() / 2]
-}
 
 /// One run's pieces; the tunnel is restarted per measurement.
 struct Bench {
@@ -80,15 +39,7 @@ impl Bench {
     fn start(binary: &Path) -> Bench {
         let topo = Topology::create("benchm").unwrap();
         let services = Services::start(topo.target(), 1024, 1).unwrap();
-        let mut cmd = topo.target().command("iperf3");
-        cmd.arg("-s");
-        let iperf = topo.target().spawn(cmd).unwrap();
-        wait_for_tcp(
-            topo.target(),
-            (TARGET_V4, 5201).into(),
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let iperf = start_iperf_server(topo.target(), TARGET_V4.into()).unwrap();
         let holder = memory::start_holder(topo.target(), (TARGET_V4, HOLD_PORT).into()).unwrap();
         let server = start_server(
             topo.proxy(),
@@ -151,58 +102,19 @@ fn echo(app: &Namespace) {
 
 /// Opens `n` connections through the tunnel to the holder and keeps them; returns
 /// (established, still open after `hold`, RSS in MiB while held).
-fn hold_flows(app: &Namespace, tunnel: &Process, n: usize, hold: Duration) -> (usize, usize, f64) {
+fn hold(app: &Namespace, tunnel: &Process, n: usize, hold: Duration) -> (usize, usize, f64) {
     let pid = tunnel.id();
-    let result = tun2socks::testbed::namespace::join(app.enter_async(move || async move {
-        memory::raise_nofile();
-        let dst: SocketAddr = (TARGET_V4, HOLD_PORT).into();
-        let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
-        let mut tasks = tokio::task::JoinSet::new();
-        for _ in 0..n {
-            let gate = gate.clone();
-            tasks.spawn(async move {
-                let _p = gate.acquire().await.ok()?;
-                let c = tokio::time::timeout(
-                    Duration::from_secs(20),
-                    tokio::net::TcpStream::connect(dst),
-                );
-                c.await.ok()?.ok()
-            });
-        }
-        let mut held = Vec::with_capacity(n);
-        while let Some(r) = tasks.join_next().await {
-            if let Ok(Some(s)) = r {
-                held.push(s);
-            }
-        }
-        let established = held.len();
-        tokio::time::sleep(hold).await;
-        let rss =
-            tun2socks::testbed::attach::vm_rss_kib(pid).map_or(f64::NAN, |k| k as f64 / 1024.0);
-        // Still open: nothing to read and no EOF or reset.
-        let mut open = 0;
-        let mut buf = [0u8; 1];
-        for s in &held {
-            match s.try_read(&mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open += 1,
-                _ => {}
-            }
-        }
-        Ok((established, open, rss))
-    }));
-    result.unwrap()
+    let dst: SocketAddr = (TARGET_V4, HOLD_PORT).into();
+    let held = hold_flows(app, dst, n, hold, move || rss_mib(pid).unwrap_or(f64::NAN)).unwrap();
+    (held.established, held.open, held.probe)
 }
 
 fn main() {
-    let root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    if !root {
+    if !is_root() {
         println!("memory benchmark: needs root (network namespaces); skipped");
         return;
     }
+    raise_nofile();
     let flows: usize = env_or("BENCH_FLOWS", 9000);
     let syns: usize = env_or("BENCH_SYNS", 20_000);
     let secs: u64 = env_or("BENCH_SECS", 5);
@@ -216,7 +128,7 @@ fn main() {
     std::thread::sleep(Duration::from_secs(1));
     let idle = memory::rss_mib(&tunnel);
     eprintln!("idle RSS {idle:.1} MiB");
-    let (established, open, held_rss) = hold_flows(app, &tunnel, flows, Duration::from_secs(3));
+    let (established, open, held_rss) = hold(app, &tunnel, flows, Duration::from_secs(3));
     eprintln!("{established} established, {open} open, RSS {held_rss:.1} MiB");
     bench.stop(tunnel);
 
@@ -246,8 +158,21 @@ fn main() {
         ),
     ] {
         let tunnel = bench.tunnel(&extra);
-        let up = median((0..rounds).map(|_| iperf(app, secs, false)).collect());
-        let down = median((0..rounds).map(|_| iperf(app, secs, true)).collect());
+        let gbps = |reverse| {
+            let runs: Vec<f64> = (0..rounds)
+                .map(|_| {
+                    iperf(app, TARGET_V4.into(), secs, 1, reverse).map_or_else(
+                        |e| {
+                            eprintln!("iperf3 failed: {e}");
+                            f64::NAN
+                        },
+                        |r| r.gbps,
+                    )
+                })
+                .collect();
+            median(&runs)
+        };
+        let (up, down) = (gbps(false), gbps(true));
         let rss = memory::rss_mib(&tunnel);
         eprintln!("{label}: up {up:.2} down {down:.2} Gbit/s, RSS after {rss:.1} MiB");
         throughput.push((label, up, down, rss));

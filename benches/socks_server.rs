@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tun2socks::testbed::bench::{env_or, median};
 
 const CONCURRENCY: usize = 32;
 
@@ -262,21 +263,10 @@ async fn conn_rate(proxy: Option<SocketAddr>, secs: f64) -> (f64, u64) {
     (n as f64 / elapsed, failed.load(Ordering::Relaxed))
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
 fn main() {
     // `cargo bench` passes --bench; nothing else to parse.
-    let secs: f64 = std::env::var("BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
-    let rounds: usize = std::env::var("BENCH_ROUNDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let secs: f64 = env_or("BENCH_SECS", 3.0);
+    let rounds: usize = env_or("BENCH_ROUNDS", 3);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -305,7 +295,7 @@ fn main() {
             rate.push(r);
             failures += f;
         }
-        let row = (p.name, median(gbps), median(rate), failures);
+        let row = (p.name, median(&gbps), median(&rate), failures);
         eprintln!("{:<12} {:>8.2} Gbit/s {:>9.0} conn/s", row.0, row.1, row.2);
         rows.push(row);
     }

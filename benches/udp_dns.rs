@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tun2socks::testbed::attach::{create_tun, refusal_reason, start_tunnel_attached, vm_rss_kib};
+use tun2socks::testbed::bench::{cpu_seconds, env_or, is_root, json_str, raise_nofile};
 use tun2socks::testbed::dns_client::{QueryRateReport, TYPE_A, dns_query, dns_query_rate};
 use tun2socks::testbed::dnsmasq::{DNS_PORT, Dnsmasq};
 use tun2socks::testbed::tunnel::{proxy_addr, start_server, start_tunnel};
@@ -40,13 +41,6 @@ const RATE_PAYLOAD: usize = 100;
 const DNS_NAMES: usize = 64;
 /// Queries in flight of the DNS rate client.
 const DNS_WINDOW: usize = 32;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 #[derive(Debug, Default)]
 struct Udp {
@@ -75,16 +69,6 @@ struct Row {
     rss: Option<Result<Rss, String>>,
     /// The tunnel's CPU seconds over the UDP and DNS measurements.
     cpu: Option<f64>,
-}
-
-/// A process's CPU time so far (user + system), from `/proc/PID/stat`.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start after ") ".
-    let rest = stat.rsplit_once(") ")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
-    Some(ticks as f64 / 100.0)
 }
 
 struct Settings {
@@ -240,7 +224,7 @@ fn tunnel_rows(s: &Settings, binary: &Path) -> Vec<Row> {
                 Ok(mut process) => {
                     row.udp = Some(measure_udp(topo.app(), s));
                     row.dns = Some(measure_dns(topo.app(), s));
-                    row.cpu = cpu_seconds(process.id());
+                    row.cpu = cpu_seconds(process.id()).ok();
                     let _ = process.terminate();
                 }
             }
@@ -280,24 +264,8 @@ fn tunnel_rows(s: &Settings, binary: &Path) -> Vec<Row> {
     rows
 }
 
-/// Raises this process's open-files soft limit to the hard limit (`prlimit`), for
-/// thousands of sockets; children (server, tunnel) inherit it.
-fn raise_nofile() {
-    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
-    let hard = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned));
-    if let Some(hard) = hard {
-        let pid = std::process::id().to_string();
-        let _ = std::process::Command::new("prlimit")
-            .args(["--pid", &pid, &format!("--nofile={hard}:{hard}")])
-            .status();
-    }
-}
-
 fn main() {
-    if !nix_is_root() {
+    if !is_root() {
         println!("udp_dns benchmark: needs root (network namespaces); skipped");
         return;
     }
@@ -321,15 +289,6 @@ fn main() {
         "udp_dns benchmark took {:.0} s",
         started.elapsed().as_secs_f64()
     );
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        .unwrap_or(false)
 }
 
 fn cell_udp(row: &Row) -> Vec<String> {
@@ -415,20 +374,6 @@ fn print_table(rows: &[Row], s: &Settings) {
             println!("err: {}: {e}", row.path);
         }
     }
-}
-
-fn json_str(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 fn json_opt<T: std::fmt::Display>(v: Option<T>) -> String {

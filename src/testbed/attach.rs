@@ -26,7 +26,17 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// it [`HAND_TUN_V4`] and [`HAND_TUN_V6`] and brings it up. It lives until the
 /// namespace goes, or [`delete_tun`].
 pub fn create_tun(ns: &Namespace, name: &str, mtu: u32) -> io::Result<()> {
-    ns.ip(["tuntap", "add", "dev", name, "mode", "tun"])?;
+    create_tun_with(ns, name, mtu, false)
+}
+
+/// [`create_tun`], with several queues (`IFF_MULTI_QUEUE`) when `multi_queue` is set:
+/// only a program that opens it multi-queue can attach to such a device.
+pub fn create_tun_with(ns: &Namespace, name: &str, mtu: u32, multi_queue: bool) -> io::Result<()> {
+    let mut add = vec!["tuntap", "add", "dev", name, "mode", "tun"];
+    if multi_queue {
+        add.push("multi_queue");
+    }
+    ns.ip(add)?;
     ns.ip(["link", "set", "dev", name, "mtu", &mtu.to_string()])?;
     ns.ip(["addr", "add", HAND_TUN_V4, "dev", name])?;
     ns.ip(["addr", "add", HAND_TUN_V6, "dev", name, "nodad"])?;
@@ -69,7 +79,17 @@ pub fn start_tunnel_attached(
     command
         .args(["--proxy", proxy_url, "--device", name])
         .args(extra);
-    let mut process = ns.spawn(command)?;
+    route_when_attached(ns, ns.spawn(command)?, name)
+}
+
+/// Waits until `process` (a tunnel of any make, started on the hand-made device
+/// `name`) holds the device, then routes everything (v4 and v6) into it; fails with the
+/// process's log if it exits first or does not attach within ten seconds.
+pub fn route_when_attached(
+    ns: &Namespace,
+    mut process: Process,
+    name: &str,
+) -> io::Result<Process> {
     let deadline = Instant::now() + ATTACH_TIMEOUT;
     while !has_carrier(ns, name) {
         if let Some(status) = process.try_wait()? {

@@ -34,6 +34,9 @@
 //! - [`services`]: target-side test servers (HTTP blob, SHA-256 upload sink, echo);
 //! - [`tunnel`]: our server and tunnel started as processes in their namespaces;
 //! - [`attach`]: a hand-made TUN device the tunnel attaches to; a process's RSS;
+//! - [`load`]: TCP echo server, request/response latency and connection-rate clients;
+//! - [`bench`]: what bench binaries share: env settings, medians, iperf3, CPU and
+//!   RSS of a process, the open-files limit, many idle flows held open;
 //! - [`udp`]: target-side UDP services (echo, full-cone reply from a second port);
 //! - [`udp_client`]: app-side UDP clients (echo checks, latency, rate);
 //! - [`udp_probes`]: many ports at once, full cone, port unreachable, broadcast;
@@ -43,9 +46,11 @@
 //! - [`soak`]: mixed load for a long time, watching for leaks, errors and idle spinning.
 
 pub mod attach;
+pub mod bench;
 pub mod dante;
 pub mod dns_client;
 pub mod dnsmasq;
+pub mod load;
 pub mod namespace;
 pub mod process;
 pub mod services;
