@@ -618,6 +618,12 @@ impl<D: PacketIo> Stack<D> {
         );
         socket.set_window_shift_capacity(self.config.tcp_rx_buffer);
         socket.set_nagle_enabled(false);
+        // RFC 7323 timestamps, as a kernel peer offers them (smoltcp drops them when
+        // the SYN had none): the application's kernel measures RTT on every ACK, and
+        // its TIME_WAIT sockets can be reused by `tcp_tw_reuse` (which needs them), so
+        // a host opening thousands of short connections through the tunnel does not
+        // run out of ports sooner than without it.
+        socket.set_tsval_generator(Some(tsval));
         socket.set_timeout(Some(self.config.tcp_timeout.into()));
         socket.pause_synack(true);
         let endpoint = IpListenEndpoint {
@@ -744,6 +750,15 @@ fn smol_now(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
 fn std_at(epoch: Instant, at: smoltcp::time::Instant) -> Instant {
     let micros = u64::try_from(at.total_micros()).unwrap_or(0);
     epoch + Duration::from_micros(micros)
+}
+
+/// The TCP timestamp clock (RFC 7323 TSval): milliseconds since the first call,
+/// wrapping; one clock for every flow, monotonic as the RFC asks.
+fn tsval() -> u32 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let millis = START.get_or_init(Instant::now).elapsed().as_millis();
+    // Wrapping is what TSval does (RFC 7323 compares them modulo 2^32).
+    (millis & u128::from(u32::MAX)) as u32
 }
 
 /// A seed for smoltcp's initial sequence numbers, from the OS's randomness (through
