@@ -27,6 +27,7 @@ use tun2socks::server::{self, ServerConfig};
 use tun2socks::setup::{self, SetupConfig, SetupError};
 use tun2socks::socks::Protocol;
 use tun2socks::socks::{Credentials, ServerPolicy, Users};
+use tun2socks::stack::queues::{Queue, QueueRuntime, StopFlag};
 use tun2socks::stack::{self, StackConfig};
 use tun2socks::upstream::{DialOptions, Upstream};
 use tun2socks_platform::{Tun, TunError};
@@ -539,7 +540,7 @@ fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let mut runtimes: Vec<_> = match (1..args.threads()).map(|_| queue_runtime()).collect() {
+    let mut runtimes: Vec<_> = match (1..args.threads()).map(|_| QueueRuntime::new()).collect() {
         Ok(runtimes) => runtimes,
         Err(e) => {
             eprintln!("tun2socks: cannot start the runtimes: {e}");
@@ -632,7 +633,7 @@ async fn serve(
         .map_err(|e| format!("metrics endpoint: {e}"))?;
     let shared = Arc::new(stack::Shared::new(&stack_config, counters.clone()));
     // Set when any queue stops (shutdown, or its device failed): all stop.
-    let stop = Arc::new(tokio::sync::watch::channel(false).0);
+    let stop = StopFlag::default();
     let mtu = device.mtu();
     let offload = device.offload();
     // The attached device keeps its configuration until every queue has stopped.
@@ -640,13 +641,13 @@ async fn serve(
     let _guards = device.take_guards();
     let mut workers = Vec::with_capacity(queues.len());
     for (index, (tun, runtime)) in queues.into_iter().enumerate() {
-        let queue = QueueThread {
+        let queue = Queue {
             queue: index + 1,
             tun,
             runtime,
             mtu,
             offload,
-            stack_config: stack_config.clone(),
+            config: stack_config.clone(),
             upstream: upstream.clone(),
             shared: shared.clone(),
             stop: stop.clone(),
@@ -658,17 +659,16 @@ async fn serve(
             }
         }
     }
-    let stopped = stopped(&stop);
     let both = async {
         tokio::select! {
             () = shutdown => {}
-            () = stopped => {}
+            () = stop.stopped() => {}
         }
     };
     let trim = tokio::spawn(release_startup_code());
     let first = stack::run_queue(device, stack_config, upstream, shared, 0, both).await;
     trim.abort();
-    stop.send_replace(true);
+    stop.set();
     let mut result = first
         .map(|stats| stats.ring_bytes)
         .map_err(|e| format!("device failed: {e}"));
@@ -676,7 +676,7 @@ async fn serve(
         let joined = tokio::task::spawn_blocking(move || worker.join()).await;
         let failed = match joined {
             Ok(Ok(Ok(()))) => None,
-            Ok(Ok(Err(e))) => Some(e),
+            Ok(Ok(Err(e))) => Some(e.to_string()),
             Ok(Err(_)) | Err(_) => Some("a queue thread panicked".to_owned()),
         };
         if let (Some(e), Ok(_)) = (failed, &result) {
@@ -691,98 +691,6 @@ async fn serve(
     };
     tracing::info!(stats = %stats, "stopped");
     Ok(())
-}
-
-/// The runtime of a further queue: current-thread, I/O and time, no signal
-/// handling (the main thread's runtime has it). Dropping it never blocks, so it may
-/// be dropped anywhere, also inside another runtime (where tokio forbids dropping
-/// one the ordinary way).
-#[derive(Debug)]
-struct QueueRuntime(Option<tokio::runtime::Runtime>);
-
-impl Drop for QueueRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
-fn queue_runtime() -> std::io::Result<QueueRuntime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .enable_time()
-        .build()
-        .map(|runtime| QueueRuntime(Some(runtime)))
-}
-
-/// Resolves once `stop` is set.
-async fn stopped(stop: &tokio::sync::watch::Sender<bool>) {
-    let mut rx = stop.subscribe();
-    // An error means the sender is gone: nothing can set it any more, so stop too.
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
-/// Sets the stop flag when dropped (also while a panic unwinds).
-struct StopOnDrop(Arc<tokio::sync::watch::Sender<bool>>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.send_replace(true);
-    }
-}
-
-/// One further queue of the device, to be served on a thread of its own.
-struct QueueThread {
-    queue: usize,
-    tun: Tun,
-    /// Built by [`queue_runtime`] (on the main thread), run and dropped on this one.
-    runtime: QueueRuntime,
-    mtu: u16,
-    /// What the first queue's probe got from the kernel (offloads are the device's).
-    offload: tun2socks::offload::Features,
-    stack_config: StackConfig,
-    upstream: Upstream,
-    shared: Arc<stack::Shared>,
-    stop: Arc<tokio::sync::watch::Sender<bool>>,
-}
-
-impl QueueThread {
-    /// Starts the thread: its current-thread runtime runs the queue's stack until
-    /// `stop` is set; the thread sets `stop` itself when it ends, so that one failed
-    /// queue stops them all.
-    fn spawn(self) -> std::io::Result<std::thread::JoinHandle<Result<(), String>>> {
-        std::thread::Builder::new()
-            .name(format!("t2s-queue-{}", self.queue))
-            .spawn(move || {
-                // Also when the thread panics: one queue down stops them all.
-                let _stop = StopOnDrop(self.stop.clone());
-                self.run()
-            })
-    }
-
-    fn run(self) -> Result<(), String> {
-        let queue = self.queue;
-        let runtime =
-            (self.runtime.0.as_ref()).ok_or_else(|| format!("queue {queue}: no runtime"))?;
-        runtime.block_on(async {
-            let device = Device::from_queue(self.tun, self.mtu, self.offload)
-                .map_err(|e| format!("queue {queue}: {e}"))?;
-            let stop = self.stop;
-            let shutdown = async move { stopped(&stop).await };
-            stack::run_queue(
-                device,
-                self.stack_config,
-                self.upstream,
-                self.shared,
-                queue,
-                shutdown,
-            )
-            .await
-            .map(drop)
-            .map_err(|e| format!("queue {queue}: device failed: {e}"))
-        })
-    }
 }
 
 /// Once the stack runs, gives back the pages of code that start-up touched (parsing,

@@ -26,6 +26,7 @@ pub mod busy;
 pub mod classify;
 mod datagram;
 mod phy;
+pub mod queues;
 mod shared;
 mod timers;
 
