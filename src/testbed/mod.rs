@@ -34,6 +34,7 @@
 //! - [`services`]: target-side test servers (HTTP blob, SHA-256 upload sink, echo);
 //! - [`tunnel`]: our server and tunnel started as processes in their namespaces;
 //! - [`attach`]: a hand-made TUN device the tunnel attaches to; a process's RSS;
+//! - [`load`]: TCP echo server, request/response latency and connection-rate clients;
 //! - [`udp`]: target-side UDP services (echo, full-cone reply from a second port);
 //! - [`udp_client`]: app-side UDP clients (echo checks, latency, rate);
 //! - [`udp_probes`]: many ports at once, full cone, port unreachable, broadcast;
@@ -46,6 +47,7 @@ pub mod attach;
 pub mod dante;
 pub mod dns_client;
 pub mod dnsmasq;
+pub mod load;
 pub mod namespace;
 pub mod process;
 pub mod services;
