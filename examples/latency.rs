@@ -176,6 +176,44 @@ fn summary(label: &str, rows: &[Row]) -> (f64, f64, f64, f64) {
     (rr50, rr99, conn, udp)
 }
 
+/// Counters that explain stalls: SYN retransmissions, listen queue drops, TUN drops.
+fn diagnostics(topo: &Topology) {
+    let wanted = [
+        "TcpExtTCPSynRetrans",
+        "TcpExtListenOverflows",
+        "TcpExtListenDrops",
+        "TcpRetransSegs",
+        "TcpExtTCPTimeouts",
+        "TcpExtTW",
+        "TcpExtTWRecycled",
+        "TcpAttemptFails",
+        "TcpEstabResets",
+        "TcpOutRsts",
+    ];
+    for (name, ns) in [
+        ("app", topo.app()),
+        ("proxy", topo.proxy()),
+        ("target", topo.target()),
+    ] {
+        if let Ok(out) = ns.run("nstat", ["-az"]) {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let picked: Vec<String> = text
+                .lines()
+                .filter(|l| {
+                    wanted
+                        .iter()
+                        .any(|w| l.split_whitespace().next() == Some(*w))
+                })
+                .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join("="))
+                .collect();
+            println!("{name}: {}", picked.join(" "));
+        }
+    }
+    if let Ok(out) = topo.app().ip(["-s", "link", "show", "dev", TUN_NAME]) {
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let binary = PathBuf::from(
         std::env::var("T2S_BIN").unwrap_or_else(|_| "target/release/tun2socks".into()),
@@ -284,6 +322,9 @@ fn main() -> anyhow::Result<()> {
     );
     let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("load average at end: {}", uptime.trim());
+    if std::env::var_os("LAT_DIAG").is_some() {
+        diagnostics(&topo);
+    }
     drop(tunnel);
     drop(server);
     Ok(())

@@ -56,13 +56,15 @@ async fn drive(
     let mut chunk = [0u8; 1024];
     loop {
         let step = hs.handshake(&buf);
-        if let (ServerStatus::Failed(socks::Error::AuthFailed { .. }), Ok(peer)) =
-            (&step.status, stream.peer_addr())
-        {
-            // A wrong password is answered late, later for each recent failure.
-            let delay = failures.failed(peer.ip(), tokio::time::Instant::now());
-            tracing::info!(?delay, "login failed; answering after a delay");
-            tokio::time::sleep(delay).await;
+        // The peer's address only when a login failed: asking for it on every step
+        // would cost a getpeername(2) per message of every handshake.
+        if let ServerStatus::Failed(socks::Error::AuthFailed { .. }) = &step.status {
+            if let Ok(peer) = stream.peer_addr() {
+                // A wrong password is answered late, later for each recent failure.
+                let delay = failures.failed(peer.ip(), tokio::time::Instant::now());
+                tracing::info!(?delay, "login failed; answering after a delay");
+                tokio::time::sleep(delay).await;
+            }
         }
         if !step.reply.is_empty() {
             stream.write_all(&step.reply).await?;

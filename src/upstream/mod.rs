@@ -57,11 +57,19 @@ const KEEPALIVE_PROBES: u32 = 3;
 /// probes the kernel resets the connection, about `2 × idle` after the last packet
 /// from the peer. The reference server uses the same parameters.
 pub fn keepalive(idle: Duration) -> socket2::TcpKeepalive {
-    let interval = (idle / KEEPALIVE_PROBES).max(Duration::from_secs(1));
+    let (time, interval, retries) = keepalive_parameters(idle);
     socket2::TcpKeepalive::new()
-        .with_time(idle.max(Duration::from_secs(1)))
+        .with_time(time)
         .with_interval(interval)
-        .with_retries(KEEPALIVE_PROBES)
+        .with_retries(retries)
+}
+
+/// What [`keepalive`] sets, as the kernel keeps it (whole seconds): the first probe
+/// after, the interval between probes, and the probes before giving up.
+pub fn keepalive_parameters(idle: Duration) -> (Duration, Duration, u32) {
+    let whole = |d: Duration| Duration::from_secs(d.as_secs().max(1));
+    let interval = (idle / KEEPALIVE_PROBES).max(Duration::from_secs(1));
+    (whole(idle), whole(interval), KEEPALIVE_PROBES)
 }
 
 impl Default for DialOptions {
