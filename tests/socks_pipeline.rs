@@ -209,3 +209,61 @@ fn pipelined_connect_through_dante() {
         .unwrap()
         .unwrap();
 }
+
+/// Greeting and CONNECT request for `target` (IPv4) in one write, as raw bytes.
+fn pipelined_connect_bytes(target: SocketAddr) -> Vec<u8> {
+    let SocketAddr::V4(v4) = target else {
+        panic!("IPv4 only")
+    };
+    let mut bytes = vec![5, 1, 0, 5, 1, 0, 1];
+    bytes.extend_from_slice(&v4.ip().octets());
+    bytes.extend_from_slice(&v4.port().to_be_bytes());
+    bytes
+}
+
+#[tokio::test]
+async fn our_server_answers_a_pipelined_request_in_one_write() {
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (proxy, _stop) = our_server(ServerPolicy::default()).await;
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&pipelined_connect_bytes(echo.local_addr()))
+        .await
+        .unwrap();
+    // Method selection and reply arrive together: one segment, one read.
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).await.unwrap();
+    assert_eq!(n, 2 + 10, "{:02x?}", &buf[..n]);
+    assert_eq!(&buf[..4], &[5, 0, 5, 0]);
+    s.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    s.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+
+    // A refused CONNECT: the method selection still comes first, then the failure.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let nobody = closed.local_addr().unwrap();
+    drop(closed);
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&pipelined_connect_bytes(nobody)).await.unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).await.unwrap();
+    assert_eq!(all.len(), 2 + 10, "{all:02x?}");
+    assert_eq!(
+        &all[..4],
+        &[5, 0, 5, 5],
+        "method 00, then reply 05 (refused)"
+    );
+}
+
+#[tokio::test]
+async fn our_server_answers_the_greeting_at_once_without_pipelining() {
+    let (proxy, _stop) = our_server(ServerPolicy::default()).await;
+    let mut s = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    let mut selection = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut selection))
+        .await
+        .expect("the method selection must not wait for the request")
+        .unwrap();
+    assert_eq!(selection, [5, 0]);
+}

@@ -25,13 +25,26 @@ pub enum HandshakeError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs the handshake to its end. On success returns the request and any bytes the
-/// client pipelined after it (to be forwarded once the request is carried out).
+/// A handshake that reached its request.
+#[derive(Debug)]
+pub(super) struct Handshaken {
+    /// The request to carry out.
+    pub request: Request,
+    /// Bytes the client pipelined after the request (to be forwarded once the request
+    /// is carried out).
+    pub leftover: Vec<u8>,
+    /// Replies not sent yet (method selection, login status): a client that pipelined
+    /// its request with them waits for the request's reply anyway, so they go out in
+    /// the same write as that reply. Empty unless the client pipelined.
+    pub unsent: Vec<u8>,
+}
+
+/// Runs the handshake to its end.
 pub(super) async fn read_request(
     stream: &mut TcpStream,
     config: &ServerConfig,
     failures: &LoginFailures,
-) -> Result<(Request, Vec<u8>), HandshakeError> {
+) -> Result<Handshaken, HandshakeError> {
     let timeout = config.handshake_timeout;
     tokio::time::timeout(
         timeout,
@@ -49,7 +62,7 @@ async fn drive(
     stream: &mut TcpStream,
     mut hs: ServerHandshake,
     failures: &LoginFailures,
-) -> Result<(Request, Vec<u8>), HandshakeError> {
+) -> Result<Handshaken, HandshakeError> {
     // Every handshake message fits in MAX_MESSAGE bytes (the codec caps each field),
     // so the buffer never holds more than that plus one read.
     let mut buf = Vec::with_capacity(socks::MAX_MESSAGE);
@@ -66,19 +79,25 @@ async fn drive(
                 tokio::time::sleep(delay).await;
             }
         }
+        buf.drain(..step.consumed.min(buf.len()));
+        if let ServerStatus::Done(request) = step.status {
+            if request.user.is_some() {
+                if let Ok(peer) = stream.peer_addr() {
+                    failures.succeeded(peer.ip());
+                }
+            }
+            return Ok(Handshaken {
+                request,
+                leftover: buf,
+                unsent: step.reply,
+            });
+        }
         if !step.reply.is_empty() {
             stream.write_all(&step.reply).await?;
         }
-        buf.drain(..step.consumed.min(buf.len()));
         match step.status {
-            ServerStatus::Done(request) => {
-                if request.user.is_some() {
-                    if let Ok(peer) = stream.peer_addr() {
-                        failures.succeeded(peer.ip());
-                    }
-                }
-                return Ok((request, buf));
-            }
+            // Returned above.
+            ServerStatus::Done(_) => return Err(socks::Error::Failed.into()),
             ServerStatus::Failed(error) => {
                 let _ = stream.shutdown().await;
                 return Err(error.into());

@@ -338,17 +338,29 @@ async fn session(mut stream: TcpStream, shared: Arc<Shared>, set_options: bool) 
         set_keepalive(&stream, shared.config.keepalive);
     }
     let hs = handshake::read_request(&mut stream, &shared.config, &shared.login_failures).await;
-    let (request, leftover) = match hs {
+    let handshake::Handshaken {
+        request,
+        leftover,
+        unsent,
+    } = match hs {
         Ok(done) => done,
         Err(e) => {
             tracing::info!(error = %e, "handshake failed");
             return;
         }
     };
+    if !unsent.is_empty() && request.command != Command::CONNECT {
+        // Only CONNECT's reply carries the earlier replies along.
+        use tokio::io::AsyncWriteExt;
+        if let Err(e) = stream.write_all(&unsent).await {
+            tracing::info!(error = %e, "session ended with an error");
+            return;
+        }
+    }
     tracing::debug!(version = %request.version, command = %request.command,
         target = %request.target, user = ?request.user, "request");
     let result = match request.command {
-        Command::CONNECT => connect::serve(stream, &request, leftover, &shared).await,
+        Command::CONNECT => connect::serve(stream, &request, leftover, unsent, &shared).await,
         Command::BIND => bind::serve(stream, &request, leftover, &shared).await,
         Command::UDP_ASSOCIATE => associate::serve(stream, &request, &shared).await,
         // The handshake only lets the three commands through.
