@@ -274,6 +274,12 @@ fn main() -> anyhow::Result<()> {
         start_tunnel(topo.app(), &binary, &url, &extra)?
     };
     println!(
+        "namespaces app {} proxy {} target {}",
+        topo.app().name(),
+        topo.proxy().name(),
+        topo.target().name()
+    );
+    println!(
         "tunnel pid {} ({} device, MTU {mtu}, args {:?}), server pid {}",
         tunnel.id(),
         if hand { "hand-made" } else { "created" },

@@ -80,6 +80,10 @@ pub const MAX_PENDING: usize = 4096;
 const EGRESS_PER_POLL: usize = 1024;
 /// Shortest sleep between timer-driven polls of one flow (guards against spinning).
 const MIN_TIMER: Duration = Duration::from_millis(1);
+/// How long an application's small segment may wait for its ACK to ride on a reply
+/// (smoltcp's default is 10 ms). An application whose Nagle holds its next write
+/// until then stalls for this long when the reply waits for that write.
+const ACK_DELAY: Duration = Duration::from_millis(1);
 
 /// A packet device the stack can drive: the TUN, or an in-memory one in tests.
 pub trait PacketIo: Send + Sync + 'static {
@@ -528,6 +532,7 @@ impl<D: PacketIo> Stack<D> {
         );
         socket.set_window_shift_capacity(self.config.tcp_rx_buffer);
         socket.set_nagle_enabled(false);
+        socket.set_ack_delay(Some(ACK_DELAY.into()));
         socket.set_timeout(Some(self.config.tcp_timeout.into()));
         socket.pause_synack(true);
         let endpoint = IpListenEndpoint {
