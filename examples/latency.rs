@@ -17,7 +17,9 @@
 //! arguments, split at spaces), `LAT_SERVER_ARGS` (extra server arguments),
 //! `LAT_PROXY` (URL scheme and credentials, default `socks5://`), `LAT_ONLY`
 //! (`rr`, `conn` or `udp`: only that measurement), `LAT_NICE` (a nice value for every
-//! thread of this program, the tunnel and the server, e.g. -10 on a shared machine).
+//! thread of this program, the tunnel and the server, e.g. -10 on a shared machine),
+//! `LAT_CPUS` (a CPU list for `taskset`: every thread of this program, the tunnel and
+//! the server runs there, e.g. `0` to see the cost of wake-ups across CPUs).
 //!
 //! Besides the rates, the tunnel rows show the CPU time the tunnel and the server
 //! spent per connection in the connection-rate run (from `/proc/PID/stat`): a figure
@@ -67,6 +69,14 @@ fn cpu_ticks(pid: u32) -> u64 {
             .unwrap_or(0)
     };
     field(11) + field(12)
+}
+
+/// Runs every thread of `pid` on `cpus` (a `taskset` list).
+fn pin(pid: u32, cpus: &str) {
+    let _ = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status();
 }
 
 /// Gives every thread of `pid` the nice value `nice`.
@@ -245,6 +255,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(nice) = &nice {
         renice(std::process::id(), nice);
     }
+    let cpus = std::env::var("LAT_CPUS").ok();
+    if let Some(cpus) = &cpus {
+        pin(std::process::id(), cpus);
+    }
 
     let topo = Topology::create("lat").context("topology")?;
     prepare_client(topo.app())?;
@@ -289,6 +303,10 @@ fn main() -> anyhow::Result<()> {
     if let Some(nice) = &nice {
         renice(tunnel.id(), nice);
         renice(server.id(), nice);
+    }
+    if let Some(cpus) = &cpus {
+        pin(tunnel.id(), cpus);
+        pin(server.id(), cpus);
     }
     let pids = (tunnel.id(), server.id());
     if let Ok(pause) = std::env::var("LAT_PAUSE") {
