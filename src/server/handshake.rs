@@ -80,29 +80,31 @@ async fn drive(
             }
         }
         buf.drain(..step.consumed.min(buf.len()));
-        if let ServerStatus::Done(request) = step.status {
-            if request.user.is_some() {
-                if let Ok(peer) = stream.peer_addr() {
-                    failures.succeeded(peer.ip());
-                }
-            }
-            return Ok(Handshaken {
-                request,
-                leftover: buf,
-                unsent: step.reply,
-            });
-        }
-        if !step.reply.is_empty() {
-            stream.write_all(&step.reply).await?;
-        }
         match step.status {
-            // Returned above.
-            ServerStatus::Done(_) => return Err(socks::Error::Failed.into()),
+            ServerStatus::Done(request) => {
+                if request.user.is_some() {
+                    if let Ok(peer) = stream.peer_addr() {
+                        failures.succeeded(peer.ip());
+                    }
+                }
+                return Ok(Handshaken {
+                    request,
+                    leftover: buf,
+                    unsent: step.reply,
+                });
+            }
             ServerStatus::Failed(error) => {
+                if !step.reply.is_empty() {
+                    stream.write_all(&step.reply).await?;
+                }
                 let _ = stream.shutdown().await;
                 return Err(error.into());
             }
-            ServerStatus::NeedMore => {}
+            ServerStatus::NeedMore => {
+                if !step.reply.is_empty() {
+                    stream.write_all(&step.reply).await?;
+                }
+            }
         }
         if buf.len() > socks::MAX_MESSAGE {
             // Unreachable while the codec caps every field; kept as a hard stop.
