@@ -127,6 +127,11 @@ struct TunnelArgs {
     /// tunnel never polls); 0 turns it off.
     #[arg(long, value_name = "MICROS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     busy_poll: u64,
+    /// Send the SOCKS5 greeting, login and request in one write, saving a round trip
+    /// per connection. Only for servers that read a pipelined handshake (ours and
+    /// Dante do; microsocks drops the request and the connection times out).
+    #[arg(long)]
+    socks_pipeline: bool,
     /// Seconds without traffic after which a UDP association is closed (associations
     /// that only carried DNS: 10 s or this, whichever is shorter).
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
@@ -477,7 +482,8 @@ impl TunnelArgs {
                 keepalive: secs_or_off(self.tcp_keepalive),
                 idle_timeout: secs_or_off(self.tcp_idle_timeout),
             },
-        );
+        )
+        .pipelined(self.socks_pipeline);
         Ok((device, stack, upstream))
     }
 

@@ -20,7 +20,7 @@
 //! `idle_timeout` is reset on both sides.
 
 use std::future::poll_fn;
-use std::io;
+use std::io::{self, Read};
 use std::net::Shutdown;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use smoltcp::socket::tcp;
 use socket2::SockRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -419,7 +420,7 @@ impl Pump {
             Poll::Ready(result) => result?,
         }
         let upstream = &self.upstream;
-        let read = socket.send(|space| match upstream.try_read(space) {
+        let read = socket.send(|space| match read_draining(upstream, space) {
             Ok(n) => (n, Ok(n)),
             Err(e) => (0, Err(e)),
         });
@@ -441,5 +442,81 @@ impl Pump {
                 Ok(Step::Blocked)
             }
         }
+    }
+}
+
+/// `try_read` that also ends the socket's readiness after a short read. A read from a
+/// TCP socket that returns fewer bytes than asked for has emptied its receive queue, so
+/// the next read could only fail with `EAGAIN`: tokio's own `poll_read` skips that
+/// call in the same way, and this does it for the flow's ring-sized reads. Data that
+/// arrives after the read raises a new readiness event, which clearing does not lose
+/// (tokio clears only the event it handed out).
+fn read_draining(upstream: &TcpStream, space: &mut [u8]) -> io::Result<usize> {
+    let asked = space.len();
+    let mut got = None;
+    let result = upstream.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(upstream)).read(space)?;
+        got = Some(n);
+        if n > 0 && n < asked {
+            // Tells tokio the socket is drained; `got` keeps the count.
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(n)
+        }
+    });
+    match got {
+        Some(n) => Ok(n),
+        None => result,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn a_drained_socket_still_wakes_for_later_data() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (writer, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (mut writer, reader) = (writer.unwrap(), accepted.unwrap().0);
+        let mut space = [0u8; 64];
+        for round in 0..20u8 {
+            let chunk = vec![round; usize::from(round % 7) + 1];
+            writer.write_all(&chunk).await.unwrap();
+            let mut got = Vec::new();
+            while got.len() < chunk.len() {
+                tokio::time::timeout(Duration::from_secs(5), reader.readable())
+                    .await
+                    .expect("data that came after a drained read must wake the reader")
+                    .unwrap();
+                match read_draining(&reader, &mut space) {
+                    Ok(n) => got.extend_from_slice(&space[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(got, chunk, "round {round}");
+        }
+        // A read that fills the space leaves the rest readable.
+        writer.write_all(&[7u8; 100]).await.unwrap();
+        let mut total = 0;
+        while total < 100 {
+            reader.readable().await.unwrap();
+            match read_draining(&reader, &mut space) {
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(total, 100);
+        drop(writer);
+        reader.readable().await.unwrap();
+        assert_eq!(read_draining(&reader, &mut space).unwrap(), 0, "EOF");
     }
 }

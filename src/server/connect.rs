@@ -66,10 +66,13 @@ async fn connect_any(
     Err(code)
 }
 
+/// Carries out a CONNECT. `unsent`: earlier handshake replies of a pipelining client,
+/// sent in front of this one.
 pub(super) async fn serve(
     mut client: TcpStream,
     request: &Request,
     leftover: Vec<u8>,
+    mut unsent: Vec<u8>,
     shared: &Shared,
 ) -> io::Result<()> {
     let connected = match allowed_addresses(&request.target, shared).await {
@@ -80,6 +83,9 @@ pub(super) async fn serve(
         Ok(pair) => pair,
         Err(code) => {
             tracing::info!(target = %request.target, reply = %code, "connect failed");
+            if !unsent.is_empty() {
+                client.write_all(&unsent).await?;
+            }
             refuse(&mut client, request, code).await;
             return Ok(());
         }
@@ -87,9 +93,8 @@ pub(super) async fn serve(
     let _ = remote.set_nodelay(true);
     super::set_keepalive(&remote, shared.config.keepalive);
     let bound = Address::from(remote.local_addr()?);
-    client
-        .write_all(&request.reply(ReplyCode::SUCCEEDED, &bound))
-        .await?;
+    unsent.extend(request.reply(ReplyCode::SUCCEEDED, &bound));
+    client.write_all(&unsent).await?;
     if !leftover.is_empty() {
         remote.write_all(&leftover).await?;
     }

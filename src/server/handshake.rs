@@ -25,13 +25,26 @@ pub enum HandshakeError {
     Io(#[from] std::io::Error),
 }
 
-/// Runs the handshake to its end. On success returns the request and any bytes the
-/// client pipelined after it (to be forwarded once the request is carried out).
+/// A handshake that reached its request.
+#[derive(Debug)]
+pub(super) struct Handshaken {
+    /// The request to carry out.
+    pub request: Request,
+    /// Bytes the client pipelined after the request (to be forwarded once the request
+    /// is carried out).
+    pub leftover: Vec<u8>,
+    /// Replies not sent yet (method selection, login status): a client that pipelined
+    /// its request with them waits for the request's reply anyway, so they go out in
+    /// the same write as that reply. Empty unless the client pipelined.
+    pub unsent: Vec<u8>,
+}
+
+/// Runs the handshake to its end.
 pub(super) async fn read_request(
     stream: &mut TcpStream,
     config: &ServerConfig,
     failures: &LoginFailures,
-) -> Result<(Request, Vec<u8>), HandshakeError> {
+) -> Result<Handshaken, HandshakeError> {
     let timeout = config.handshake_timeout;
     tokio::time::timeout(
         timeout,
@@ -49,23 +62,22 @@ async fn drive(
     stream: &mut TcpStream,
     mut hs: ServerHandshake,
     failures: &LoginFailures,
-) -> Result<(Request, Vec<u8>), HandshakeError> {
+) -> Result<Handshaken, HandshakeError> {
     // Every handshake message fits in MAX_MESSAGE bytes (the codec caps each field),
     // so the buffer never holds more than that plus one read.
     let mut buf = Vec::with_capacity(socks::MAX_MESSAGE);
     let mut chunk = [0u8; 1024];
     loop {
         let step = hs.handshake(&buf);
-        if let (ServerStatus::Failed(socks::Error::AuthFailed { .. }), Ok(peer)) =
-            (&step.status, stream.peer_addr())
-        {
-            // A wrong password is answered late, later for each recent failure.
-            let delay = failures.failed(peer.ip(), tokio::time::Instant::now());
-            tracing::info!(?delay, "login failed; answering after a delay");
-            tokio::time::sleep(delay).await;
-        }
-        if !step.reply.is_empty() {
-            stream.write_all(&step.reply).await?;
+        // The peer's address only when a login failed: asking for it on every step
+        // would cost a getpeername(2) per message of every handshake.
+        if let ServerStatus::Failed(socks::Error::AuthFailed { .. }) = &step.status {
+            if let Ok(peer) = stream.peer_addr() {
+                // A wrong password is answered late, later for each recent failure.
+                let delay = failures.failed(peer.ip(), tokio::time::Instant::now());
+                tracing::info!(?delay, "login failed; answering after a delay");
+                tokio::time::sleep(delay).await;
+            }
         }
         buf.drain(..step.consumed.min(buf.len()));
         match step.status {
@@ -75,13 +87,24 @@ async fn drive(
                         failures.succeeded(peer.ip());
                     }
                 }
-                return Ok((request, buf));
+                return Ok(Handshaken {
+                    request,
+                    leftover: buf,
+                    unsent: step.reply,
+                });
             }
             ServerStatus::Failed(error) => {
+                if !step.reply.is_empty() {
+                    stream.write_all(&step.reply).await?;
+                }
                 let _ = stream.shutdown().await;
                 return Err(error.into());
             }
-            ServerStatus::NeedMore => {}
+            ServerStatus::NeedMore => {
+                if !step.reply.is_empty() {
+                    stream.write_all(&step.reply).await?;
+                }
+            }
         }
         if buf.len() > socks::MAX_MESSAGE {
             // Unreachable while the codec caps every field; kept as a hard stop.

@@ -226,6 +226,7 @@ async fn accept_loop(
     cancel: CancellationToken,
     sessions: TaskTracker,
 ) {
+    let mut options = SocketOptions::on_listener(&listener, shared.config.keepalive);
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
@@ -252,6 +253,7 @@ async fn accept_loop(
             drop(stream);
             continue;
         };
+        let set_options = options.needed_on(&stream, shared.config.keepalive);
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!("session", id, client = %peer);
         let (shared, cancel) = (shared.clone(), cancel.child_token());
@@ -260,7 +262,7 @@ async fn accept_loop(
                 let _permit = permit;
                 tokio::select! {
                     () = cancel.cancelled() => tracing::debug!("closed by shutdown"),
-                    () = session(stream, shared) => {}
+                    () = session(stream, shared, set_options) => {}
                 }
             }
             .instrument(span),
@@ -268,22 +270,97 @@ async fn accept_loop(
     }
 }
 
-/// One client, from the first byte to the close.
-async fn session(mut stream: TcpStream, shared: Arc<Shared>) {
-    let _ = stream.set_nodelay(true);
-    set_keepalive(&stream, shared.config.keepalive);
+/// Whether accepted sockets come with `TCP_NODELAY` and the keep-alive parameters
+/// already set. Linux copies a listener's socket options to every socket it accepts:
+/// set once on the listener, they save five setsockopt(2) per session. The first
+/// accepted socket is checked; if it lacks them, every session sets its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SocketOptions {
+    /// Set on the listener; not yet seen on an accepted socket.
+    Unchecked,
+    /// Accepted sockets carry them.
+    Inherited,
+    /// Each session sets them.
+    PerSession,
+}
+
+impl SocketOptions {
+    fn on_listener(listener: &TcpListener, keepalive: Option<Duration>) -> Self {
+        let socket = socket2::SockRef::from(listener);
+        let set = socket.set_tcp_nodelay(true).and_then(|()| match keepalive {
+            Some(idle) => socket.set_tcp_keepalive(&relay::keepalive(idle)),
+            None => Ok(()),
+        });
+        match set {
+            Ok(()) => SocketOptions::Unchecked,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot set socket options on the listener");
+                SocketOptions::PerSession
+            }
+        }
+    }
+
+    /// Must the session on `stream` set the options itself?
+    fn needed_on(&mut self, stream: &TcpStream, keepalive: Option<Duration>) -> bool {
+        if *self == SocketOptions::Unchecked {
+            *self = if carries_options(stream, keepalive) {
+                SocketOptions::Inherited
+            } else {
+                SocketOptions::PerSession
+            };
+        }
+        *self == SocketOptions::PerSession
+    }
+}
+
+/// Does `stream` have `TCP_NODELAY` and the keep-alive parameters for `keepalive`?
+fn carries_options(stream: &TcpStream, keepalive: Option<Duration>) -> bool {
+    let socket = socket2::SockRef::from(stream);
+    let nodelay = stream.nodelay().unwrap_or(false);
+    let probes = match keepalive {
+        None => true,
+        Some(idle) => {
+            let expected = crate::upstream::keepalive_parameters(idle);
+            socket.keepalive().unwrap_or(false)
+                && socket.tcp_keepalive_time().ok() == Some(expected.0)
+                && socket.tcp_keepalive_interval().ok() == Some(expected.1)
+                && socket.tcp_keepalive_retries().ok() == Some(expected.2)
+        }
+    };
+    nodelay && probes
+}
+
+/// One client, from the first byte to the close. `set_options`: the socket did not
+/// inherit `TCP_NODELAY` and keep-alive from the listener.
+async fn session(mut stream: TcpStream, shared: Arc<Shared>, set_options: bool) {
+    if set_options {
+        let _ = stream.set_nodelay(true);
+        set_keepalive(&stream, shared.config.keepalive);
+    }
     let hs = handshake::read_request(&mut stream, &shared.config, &shared.login_failures).await;
-    let (request, leftover) = match hs {
+    let handshake::Handshaken {
+        request,
+        leftover,
+        unsent,
+    } = match hs {
         Ok(done) => done,
         Err(e) => {
             tracing::info!(error = %e, "handshake failed");
             return;
         }
     };
+    if !unsent.is_empty() && request.command != Command::CONNECT {
+        // Only CONNECT's reply carries the earlier replies along.
+        use tokio::io::AsyncWriteExt;
+        if let Err(e) = stream.write_all(&unsent).await {
+            tracing::info!(error = %e, "session ended with an error");
+            return;
+        }
+    }
     tracing::debug!(version = %request.version, command = %request.command,
         target = %request.target, user = ?request.user, "request");
     let result = match request.command {
-        Command::CONNECT => connect::serve(stream, &request, leftover, &shared).await,
+        Command::CONNECT => connect::serve(stream, &request, leftover, unsent, &shared).await,
         Command::BIND => bind::serve(stream, &request, leftover, &shared).await,
         Command::UDP_ASSOCIATE => associate::serve(stream, &request, &shared).await,
         // The handshake only lets the three commands through.
@@ -319,7 +396,56 @@ async fn refuse(stream: &mut TcpStream, request: &Request, code: ReplyCode) {
 
 #[cfg(test)]
 mod tests {
-    use super::is_private_or_local;
+    use super::*;
+
+    async fn accepted(listener: &TcpListener) -> (TcpStream, TcpStream) {
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (client.unwrap(), server.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listeners_options() {
+        let keepalive = Some(Duration::from_secs(45));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut options = SocketOptions::on_listener(&listener, keepalive);
+        assert_eq!(options, SocketOptions::Unchecked);
+        let (_client, stream) = accepted(&listener).await;
+        assert!(carries_options(&stream, keepalive));
+        assert!(!options.needed_on(&stream, keepalive), "inherited");
+        assert_eq!(options, SocketOptions::Inherited);
+        let socket = socket2::SockRef::from(&stream);
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(45)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(15)
+        );
+        assert!(stream.nodelay().unwrap());
+        // Other parameters than the listener's are not taken for inherited ones.
+        assert!(!carries_options(&stream, Some(Duration::from_secs(60))));
+    }
+
+    #[tokio::test]
+    async fn sessions_set_the_options_when_the_listener_has_none() {
+        let keepalive = Some(Duration::from_secs(45));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // Options set, then taken off again: the check on the first socket notices.
+        let mut options = SocketOptions::on_listener(&listener, keepalive);
+        socket2::SockRef::from(&listener)
+            .set_keepalive(false)
+            .unwrap();
+        let (_client, stream) = accepted(&listener).await;
+        assert!(!carries_options(&stream, keepalive));
+        assert!(options.needed_on(&stream, keepalive));
+        assert_eq!(options, SocketOptions::PerSession);
+        let (_client, stream) = accepted(&listener).await;
+        assert!(options.needed_on(&stream, keepalive), "stays per session");
+        // Without keep-alive, only TCP_NODELAY matters.
+        assert!(carries_options(&stream, None));
+    }
 
     #[test]
     fn private_and_local_ranges() {

@@ -159,7 +159,9 @@ async fn pipe(
     count: &mut u64,
     shared: &Shared,
 ) -> io::Result<()> {
-    let mut buf = vec![0u8; COPY_BUFFER];
+    // Filled by `read_buf` (no zeroing): a short session never pays for clearing
+    // buffers it barely uses.
+    let mut buf = Vec::with_capacity(COPY_BUFFER);
     let mut try_splice = true;
     loop {
         if try_splice && *count >= SPLICE_AFTER {
@@ -173,12 +175,13 @@ async fn pipe(
                 }
             }
         }
-        let n = from.read(&mut buf).await?;
+        buf.clear();
+        let n = from.read_buf(&mut buf).await?;
         if n == 0 {
             return finish(to.as_ref(), &shared.one_done);
         }
         shared.activity.touch();
-        to.write_all(buf.get(..n).unwrap_or_default()).await?;
+        to.write_all(&buf).await?;
         *count = count.saturating_add(n as u64);
     }
 }

@@ -7,6 +7,22 @@
 //!                                          -02-> send credentials -> await status -> ...
 //! BIND:      ... -> await reply (Bound) -> await second reply -> Done
 //! ```
+//!
+//! Pipelined SOCKS5 ([`ClientHandshake::pipelined`]) sends every message up to the
+//! request in the first write and then only reads: one round trip instead of two (or
+//! three with a login). Each reply is still checked in turn, and a refusal at any stage
+//! is the same error as without pipelining.
+//!
+//! ```text
+//! SOCKS5, no login: send greeting(00) + request                -> await method 00
+//!                                                                -> await reply -> Done
+//! SOCKS5, login:    send greeting(02) + credentials + request  -> await method 02
+//!                                                                -> await status -> await reply
+//! ```
+//!
+//! Not every server reads past the message it expects (microsocks drops the rest of a
+//! segment), so pipelining is the caller's choice; with credentials it offers only
+//! username/password, since what follows the greeting must be what the server expects.
 
 use std::net::SocketAddr;
 
@@ -98,6 +114,10 @@ pub struct ClientHandshake {
     command: Command,
     target: Address,
     state: State,
+    /// Send everything up to the request at once (SOCKS5).
+    pipeline: bool,
+    /// The request (and the credentials) went out with the greeting.
+    sent_ahead: bool,
 }
 
 impl ClientHandshake {
@@ -135,7 +155,18 @@ impl ClientHandshake {
             command,
             target,
             state: State::Initial,
+            pipeline: false,
+            sent_ahead: false,
         })
+    }
+
+    /// Pipelines the SOCKS5 handshake: [`ClientHandshake::start`] returns the greeting,
+    /// the credentials (if any) and the request together. With
+    /// [`Auth::Password`] the greeting then offers only username/password. SOCKS4/4a
+    /// have a single message anyway; for them this changes nothing.
+    pub fn pipelined(mut self, on: bool) -> Self {
+        self.pipeline = on;
+        self
     }
 
     /// The first message to send (the SOCKS4 request or the SOCKS5 greeting).
@@ -144,6 +175,20 @@ impl ClientHandshake {
             return Vec::new();
         }
         match self.protocol {
+            Protocol::Socks5 if self.pipeline => {
+                self.state = State::MethodSelection;
+                self.sent_ahead = true;
+                let (method, credentials) = match &self.auth {
+                    Auth::Password(creds) => (Method::USERNAME_PASSWORD, creds.to_bytes()),
+                    Auth::None | Auth::UserId(_) => (Method::NO_AUTH, Vec::new()),
+                };
+                let mut first = Greeting::new(vec![method])
+                    .map(|g| g.to_bytes())
+                    .unwrap_or_default();
+                first.extend_from_slice(&credentials);
+                first.extend_from_slice(&self.socks5_request());
+                first
+            }
             Protocol::Socks5 => {
                 let mut methods = vec![Method::NO_AUTH];
                 if matches!(self.auth, Auth::Password(_)) {
@@ -217,6 +262,24 @@ impl ClientHandshake {
                     return Ok(need_more);
                 };
                 let send = match (selection.method, &self.auth) {
+                    (Method::NO_ACCEPTABLE, _) => {
+                        return Err(Error::NoAcceptableMethod {
+                            offered: Vec::new(),
+                        });
+                    }
+                    // Pipelined: the server must pick the one method offered (the bytes
+                    // after the greeting were written for it).
+                    (Method::USERNAME_PASSWORD, Auth::Password(_)) if self.sent_ahead => {
+                        self.state = State::AuthStatus;
+                        Vec::new()
+                    }
+                    (Method::NO_AUTH, Auth::None | Auth::UserId(_)) if self.sent_ahead => {
+                        self.state = State::Reply;
+                        Vec::new()
+                    }
+                    (Method(method), _) if self.sent_ahead => {
+                        return Err(Error::UnexpectedMethod { method });
+                    }
                     (Method::NO_AUTH, _) => {
                         self.state = State::Reply;
                         self.socks5_request()
@@ -224,11 +287,6 @@ impl ClientHandshake {
                     (Method::USERNAME_PASSWORD, Auth::Password(creds)) => {
                         self.state = State::AuthStatus;
                         creds.to_bytes()
-                    }
-                    (Method::NO_ACCEPTABLE, _) => {
-                        return Err(Error::NoAcceptableMethod {
-                            offered: Vec::new(),
-                        });
                     }
                     (Method(method), _) => return Err(Error::UnexpectedMethod { method }),
                 };
@@ -248,9 +306,14 @@ impl ClientHandshake {
                     });
                 }
                 self.state = State::Reply;
+                let send = if self.sent_ahead {
+                    Vec::new()
+                } else {
+                    self.socks5_request()
+                };
                 Ok(ClientStep {
                     consumed,
-                    send: self.socks5_request(),
+                    send,
                     status: ClientStatus::NeedMore,
                 })
             }

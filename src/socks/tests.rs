@@ -18,6 +18,7 @@ use super::{Error, Message};
 mod client;
 mod errors;
 mod interop;
+mod pipeline;
 mod roundtrip;
 mod server;
 mod splits;

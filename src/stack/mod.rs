@@ -86,6 +86,10 @@ pub const MAX_PENDING: usize = 4096;
 const EGRESS_PER_POLL: usize = 1024;
 /// Shortest sleep between timer-driven polls of one flow (guards against spinning).
 const MIN_TIMER: Duration = Duration::from_millis(1);
+/// How long an application's small segment may wait for its ACK to ride on a reply
+/// (smoltcp's default is 10 ms). An application whose Nagle holds its next write
+/// until then stalls for this long when the reply waits for that write.
+const ACK_DELAY: Duration = Duration::from_millis(1);
 
 /// A packet device the stack can drive: the TUN, or an in-memory one in tests.
 ///
@@ -625,6 +629,7 @@ impl<D: PacketIo> Stack<D> {
         // a host opening thousands of short connections through the tunnel does not
         // run out of ports sooner than without it.
         socket.set_tsval_generator(Some(tsval));
+        socket.set_ack_delay(Some(ACK_DELAY.into()));
         socket.set_timeout(Some(self.config.tcp_timeout.into()));
         socket.pause_synack(true);
         let endpoint = IpListenEndpoint {

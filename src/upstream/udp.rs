@@ -9,7 +9,7 @@ use std::ops::Range;
 use socket2::SockRef;
 use tokio::net::{TcpStream, UdpSocket};
 
-use super::{Upstream, UpstreamError, negotiate, peer};
+use super::{Upstream, UpstreamError, negotiate};
 use crate::socks::{self, Address, ClientHandshake, ClientStatus, Command, udp};
 
 /// Receive buffer asked for on each association's UDP socket.
@@ -20,8 +20,7 @@ impl Upstream {
     /// talks to the proxy's relay. Over SOCKS4/4a it fails at once with
     /// [`UpstreamError::Unsupported`] (those protocols have no UDP).
     pub async fn udp_associate(&self) -> Result<UdpAssociation, UpstreamError> {
-        let mut control = self.dial().await?;
-        let proxy = peer(&control);
+        let (mut control, proxy) = self.dial_addr().await?;
         let io_err = |source| UpstreamError::Io { proxy, source };
         // The relay accepts datagrams from the control connection's client address:
         // send from that address, and declare the port so the relay can check it.
@@ -42,7 +41,8 @@ impl Upstream {
             Command::UDP_ASSOCIATE,
             Address::from(declared),
         )
-        .map_err(UpstreamError::Unsupported)?;
+        .map_err(UpstreamError::Unsupported)?
+        .pipelined(self.pipeline);
         let mut buf = Vec::with_capacity(512);
         let status = self
             .with_handshake_timeout(proxy, negotiate(&mut control, &mut hs, &mut buf, proxy))

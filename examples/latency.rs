@@ -1,0 +1,355 @@
+//! Latency and connection rate through the tunnel beside the kernel path, in one run:
+//! TCP request/response p50/p99 (one connection, small messages), connections/s (W
+//! workers: connect, 1-byte echo, close) and UDP echo p50/p99. The kernel path and the
+//! tunnel alternate in every round on the same topology (the app's route to the target
+//! network is switched between the forwarding proxy namespace and the TUN), so load on
+//! the machine hits both alike. Needs root. Prints one row per round and the medians.
+//!
+//! ```sh
+//! cargo build --release && sudo target/release/examples/latency
+//! ```
+//!
+//! Environment: `T2S_BIN` (the tun2socks binary; default `target/release/tun2socks`),
+//! `LAT_ROUNDS` (3), `LAT_RR` (round trips per round, 5000), `LAT_RR_SIZE` (1),
+//! `LAT_CONN_SECS` (3), `LAT_WORKERS` (32), `LAT_UDP` (datagrams, 2000), `LAT_MTU`
+//! (1500), `LAT_DEVICE` (`hand`: a device made with `ip tuntap` that the tunnel
+//! attaches to; `created`: the tunnel creates it), `LAT_TUNNEL_ARGS` (extra tunnel
+//! arguments, split at spaces), `LAT_SERVER_ARGS` (extra server arguments),
+//! `LAT_PROXY` (URL scheme and credentials, default `socks5://`), `LAT_ONLY`
+//! (`rr`, `conn` or `udp`: only that measurement), `LAT_NICE` (a nice value for every
+//! thread of this program, the tunnel and the server, e.g. -10 on a shared machine),
+//! `LAT_CPUS` (a CPU list for `taskset`: every thread of this program, the tunnel and
+//! the server runs there, e.g. `0` to see the cost of wake-ups across CPUs).
+//!
+//! Besides the rates, the tunnel rows show the CPU time the tunnel and the server
+//! spent per connection in the connection-rate run (from `/proc/PID/stat`): a figure
+//! that load on the machine disturbs much less than the rate itself.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tun2socks::testbed::attach::{create_tun, start_tunnel_attached};
+use tun2socks::testbed::load::{
+    ConnRateReport, EchoServer, LOAD_ECHO_PORT, RrReport, prepare_client, tcp_conn_rate_in,
+    tcp_rr_in,
+};
+use tun2socks::testbed::tunnel::{TUN_NAME, proxy_addr, start_server, start_tunnel};
+use tun2socks::testbed::udp::{UDP_ECHO_PORT, UdpServices};
+use tun2socks::testbed::udp_client::udp_latency;
+use tun2socks::testbed::{APP_NET_V4, PROXY_OUT_V4, PROXY_V4, TARGET_NET_V4, TARGET_V4, Topology};
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[derive(Debug, Default, Clone)]
+struct Row {
+    rr: Option<RrReport>,
+    conn: Option<ConnRateReport>,
+    udp: Option<(u64, u64, usize)>,
+    /// CPU microseconds per connection of the tunnel and the server.
+    cpu: Option<(f64, f64)>,
+}
+
+/// utime + stime of a process, in clock ticks (100 per second).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which ends at the last ')'): utime is the 12th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    field(11) + field(12)
+}
+
+/// Runs every thread of `pid` on `cpus` (a `taskset` list).
+fn pin(pid: u32, cpus: &str) {
+    let _ = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status();
+}
+
+/// Gives every thread of `pid` the nice value `nice`.
+fn renice(pid: u32, nice: &str) {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let _ = std::process::Command::new("renice")
+            .args(["-n", nice, "-p", &tid])
+            .stdout(std::process::Stdio::null())
+            .status();
+    }
+}
+
+struct Settings {
+    rr: usize,
+    rr_size: usize,
+    conn_secs: f64,
+    workers: usize,
+    udp: usize,
+    only: String,
+}
+
+fn measure(topo: &Topology, s: &Settings, pids: (u32, u32)) -> anyhow::Result<Row> {
+    let app = topo.app();
+    let tcp_target = SocketAddr::from((TARGET_V4, LOAD_ECHO_PORT));
+    let mut row = Row::default();
+    if s.only.is_empty() || s.only == "rr" {
+        row.rr = Some(tcp_rr_in(app, tcp_target, s.rr, s.rr_size)?);
+    }
+    if s.only.is_empty() || s.only == "conn" {
+        let secs = Duration::from_secs_f64(s.conn_secs);
+        let before = (cpu_ticks(pids.0), cpu_ticks(pids.1));
+        let conn = tcp_conn_rate_in(app, tcp_target, s.workers, secs)?;
+        let per_conn = |ticks: u64| ticks as f64 * 10_000.0 / conn.connections.max(1) as f64;
+        row.cpu = Some((
+            per_conn(cpu_ticks(pids.0).saturating_sub(before.0)),
+            per_conn(cpu_ticks(pids.1).saturating_sub(before.1)),
+        ));
+        row.conn = Some(conn);
+    }
+    if s.only.is_empty() || s.only == "udp" {
+        let udp_target = SocketAddr::from((TARGET_V4, UDP_ECHO_PORT));
+        let report = udp_latency(app, udp_target, s.udp, 64)?;
+        let us = |p| report.percentile(p).map_or(0, |d| d.as_micros() as u64);
+        row.udp = Some((us(50.0), us(99.0), report.lost));
+    }
+    Ok(row)
+}
+
+fn print_row(label: &str, row: &Row) {
+    let rr = row.rr.as_ref().map_or("-".to_string(), |r| {
+        format!("{:>5} {:>6} {:>7}", r.p50_us, r.p99_us, r.max_us)
+    });
+    let conn = row.conn.as_ref().map_or("-".to_string(), |c| {
+        format!("{:>7.0} ({} err)", c.per_sec(), c.errors)
+    });
+    let udp = row.udp.map_or("-".to_string(), |(p50, p99, lost)| {
+        format!("{p50:>5} {p99:>6} ({lost} lost)")
+    });
+    let cpu = row.cpu.map_or(String::new(), |(t, s)| {
+        format!(" | cpu us/conn tunnel {t:.1} server {s:.1}")
+    });
+    println!("{label:<10} | rr p50/p99/max us {rr} | conn/s {conn} | udp p50/p99 us {udp}{cpu}");
+    if let Some(e) = row.conn.as_ref().and_then(|c| c.first_error.as_ref()) {
+        println!("{label:<10} | first connection error: {e}");
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn summary(label: &str, rows: &[Row]) -> (f64, f64, f64, f64) {
+    let rr50 = median(
+        rows.iter()
+            .filter_map(|r| r.rr.as_ref())
+            .map(|r| r.p50_us as f64)
+            .collect(),
+    );
+    let rr99 = median(
+        rows.iter()
+            .filter_map(|r| r.rr.as_ref())
+            .map(|r| r.p99_us as f64)
+            .collect(),
+    );
+    let conn = median(
+        rows.iter()
+            .filter_map(|r| r.conn.as_ref())
+            .map(|c| c.per_sec())
+            .collect(),
+    );
+    let udp = median(
+        rows.iter()
+            .filter_map(|r| r.udp)
+            .map(|u| u.0 as f64)
+            .collect(),
+    );
+    let tcpu = median(rows.iter().filter_map(|r| r.cpu).map(|c| c.0).collect());
+    let scpu = median(rows.iter().filter_map(|r| r.cpu).map(|c| c.1).collect());
+    println!(
+        "{label:<10} | median: rr p50 {rr50:.0} us, rr p99 {rr99:.0} us, {conn:.0} conn/s, udp p50 {udp:.0} us, cpu us/conn tunnel {tcpu:.1} server {scpu:.1}"
+    );
+    (rr50, rr99, conn, udp)
+}
+
+/// Counters that explain stalls: SYN retransmissions, listen queue drops, TUN drops.
+fn diagnostics(topo: &Topology) {
+    let wanted = [
+        "TcpExtTCPSynRetrans",
+        "TcpExtListenOverflows",
+        "TcpExtListenDrops",
+        "TcpRetransSegs",
+        "TcpExtTCPTimeouts",
+        "TcpExtTW",
+        "TcpExtTWRecycled",
+        "TcpAttemptFails",
+        "TcpEstabResets",
+        "TcpOutRsts",
+    ];
+    for (name, ns) in [
+        ("app", topo.app()),
+        ("proxy", topo.proxy()),
+        ("target", topo.target()),
+    ] {
+        if let Ok(out) = ns.run("nstat", ["-az"]) {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let picked: Vec<String> = text
+                .lines()
+                .filter(|l| {
+                    wanted
+                        .iter()
+                        .any(|w| l.split_whitespace().next() == Some(*w))
+                })
+                .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join("="))
+                .collect();
+            println!("{name}: {}", picked.join(" "));
+        }
+    }
+    if let Ok(out) = topo.app().ip(["-s", "link", "show", "dev", TUN_NAME]) {
+        println!("{}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let binary = PathBuf::from(
+        std::env::var("T2S_BIN").unwrap_or_else(|_| "target/release/tun2socks".into()),
+    );
+    let rounds: usize = env_or("LAT_ROUNDS", 3);
+    let settings = Settings {
+        rr: env_or("LAT_RR", 5000),
+        rr_size: env_or("LAT_RR_SIZE", 1),
+        conn_secs: env_or("LAT_CONN_SECS", 3.0),
+        workers: env_or("LAT_WORKERS", 32),
+        udp: env_or("LAT_UDP", 2000),
+        only: env_or("LAT_ONLY", String::new()),
+    };
+    let mtu: u32 = env_or("LAT_MTU", 1500);
+    let hand = env_or("LAT_DEVICE", "hand".to_string()) != "created";
+    let tunnel_args: Vec<String> = env_or("LAT_TUNNEL_ARGS", String::new())
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let server_args: Vec<String> = env_or("LAT_SERVER_ARGS", String::new())
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let scheme = env_or("LAT_PROXY", "socks5://".to_string());
+
+    let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at start: {}", uptime.trim());
+    let nice = std::env::var("LAT_NICE").ok();
+    if let Some(nice) = &nice {
+        renice(std::process::id(), nice);
+    }
+    let cpus = std::env::var("LAT_CPUS").ok();
+    if let Some(cpus) = &cpus {
+        pin(std::process::id(), cpus);
+    }
+
+    let topo = Topology::create("lat").context("topology")?;
+    prepare_client(topo.app())?;
+    prepare_client(topo.proxy())?;
+    topo.set_forwarding(true)?;
+    topo.target().ip([
+        "route",
+        "add",
+        &APP_NET_V4.to_string(),
+        "via",
+        &PROXY_OUT_V4.to_string(),
+    ])?;
+    let _echo = EchoServer::start_in(topo.target()).context("echo server")?;
+    let _udp = UdpServices::start(topo.target()).context("udp services")?;
+    let mut server_cmd: Vec<&str> = vec!["--log-level", "warn"];
+    server_cmd.extend(server_args.iter().map(String::as_str));
+    let server = start_server(topo.proxy(), &binary, &server_cmd).context("server")?;
+    let url = format!("{scheme}{}", proxy_addr());
+    let mtu_arg = mtu.to_string();
+    let mut extra: Vec<&str> = vec!["--log-level", "warn"];
+    extra.extend(tunnel_args.iter().map(String::as_str));
+    let tunnel = if hand {
+        create_tun(topo.app(), TUN_NAME, mtu)?;
+        start_tunnel_attached(topo.app(), &binary, &url, TUN_NAME, &extra)?
+    } else {
+        extra.extend(["--mtu", &mtu_arg]);
+        start_tunnel(topo.app(), &binary, &url, &extra)?
+    };
+    println!(
+        "namespaces app {} proxy {} target {}",
+        topo.app().name(),
+        topo.proxy().name(),
+        topo.target().name()
+    );
+    println!(
+        "tunnel pid {} ({} device, MTU {mtu}, args {:?}), server pid {}",
+        tunnel.id(),
+        if hand { "hand-made" } else { "created" },
+        tunnel_args,
+        server.id()
+    );
+    if let Some(nice) = &nice {
+        renice(tunnel.id(), nice);
+        renice(server.id(), nice);
+    }
+    if let Some(cpus) = &cpus {
+        pin(tunnel.id(), cpus);
+        pin(server.id(), cpus);
+    }
+    let pids = (tunnel.id(), server.id());
+    if let Ok(pause) = std::env::var("LAT_PAUSE") {
+        // Time to attach perf to the pids above.
+        std::thread::sleep(Duration::from_secs(pause.parse().unwrap_or(5)));
+    }
+
+    let kernel_route = |on: bool| -> anyhow::Result<()> {
+        let net = TARGET_NET_V4.to_string();
+        if on {
+            topo.app()
+                .ip(["route", "replace", &net, "via", &PROXY_V4.to_string()])?;
+        } else {
+            topo.app().ip(["route", "del", &net])?;
+        }
+        Ok(())
+    };
+    let (mut kernel, mut tunnelled) = (Vec::new(), Vec::new());
+    for round in 1..=rounds {
+        kernel_route(true)?;
+        let k = measure(&topo, &settings, pids)?;
+        print_row(&format!("kernel {round}"), &k);
+        kernel.push(k);
+        kernel_route(false)?;
+        let t = measure(&topo, &settings, pids)?;
+        print_row(&format!("tunnel {round}"), &t);
+        tunnelled.push(t);
+    }
+    let k = summary("kernel", &kernel);
+    let t = summary("tunnel", &tunnelled);
+    println!(
+        "tunnel vs kernel: rr p50 +{:.0} us, rr p99 x{:.2}, conn/s {:.0}%, udp p50 +{:.0} us",
+        t.0 - k.0,
+        t.1 / k.1.max(1.0),
+        t.2 / k.2.max(1.0) * 100.0,
+        t.3 - k.3
+    );
+    let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("load average at end: {}", uptime.trim());
+    if std::env::var_os("LAT_DIAG").is_some() {
+        diagnostics(&topo);
+    }
+    drop(tunnel);
+    drop(server);
+    Ok(())
+}
