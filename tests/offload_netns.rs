@@ -158,14 +158,18 @@ fn offload_moves_64_mib_each_way_in_super_segments() -> Result<()> {
         run.log
     );
     // Without offload each direction alone needs SEGMENTS data packets (plus the
-    // other side's ACKs); with it, a super-segment carries up to 44 of them.
+    // other side's ACKs); with it, a super-segment carries up to 44 of them. How many
+    // depends on the sender's rate (the kernel sizes its super-segments to about a
+    // millisecond of data): about 4,000 packets each way on an idle machine, 12,400
+    // in while the other test of this file ran beside it. Half of SEGMENTS still
+    // fails without offload.
     ensure!(
-        run.packets_in < SEGMENTS / 4,
+        run.packets_in < SEGMENTS / 2,
         "{} packets in: no super-segments read",
         run.packets_in
     );
     ensure!(
-        run.packets_out < SEGMENTS / 4,
+        run.packets_out < SEGMENTS / 2,
         "{} packets out: no super-segments written",
         run.packets_out
     );
