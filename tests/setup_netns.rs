@@ -63,6 +63,22 @@ fn assert_restored(ns: &Namespace, before: &str) {
     assert_eq!(now, before, "routing not restored");
 }
 
+/// A snapshot once it has stopped changing: the kernel marks routes `linkdown` when a
+/// TUN loses its last reader through linkwatch, up to a second after the close, so a
+/// snapshot taken at once may predate it.
+fn settled_snapshot(ns: &Namespace) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = snapshot(ns);
+    loop {
+        std::thread::sleep(Duration::from_millis(1200));
+        let now = snapshot(ns);
+        if now == last || Instant::now() >= deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
 fn ip_out(ns: &Namespace, args: &[&str]) -> String {
     String::from_utf8_lossy(&ns.ip(args).unwrap().stdout).into_owned()
 }
@@ -236,7 +252,7 @@ fn a_route_to_the_proxy_through_the_tun_exits_with_code_5() {
     // route to the TUN when a process first opens it (carrier), and keeps it.
     let (status, log) = run_to_exit(app, &plain);
     assert_eq!(status.code(), Some(EXIT_LOOP), "{log}");
-    let before = snapshot(app);
+    let before = settled_snapshot(app);
 
     for extra in [&[][..], &["--fwmark", "7"][..], &["--setup"][..]] {
         let args: Vec<&str> = plain.iter().chain(extra).copied().collect();
