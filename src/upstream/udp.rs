@@ -13,7 +13,7 @@ use super::{Upstream, UpstreamError, negotiate, peer};
 use crate::socks::{self, Address, ClientHandshake, ClientStatus, Command, udp};
 
 /// Receive buffer asked for on each association's UDP socket.
-pub const UDP_RECV_BUFFER: usize = 1 << 20;
+pub const UDP_RECV_BUFFER: usize = 4 << 20;
 
 impl Upstream {
     /// Sets up a SOCKS5 UDP ASSOCIATE: a control connection and a UDP socket that
