@@ -49,6 +49,7 @@ mod imp;
 mod imp;
 
 pub use error::{LinkError, LinkOp, RouteError, RouteOp, SandboxError, TunError};
+pub use imp::mmsg;
 pub use imp::{
     Link, LinkGuard, LinkState, Pipe, ProgramExit, RouteGuard, Routing, Sandbox, SandboxSignal,
     SandboxSpec, Tun, TunOptions, VNET_HDR_LEN, open_tun, open_tun_with, release_code,

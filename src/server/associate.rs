@@ -20,6 +20,8 @@ use crate::socks::{Address, ReplyCode, Request, udp};
 
 /// Largest UDP payload plus header we receive in one datagram.
 const DATAGRAM_MAX: usize = 65_536;
+/// Datagrams handled per wake-up of a socket before the others get a turn.
+const BATCH: usize = 64;
 /// Host names remembered per association (cleared when full).
 const NAME_CACHE: usize = 64;
 
@@ -44,6 +46,8 @@ struct Association<'a> {
     client_port: Option<u16>,
     names: HashMap<String, IpAddr>,
     counters: Counters,
+    /// The reply being wrapped for the client (reused).
+    out: Vec<u8>,
 }
 
 pub(super) async fn serve(
@@ -78,6 +82,7 @@ pub(super) async fn serve(
         client_port: (declared != 0).then_some(declared),
         names: HashMap::new(),
         counters: Counters::default(),
+        out: Vec::new(),
     };
     let why = assoc.run(&mut control).await;
     let c = &assoc.counters;
@@ -148,30 +153,39 @@ impl Association<'_> {
                     continue;
                 }
             };
-            let socket = match ready {
-                Ready::Client => Some(&self.relay),
-                Ready::Remote(Family::V4) => self.out_v4.as_ref(),
-                Ready::Remote(Family::V6) => self.out_v6.as_ref(),
-            };
-            let received = match socket.map(|s| s.try_recv_from(&mut buf)) {
-                Some(Ok(received)) => received,
-                Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Some(Err(e)) => {
-                    tracing::debug!(error = %e, "receive error");
-                    continue;
-                }
-                None => continue,
-            };
-            let (n, src) = received;
-            let datagram = buf.get(..n).unwrap_or_default();
-            let active = match ready {
-                Ready::Client => self.forward_from_client(datagram, src).await,
-                Ready::Remote(_) => self.forward_to_client(datagram, src).await,
-            };
+            // Everything queued on that socket, up to a batch: one wake-up (and one
+            // pass through the select) per burst rather than per datagram.
+            let mut active = false;
+            for _ in 0..BATCH {
+                let (n, src) = match self.try_recv(ready, &mut buf) {
+                    Some(Ok(received)) => received,
+                    Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "receive error");
+                        break;
+                    }
+                    None => break,
+                };
+                let datagram = buf.get(..n).unwrap_or_default();
+                active |= match ready {
+                    Ready::Client => self.forward_from_client(datagram, src).await,
+                    Ready::Remote(_) => self.forward_to_client(datagram, src).await,
+                };
+            }
             if active {
                 deadline = Instant::now() + idle;
             }
         }
+    }
+
+    /// Receives one datagram from the socket `ready` names, if it has one queued.
+    fn try_recv(&self, ready: Ready, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
+        let socket = match ready {
+            Ready::Client => Some(&self.relay),
+            Ready::Remote(Family::V4) => self.out_v4.as_ref(),
+            Ready::Remote(Family::V6) => self.out_v6.as_ref(),
+        };
+        socket.map(|s| s.try_recv_from(buf))
     }
 
     /// Is `src` the client? Locks the port on the first datagram if none was declared.
@@ -244,10 +258,13 @@ impl Association<'_> {
             return false;
         };
         let src = SocketAddr::new(src.ip().to_canonical(), src.port());
-        let mut datagram = Vec::with_capacity(payload.len().saturating_add(udp::MAX_HEADER_LEN));
+        let mut datagram = std::mem::take(&mut self.out);
+        datagram.clear();
         udp::encode_datagram(&Address::from(src), payload, &mut datagram);
         let client = SocketAddr::new(self.client_ip, port);
-        match self.relay.send_to(&datagram, client).await {
+        let sent = self.relay.send_to(&datagram, client).await;
+        self.out = datagram;
+        match sent {
             Ok(_) => {
                 self.counters.to_client = self.counters.to_client.saturating_add(1);
                 self.counters.to_client_bytes = self

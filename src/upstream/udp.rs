@@ -8,12 +8,13 @@ use std::ops::Range;
 
 use socket2::SockRef;
 use tokio::net::{TcpStream, UdpSocket};
+use tun2socks_platform::mmsg;
 
 use super::{Upstream, UpstreamError, negotiate};
 use crate::socks::{self, Address, ClientHandshake, ClientStatus, Command, udp};
 
 /// Receive buffer asked for on each association's UDP socket.
-pub const UDP_RECV_BUFFER: usize = 1 << 20;
+pub const UDP_RECV_BUFFER: usize = 4 << 20;
 
 impl Upstream {
     /// Sets up a SOCKS5 UDP ASSOCIATE: a control connection and a UDP socket that
@@ -154,19 +155,39 @@ impl UdpAssociation {
     /// one was received but dropped (malformed, or a fragment).
     pub fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<Option<Received>> {
         let n = self.socket.try_recv(buf)?;
-        let datagram = buf.get(..n).unwrap_or_default();
+        Ok(Self::parse_relayed(buf.get(..n).unwrap_or_default()))
+    }
+
+    /// Receives every datagram queued now, up to a batch, with one system call:
+    /// datagram `i` lies in slot `i` (`slot` bytes each) of `buf`; parse each with
+    /// [`UdpAssociation::parse_relayed`]. `WouldBlock` when none is queued.
+    pub fn try_recv_batch(
+        &self,
+        buf: &mut [u8],
+        slot: usize,
+        out: &mut Vec<mmsg::Datagram>,
+    ) -> io::Result<usize> {
+        self.socket.try_io(tokio::io::Interest::READABLE, || {
+            mmsg::recv_batch(&self.socket, buf, slot, out)
+        })
+    }
+
+    /// A datagram from the relay: its source and where its payload lies in `datagram`;
+    /// `None` (logged) for a malformed datagram or a fragment (FRAG != 0), to drop.
+    pub fn parse_relayed(datagram: &[u8]) -> Option<Received> {
+        let n = datagram.len();
         match udp::parse_datagram(datagram) {
             Ok((header, _)) if header.frag != 0 => {
                 tracing::debug!(frag = header.frag, "dropped a fragment from the relay");
-                Ok(None)
+                None
             }
             Ok((header, payload)) => {
                 let start = n.saturating_sub(payload.len());
-                Ok(Some((header.target, start..n)))
+                Some((header.target, start..n))
             }
             Err(e) => {
                 tracing::debug!(error = %e, "dropped a malformed datagram from the relay");
-                Ok(None)
+                None
             }
         }
     }

@@ -4,6 +4,7 @@
 //! was created in, whichever thread uses it later).
 
 mod link;
+pub mod mmsg;
 mod netlink;
 mod resident;
 mod route;

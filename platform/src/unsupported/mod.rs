@@ -400,3 +400,32 @@ impl Sandbox {
         match self.never {}
     }
 }
+
+/// Batched datagram receive; not available here (callers fall back to one
+/// datagram per call).
+pub mod mmsg {
+    use std::io;
+
+    /// The most datagrams one call receives.
+    pub const MAX_BATCH: usize = 64;
+
+    /// See the Linux implementation.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Datagram {
+        /// Bytes received.
+        pub len: usize,
+        /// Larger than its slot.
+        pub truncated: bool,
+    }
+
+    /// Always fails with `Unsupported`.
+    pub fn recv_batch<T>(
+        _socket: &T,
+        _buf: &mut [u8],
+        _slot: usize,
+        out: &mut Vec<Datagram>,
+    ) -> io::Result<usize> {
+        out.clear();
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}

@@ -5,22 +5,30 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use super::{Assoc, Phase, Queued, Shared};
+use tun2socks_platform::mmsg;
+
+use crate::socks::{Address, udp};
 use crate::upstream::UdpAssociation;
 
 /// Datagrams relayed per wake-up before the task lets others run.
-const BATCH: usize = 64;
-/// Receive buffer: the largest datagram plus its SOCKS header.
+const BATCH: usize = 256;
+/// Receive buffer without batching: the largest datagram plus its SOCKS header.
 const RECV_BUFFER: usize = 65_536 + 512;
+/// Bytes of the per-thread batch receive buffer at most (it holds up to
+/// [`mmsg::MAX_BATCH`] slots of the largest datagram the device can carry back).
+const BATCH_BYTES: usize = 1 << 20;
 
 thread_local! {
     /// One receive buffer per thread, shared by every association on it (they never
-    /// hold it across an await), so an idle association holds no buffer at all.
-    static RECV: RefCell<Vec<u8>> = RefCell::new(vec![0u8; RECV_BUFFER]);
+    /// hold it across an await), so an idle association holds no buffer at all; and
+    /// where the last batch's datagrams lie in it.
+    static RECV: RefCell<(Vec<u8>, Vec<mmsg::Datagram>)> = RefCell::default();
 }
 
 /// Why a relay loop ended.
@@ -155,38 +163,94 @@ async fn relay_loop(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> E
     }
 }
 
-/// Relays up to a batch of queued datagrams from the proxy to the application.
+/// Relays up to a batch of queued datagrams from the proxy to the application,
+/// receiving them a burst per system call.
 fn drain(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> io::Result<()> {
-    RECV.with_borrow_mut(|buf| {
-        for _ in 0..BATCH {
-            let (from, range) = match relay.try_recv_from(buf) {
-                Ok(Some(received)) => received,
-                Ok(None) => continue,
+    // A slot holds the largest reply the device carries (IPv4: the smaller header,
+    // so the larger payload) with the largest SOCKS header; a longer datagram is
+    // truncated by the kernel and counted as egress would count it (unsendable).
+    let slot = shared
+        .egress
+        .max_udp_payload(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+        .saturating_add(udp::MAX_HEADER_LEN)
+        .max(1);
+    let slots = (BATCH_BYTES / slot).clamp(1, mmsg::MAX_BATCH);
+    RECV.with_borrow_mut(|(buf, got)| {
+        if buf.len() != slot * slots {
+            buf.clear();
+            buf.resize(slot * slots, 0);
+        }
+        for _ in 0..BATCH.div_ceil(slots) {
+            match relay.try_recv_batch(buf, slot, got) {
+                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // The relay is not there (yet, or any more): ICMP errors on a
                 // connected UDP socket. Datagrams are best effort; keep going.
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                    return drain_one_by_one(assoc, shared, relay, buf);
+                }
                 Err(e) => return Err(e),
-            };
-            let payload = buf.get(range).unwrap_or_default();
-            let Some(source) = assoc.present(&from) else {
-                shared.metrics.udp.unmappable.fetch_add(1, Relaxed);
-                continue;
-            };
-            // A datagram the device cannot take is counted by egress.
-            if shared.egress.udp(source, assoc.app, payload) {
-                shared.metrics.udp.datagrams_down.fetch_add(1, Relaxed);
-                shared
-                    .metrics
-                    .udp
-                    .bytes_down
-                    .fetch_add(payload.len() as u64, Relaxed);
             }
-            assoc
-                .last_used
-                .store(shared.millis(std::time::Instant::now()), Relaxed);
+            for (i, datagram) in got.iter().enumerate() {
+                if datagram.truncated {
+                    shared.metrics.egress.unsendable.fetch_add(1, Relaxed);
+                    continue;
+                }
+                let at = i.saturating_mul(slot);
+                let bytes = buf
+                    .get(at..at.saturating_add(datagram.len))
+                    .unwrap_or_default();
+                if let Some((from, range)) = UdpAssociation::parse_relayed(bytes) {
+                    deliver(assoc, shared, &from, bytes.get(range).unwrap_or_default());
+                }
+            }
         }
         Ok(())
     })
+}
+
+/// [`drain`] where the system has no batch receive: a datagram per system call.
+fn drain_one_by_one(
+    assoc: &Assoc,
+    shared: &Shared,
+    relay: &UdpAssociation,
+    buf: &mut Vec<u8>,
+) -> io::Result<()> {
+    if buf.len() < RECV_BUFFER {
+        buf.resize(RECV_BUFFER, 0);
+    }
+    for _ in 0..BATCH {
+        let (from, range) = match relay.try_recv_from(buf) {
+            Ok(Some(received)) => received,
+            Ok(None) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+            Err(e) => return Err(e),
+        };
+        deliver(assoc, shared, &from, buf.get(range).unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// Hands one reply from `from` to the application through egress.
+fn deliver(assoc: &Assoc, shared: &Shared, from: &Address, payload: &[u8]) {
+    let Some(source) = assoc.present(from) else {
+        shared.metrics.udp.unmappable.fetch_add(1, Relaxed);
+        return;
+    };
+    // A datagram the device cannot take is counted by egress.
+    if shared.egress.udp(source, assoc.app, payload) {
+        shared.metrics.udp.datagrams_down.fetch_add(1, Relaxed);
+        shared
+            .metrics
+            .udp
+            .bytes_down
+            .fetch_add(payload.len() as u64, Relaxed);
+    }
+    assoc
+        .last_used
+        .store(shared.millis(std::time::Instant::now()), Relaxed);
 }
