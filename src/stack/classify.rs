@@ -115,36 +115,12 @@ pub fn is_link_local(ip: IpAddr) -> bool {
 /// or 6) with its pseudo-header is right: the ones' complement sum over both is all
 /// ones.
 fn checksum_ok(src: IpAddr, dst: IpAddr, protocol: u8, segment: &[u8]) -> bool {
-    let mut sum: u64 = 0;
-    let mut add = |bytes: &[u8]| {
-        let mut chunks = bytes.chunks_exact(2);
-        for c in &mut chunks {
-            if let [a, b] = c {
-                sum += u64::from(u16::from_be_bytes([*a, *b]));
-            }
-        }
-        if let [last] = chunks.remainder() {
-            sum += u64::from(u16::from_be_bytes([*last, 0]));
-        }
+    let Some(pseudo) = crate::offload::pseudo_header_sum(src, dst, protocol, segment.len())
+    else {
+        return false;
     };
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => {
-            add(&s.octets());
-            add(&d.octets());
-        }
-        (IpAddr::V6(s), IpAddr::V6(d)) => {
-            add(&s.octets());
-            add(&d.octets());
-        }
-        _ => return false,
-    }
-    let len = segment.len() as u64;
-    add(segment);
-    sum += u64::from(protocol) + len;
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum == 0xffff
+    let sum = crate::offload::sum_words(u64::from(pseudo), segment);
+    crate::offload::fold(sum) == 0xffff
 }
 
 /// Classifies one IP packet, checking its TCP or UDP checksum.
