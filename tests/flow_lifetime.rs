@@ -40,12 +40,7 @@ async fn echo_proxy() -> (SocketAddr, mpsc::UnboundedReceiver<ProxyEnd>) {
         while let Ok((mut s, _)) = listener.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut greeting = [0u8; 3];
-                s.read_exact(&mut greeting).await.unwrap();
-                s.write_all(&[5, 0]).await.unwrap();
-                let mut request = [0u8; 10];
-                s.read_exact(&mut request).await.unwrap();
-                s.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await.unwrap();
+                common::accept_socks5_connect(&mut s).await.unwrap();
                 let mut buf = [0u8; 4096];
                 let end = loop {
                     match s.read(&mut buf).await {

@@ -14,7 +14,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use etherparse::{NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tun2socks::config::ProxyUrl;
@@ -42,12 +41,7 @@ async fn echo_proxy() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut greeting = [0u8; 3];
-                s.read_exact(&mut greeting).await.unwrap();
-                s.write_all(&[5, 0]).await.unwrap();
-                let mut request = [0u8; 10];
-                s.read_exact(&mut request).await.unwrap();
-                s.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await.unwrap();
+                common::accept_socks5_connect(&mut s).await.unwrap();
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             });

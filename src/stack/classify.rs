@@ -115,8 +115,7 @@ pub fn is_link_local(ip: IpAddr) -> bool {
 /// or 6) with its pseudo-header is right: the ones' complement sum over both is all
 /// ones.
 fn checksum_ok(src: IpAddr, dst: IpAddr, protocol: u8, segment: &[u8]) -> bool {
-    let Some(pseudo) = crate::offload::pseudo_header_sum(src, dst, protocol, segment.len())
-    else {
+    let Some(pseudo) = crate::offload::pseudo_header_sum(src, dst, protocol, segment.len()) else {
         return false;
     };
     let sum = crate::offload::sum_words(u64::from(pseudo), segment);

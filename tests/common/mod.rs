@@ -188,3 +188,15 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The proxy side of a SOCKS5 CONNECT without authentication, IPv4 request: reads the
+/// 3-byte greeting and the 10-byte request and answers both with success. For the
+/// in-memory stack tests' small hand-made proxies.
+pub async fn accept_socks5_connect(s: &mut TcpStream) -> std::io::Result<()> {
+    let mut greeting = [0u8; 3];
+    s.read_exact(&mut greeting).await?;
+    s.write_all(&[5, 0]).await?;
+    let mut request = [0u8; 10];
+    s.read_exact(&mut request).await?;
+    s.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await
+}
