@@ -390,7 +390,9 @@ fn further_queues(tun: &Tun, queues: usize) -> Vec<Tun> {
         return Vec::new();
     }
     if !tun.multi_queue() {
-        tracing::warn!(
+        // Information, not a warning: `--threads` defaults to the number of cores, and
+        // a single-queue device made by hand is an ordinary, working setup.
+        tracing::info!(
             device = tun.name(),
             "the device was made without multi_queue (`ip tuntap add ... multi_queue`); \
              serving it with one queue"
