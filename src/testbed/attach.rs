@@ -116,15 +116,27 @@ pub fn route_when_attached(
 
 /// The resident memory of process `pid` in KiB (`VmRSS` of `/proc/PID/status`).
 pub fn vm_rss_kib(pid: u32) -> io::Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).map_err(super::context(&path))?;
-    parse_vm_rss(&status).ok_or_else(|| io::Error::other(format!("{path}: no VmRSS line")))
+    status_kib(pid, "VmRSS:")
 }
 
-fn parse_vm_rss(status: &str) -> Option<u64> {
+/// The anonymous resident memory of process `pid` in KiB (`RssAnon`: heap, stacks,
+/// buffers; not the program's code and other file pages, which the page cache can
+/// drop and give back at any time).
+pub fn rss_anon_kib(pid: u32) -> io::Result<u64> {
+    status_kib(pid, "RssAnon:")
+}
+
+fn status_kib(pid: u32, field: &str) -> io::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).map_err(super::context(&path))?;
+    parse_status_kib(&status, field)
+        .ok_or_else(|| io::Error::other(format!("{path}: no {field} line")))
+}
+
+fn parse_status_kib(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .find_map(|line| line.strip_prefix(field))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|kib| kib.parse().ok())
 }
@@ -156,10 +168,13 @@ mod tests {
 
     #[test]
     fn reads_vm_rss() {
-        let status = "Name:\ttun2socks\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
-        assert_eq!(parse_vm_rss(status), Some(12345));
-        assert_eq!(parse_vm_rss("Name: x\n"), None);
+        let status = "Name:\ttun2socks\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nRssAnon:\t  678 kB\nThreads:\t3\n";
+        assert_eq!(parse_status_kib(status, "VmRSS:"), Some(12345));
+        assert_eq!(parse_status_kib(status, "RssAnon:"), Some(678));
+        assert_eq!(parse_status_kib("Name: x\n", "VmRSS:"), None);
         assert!(vm_rss_kib(std::process::id()).is_ok_and(|kib| kib > 0));
+        let anon = rss_anon_kib(std::process::id()).unwrap();
+        assert!(anon > 0 && anon <= vm_rss_kib(std::process::id()).unwrap());
     }
 
     #[test]

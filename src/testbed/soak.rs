@@ -21,9 +21,12 @@
 //! The run fails ([`SoakReport::passed`] is false) when any load counted an error;
 //! when UDP loss (or DNS retransmissions) exceeds [`SoakConfig::max_loss`] of what was
 //! sent (loss on a quiet veth path should be nil, but a datagram may be dropped when a
-//! queue overflows, which UDP allows); when the RSS or descriptors of the tunnel or
-//! the server grow past the warm-up by more than the [`DriftRule`] allows (the largest
-//! value of the last third against the largest of the first third); when the idle
+//! queue overflows, which UDP allows); when the anonymous RSS (`RssAnon`: heap,
+//! stacks, buffers; what a leak grows) or the descriptors of the tunnel or the server
+//! grow past the warm-up by more than the [`DriftRule`] allows (the largest value of
+//! the last third against the largest of the first third, for RSS; medians for
+//! descriptors); the table shows the whole `VmRSS`, whose file-backed part (the
+//! program's code) rises as later code paths run and is not judged; when the idle
 //! tunnel used more than [`SoakConfig::max_idle_cpu`] of one core; or when the tunnel
 //! exits, panics, or does not stop cleanly on SIGTERM.
 //!

@@ -4,7 +4,7 @@
 use std::io;
 use std::time::Duration;
 
-use super::super::attach::{open_fds, vm_rss_kib};
+use super::super::attach::{open_fds, rss_anon_kib, vm_rss_kib};
 use super::super::context;
 
 /// Clock ticks per second of the times in `/proc/PID/stat` (`USER_HZ`): 100 on every
@@ -17,6 +17,11 @@ pub const USER_HZ: u64 = 100;
 pub struct ProcStats {
     /// Resident memory, KiB (`VmRSS` of `/proc/PID/status`).
     pub rss_kib: u64,
+    /// Anonymous resident memory, KiB (`RssAnon`): what a leak would grow. The rest
+    /// of `rss_kib` is the program's own code and other file pages, which come and go
+    /// with the code paths a load happens to run (the tunnel gives its start-up code
+    /// back 250 ms after start, and the code it runs later is mapped again).
+    pub anon_kib: u64,
     /// Open descriptors (entries of `/proc/PID/fd`).
     pub fds: u64,
     /// CPU time used so far, user + system, all threads, seconds
@@ -28,6 +33,7 @@ pub struct ProcStats {
 pub fn proc_stats(pid: u32) -> io::Result<ProcStats> {
     Ok(ProcStats {
         rss_kib: vm_rss_kib(pid)?,
+        anon_kib: rss_anon_kib(pid)?,
         fds: open_fds(pid)? as u64,
         cpu_secs: cpu_ticks(pid)? as f64 / USER_HZ as f64,
     })

@@ -16,9 +16,9 @@ pub fn judge(report: &mut SoakReport) {
     };
     let checks: [Watched<'_>; 4] = [
         (
-            "tunnel RSS KiB (max)",
+            "tunnel anonymous RSS KiB (max)",
             config.rss_rule,
-            series(|s| s.tunnel.rss_kib),
+            series(|s| s.tunnel.anon_kib),
         ),
         (
             "tunnel fds (median)",
@@ -26,9 +26,9 @@ pub fn judge(report: &mut SoakReport) {
             series(|s| s.tunnel.fds),
         ),
         (
-            "server RSS KiB (max)",
+            "server anonymous RSS KiB (max)",
             config.rss_rule,
-            series(|s| s.server.rss_kib),
+            series(|s| s.server.anon_kib),
         ),
         (
             "server fds (median)",
