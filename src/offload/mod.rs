@@ -238,6 +238,9 @@ pub enum OffloadError {
     },
 }
 
+/// Where a UDP header keeps its checksum.
+const UDP_CSUM_OFFSET: u16 = 6;
+
 /// Completes a partial checksum as the header describes (`NEEDS_CSUM`): the ones'
 /// complement of the sum from `csum_start` to the end (the field holds the
 /// pseudo-header sum already) goes into the field. Does nothing without the flag.
@@ -256,8 +259,13 @@ pub fn complete_checksum(hdr: &VnetHdr, packet: &mut [u8]) -> Result<(), Offload
         return Err(out_of_range);
     }
     let sum = !fold(sum_words(0, packet.get(start..).unwrap_or_default()));
-    // RFC 768: a UDP checksum of zero is sent as all ones; harmless for TCP.
-    let sum = if sum == 0 { 0xffff } else { sum };
+    // RFC 768: a UDP checksum (field at offset 6) of zero is sent as all ones. TCP
+    // keeps zero, as the kernel's own completion does (both verify; bytes differ).
+    let sum = if sum == 0 && hdr.csum_offset == UDP_CSUM_OFFSET {
+        0xffff
+    } else {
+        sum
+    };
     let field = packet.get_mut(at..at + 2).ok_or(out_of_range)?;
     field.copy_from_slice(&sum.to_be_bytes());
     Ok(())

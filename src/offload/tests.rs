@@ -305,3 +305,56 @@ proptest! {
         let _ = complete_checksum(&hdr, &mut a);
     }
 }
+
+/// The case CI's proptest found: a segment whose TCP checksum is zero. The kernel's
+/// completion keeps zero for TCP; only UDP sends zero as all ones.
+#[test]
+fn a_tcp_checksum_of_zero_stays_zero_through_coalescing() {
+    let mss = 1417;
+    let mut sizes = Vec::new();
+    for (full, last) in [(20usize, 745usize), (36, 1417)] {
+        sizes.extend(std::iter::repeat_n(mss, full));
+        sizes.push(last.clamp(1, mss));
+    }
+    let packets = stream(true, &sizes, false);
+    // The 58th segment is the one whose checksum is zero.
+    assert_eq!(&packets[57][56..58], &[0, 0]);
+    let out = coalesce(&packets);
+    let cut: Vec<Vec<u8>> = out.iter().flat_map(|(h, p)| kernel_cut(h, p)).collect();
+    assert_eq!(cut.len(), packets.len());
+    for (i, (a, b)) in cut.iter().zip(&packets).enumerate() {
+        assert!(a == b, "segment {i} differs");
+    }
+}
+
+#[test]
+fn a_udp_checksum_of_zero_is_sent_as_all_ones() {
+    let udp = |word: u16| {
+        let mut out = Vec::new();
+        PacketBuilder::ipv4(V4_SRC, V4_DST, 64)
+            .udp(5353, 53)
+            .write(&mut out, &word.to_be_bytes())
+            .unwrap();
+        out
+    };
+    let hdr = |p: &mut Vec<u8>| {
+        let (src, dst) = src_dst(p);
+        let pseudo = pseudo_header_sum(src, dst, 17, p.len() - 20).unwrap();
+        p[26..28].copy_from_slice(&pseudo.to_be_bytes());
+        VnetHdr {
+            flags: FLAG_NEEDS_CSUM,
+            csum_start: 20,
+            csum_offset: 6,
+            ..VnetHdr::NONE
+        }
+    };
+    let mut p = udp(0);
+    let h = hdr(&mut p);
+    complete_checksum(&h, &mut p).unwrap();
+    let c = u16::from_be_bytes([p[26], p[27]]);
+    // A payload word equal to that checksum makes the sum all ones: checksum zero.
+    let mut p = udp(c);
+    let h = hdr(&mut p);
+    complete_checksum(&h, &mut p).unwrap();
+    assert_eq!(&p[26..28], &[0xff, 0xff]);
+}
