@@ -1,6 +1,6 @@
 //! Plain, validated configuration values shared by the binary and the library.
 //!
-//! The library never sees clap: `main.rs` turns command-line arguments into these
+//! The library never sees clap: the binary (`src/cli/args.rs`) turns command-line arguments into these
 //! types. Here: [`ProxyUrl`], the upstream proxy as the user writes it
 //! (`socks5://[user:pass@]host:port`, `socks4://[userid@]host:port`,
 //! `socks4a://...`; IPv6 hosts in brackets; percent-encoded user information).

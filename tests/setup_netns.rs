@@ -26,9 +26,9 @@ use tun2socks::testbed::{Namespace, Process, Topology, require_program, require_
 
 const BLOB: usize = 4 * 1024 * 1024;
 const SEED: u64 = 5;
-/// The exit code of a routing loop (main.rs).
+/// The exit code of a routing loop (src/cli/run.rs).
 const EXIT_LOOP: i32 = 5;
-/// The exit code of a busy device (main.rs).
+/// The exit code of a busy device (src/cli/run.rs).
 const EXIT_BUSY: i32 = 4;
 
 /// The TUN's addresses, given explicitly: a /24, whose prefix route stays clear of the

@@ -44,7 +44,7 @@ use crate::socks::{Address, Command, ReplyCode, Request, ServerPolicy};
 /// How long sessions get to wind down after shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
-/// Everything the server needs to know; built by `main.rs` from the command line.
+/// Everything the server needs to know; built by the binary (`src/cli/args.rs`) from the command line.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Accounts (RFC 1929 required when non-empty) and which commands are served.
