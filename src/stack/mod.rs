@@ -30,6 +30,7 @@ mod phy;
 pub mod queues;
 mod shared;
 mod timers;
+mod tsclock;
 
 pub use packet_io::PacketIo;
 pub use shared::Shared;
@@ -328,6 +329,7 @@ impl<D: PacketIo> Stack<D> {
                 () = &mut sleep => (None, false),
             };
             let now = Instant::now();
+            tsclock::tick(now);
             bump(&self.stats.stack.wakeups);
             if let Some((n, hdr)) = received {
                 self.ingress(rx.get(..n).unwrap_or_default(), &hdr, now);
@@ -359,6 +361,7 @@ impl<D: PacketIo> Stack<D> {
         loop {
             tokio::task::yield_now().await;
             let now = Instant::now();
+            tsclock::tick(now);
             let mut worked = self.cx.signal.pending();
             match self.device.try_recv_hdr(rx) {
                 Ok((n, hdr)) => {
@@ -537,7 +540,7 @@ impl<D: PacketIo> Stack<D> {
         // its TIME_WAIT sockets can be reused by `tcp_tw_reuse` (which needs them), so
         // a host opening thousands of short connections through the tunnel does not
         // run out of ports sooner than without it.
-        socket.set_tsval_generator(Some(tsval));
+        socket.set_tsval_generator(Some(tsclock::tsval));
         socket.set_ack_delay(Some(ACK_DELAY.into()));
         socket.set_timeout(Some(self.config.tcp_timeout.into()));
         socket.pause_synack(true);
@@ -665,15 +668,6 @@ fn smol_now(epoch: Instant, now: Instant) -> smoltcp::time::Instant {
 fn std_at(epoch: Instant, at: smoltcp::time::Instant) -> Instant {
     let micros = u64::try_from(at.total_micros()).unwrap_or(0);
     epoch + Duration::from_micros(micros)
-}
-
-/// The TCP timestamp clock (RFC 7323 TSval): milliseconds since the first call,
-/// wrapping; one clock for every flow, monotonic as the RFC asks.
-fn tsval() -> u32 {
-    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    let millis = START.get_or_init(Instant::now).elapsed().as_millis();
-    // Wrapping is what TSval does (RFC 7323 compares them modulo 2^32).
-    (millis & u128::from(u32::MAX)) as u32
 }
 
 /// A seed for smoltcp's initial sequence numbers, from the OS's randomness (through
