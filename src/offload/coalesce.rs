@@ -123,13 +123,13 @@ pub fn partial_checksum(packet: &mut [u8]) -> Option<VnetHdr> {
 pub fn segmented(packet: &mut [u8], gso_size: u16) -> Option<VnetHdr> {
     let view = TcpView::parse(packet)?;
     let payload = packet.len().checked_sub(view.hdr_len)?;
-    let mut hdr = partial_checksum(packet)?;
     if gso_size == 0 || payload <= usize::from(gso_size) {
-        return Some(hdr);
+        return partial_checksum(packet);
     }
     if view.flags & !(PSH | FIN) != ACK {
         return None;
     }
+    let mut hdr = partial_checksum(packet)?;
     hdr.gso_type = if view.v6 { gso::TCPV6 } else { gso::TCPV4 };
     hdr.gso_size = gso_size;
     Some(hdr)
