@@ -34,6 +34,8 @@ pub struct TxCounters {
     metrics: Arc<Metrics>,
     offload: Features,
     coalescer: Coalescer,
+    /// Bytes written since [`TxCounters::take_bytes`].
+    bytes: usize,
 }
 
 impl TxCounters {
@@ -47,7 +49,13 @@ impl TxCounters {
             } else {
                 Coalescer::default()
             },
+            bytes: 0,
         }
+    }
+
+    /// Bytes written to the device since the last call.
+    pub fn take_bytes(&mut self) -> usize {
+        std::mem::take(&mut self.bytes)
     }
 }
 
@@ -148,7 +156,7 @@ impl<'a, D: PacketIo> Tx<'a, D> {
     /// Writes the pending super-segment, if any.
     fn flush(&mut self) {
         if let Some((hdr, packet)) = self.counters.coalescer.take() {
-            send(self.device, &self.counters.metrics, &hdr, packet);
+            send(self.device, &self.counters.metrics, &mut self.counters.bytes, &hdr, packet);
         }
     }
 
@@ -163,6 +171,7 @@ impl<'a, D: PacketIo> Tx<'a, D> {
             send(
                 self.device,
                 &self.counters.metrics,
+                &mut self.counters.bytes,
                 &VnetHdr::NONE,
                 self.scratch,
             );
@@ -179,7 +188,7 @@ impl<'a, D: PacketIo> Tx<'a, D> {
         }
         // Not TCP (smoltcp checksummed it), or TCP that starts no super-segment.
         let hdr = partial_checksum(self.scratch).unwrap_or(VnetHdr::NONE);
-        send(self.device, &self.counters.metrics, &hdr, self.scratch);
+        send(self.device, &self.counters.metrics, &mut self.counters.bytes, &hdr, self.scratch);
     }
 }
 
@@ -189,7 +198,7 @@ impl<D: PacketIo> Tx<'_, D> {
     fn transmit_segmented(&mut self, size: u16) {
         self.flush();
         match segmented(self.scratch, size) {
-            Some(hdr) => send(self.device, &self.counters.metrics, &hdr, self.scratch),
+            Some(hdr) => send(self.device, &self.counters.metrics, &mut self.counters.bytes, &hdr, self.scratch),
             // smoltcp asks for segmentation only of ACK segments with data (PSH, FIN)
             // that it builds itself; anything else is a bug, counted as a drop (TCP
             // sends the data again).
@@ -202,9 +211,18 @@ impl<D: PacketIo> Tx<'_, D> {
 }
 
 /// Writes one packet, counting it as sent or dropped.
-fn send<D: PacketIo>(device: &D, metrics: &Metrics, hdr: &VnetHdr, packet: &[u8]) {
+fn send<D: PacketIo>(
+    device: &D,
+    metrics: &Metrics,
+    bytes: &mut usize,
+    hdr: &VnetHdr,
+    packet: &[u8],
+) {
     match device.try_send_hdr(hdr, packet) {
-        Ok(()) => bump(&metrics.stack.packets_out),
+        Ok(()) => {
+            bump(&metrics.stack.packets_out);
+            *bytes = bytes.saturating_add(packet.len());
+        }
         Err(e) => {
             bump(&metrics.stack.packets_out_dropped);
             tracing::trace!(error = %e, "device refused a packet");

@@ -64,6 +64,31 @@ fn a_filled_receive_ring_doubles_up_to_the_maximum_while_its_reader_keeps_up() {
 }
 
 #[test]
+fn a_ring_whose_reader_keeps_up_only_partly_still_grows() {
+    // Several busy flows on a loaded machine: the stack never sees the ring empty,
+    // but down to a quarter between batches; the reader keeps up.
+    let b = buffers(1 << 20);
+    let mut s = Sizer::new(b);
+    let t = Instant::now();
+    let (mut rx, tx) = s.initial(t);
+    let mut grown = 0;
+    for _ in 0..10 {
+        if let Some(new) = s.plan(&rings(rx, rx, 0, tx), t).rx {
+            rx = new;
+            grown += 1;
+        }
+        assert_eq!(s.plan(&rings(rx / 4, rx, 0, tx), t).rx, None);
+    }
+    assert_eq!(grown, 4, "4 KiB doubled up to 64 KiB");
+    // Drained only to a half: a reader that falls behind; no growth.
+    let mut slow = Sizer::new(buffers(1 << 20));
+    let (rx, tx) = slow.initial(t);
+    assert!(slow.plan(&rings(rx, rx, 0, tx), t).rx.is_some());
+    assert_eq!(slow.plan(&rings(rx, 2 * rx, 0, tx), t).rx, None);
+    assert_eq!(slow.plan(&rings(2 * rx, 2 * rx, 0, tx), t).rx, None);
+}
+
+#[test]
 fn a_ring_that_stays_full_because_its_reader_is_stuck_grows_once_only() {
     let b = buffers(1 << 20);
     let mut s = Sizer::new(b);
