@@ -341,9 +341,10 @@ impl<D: PacketIo> Stack<D> {
             }
             self.poll_flows(now);
             let moved = self.take_moved();
+            self.busy.moved(now, moved);
             if received.is_some() || asked {
                 self.busy.work(now);
-                if let Some(until) = self.busy.spin_after(Instant::now(), moved) {
+                if let Some(until) = self.busy.spin_until(Instant::now()) {
                     self.spin(until, &mut rx).await?;
                 }
             }
