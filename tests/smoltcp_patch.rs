@@ -300,7 +300,10 @@ fn a_super_segment_is_acknowledged_at_once_a_small_one_waits() {
     // (or for a second segment).
     let small = vec![1u8; 1000];
     let out = c.exchange(c.segment(ISN + 1, &small));
-    assert!(out.is_empty(), "a lone small segment is not acknowledged at once");
+    assert!(
+        out.is_empty(),
+        "a lone small segment is not acknowledged at once"
+    );
     assert_eq!(c.read_all(), small);
     // Let that delayed ACK go out (the 10 ms timer).
     let mut acked = false;

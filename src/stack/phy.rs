@@ -156,7 +156,13 @@ impl<'a, D: PacketIo> Tx<'a, D> {
     /// Writes the pending super-segment, if any.
     fn flush(&mut self) {
         if let Some((hdr, packet)) = self.counters.coalescer.take() {
-            send(self.device, &self.counters.metrics, &mut self.counters.bytes, &hdr, packet);
+            send(
+                self.device,
+                &self.counters.metrics,
+                &mut self.counters.bytes,
+                &hdr,
+                packet,
+            );
         }
     }
 
@@ -188,7 +194,13 @@ impl<'a, D: PacketIo> Tx<'a, D> {
         }
         // Not TCP (smoltcp checksummed it), or TCP that starts no super-segment.
         let hdr = partial_checksum(self.scratch).unwrap_or(VnetHdr::NONE);
-        send(self.device, &self.counters.metrics, &mut self.counters.bytes, &hdr, self.scratch);
+        send(
+            self.device,
+            &self.counters.metrics,
+            &mut self.counters.bytes,
+            &hdr,
+            self.scratch,
+        );
     }
 }
 
@@ -198,7 +210,13 @@ impl<D: PacketIo> Tx<'_, D> {
     fn transmit_segmented(&mut self, size: u16) {
         self.flush();
         match segmented(self.scratch, size) {
-            Some(hdr) => send(self.device, &self.counters.metrics, &mut self.counters.bytes, &hdr, self.scratch),
+            Some(hdr) => send(
+                self.device,
+                &self.counters.metrics,
+                &mut self.counters.bytes,
+                &hdr,
+                self.scratch,
+            ),
             // smoltcp asks for segmentation only of ACK segments with data (PSH, FIN)
             // that it builds itself; anything else is a bug, counted as a drop (TCP
             // sends the data again).

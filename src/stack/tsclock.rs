@@ -31,8 +31,7 @@ pub fn tick(now: Instant) {
     // Compared modulo 2^32 (as TSvals are): a reading "behind" the stored one by
     // less than half the range is older, and is not stored.
     while (millis.wrapping_sub(current) as i32) > 0 {
-        match NOW_MS.compare_exchange_weak(current, millis, Ordering::Relaxed, Ordering::Relaxed)
-        {
+        match NOW_MS.compare_exchange_weak(current, millis, Ordering::Relaxed, Ordering::Relaxed) {
             Ok(_) => break,
             Err(seen) => current = seen,
         }
