@@ -53,6 +53,10 @@ impl TxCounters {
         }
     }
 
+    fn wrote(&mut self, n: usize) {
+        self.bytes = self.bytes.saturating_add(n);
+    }
+
     /// Bytes written to the device since the last call.
     pub fn take_bytes(&mut self) -> usize {
         std::mem::take(&mut self.bytes)
@@ -156,13 +160,8 @@ impl<'a, D: PacketIo> Tx<'a, D> {
     /// Writes the pending super-segment, if any.
     fn flush(&mut self) {
         if let Some((hdr, packet)) = self.counters.coalescer.take() {
-            send(
-                self.device,
-                &self.counters.metrics,
-                &mut self.counters.bytes,
-                &hdr,
-                packet,
-            );
+            let n = send(self.device, &self.counters.metrics, &hdr, packet);
+            self.counters.wrote(n);
         }
     }
 
@@ -174,13 +173,13 @@ impl<'a, D: PacketIo> Tx<'a, D> {
         }
         let offload = self.counters.offload;
         if !offload.csum {
-            send(
+            let n = send(
                 self.device,
                 &self.counters.metrics,
-                &mut self.counters.bytes,
                 &VnetHdr::NONE,
                 self.scratch,
             );
+            self.counters.wrote(n);
             return;
         }
         if offload.tso {
@@ -194,13 +193,8 @@ impl<'a, D: PacketIo> Tx<'a, D> {
         }
         // Not TCP (smoltcp checksummed it), or TCP that starts no super-segment.
         let hdr = partial_checksum(self.scratch).unwrap_or(VnetHdr::NONE);
-        send(
-            self.device,
-            &self.counters.metrics,
-            &mut self.counters.bytes,
-            &hdr,
-            self.scratch,
-        );
+        let n = send(self.device, &self.counters.metrics, &hdr, self.scratch);
+        self.counters.wrote(n);
     }
 }
 
@@ -210,13 +204,10 @@ impl<D: PacketIo> Tx<'_, D> {
     fn transmit_segmented(&mut self, size: u16) {
         self.flush();
         match segmented(self.scratch, size) {
-            Some(hdr) => send(
-                self.device,
-                &self.counters.metrics,
-                &mut self.counters.bytes,
-                &hdr,
-                self.scratch,
-            ),
+            Some(hdr) => {
+                let n = send(self.device, &self.counters.metrics, &hdr, self.scratch);
+                self.counters.wrote(n);
+            }
             // smoltcp asks for segmentation only of ACK segments with data (PSH, FIN)
             // that it builds itself; anything else is a bug, counted as a drop (TCP
             // sends the data again).
@@ -228,22 +219,18 @@ impl<D: PacketIo> Tx<'_, D> {
     }
 }
 
-/// Writes one packet, counting it as sent or dropped.
-fn send<D: PacketIo>(
-    device: &D,
-    metrics: &Metrics,
-    bytes: &mut usize,
-    hdr: &VnetHdr,
-    packet: &[u8],
-) {
+/// Writes one packet, counting it as sent or dropped; returns the bytes written (0
+/// when dropped).
+fn send<D: PacketIo>(device: &D, metrics: &Metrics, hdr: &VnetHdr, packet: &[u8]) -> usize {
     match device.try_send_hdr(hdr, packet) {
         Ok(()) => {
             bump(&metrics.stack.packets_out);
-            *bytes = bytes.saturating_add(packet.len());
+            packet.len()
         }
         Err(e) => {
             bump(&metrics.stack.packets_out_dropped);
             tracing::trace!(error = %e, "device refused a packet");
+            0
         }
     }
 }
