@@ -1,7 +1,8 @@
 //! The vendored smoltcp patch (vendor/smoltcp/PATCHES.md): a live socket's buffers
 //! replaced with their contents kept (unread, out-of-order, unacknowledged and wrapped
 //! data), a replacement below the advertised window refused, and the window scale
-//! chosen for a buffer that grows later. Driven with hand-built packets through a
+//! chosen for a buffer that grows later; a TSO super-segment acknowledged without the
+//! delayed-ACK wait. Driven with hand-built packets through a
 //! queue device, synchronously: no TUN, no runtime.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -288,4 +289,34 @@ fn replacing_the_send_ring_keeps_queued_and_wrapped_data() {
     c.socket().replace_send_buffer(ring(300)).unwrap();
     assert_eq!(c.socket().send_queue(), 300);
     assert!(!c.socket().can_send());
+}
+
+#[test]
+fn a_super_segment_is_acknowledged_at_once_a_small_one_waits() {
+    let (mut c, _) = Conn::accept(64 * 1024, 1024, 0);
+    c.socket()
+        .set_ack_delay(Some(smoltcp::time::Duration::from_millis(10)));
+    // One segment of less than the MSS (1460): its ACK waits for the delay timer
+    // (or for a second segment).
+    let small = vec![1u8; 1000];
+    let out = c.exchange(c.segment(ISN + 1, &small));
+    assert!(
+        out.is_empty(),
+        "a lone small segment is not acknowledged at once"
+    );
+    assert_eq!(c.read_all(), small);
+    // Let that delayed ACK go out (the 10 ms timer).
+    let mut acked = false;
+    for _ in 0..15 {
+        acked |= !c.poll().is_empty();
+    }
+    assert!(acked, "the delayed ACK goes out after the delay");
+    // One TSO super-segment (three segments' worth) alone: acknowledged in the same
+    // poll, as two segments would be.
+    let big: Vec<u8> = (0..3 * 1460).map(|i| (i % 251) as u8).collect();
+    let out = c.exchange(c.segment(ISN + 1 + 1000, &big));
+    assert_eq!(out.len(), 1, "one ACK for the super-segment, at once");
+    let ack = parse(&out[0]);
+    assert!(ack.payload.is_empty());
+    assert_eq!(c.read_all(), big);
 }

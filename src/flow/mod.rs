@@ -25,7 +25,7 @@ pub mod udp;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,9 @@ pub struct TcpFlow {
     /// Set when the flow's task has ended; the stack then drops the flow once its
     /// socket is closed.
     task_done: AtomicBool,
+    /// Bytes the task has taken out of the socket's receive ring so far (the ring
+    /// sizing policy measures the flow's pace by it).
+    rx_read: AtomicU64,
 }
 
 impl TcpFlow {
@@ -97,7 +100,13 @@ impl TcpFlow {
             sizer: Mutex::new(Sizer::new(buffers)),
             queued: AtomicBool::new(false),
             task_done: AtomicBool::new(false),
+            rx_read: AtomicU64::new(0),
         }
+    }
+
+    /// Records that the task has taken `total` bytes out of the receive ring so far.
+    pub fn note_read(&self, total: u64) {
+        self.rx_read.store(total, Ordering::Relaxed);
     }
 
     /// Locks the flow's socket set. A poisoned lock (a panic while it was held) is
@@ -122,7 +131,8 @@ impl TcpFlow {
     /// Grows or shrinks the socket's rings after a poll (see [`buffers::resize`]);
     /// returns when to poll again to shrink them if the flow stays idle.
     pub fn resize_buffers(&self, socket: &mut TcpSocket<'static>, now: Instant) -> Option<Instant> {
-        buffers::resize(socket, &mut self.sizer(), now)
+        let read = self.rx_read.load(Ordering::Relaxed);
+        buffers::resize(socket, &mut self.sizer(), now, read)
     }
 
     fn sizer(&self) -> MutexGuard<'_, Sizer> {

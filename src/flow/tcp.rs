@@ -290,6 +290,7 @@ enum Step {
 impl Pump {
     fn poll(&mut self, task: &mut Context<'_>, signal: &Signal) -> Poll<Result<(), FlowError>> {
         let poll = self.poll_sockets(task, signal);
+        self.flow.note_read(self.up);
         self.stats
             .flows
             .count_bytes(&mut self.counted, (self.up, self.down));

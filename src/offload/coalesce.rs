@@ -18,6 +18,7 @@ const MAX_SUPER: usize = 65_535;
 const TCP_PROTOCOL: u8 = 6;
 const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
+const FIN: u8 = 0x01;
 /// Where the TCP checksum lies in the TCP header.
 const TCP_CSUM_OFFSET: u16 = 16;
 
@@ -110,6 +111,28 @@ pub fn partial_checksum(packet: &mut [u8]) -> Option<VnetHdr> {
         csum_start: u16::try_from(view.ip_len).ok()?,
         csum_offset: TCP_CSUM_OFFSET,
     })
+}
+
+/// The header for a TCP packet that the stack built larger than the MTU, asking the
+/// device to cut it into segments of `gso_size` payload bytes (TSO): as
+/// [`partial_checksum`], with `gso_type` TCPV4 or TCPV6 and `gso_size`. A packet whose
+/// payload fits in one segment gets no GSO type. Flags ACK, with PSH and FIN or not
+/// (the kernel's cut leaves PSH and FIN on the last segment only). `None` (packet
+/// unchanged) if it is not a TCP packet this module understands, or carries other
+/// flags (SYN, RST, URG, ECN bits).
+pub fn segmented(packet: &mut [u8], gso_size: u16) -> Option<VnetHdr> {
+    let view = TcpView::parse(packet)?;
+    let payload = packet.len().checked_sub(view.hdr_len)?;
+    if gso_size == 0 || payload <= usize::from(gso_size) {
+        return partial_checksum(packet);
+    }
+    if view.flags & !(PSH | FIN) != ACK {
+        return None;
+    }
+    let mut hdr = partial_checksum(packet)?;
+    hdr.gso_type = if view.v6 { gso::TCPV6 } else { gso::TCPV4 };
+    hdr.gso_size = gso_size;
+    Some(hdr)
 }
 
 /// Writes the pseudo-header sum for the TCP segment of `packet` into its checksum

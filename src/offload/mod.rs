@@ -30,7 +30,7 @@
 
 mod coalesce;
 
-pub use coalesce::{Coalescer, partial_checksum};
+pub use coalesce::{Coalescer, partial_checksum, segmented};
 
 use std::net::IpAddr;
 

@@ -358,3 +358,64 @@ fn a_udp_checksum_of_zero_is_sent_as_all_ones() {
     complete_checksum(&h, &mut p).unwrap();
     assert_eq!(&p[26..28], &[0xff, 0xff]);
 }
+
+#[test]
+fn a_large_segment_of_the_stack_is_cut_by_the_kernel_into_mss_segments() {
+    for v6 in [false, true] {
+        // What smoltcp builds with segmentation offload: one segment of 40,000 bytes
+        // (PSH on it), full checksums not computed; the kernel's cut must give back
+        // the segments an MSS-bound stack would have sent.
+        let payload: Vec<u8> = (0..40_000u32).map(|i| (i * 13 + i / 977) as u8).collect();
+        let mut big = segment(v6, 5_000, 77, true, &payload);
+        let hdr = segmented(&mut big, 1448).expect("an ACK|PSH segment with data");
+        assert_eq!(hdr.gso_kind(), if v6 { gso::TCPV6 } else { gso::TCPV4 });
+        assert_eq!(hdr.gso_size, 1448);
+        assert!(hdr.needs_csum());
+        assert_eq!(usize::from(hdr.csum_start), ip_len(&big));
+        assert_eq!(usize::from(hdr.hdr_len), ip_len(&big) + 20);
+        let sizes: Vec<usize> = payload.chunks(1448).map(<[u8]>::len).collect();
+        let first_seq = 5_000u32;
+        let cut = kernel_cut(&hdr, &big);
+        assert_eq!(cut.len(), sizes.len());
+        for (i, (got, chunk)) in cut.iter().zip(payload.chunks(1448)).enumerate() {
+            let ip = ip_len(got);
+            let seq = u32::from_be_bytes(got[ip + 4..ip + 8].try_into().unwrap());
+            assert_eq!(seq, first_seq + (i * 1448) as u32);
+            assert_eq!(&got[ip + 20..], chunk);
+            let psh = got[ip + 13] & 0x08 != 0;
+            assert_eq!(psh, i == sizes.len() - 1, "PSH on the last only");
+            let want = segment(v6, seq, 77, psh, chunk);
+            assert_eq!(got, &want, "segment {i} as a plain stack would send it");
+        }
+    }
+}
+
+#[test]
+fn a_segment_within_one_mss_or_with_other_flags_is_not_segmented() {
+    // Small: partial checksum only.
+    let mut small = segment(false, 1, 2, false, &[7u8; 1000]);
+    let hdr = segmented(&mut small, 1448).unwrap();
+    assert_eq!(hdr.gso_kind(), gso::NONE);
+    assert!(hdr.needs_csum());
+    // A large SYN (never built by the stack) is refused, unchanged.
+    let mut syn = PacketBuilder::ipv4(V4_SRC, V4_DST, 64)
+        .tcp(443, 40000, 1, 1000)
+        .syn();
+    let mut out = Vec::new();
+    syn = syn.ack(2);
+    syn.write(&mut out, &[1u8; 3000]).unwrap();
+    let before = out.clone();
+    assert!(segmented(&mut out, 1448).is_none());
+    assert_eq!(out, before);
+    // FIN rides on the last segment: accepted.
+    let mut fin = Vec::new();
+    PacketBuilder::ipv4(V4_SRC, V4_DST, 64)
+        .tcp(443, 40000, 1, 1000)
+        .ack(2)
+        .fin()
+        .write(&mut fin, &[1u8; 3000])
+        .unwrap();
+    assert_eq!(segmented(&mut fin, 1448).unwrap().gso_kind(), gso::TCPV4);
+    // Not TCP at all.
+    assert!(segmented(&mut [0x45u8, 0, 0], 1448).is_none());
+}

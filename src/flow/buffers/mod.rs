@@ -47,6 +47,18 @@ impl Default for BufferConfig {
     }
 }
 
+/// A receive ring holding at most `1 / DRAINED_FRACTION` of its capacity at a poll
+/// counts as drained (its reader keeps up).
+const DRAINED_FRACTION: usize = 4;
+
+/// A receive ring whose reader took a whole ring's worth of bytes within this
+/// period moves at least `capacity / TURNOVER_PERIOD`: it doubles (while the budget
+/// lasts), so a ring settles near the bytes its flow moves in this time. Longer than
+/// a round trip through the tunnel on a loaded machine (the application's kernel,
+/// the tunnel and the proxy take turns on the CPUs for a few milliseconds each);
+/// short enough that a slow flow (a few Mbit/s) keeps its small ring.
+const TURNOVER_PERIOD: Duration = Duration::from_millis(5);
+
 /// Ring size of a newly connected flow.
 pub const DEFAULT_INITIAL: usize = 4096;
 
@@ -174,6 +186,8 @@ pub struct Rings {
     pub tx_cap: usize,
     /// The window the application last offered.
     pub tx_peer_window: usize,
+    /// Bytes the flow has taken out of its receive ring so far.
+    pub rx_read: u64,
 }
 
 impl Rings {
@@ -187,6 +201,7 @@ impl Rings {
             tx_len: socket.send_queue(),
             tx_cap: socket.send_capacity(),
             tx_peer_window: socket.send_window(),
+            rx_read: 0,
         }
     }
 }
@@ -208,10 +223,17 @@ pub struct Sizer {
     charged: usize,
     /// Last poll that saw data in a ring.
     last_active: Option<Instant>,
-    /// The receive ring was seen empty since it last grew: the flow's reader keeps
-    /// up, so a ring that fills up is the window limiting the flow (not a stuck
-    /// proxy).
+    /// The receive ring was seen at most a quarter full since it last grew: the
+    /// flow's reader keeps up, so a ring that fills up is the window limiting the
+    /// flow (not a stuck proxy). Not "seen empty": with several busy flows on a
+    /// loaded machine the stack rarely polls a flow at the instant its ring is
+    /// empty, and 8 upload streams kept 4-16 KiB windows for whole transfers.
     rx_drained: bool,
+    /// Start of the current turnover period: when, and `rx_read` then.
+    turnover: Option<(Instant, u64)>,
+    /// The reader took a whole receive ring within one turnover period since the
+    /// ring last grew.
+    rx_fast: bool,
 }
 
 impl Sizer {
@@ -222,6 +244,8 @@ impl Sizer {
             charged: 0,
             last_active: None,
             rx_drained: true,
+            turnover: None,
+            rx_fast: false,
         }
     }
 
@@ -282,9 +306,10 @@ impl Sizer {
     /// Decides new ring sizes from what a poll saw at `now`.
     pub fn plan(&mut self, rings: &Rings, now: Instant) -> Plan {
         let active = rings.rx_len > 0 || rings.tx_len > 0;
-        if rings.rx_len == 0 {
+        if rings.rx_len <= rings.rx_cap / DRAINED_FRACTION {
             self.rx_drained = true;
         }
+        self.watch_turnover(rings, now);
         if active {
             self.last_active = Some(now);
             return Plan {
@@ -312,15 +337,31 @@ impl Sizer {
             .is_some_and(|at| now.saturating_duration_since(at) >= self.buffers.config.idle)
     }
 
-    /// A receive ring at least half full after a batch of packets, whose reader keeps
-    /// up, limits the flow: double it.
+    /// Notes whether the reader took a whole ring within the current turnover
+    /// period, and starts a new period when it has passed.
+    fn watch_turnover(&mut self, rings: &Rings, now: Instant) {
+        match self.turnover {
+            Some((since, read)) if now.saturating_duration_since(since) <= TURNOVER_PERIOD => {
+                let cap = u64::try_from(rings.rx_cap).unwrap_or(u64::MAX);
+                if cap > 0 && rings.rx_read.saturating_sub(read) >= cap {
+                    self.rx_fast = true;
+                    self.turnover = Some((now, rings.rx_read));
+                }
+            }
+            _ => self.turnover = Some((now, rings.rx_read)),
+        }
+    }
+
+    /// A receive ring that limits the flow doubles: one at least half full after a
+    /// batch of packets whose reader keeps up, or one whose reader took a whole ring
+    /// within [`TURNOVER_PERIOD`] (several busy flows on a loaded machine: the
+    /// application sends what each small window allows, in small segments, and the
+    /// ring is rarely seen half full).
     fn grow_rx(&mut self, rings: &Rings) -> Option<usize> {
         let config = &self.buffers.config;
         let ceiling = config.max_rx.min(rings.rx_max_window);
-        if !self.rx_drained
-            || rings.rx_len.saturating_mul(2) < rings.rx_cap
-            || rings.rx_cap >= ceiling
-        {
+        let filled = self.rx_drained && rings.rx_len.saturating_mul(2) >= rings.rx_cap;
+        if !(filled || self.rx_fast) || rings.rx_cap >= ceiling {
             return None;
         }
         let target = rings
@@ -329,6 +370,7 @@ impl Sizer {
             .clamp(config.initial, ceiling);
         let grown = self.charge(target.saturating_sub(rings.rx_cap))?;
         self.rx_drained = false;
+        self.rx_fast = false;
         Some(rings.rx_cap.saturating_add(grown))
     }
 
@@ -413,12 +455,16 @@ pub fn resize(
     socket: &mut tcp::Socket<'static>,
     sizer: &mut Sizer,
     now: Instant,
+    rx_read: u64,
 ) -> Option<Instant> {
     if socket.recv_capacity() == 0 && socket.send_capacity() == 0 {
         // A paused SYN, or a flow that never connected: no rings to size.
         return None;
     }
-    let rings = Rings::of(socket);
+    let rings = Rings {
+        rx_read,
+        ..Rings::of(socket)
+    };
     let plan = sizer.plan(&rings, now);
     if let Some(rx) = plan.rx {
         match socket.replace_recv_buffer(ring(rx)) {

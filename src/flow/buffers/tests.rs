@@ -25,6 +25,7 @@ fn rings(rx_len: usize, rx_cap: usize, tx_len: usize, tx_cap: usize) -> Rings {
         tx_len,
         tx_cap,
         tx_peer_window: 1 << 20,
+        rx_read: 0,
     }
 }
 
@@ -61,6 +62,31 @@ fn a_filled_receive_ring_doubles_up_to_the_maximum_while_its_reader_keeps_up() {
     }
     assert_eq!(sizes, [8 * KIB, 16 * KIB, 32 * KIB, 64 * KIB]);
     assert_eq!(b.budget.used(), 64 * KIB);
+}
+
+#[test]
+fn a_ring_whose_reader_keeps_up_only_partly_still_grows() {
+    // Several busy flows on a loaded machine: the stack never sees the ring empty,
+    // but down to a quarter between batches; the reader keeps up.
+    let b = buffers(1 << 20);
+    let mut s = Sizer::new(b);
+    let t = Instant::now();
+    let (mut rx, tx) = s.initial(t);
+    let mut grown = 0;
+    for _ in 0..10 {
+        if let Some(new) = s.plan(&rings(rx, rx, 0, tx), t).rx {
+            rx = new;
+            grown += 1;
+        }
+        assert_eq!(s.plan(&rings(rx / 4, rx, 0, tx), t).rx, None);
+    }
+    assert_eq!(grown, 4, "4 KiB doubled up to 64 KiB");
+    // Drained only to a half: a reader that falls behind; no growth.
+    let mut slow = Sizer::new(buffers(1 << 20));
+    let (rx, tx) = slow.initial(t);
+    assert!(slow.plan(&rings(rx, rx, 0, tx), t).rx.is_some());
+    assert_eq!(slow.plan(&rings(rx, 2 * rx, 0, tx), t).rx, None);
+    assert_eq!(slow.plan(&rings(2 * rx, 2 * rx, 0, tx), t).rx, None);
 }
 
 #[test]
@@ -193,4 +219,44 @@ fn budget_charges_are_exact_under_contention() {
     assert_eq!(b.used(), 1000);
     b.release(5000);
     assert_eq!(b.used(), 0);
+}
+
+#[test]
+fn a_ring_its_reader_turns_over_within_the_period_grows_even_if_never_half_full() {
+    let b = buffers(1 << 20);
+    let mut s = Sizer::new(b.clone());
+    let t0 = Instant::now();
+    let (mut rx, tx) = s.initial(t0);
+    let mut read = 0u64;
+    let mut t = t0;
+    let mut sizes = Vec::new();
+    // Small segments, the ring a third full at every poll, drained between: a
+    // whole ring goes through it every millisecond.
+    for _ in 0..200 {
+        t += Duration::from_micros(200);
+        read += (rx / 5) as u64;
+        let mut r = rings(rx / 3, rx, 0, tx);
+        r.rx_needed = rx / 3;
+        r.rx_read = read;
+        if let Some(new) = s.plan(&r, t).rx {
+            rx = new;
+            sizes.push(rx);
+        }
+    }
+    assert_eq!(sizes, [8 * KIB, 16 * KIB, 32 * KIB, 64 * KIB]);
+
+    // The same ring, a third full at each poll, but a slow reader: a ring's worth
+    // takes 10 ms. No growth.
+    let mut slow = Sizer::new(buffers(1 << 20));
+    let (rx, tx) = slow.initial(t0);
+    let mut read = 0u64;
+    let mut t = t0;
+    for _ in 0..200 {
+        t += Duration::from_millis(1);
+        read += (rx / 10) as u64;
+        let mut r = rings(rx / 3, rx, 0, tx);
+        r.rx_needed = rx / 3;
+        r.rx_read = read;
+        assert_eq!(slow.plan(&r, t).rx, None);
+    }
 }

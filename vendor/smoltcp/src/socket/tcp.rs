@@ -2357,6 +2357,14 @@ impl<'a> Socket<'a> {
             && self.ack_to_transmit()
         {
             self.ack_delay_timer = match self.ack_delay_timer {
+                // [tun2socks patch] A segment that alone carries more than one
+                // full-sized segment of new data (a TSO super-segment from a TUN with
+                // offload) is acknowledged at once, as two segments would be: waiting
+                // for the timer stalls a sender whose window or cwnd it fills.
+                AckDelayTimer::Idle if self.immediate_ack_to_transmit() => {
+                    tcp_trace!("super-segment: acking without delay");
+                    AckDelayTimer::Immediate
+                }
                 AckDelayTimer::Idle => {
                     tcp_trace!("starting delayed ack timer");
                     AckDelayTimer::Waiting(cx.now() + ack_delay)

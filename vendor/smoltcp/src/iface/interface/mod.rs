@@ -1406,10 +1406,16 @@ impl InterfaceInner {
             #[cfg(feature = "proto-ipv6")]
             IpRepr::Ipv6(_) => {
                 // Check if we need to fragment it.
-                if total_ip_len > self.caps.ip_mtu() {
+                let too_big = total_ip_len > self.caps.ip_mtu();
+                // [tun2socks patch] As for IPv4: a packet the device is asked to
+                // segment (TSO) may exceed the MTU; the meta must reach the device.
+                #[cfg(feature = "segmentation-offload")]
+                let too_big = too_big && meta.segmentation_offload_size.is_none();
+                if too_big {
                     net_debug!("IPv6 fragmentation support is unimplemented. Dropping.");
                     Ok(())
                 } else {
+                    tx_token.set_meta(meta);
                     tx_token.consume(total_len, |mut tx_buffer| {
                         #[cfg(feature = "medium-ethernet")]
                         if matches!(self.caps.medium, Medium::Ethernet) {
