@@ -1,0 +1,125 @@
+//! Batched datagram I/O for the relay: a burst queued on a socket is received with
+//! one system call (`recvmmsg`) and sent on with one (`sendmmsg`), instead of two
+//! system calls and two passes through the runtime per datagram. Where the system
+//! has no batch calls, one datagram per call.
+//!
+//! The batch buffers belong to the worker thread, not to an association: one set per
+//! thread, shared by every association that runs there (none holds them across an
+//! await), so an idle association holds no buffer and memory does not grow with the
+//! number of associations.
+//!
+//! Sending never waits: a datagram the socket will not take now (its send buffer
+//! is full) is dropped and counted, as a full router queue drops it.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tun2socks_platform::mmsg;
+
+/// Datagrams per receive call; every slot holds the largest datagram.
+pub(super) const SLOTS: usize = 32;
+/// Bytes per slot: the largest UDP payload, so nothing is ever truncated.
+pub(super) const SLOT: usize = 65_536;
+
+/// One thread's batch buffers.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    /// [`SLOTS`] slots of [`SLOT`] bytes (allocated on first use; the kernel
+    /// touches only the pages it writes).
+    pub(super) buf: Vec<u8>,
+    /// What the last receive put in the slots.
+    pub(super) got: Vec<mmsg::Datagram>,
+    /// Datagrams built for sending (SOCKS headers added), back to back.
+    pub(super) out: Vec<u8>,
+}
+
+thread_local! {
+    static BATCH: RefCell<Batch> = RefCell::default();
+}
+
+/// Runs `f` with this thread's batch buffers.
+pub(super) fn with_batch<R>(f: impl FnOnce(&mut Batch) -> R) -> R {
+    BATCH.with_borrow_mut(|batch| {
+        if batch.buf.len() != SLOTS * SLOT {
+            batch.buf = vec![0; SLOTS * SLOT];
+        }
+        f(batch)
+    })
+}
+
+/// Receives the datagrams queued on `socket` now, up to a batch, into `buf`'s slots;
+/// `got` says where each lies and who sent it. `WouldBlock` when none is queued (the
+/// socket's readiness is cleared then, so the next `readable()` waits).
+pub(super) fn recv(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+    got: &mut Vec<mmsg::Datagram>,
+) -> io::Result<usize> {
+    socket.try_io(Interest::READABLE, || {
+        match mmsg::recv_batch(socket, buf, SLOT, got) {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                let slot = buf.get_mut(..SLOT).unwrap_or_default();
+                let (len, from) = socket.try_recv_from(slot)?;
+                got.push(mmsg::Datagram {
+                    len,
+                    truncated: false,
+                    from: Some(from),
+                });
+                Ok(1)
+            }
+            other => other,
+        }
+    })
+}
+
+/// Sends every datagram of `batch` that `socket` takes now, a batch per system
+/// call; returns how many went (the others are dropped: the socket's buffer was
+/// full, or the kernel refused that one datagram).
+pub(super) fn send(socket: &UdpSocket, batch: &[mmsg::Outgoing<'_>]) -> usize {
+    let (mut at, mut sent) = (0, 0);
+    while let Some(rest) = batch.get(at..).filter(|rest| !rest.is_empty()) {
+        match mmsg::send_batch(socket, rest) {
+            Ok(0) => break,
+            Ok(n) => {
+                at += n;
+                sent += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                return sent + send_one_by_one(socket, rest);
+            }
+            Err(e) => {
+                // The first datagram of the rest is the one the kernel refused (an
+                // unreachable destination, say); the others may still go.
+                tracing::debug!(error = %e, "send failed");
+                at += 1;
+            }
+        }
+    }
+    sent
+}
+
+fn send_one_by_one(socket: &UdpSocket, batch: &[mmsg::Outgoing<'_>]) -> usize {
+    let mut sent = 0;
+    for (bytes, to) in batch {
+        let result = match to {
+            Some(to) => socket.try_send_to(bytes, *to),
+            None => socket.try_send(bytes),
+        };
+        match result {
+            Ok(_) => sent += 1,
+            Err(e) => tracing::debug!(error = %e, "send failed"),
+        }
+    }
+    sent
+}
+
+/// Who sent datagram `d` (the canonical form of an IPv4-mapped address).
+pub(super) fn sender(d: &mmsg::Datagram) -> Option<SocketAddr> {
+    d.from
+        .map(|from| SocketAddr::new(from.ip().to_canonical(), from.port()))
+}
