@@ -187,7 +187,9 @@ impl Association<'_> {
             for (i, d) in b.got.iter().enumerate() {
                 let at = i.saturating_mul(batch::SLOT);
                 let datagram = b.buf.get(at..at.saturating_add(d.len)).unwrap_or_default();
-                let Some(src) = batch::sender(d) else { continue };
+                let Some(src) = batch::sender(d) else {
+                    continue;
+                };
                 let Some((dst, payload)) = self.accept_from_client(datagram, src, &mut named)
                 else {
                     continue;
@@ -348,7 +350,9 @@ impl Association<'_> {
             for (i, d) in b.got.iter().enumerate() {
                 let at = i.saturating_mul(batch::SLOT);
                 let payload = b.buf.get(at..at.saturating_add(d.len)).unwrap_or_default();
-                let Some(src) = batch::sender(d) else { continue };
+                let Some(src) = batch::sender(d) else {
+                    continue;
+                };
                 udp::encode_datagram(&Address::from(src), payload, &mut b.out);
                 ends.push(b.out.len());
                 self.counters.to_client_bytes = self
@@ -428,8 +432,16 @@ impl Association<'_> {
     /// The outbound socket's family for `ip`, the socket opened on first use.
     fn outbound(&mut self, ip: IpAddr) -> io::Result<Family> {
         let (slot, any, family): (&mut Option<UdpSocket>, SocketAddr, _) = match ip {
-            IpAddr::V4(_) => (&mut self.out_v4, (Ipv4Addr::UNSPECIFIED, 0).into(), Family::V4),
-            IpAddr::V6(_) => (&mut self.out_v6, (Ipv6Addr::UNSPECIFIED, 0).into(), Family::V6),
+            IpAddr::V4(_) => (
+                &mut self.out_v4,
+                (Ipv4Addr::UNSPECIFIED, 0).into(),
+                Family::V4,
+            ),
+            IpAddr::V6(_) => (
+                &mut self.out_v6,
+                (Ipv6Addr::UNSPECIFIED, 0).into(),
+                Family::V6,
+            ),
         };
         if slot.is_none() {
             let socket = std::net::UdpSocket::bind(any)?;

@@ -175,11 +175,8 @@ mod tests {
         let r2 = UdpSocket::bind("127.0.0.1:0").unwrap();
         let (a1, a2) = (r1.local_addr().unwrap(), r2.local_addr().unwrap());
         assert_eq!(send_batch(&tx, &[]).unwrap(), 0);
-        let batch: Vec<Outgoing<'_>> = vec![
-            (b"one", Some(a1)),
-            (b"two", Some(a2)),
-            (b"three", Some(a1)),
-        ];
+        let batch: Vec<Outgoing<'_>> =
+            vec![(b"one", Some(a1)), (b"two", Some(a2)), (b"three", Some(a1))];
         assert_eq!(send_batch(&tx, &batch).unwrap(), 3);
         let mut buf = [0u8; 16];
         let (n, from) = r1.recv_from(&mut buf).unwrap();
@@ -190,7 +187,11 @@ mod tests {
         // Connected: no address per datagram.
         tx.connect(a2).unwrap();
         let many: Vec<Outgoing<'_>> = (0..MAX_BATCH + 10).map(|_| (&b"x"[..], None)).collect();
-        assert_eq!(send_batch(&tx, &many).unwrap(), MAX_BATCH, "one call sends one batch");
+        assert_eq!(
+            send_batch(&tx, &many).unwrap(),
+            MAX_BATCH,
+            "one call sends one batch"
+        );
         r2.set_nonblocking(true).unwrap();
         let mut got = 0;
         while r2.recv(&mut buf).is_ok() {
