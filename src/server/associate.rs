@@ -24,7 +24,7 @@ mod batch;
 
 /// Batches received per wake-up of a socket before the others get a turn (up to
 /// `ROUNDS * batch::SLOTS` datagrams).
-const ROUNDS: usize = 8;
+const ROUNDS: usize = 2;
 /// Host names remembered per association (cleared when full).
 const NAME_CACHE: usize = 64;
 

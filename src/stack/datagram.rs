@@ -175,8 +175,15 @@ impl Datagrams {
         }
     }
 
-    /// Collects ended tasks.
+    /// Sends the datagrams queued for the proxy during a burst (see
+    /// [`UdpNat::flush`]): call it once the burst read from the device is handled.
+    pub(super) fn flush(&mut self) {
+        self.udp.flush();
+    }
+
+    /// Collects ended tasks (and sends anything still queued).
     pub(super) fn reap(&mut self) {
+        self.udp.flush();
         self.udp.reap();
         while self.dns_tasks.try_join_next().is_some() {}
     }

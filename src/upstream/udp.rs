@@ -131,6 +131,41 @@ impl UdpAssociation {
         self.socket.try_send(scratch).map(|_| ())
     }
 
+    /// Sends datagrams already encoded for the relay (SOCKS header and payload) as
+    /// far as the socket takes them now, a batch per system call; returns how many
+    /// went, in order (the rest are to be dropped). `WouldBlock` only when none went.
+    pub fn try_send_batch(&self, datagrams: &[&[u8]]) -> io::Result<usize> {
+        let mut sent = 0;
+        while sent < datagrams.len() {
+            let rest = datagrams.get(sent..).unwrap_or_default();
+            let batch: Vec<mmsg::Outgoing<'_>> = rest
+                .iter()
+                .take(mmsg::MAX_BATCH)
+                .map(|datagram| (*datagram, None))
+                .collect();
+            let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                mmsg::send_batch(&self.socket, &batch)
+            });
+            match result {
+                Ok(0) => break,
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                    for datagram in rest {
+                        match self.socket.try_send(datagram) {
+                            Ok(_) => sent += 1,
+                            Err(_) => break,
+                        }
+                    }
+                    break;
+                }
+                Err(e) if sent == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(sent)
+    }
+
     /// Receives the next well-formed datagram from the relay into `buf`: returns its
     /// source and where its payload lies in `buf`. Malformed datagrams and fragments
     /// (FRAG != 0) are dropped and logged.

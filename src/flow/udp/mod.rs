@@ -12,10 +12,13 @@
 //! connection, and ends after `idle_timeout` without traffic (shorter for
 //! associations that only ever carried DNS).
 //!
-//! The way out is cheap: once an association is up, the stack writes each datagram
-//! straight to its relay socket (non-blocking); a socket that cannot take it drops it
-//! and counts it, as a full router queue does. While the association is being set up,
-//! datagrams wait in a small bounded queue.
+//! The way out is cheap: once an association is up, the stack's datagrams go
+//! straight to its relay socket (non-blocking), a burst at a time: [`UdpNat::send`]
+//! queues them in a bounded outbox (`outbox`) and [`UdpNat::flush`], called when the
+//! stack has read its burst from the TUN, sends each association's datagrams with
+//! one system call. A socket that cannot take one drops it and counts it, as a full
+//! router queue does. While the association is being set up, datagrams wait in a
+//! small bounded queue.
 //!
 //! When the proxy has no UDP (SOCKS4/4a, or a SOCKS5 server that refuses UDP
 //! ASSOCIATE with 0x07 or any failure), the application gets an ICMP / ICMPv6 port
@@ -32,6 +35,7 @@
 )]
 
 mod association;
+mod outbox;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -336,7 +340,8 @@ pub struct UdpNat {
     tasks: JoinSet<()>,
     /// The proxy speaks SOCKS5 (the only version with UDP).
     udp_capable: bool,
-    scratch: Vec<u8>,
+    /// Datagrams for ready associations, until [`UdpNat::flush`].
+    outbox: outbox::Outbox,
 }
 
 impl UdpNat {
@@ -369,7 +374,7 @@ impl UdpNat {
             }),
             tasks: JoinSet::new(),
             udp_capable,
-            scratch: Vec::with_capacity(2048),
+            outbox: outbox::Outbox::default(),
         }
     }
 
@@ -389,7 +394,9 @@ impl UdpNat {
     }
 
     /// Sends one datagram from an application through its association, creating the
-    /// association on first use. Never blocks.
+    /// association on first use. Never blocks. Once the association is up, the
+    /// datagram waits in the outbox until [`UdpNat::flush`] (or until the outbox is
+    /// full): call that when a burst has been handed in.
     pub fn send(&mut self, out: Outgoing<'_>, now: Instant) {
         let shared = self.shared.clone();
         if is_directed_broadcast(out.dst.ip(), &shared.config.local_nets) {
@@ -437,7 +444,8 @@ impl UdpNat {
         }
         match &mut state.phase {
             Phase::Ready(relay) => {
-                shared.relay(relay, out.target, out.payload, &mut self.scratch);
+                self.outbox
+                    .push(relay, out.target, out.payload, &shared.metrics);
             }
             Phase::Pending(queue) if queue.len() < shared.config.pending => {
                 queue.push_back(Queued {
@@ -494,6 +502,14 @@ impl UdpNat {
             span,
         ));
         Some(assoc)
+    }
+
+    /// Sends the datagrams [`UdpNat::send`] queued: each association's with one
+    /// system call. Never blocks.
+    pub fn flush(&mut self) {
+        if self.outbox.len() > 0 {
+            self.outbox.flush(&self.shared.metrics);
+        }
     }
 
     /// Collects ended association tasks (call now and then; never blocks).
