@@ -61,7 +61,7 @@ fn bursts(socket: &UdpSocket) -> Result<usize> {
         for seq in 0..BURST {
             socket.send(&payload(burst, seq))?;
         }
-        let mut seen = vec![false; BURST];
+        let mut seen = [false; BURST];
         let deadline = Instant::now() + Duration::from_secs(3);
         while seen.iter().any(|s| !s) && Instant::now() < deadline {
             let Ok(n) = socket.recv(&mut buf) else { break };

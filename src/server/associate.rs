@@ -153,8 +153,11 @@ impl Association<'_> {
             // Everything queued on that socket, up to a few batches: one wake-up (and
             // a system call each way) per burst rather than per datagram.
             let (active, named) = match ready {
-                Ready::Client => batch::with_batch(|b| self.from_client(b)),
-                Ready::Remote(family) => (batch::with_batch(|b| self.to_client(family, b)), vec![]),
+                Ready::Client => batch::with_batch(|b| self.relay_from_client(b)),
+                Ready::Remote(family) => (
+                    batch::with_batch(|b| self.relay_to_client(family, b)),
+                    vec![],
+                ),
             };
             // Datagrams to names not resolved yet: resolved and sent one by one.
             for (target, payload) in named {
@@ -169,7 +172,7 @@ impl Association<'_> {
     /// Relays the client's queued datagrams to their destinations; returns whether
     /// any came from the client, and those whose destination is a name that needs
     /// resolving (to send after an await).
-    fn from_client(&mut self, b: &mut batch::Batch) -> (bool, Vec<(Address, Vec<u8>)>) {
+    fn relay_from_client(&mut self, b: &mut batch::Batch) -> (bool, Vec<(Address, Vec<u8>)>) {
         let (mut active, mut named) = (false, Vec::new());
         for _ in 0..ROUNDS {
             match batch::recv(&self.relay, &mut b.buf, &mut b.got) {
@@ -319,7 +322,7 @@ impl Association<'_> {
 
     /// Relays the datagrams queued on an outbound socket to the client, each
     /// wrapped with its source; returns whether any was relayed.
-    fn to_client(&mut self, family: Family, b: &mut batch::Batch) -> bool {
+    fn relay_to_client(&mut self, family: Family, b: &mut batch::Batch) -> bool {
         let socket = match family {
             Family::V4 => self.out_v4.as_ref(),
             Family::V6 => self.out_v6.as_ref(),
