@@ -13,10 +13,11 @@
 //! associations that only ever carried DNS).
 //!
 //! The way out is cheap: once an association is up, the stack's datagrams go
-//! straight to its relay socket (non-blocking), a burst at a time: [`UdpNat::send`]
-//! queues them in a bounded outbox (`outbox`) and [`UdpNat::flush`], called when the
-//! stack has read its burst from the TUN, sends each association's datagrams with
-//! one system call. A socket that cannot take one drops it and counts it, as a full
+//! straight to its relay socket (non-blocking), a burst at a time: the first
+//! datagram after a flush goes at once (a lone request waits for nothing), the
+//! others of the burst wait in a bounded outbox (`outbox`) until [`UdpNat::flush`],
+//! called when the stack has read its burst from the TUN, sends each association's
+//! datagrams with one system call. A socket that cannot take one drops it and counts it, as a full
 //! router queue does. While the association is being set up, datagrams wait in a
 //! small bounded queue.
 //!
@@ -342,6 +343,10 @@ pub struct UdpNat {
     udp_capable: bool,
     /// Datagrams for ready associations, until [`UdpNat::flush`].
     outbox: outbox::Outbox,
+    /// A datagram went since the last flush: the burst's next ones wait.
+    in_burst: bool,
+    /// The encoding buffer of a datagram sent at once (reused).
+    scratch: Vec<u8>,
 }
 
 impl UdpNat {
@@ -375,6 +380,8 @@ impl UdpNat {
             tasks: JoinSet::new(),
             udp_capable,
             outbox: outbox::Outbox::default(),
+            in_burst: false,
+            scratch: Vec::with_capacity(2048),
         }
     }
 
@@ -395,8 +402,9 @@ impl UdpNat {
 
     /// Sends one datagram from an application through its association, creating the
     /// association on first use. Never blocks. Once the association is up, the
-    /// datagram waits in the outbox until [`UdpNat::flush`] (or until the outbox is
-    /// full): call that when a burst has been handed in.
+    /// first datagram after a flush goes at once; the next ones wait in the outbox
+    /// until [`UdpNat::flush`] (or until the outbox is full): call that when a burst
+    /// has been handed in.
     pub fn send(&mut self, out: Outgoing<'_>, now: Instant) {
         let shared = self.shared.clone();
         if is_directed_broadcast(out.dst.ip(), &shared.config.local_nets) {
@@ -443,6 +451,10 @@ impl UdpNat {
             assoc.remember_alias(&mut state, out.target, out.dst);
         }
         match &mut state.phase {
+            Phase::Ready(relay) if !self.in_burst => {
+                self.in_burst = true;
+                shared.relay(relay, out.target, out.payload, &mut self.scratch);
+            }
             Phase::Ready(relay) => {
                 self.outbox
                     .push(relay, out.target, out.payload, &shared.metrics);
@@ -507,6 +519,7 @@ impl UdpNat {
     /// Sends the datagrams [`UdpNat::send`] queued: each association's with one
     /// system call. Never blocks.
     pub fn flush(&mut self) {
+        self.in_burst = false;
         if self.outbox.len() > 0 {
             self.outbox.flush(&self.shared.metrics);
         }
