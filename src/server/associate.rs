@@ -363,20 +363,11 @@ impl Association<'_> {
                     .to_client_bytes
                     .saturating_add(payload.len() as u64);
             }
-            let client = Some(SocketAddr::new(self.client_ip, port));
-            let mut start = 0;
-            let list: Vec<mmsg::Outgoing<'_>> = ends
-                .iter()
-                .map(|&end| {
-                    let datagram = b.out.get(start..end).unwrap_or_default();
-                    start = end;
-                    (datagram, client)
-                })
-                .collect();
-            let sent = batch::send(&self.relay, &list);
+            let client = SocketAddr::new(self.client_ip, port);
+            let sent = batch::send_contiguous(&self.relay, &b.out, &ends, client);
             self.counters.to_client = self.counters.to_client.saturating_add(sent as u64);
-            if list.len() > sent {
-                tracing::debug!(dropped = list.len() - sent, "send to client failed");
+            if ends.len() > sent {
+                tracing::debug!(dropped = ends.len() - sent, "send to client failed");
             }
             if b.got.len() < batch::SLOTS {
                 break;

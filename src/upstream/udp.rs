@@ -166,6 +166,31 @@ impl UdpAssociation {
         Ok(sent)
     }
 
+    /// Sends datagrams already encoded for the relay that lie back to back in
+    /// `bytes` (datagram `i` ends at `ends[i]`), as far as the socket takes them now:
+    /// runs of one size as one segmented send (UDP GSO) where the kernel allows,
+    /// others a batch per system call. Returns how many went, in order.
+    pub fn try_send_contiguous(&self, bytes: &[u8], ends: &[usize]) -> io::Result<usize> {
+        let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+            mmsg::send_contiguous(&self.socket, bytes, ends, None)
+        });
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                let mut start = 0;
+                let datagrams: Vec<&[u8]> = ends
+                    .iter()
+                    .map(|&end| {
+                        let datagram = bytes.get(start..end).unwrap_or_default();
+                        start = end;
+                        datagram
+                    })
+                    .collect();
+                self.try_send_batch(&datagrams)
+            }
+            other => other,
+        }
+    }
+
     /// Receives the next well-formed datagram from the relay into `buf`: returns its
     /// source and where its payload lies in `buf`. Malformed datagrams and fragments
     /// (FRAG != 0) are dropped and logged.

@@ -8,11 +8,26 @@ use std::io;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg};
+use nix::errno::Errno;
+use nix::sys::socket::{
+    ControlMessage, MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg, sendmmsg, sendmsg,
+};
 
 /// The most datagrams one call receives or sends.
 pub const MAX_BATCH: usize = 64;
+/// The most datagrams one segmented send carries (the kernel's `UDP_MAX_SEGMENTS`
+/// is 64 on older kernels).
+pub const MAX_SEGMENTS: usize = 64;
+/// The largest datagram sent segmented: small enough for any path MTU of at least
+/// 1,448 bytes (the kernel refuses a segment larger than the path allows).
+pub const MAX_SEGMENT: usize = 1400;
+/// The most bytes of one segmented send (one IP packet before segmentation).
+const MAX_SEGMENTED_BYTES: usize = 65_000;
+
+/// Segmented sends work here (cleared for good when the kernel says they do not).
+static SEGMENTATION: AtomicBool = AtomicBool::new(true);
 
 /// One datagram of a batch: it lies in slot `i` of the buffer, `len` bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +126,125 @@ pub fn send_batch(socket: &impl AsFd, batch: &[Outgoing<'_>]) -> io::Result<usiz
     Ok(sent.count())
 }
 
+/// Sends `bytes` as datagrams of `segment` bytes each (the last may be shorter) with
+/// one system call: UDP generic segmentation (`UDP_SEGMENT`, Linux 4.18+), so the
+/// datagrams cross the stack as one packet and are cut where they leave the host or
+/// reach the receiving socket. Returns the bytes sent.
+pub fn send_segments(
+    socket: &impl AsFd,
+    bytes: &[u8],
+    segment: u16,
+    to: Option<SocketAddr>,
+) -> io::Result<usize> {
+    let iov = [IoSlice::new(bytes)];
+    let cmsg = [ControlMessage::UdpGsoSegments(&segment)];
+    let to = to.map(SockaddrStorage::from);
+    sendmsg(
+        socket.as_fd().as_raw_fd(),
+        &iov,
+        &cmsg,
+        MsgFlags::MSG_DONTWAIT,
+        to.as_ref(),
+    )
+    .map_err(io::Error::from)
+}
+
+/// Sends datagrams that lie back to back in `bytes` (datagram `i` ends at
+/// `ends[i]`) to `to` (or the connected peer), in order, with as few system calls
+/// as the kernel allows: each run of at least two datagrams of one size (at most
+/// [`MAX_SEGMENT`] bytes) goes as one segmented send ([`send_segments`]), the others
+/// in batches ([`send_batch`]). Where the kernel refuses segmentation, it is not
+/// tried again. Returns how many datagrams went (the first of the rest is the one
+/// refused); an error only when none went.
+pub fn send_contiguous(
+    socket: &impl AsFd,
+    bytes: &[u8],
+    ends: &[usize],
+    to: Option<SocketAddr>,
+) -> io::Result<usize> {
+    let mut singles: Vec<Outgoing<'_>> = Vec::new();
+    let (mut next, mut start, mut sent) = (0usize, 0usize, 0usize);
+    let datagram = |from: usize, end: usize| bytes.get(from..end).unwrap_or_default();
+    while let Some(&end) = ends.get(next) {
+        let size = end.saturating_sub(start);
+        let mut run = 1;
+        while let (Some(&prev), Some(&later)) = (ends.get(next + run - 1), ends.get(next + run)) {
+            if run >= MAX_SEGMENTS
+                || later.saturating_sub(prev) != size
+                || later.saturating_sub(start) > MAX_SEGMENTED_BYTES
+            {
+                break;
+            }
+            run += 1;
+        }
+        let run_end = ends.get(next + run - 1).copied().unwrap_or(end);
+        let segmented =
+            run >= 2 && (1..=MAX_SEGMENT).contains(&size) && SEGMENTATION.load(Ordering::Relaxed);
+        if segmented {
+            let taken = flush_singles(socket, &mut singles)?;
+            sent += taken.0;
+            if !taken.1 {
+                return Ok(sent);
+            }
+            match send_segments(socket, datagram(start, run_end), size as u16, to) {
+                Ok(_) => {
+                    sent += run;
+                    next += run;
+                    start = run_end;
+                    continue;
+                }
+                Err(e) if segmentation_refused(&e) => {
+                    SEGMENTATION.store(false, Ordering::Relaxed);
+                }
+                // Not for this run (a segment too large for the path, say): send it
+                // as datagrams.
+                Err(e) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {}
+                Err(e) if sent == 0 => return Err(e),
+                Err(_) => return Ok(sent),
+            }
+        }
+        let mut at = start;
+        for &e in ends.get(next..next + run).unwrap_or_default() {
+            singles.push((datagram(at, e), to));
+            at = e;
+        }
+        next += run;
+        start = run_end;
+    }
+    match flush_singles(socket, &mut singles) {
+        Ok((n, _)) => Ok(sent + n),
+        Err(e) if sent == 0 => Err(e),
+        Err(_) => Ok(sent),
+    }
+}
+
+/// Sends the waiting single datagrams: how many went, and whether all did.
+fn flush_singles(socket: &impl AsFd, singles: &mut Vec<Outgoing<'_>>) -> io::Result<(usize, bool)> {
+    let mut sent = 0;
+    while sent < singles.len() {
+        match send_batch(socket, singles.get(sent..).unwrap_or_default()) {
+            Ok(0) => break,
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if sent == 0 => {
+                singles.clear();
+                return Err(e);
+            }
+            Err(_) => break,
+        }
+    }
+    let all = sent == singles.len();
+    singles.clear();
+    Ok((sent, all))
+}
+
+/// The kernel (or the route's device) cannot segment UDP at all.
+fn segmentation_refused(e: &io::Error) -> bool {
+    [Errno::EIO, Errno::ENOPROTOOPT, Errno::EOPNOTSUPP]
+        .iter()
+        .any(|errno| e.raw_os_error() == Some(*errno as i32))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +332,52 @@ mod tests {
             got += 1;
         }
         assert_eq!(got, MAX_BATCH);
+    }
+
+    #[test]
+    fn contiguous_datagrams_arrive_whole_segmented_or_not() {
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let to = Some(rx.local_addr().unwrap());
+        // 10 x 100 bytes (one segmented send), 3 of 7, 2 of 300, one of 1500 (too
+        // large to segment), 2 of 50.
+        let mut sizes = vec![100; 10];
+        sizes.extend([7, 7, 7, 300, 300, 1500, 50, 50]);
+        let (mut bytes, mut ends) = (Vec::new(), Vec::new());
+        for (i, size) in sizes.iter().enumerate() {
+            bytes.extend(std::iter::repeat_n(i as u8, *size));
+            ends.push(bytes.len());
+        }
+        assert_eq!(
+            send_contiguous(&tx, &bytes, &ends, to).unwrap(),
+            sizes.len()
+        );
+        let mut buf = [0u8; 2048];
+        for (i, size) in sizes.iter().enumerate() {
+            let n = rx.recv(&mut buf).unwrap();
+            assert_eq!(n, *size, "datagram {i}");
+            assert!(buf[..n].iter().all(|b| *b == i as u8), "datagram {i}");
+        }
+        assert_eq!(
+            rx.recv(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert!(SEGMENTATION.load(Ordering::Relaxed), "loopback segments");
+        assert_eq!(send_contiguous(&tx, &[], &[], to).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_segmented_send_is_one_packet_cut_at_the_receiver() {
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let bytes: Vec<u8> = (0..250u8).collect();
+        let n = send_segments(&tx, &bytes, 100, Some(rx.local_addr().unwrap())).unwrap();
+        assert_eq!(n, 250);
+        let mut buf = [0u8; 512];
+        let lens: Vec<usize> = (0..3).map(|_| rx.recv(&mut buf).unwrap()).collect();
+        assert_eq!(lens, vec![100, 100, 50]);
+        assert_eq!(&buf[..50], &bytes[200..]);
     }
 }

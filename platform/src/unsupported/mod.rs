@@ -428,6 +428,16 @@ pub mod mmsg {
         Err(io::ErrorKind::Unsupported.into())
     }
 
+    /// Always fails with `Unsupported` (callers send one datagram per call).
+    pub fn send_contiguous<T>(
+        _socket: &T,
+        _bytes: &[u8],
+        _ends: &[usize],
+        _to: Option<std::net::SocketAddr>,
+    ) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
     /// Always fails with `Unsupported`.
     pub fn recv_batch<T>(
         _socket: &T,

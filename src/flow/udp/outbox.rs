@@ -1,7 +1,8 @@
 //! The way out, a burst at a time: the datagrams the stack hands in while it reads
 //! a burst from the TUN are encoded (SOCKS header and payload) into one buffer, and
 //! sent when the burst ends ([`Outbox::flush`]): each association's consecutive
-//! datagrams with one system call (`sendmmsg`). Bounded: it flushes by itself when
+//! datagrams with one system call (a segmented send for a run of one size, where
+//! the kernel allows; `sendmmsg` otherwise). Bounded: it flushes by itself when
 //! [`MAX_DATAGRAMS`] or [`MAX_BYTES`] are waiting. A datagram the relay socket
 //! cannot take now is dropped and counted, as before.
 
@@ -73,18 +74,22 @@ impl Outbox {
                 .count()
                 .max(1);
             let items = self.items.get(first..first + run).unwrap_or_default();
-            let mut slices: Vec<&[u8]> = Vec::with_capacity(items.len());
-            for item in items {
-                slices.push(self.bytes.get(start..item.end).unwrap_or_default());
-                start = item.end;
-            }
-            let sent = match head.relay.try_send_batch(&slices) {
+            let end = items.last().map_or(start, |item| item.end);
+            let ends: Vec<usize> = items
+                .iter()
+                .map(|item| item.end.saturating_sub(start))
+                .collect();
+            let sent = match head
+                .relay
+                .try_send_contiguous(self.bytes.get(start..end).unwrap_or_default(), &ends)
+            {
                 Ok(sent) => sent,
                 Err(e) => {
                     tracing::trace!(error = %e, "relay socket refused datagrams");
                     0
                 }
             };
+            start = end;
             let bytes: usize = items.iter().take(sent).map(|item| item.payload).sum();
             metrics.udp.datagrams_up.fetch_add(sent as u64, Relaxed);
             metrics.udp.bytes_up.fetch_add(bytes as u64, Relaxed);

@@ -103,6 +103,54 @@ pub(super) fn send(socket: &UdpSocket, batch: &[mmsg::Outgoing<'_>]) -> usize {
     sent
 }
 
+/// Sends datagrams that lie back to back in `bytes` (datagram `i` ends at
+/// `ends[i]`) to `to`, runs of equal size as one segmented send where the kernel
+/// allows; returns how many went (the others are dropped).
+pub(super) fn send_contiguous(
+    socket: &UdpSocket,
+    bytes: &[u8],
+    ends: &[usize],
+    to: SocketAddr,
+) -> usize {
+    let (mut sent, mut start) = (0, 0);
+    while sent < ends.len() {
+        let rest = ends.get(sent..).unwrap_or_default();
+        let from = bytes.get(start..).unwrap_or_default();
+        let relative: Vec<usize> = rest.iter().map(|end| end.saturating_sub(start)).collect();
+        match mmsg::send_contiguous(socket, from, &relative, Some(to)) {
+            Ok(n) if n == rest.len() => return sent + n,
+            Ok(n) => {
+                // The datagram after those that went was refused: skip it.
+                tracing::debug!("send failed");
+                sent += n + 1;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                let mut at = 0;
+                let list: Vec<mmsg::Outgoing<'_>> = relative
+                    .iter()
+                    .map(|&end| {
+                        let datagram = from.get(at..end).unwrap_or_default();
+                        at = end;
+                        (datagram, Some(to))
+                    })
+                    .collect();
+                return sent + send(socket, &list);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return sent,
+            Err(e) => {
+                tracing::debug!(error = %e, "send failed");
+                sent += 1;
+            }
+        }
+        start = sent
+            .checked_sub(1)
+            .and_then(|last| ends.get(last))
+            .copied()
+            .unwrap_or(0);
+    }
+    ends.len().min(sent)
+}
+
 fn send_one_by_one(socket: &UdpSocket, batch: &[mmsg::Outgoing<'_>]) -> usize {
     let mut sent = 0;
     for (bytes, to) in batch {
