@@ -207,8 +207,8 @@ impl Association<'_> {
                     }
                 }
             }
-            self.send_remote(Family::V4, &v4);
-            self.send_remote(Family::V6, &v6);
+            self.send_remote(Family::V4, &v4, &mut b.out);
+            self.send_remote(Family::V6, &v6, &mut b.out);
             if b.got.len() < batch::SLOTS {
                 // Drained (a full batch may have more behind it).
                 break;
@@ -218,7 +218,7 @@ impl Association<'_> {
     }
 
     /// Sends a batch through the outbound socket of `family`, and counts it.
-    fn send_remote(&mut self, family: Family, list: &[mmsg::Outgoing<'_>]) {
+    fn send_remote(&mut self, family: Family, list: &[mmsg::Outgoing<'_>], out: &mut Vec<u8>) {
         if list.is_empty() {
             return;
         }
@@ -226,7 +226,7 @@ impl Association<'_> {
             Family::V4 => self.out_v4.as_ref(),
             Family::V6 => self.out_v6.as_ref(),
         };
-        let sent = socket.map_or(0, |socket| batch::send(socket, list));
+        let sent = socket.map_or(0, |socket| batch::send_grouped(socket, list, out));
         let bytes: u64 = list.iter().take(sent).map(|(p, _)| p.len() as u64).sum();
         let c = &mut self.counters;
         c.to_remote = c.to_remote.saturating_add(sent as u64);

@@ -151,6 +151,40 @@ pub(super) fn send_contiguous(
     ends.len().min(sent)
 }
 
+/// Sends `list` (each datagram to its address) with as few system calls as the
+/// kernel allows: a run of datagrams to one address is copied back to back into
+/// `out` and sent with [`send_contiguous`] (segmented where the sizes allow), the
+/// others in batches. Returns how many went.
+pub(super) fn send_grouped(
+    socket: &UdpSocket,
+    list: &[mmsg::Outgoing<'_>],
+    out: &mut Vec<u8>,
+) -> usize {
+    let mut sent = 0;
+    let mut singles: Vec<mmsg::Outgoing<'_>> = Vec::new();
+    let mut rest = list;
+    while let Some((_, to)) = rest.first() {
+        let run = rest.iter().take_while(|(_, t)| t == to).count().max(1);
+        let (group, after) = rest.split_at(run.min(rest.len()));
+        rest = after;
+        match to {
+            Some(to) if group.len() > 1 => {
+                sent += send(socket, &singles);
+                singles.clear();
+                out.clear();
+                let mut ends = Vec::with_capacity(group.len());
+                for (payload, _) in group {
+                    out.extend_from_slice(payload);
+                    ends.push(out.len());
+                }
+                sent += send_contiguous(socket, out, &ends, *to);
+            }
+            _ => singles.extend_from_slice(group),
+        }
+    }
+    sent + send(socket, &singles)
+}
+
 fn send_one_by_one(socket: &UdpSocket, batch: &[mmsg::Outgoing<'_>]) -> usize {
     let mut sent = 0;
     for (bytes, to) in batch {
@@ -170,4 +204,71 @@ fn send_one_by_one(socket: &UdpSocket, batch: &[mmsg::Outgoing<'_>]) -> usize {
 pub(super) fn sender(d: &mmsg::Datagram) -> Option<SocketAddr> {
     d.from
         .map(|from| SocketAddr::new(from.ip().to_canonical(), from.port()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+    use super::*;
+
+    async fn bound() -> UdpSocket {
+        UdpSocket::bind("127.0.0.1:0").await.unwrap()
+    }
+
+    fn drain(socket: &UdpSocket) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(n) = socket.try_recv(&mut buf) {
+            got.push(buf[..n].to_vec());
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn grouped_sends_reach_each_address_in_order() {
+        let (tx, r1, r2) = (bound().await, bound().await, bound().await);
+        let (a1, a2) = (r1.local_addr().unwrap(), r2.local_addr().unwrap());
+        let payloads: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i; 40 + usize::from(i % 2)]).collect();
+        // A run of three to r1 (sizes differ), one to r2, a run of four equal ones
+        // to r2 (segmented), then r1 again.
+        let to = [a1, a1, a1, a2, a2, a2, a2, a1];
+        let mut list: Vec<mmsg::Outgoing<'_>> = payloads
+            .iter()
+            .zip(to)
+            .map(|(p, to)| (&p[..], Some(to)))
+            .collect();
+        list[4].0 = &payloads[3];
+        list[5].0 = &payloads[3];
+        list[6].0 = &payloads[3];
+        let mut out = Vec::new();
+        assert_eq!(send_grouped(&tx, &list, &mut out), 8);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let (g1, g2) = (drain(&r1), drain(&r2));
+        assert_eq!(
+            g1,
+            vec![
+                payloads[0].clone(),
+                payloads[1].clone(),
+                payloads[2].clone(),
+                payloads[7].clone()
+            ]
+        );
+        assert_eq!(g2, vec![payloads[3].clone(); 4]);
+    }
+
+    #[tokio::test]
+    async fn contiguous_sends_count_what_went() {
+        let (tx, rx) = (bound().await, bound().await);
+        let bytes: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+        let ends = [100, 200, 300, 400, 1000];
+        assert_eq!(
+            send_contiguous(&tx, &bytes, &ends, rx.local_addr().unwrap()),
+            5
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let got = drain(&rx);
+        let lens: Vec<usize> = got.iter().map(Vec::len).collect();
+        assert_eq!(lens, vec![100, 100, 100, 100, 600]);
+        assert_eq!(got.concat(), bytes);
+    }
 }
