@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
 
 use super::*;
+use crate::offload::{FLAG_NEEDS_CSUM, gso, pseudo_header_sum};
+use etherparse::Ipv4Header;
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use std::sync::atomic::AtomicUsize;
 
