@@ -10,6 +10,14 @@
 //! drops a datagram; TCP never comes this way (smoltcp writes its own segments and
 //! retransmits). One reused buffer; no allocation per packet.
 //!
+//! A burst of replies to one application ([`Egress::udp_batch`]) goes out, where the
+//! device takes UDP super-packets (USO, Linux 6.2+), as one write per run of
+//! consecutive equal-size datagrams from one source: one IP/UDP header, the
+//! datagrams back to back, a `virtio_net_hdr` with `gso_type` UDP_L4 and a partial
+//! checksum; the kernel cuts it into the datagrams (and checksums them) on its
+//! receive path. A device that refuses one is written to a datagram per packet from
+//! then on.
+//!
 //! It must not parse what it sends, decide policy (who gets an ICMP error is the
 //! caller's choice), or block.
 
@@ -22,15 +30,27 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use etherparse::{PacketBuilder, icmpv4, icmpv6};
 
 use crate::metrics::Metrics;
+use crate::offload::VnetHdr;
+use uso::write_udp_super;
+
+mod uso;
 
 /// Hop limit of the packets we build.
 const TTL: u8 = 64;
+/// Most datagrams in one UDP super-packet (the kernel's `UDP_MAX_SEGMENTS` is 64 on
+/// older kernels, 128 on newer).
+const MAX_SEGMENTS: usize = 64;
+/// The largest IP packet (the IPv4 total length and the IPv6 payload length are 16
+/// bits).
+const MAX_IP_PACKET: usize = 65_535;
+
 /// An ICMPv4 error carries at most this much of the offending packet, so that the
 /// whole error fits in 576 bytes (RFC 1812 4.3.2.3).
 const ICMP4_QUOTE: usize = 576 - 20 - 8;
@@ -44,6 +64,16 @@ pub trait PacketSink: Send + Sync + 'static {
     fn send_packet(&self, packet: &[u8]) -> io::Result<()>;
     /// The largest packet the device carries.
     fn max_packet(&self) -> usize;
+    /// Whether the device takes UDP super-packets ([`PacketSink::send_offload`] with
+    /// `gso_type` UDP_L4). False by default.
+    fn udp_offload(&self) -> bool {
+        false
+    }
+    /// Sends one packet with an offload header; `Unsupported` by default.
+    fn send_offload(&self, hdr: &VnetHdr, packet: &[u8]) -> io::Result<()> {
+        let _ = (hdr, packet);
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 /// What egress did (its group of the one set of counters).
@@ -54,6 +84,8 @@ pub struct Egress {
     sink: Arc<dyn PacketSink>,
     buf: Mutex<Vec<u8>>,
     metrics: Arc<Metrics>,
+    /// UDP super-packets are written (the device offers them and has not refused one).
+    uso: AtomicBool,
 }
 
 impl std::fmt::Debug for Egress {
@@ -74,6 +106,7 @@ impl Egress {
     pub fn with_metrics(sink: Arc<dyn PacketSink>, metrics: Arc<Metrics>) -> Self {
         Egress {
             buf: Mutex::new(Vec::with_capacity(sink.max_packet())),
+            uso: AtomicBool::new(sink.udp_offload()),
             sink,
             metrics,
         }
@@ -110,6 +143,110 @@ impl Egress {
             return self.unsendable();
         }
         self.emit(|buf| builder.write(buf, payload).is_ok())
+    }
+
+    /// Sends datagrams to `to`, each from its source, in order; returns how many were
+    /// written, and their payload bytes. Where the device takes UDP super-packets, each run of consecutive
+    /// datagrams from one source with one size (the last of a run may be shorter)
+    /// is one write.
+    pub fn udp_batch(&self, to: SocketAddr, datagrams: &[(SocketAddr, &[u8])]) -> (usize, u64) {
+        let (mut sent, mut bytes) = (0, 0u64);
+        let mut rest = datagrams;
+        while !rest.is_empty() {
+            let run = if self.uso.load(Relaxed) {
+                self.run_len(rest)
+            } else {
+                1
+            };
+            let (batch, after) = rest.split_at(run.clamp(1, rest.len()));
+            rest = after;
+            if let (true, Some((from, _))) = (batch.len() > 1, batch.first()) {
+                // `None`: refused, so one by one (and from now on).
+                if let Some(written) = self.udp_super(*from, to, batch) {
+                    if written > 0 {
+                        sent += written;
+                        bytes += batch.iter().map(|(_, p)| p.len() as u64).sum::<u64>();
+                    }
+                    continue;
+                }
+            }
+            for (from, payload) in batch {
+                if self.udp(*from, to, payload) {
+                    sent += 1;
+                    bytes += payload.len() as u64;
+                }
+            }
+        }
+        (sent, bytes)
+    }
+
+    /// How many datagrams from the start of `datagrams` go in one super-packet: one
+    /// source, equal sizes (the last may be shorter), each small enough for the
+    /// device alone, the whole within an IP packet and [`MAX_SEGMENTS`].
+    fn run_len(&self, datagrams: &[(SocketAddr, &[u8])]) -> usize {
+        let Some((from, first)) = datagrams.first() else {
+            return 0;
+        };
+        let size = first.len();
+        let ip = if canonical(from.ip()).is_ipv4() {
+            20
+        } else {
+            40
+        };
+        if size == 0 || size > self.max_udp_payload(canonical(from.ip())) {
+            return 1;
+        }
+        let room = MAX_IP_PACKET
+            .min(self.sink.max_packet().max(crate::offload::MAX_PACKET))
+            .saturating_sub(ip + 8);
+        let mut total = 0;
+        let mut n = 0;
+        for (src, payload) in datagrams.iter().take(MAX_SEGMENTS) {
+            if src != from || payload.len() > size || total + payload.len() > room {
+                break;
+            }
+            total += payload.len();
+            n += 1;
+            if payload.len() < size {
+                break;
+            }
+        }
+        n.max(1)
+    }
+
+    /// Writes `datagrams` (a run, see [`Egress::run_len`]) as one UDP super-packet.
+    /// `Some(written)`: it was written, or dropped because the device was full (0);
+    /// `None`: the device refused super-packets (now off; send them one by one).
+    fn udp_super(
+        &self,
+        from: SocketAddr,
+        to: SocketAddr,
+        datagrams: &[(SocketAddr, &[u8])],
+    ) -> Option<usize> {
+        let size = datagrams.first().map_or(0, |(_, p)| p.len());
+        let mut buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
+        buf.clear();
+        let hdr = write_udp_super(&mut buf, from, to, datagrams, size)?;
+        match self.sink.send_offload(&hdr, &buf) {
+            Ok(()) => {
+                let n = datagrams.len();
+                self.metrics.egress.sent.fetch_add(n as u64, Relaxed);
+                Some(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let n = datagrams.len() as u64;
+                self.metrics.egress.device_full.fetch_add(n, Relaxed);
+                Some(0)
+            }
+            Err(e) => {
+                self.uso.store(false, Relaxed);
+                tracing::warn!(
+                    error = %e,
+                    "the device refused a UDP super-packet; writing datagrams one by one"
+                );
+                None
+            }
+        }
     }
 
     /// Tells the application at `app` that its datagram to `remote` was not
@@ -349,3 +486,6 @@ mod tests {
         assert_eq!(egress.stats().device_full.load(Relaxed), 1);
     }
 }
+
+#[cfg(test)]
+mod uso_tests;

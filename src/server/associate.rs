@@ -15,13 +15,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::Instant;
 
+use tun2socks_platform::mmsg;
+
 use super::{Shared, refuse, reply};
 use crate::socks::{Address, ReplyCode, Request, udp};
 
-/// Largest UDP payload plus header we receive in one datagram.
-const DATAGRAM_MAX: usize = 65_536;
-/// Datagrams handled per wake-up of a socket before the others get a turn.
-const BATCH: usize = 64;
+mod batch;
+
+/// Batches received per wake-up of a socket before the others get a turn (up to
+/// `ROUNDS * batch::SLOTS` datagrams).
+const ROUNDS: usize = 2;
 /// Host names remembered per association (cleared when full).
 const NAME_CACHE: usize = 64;
 
@@ -46,8 +49,6 @@ struct Association<'a> {
     client_port: Option<u16>,
     names: HashMap<String, IpAddr>,
     counters: Counters,
-    /// The reply being wrapped for the client (reused).
-    out: Vec<u8>,
 }
 
 pub(super) async fn serve(
@@ -82,7 +83,6 @@ pub(super) async fn serve(
         client_port: (declared != 0).then_some(declared),
         names: HashMap::new(),
         counters: Counters::default(),
-        out: Vec::new(),
     };
     let why = assoc.run(&mut control).await;
     let c = &assoc.counters;
@@ -135,9 +135,6 @@ impl Association<'_> {
     async fn run(&mut self, control: &mut TcpStream) -> &'static str {
         let idle = self.shared.config.udp_idle_timeout;
         let mut deadline = Instant::now() + idle;
-        // One receive buffer for the three sockets: a datagram is handled (and
-        // sent on) before the next is read.
-        let mut buf = vec![0u8; DATAGRAM_MAX];
         loop {
             let ready = tokio::select! {
                 () = control_closed(control) => return "control connection closed",
@@ -153,24 +150,18 @@ impl Association<'_> {
                     continue;
                 }
             };
-            // Everything queued on that socket, up to a batch: one wake-up (and one
-            // pass through the select) per burst rather than per datagram.
-            let mut active = false;
-            for _ in 0..BATCH {
-                let (n, src) = match self.try_recv(ready, &mut buf) {
-                    Some(Ok(received)) => received,
-                    Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "receive error");
-                        break;
-                    }
-                    None => break,
-                };
-                let datagram = buf.get(..n).unwrap_or_default();
-                active |= match ready {
-                    Ready::Client => self.forward_from_client(datagram, src).await,
-                    Ready::Remote(_) => self.forward_to_client(datagram, src).await,
-                };
+            // Everything queued on that socket, up to a few batches: one wake-up (and
+            // a system call each way) per burst rather than per datagram.
+            let (active, named) = match ready {
+                Ready::Client => batch::with_batch(|b| self.relay_from_client(b)),
+                Ready::Remote(family) => (
+                    batch::with_batch(|b| self.relay_to_client(family, b)),
+                    vec![],
+                ),
+            };
+            // Datagrams to names not resolved yet: resolved and sent one by one.
+            for (target, payload) in named {
+                self.forward_named(&target, &payload).await;
             }
             if active {
                 deadline = Instant::now() + idle;
@@ -178,14 +169,211 @@ impl Association<'_> {
         }
     }
 
-    /// Receives one datagram from the socket `ready` names, if it has one queued.
-    fn try_recv(&self, ready: Ready, buf: &mut [u8]) -> Option<io::Result<(usize, SocketAddr)>> {
-        let socket = match ready {
-            Ready::Client => Some(&self.relay),
-            Ready::Remote(Family::V4) => self.out_v4.as_ref(),
-            Ready::Remote(Family::V6) => self.out_v6.as_ref(),
+    /// Relays the client's queued datagrams to their destinations; returns whether
+    /// any came from the client, and those whose destination is a name that needs
+    /// resolving (to send after an await).
+    fn relay_from_client(&mut self, b: &mut batch::Batch) -> (bool, Vec<(Address, Vec<u8>)>) {
+        let (mut active, mut named) = (false, Vec::new());
+        for _ in 0..ROUNDS {
+            match batch::recv(&self.relay, &mut b.buf, &mut b.got) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        tracing::debug!(error = %e, "receive error");
+                    }
+                    break;
+                }
+            }
+            let mut v4: Vec<mmsg::Outgoing<'_>> = Vec::new();
+            let mut v6: Vec<mmsg::Outgoing<'_>> = Vec::new();
+            for (i, d) in b.got.iter().enumerate() {
+                let at = i.saturating_mul(batch::SLOT);
+                let datagram = b.buf.get(at..at.saturating_add(d.len)).unwrap_or_default();
+                let Some(src) = batch::sender(d) else {
+                    continue;
+                };
+                let Some((dst, payload)) = self.accept_from_client(datagram, src, &mut named)
+                else {
+                    continue;
+                };
+                active = true;
+                match self.outbound(dst.ip()) {
+                    Ok(Family::V4) => v4.push((payload, Some(dst))),
+                    Ok(Family::V6) => v6.push((payload, Some(dst))),
+                    Err(e) => {
+                        self.counters.dropped = self.counters.dropped.saturating_add(1);
+                        tracing::debug!(error = %e, "no outbound socket");
+                    }
+                }
+            }
+            self.send_remote(Family::V4, &v4, &mut b.out);
+            self.send_remote(Family::V6, &v6, &mut b.out);
+            if b.got.len() < batch::SLOTS {
+                // Drained (a full batch may have more behind it).
+                break;
+            }
+        }
+        (active, named)
+    }
+
+    /// Sends a batch through the outbound socket of `family`, and counts it.
+    fn send_remote(&mut self, family: Family, list: &[mmsg::Outgoing<'_>], out: &mut Vec<u8>) {
+        if list.is_empty() {
+            return;
+        }
+        let socket = match family {
+            Family::V4 => self.out_v4.as_ref(),
+            Family::V6 => self.out_v6.as_ref(),
         };
-        socket.map(|s| s.try_recv_from(buf))
+        let sent = socket.map_or(0, |socket| batch::send_grouped(socket, list, out));
+        let bytes: u64 = list.iter().take(sent).map(|(p, _)| p.len() as u64).sum();
+        let c = &mut self.counters;
+        c.to_remote = c.to_remote.saturating_add(sent as u64);
+        c.to_remote_bytes = c.to_remote_bytes.saturating_add(bytes);
+        c.dropped = c
+            .dropped
+            .saturating_add(list.len().saturating_sub(sent) as u64);
+    }
+
+    /// Checks one datagram from the relay: its sender, header and destination.
+    /// `Some((destination, payload))` to send it on; `None` when it was dropped
+    /// (counted), or when its destination is a name not resolved yet (added to
+    /// `named`).
+    fn accept_from_client<'d>(
+        &mut self,
+        datagram: &'d [u8],
+        src: SocketAddr,
+        named: &mut Vec<(Address, Vec<u8>)>,
+    ) -> Option<(SocketAddr, &'d [u8])> {
+        if !self.is_client(src) {
+            self.counters.dropped = self.counters.dropped.saturating_add(1);
+            tracing::debug!(%src, "dropped a datagram from a stranger");
+            return None;
+        }
+        let (header, payload) = match udp::parse_datagram(datagram) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                self.counters.dropped = self.counters.dropped.saturating_add(1);
+                tracing::debug!(error = %e, "dropped a malformed datagram");
+                return None;
+            }
+        };
+        if header.frag != 0 {
+            self.counters.dropped = self.counters.dropped.saturating_add(1);
+            tracing::debug!(frag = header.frag, "dropped a fragment (not supported)");
+            return None;
+        }
+        let dst = match &header.target {
+            Address::Ip(addr) => SocketAddr::new(addr.ip().to_canonical(), addr.port()),
+            Address::Domain(name, port) => match self.names.get(name.as_str()) {
+                Some(ip) => SocketAddr::new(*ip, *port),
+                None => {
+                    if named.len() < batch::SLOTS {
+                        named.push((header.target.clone(), payload.to_vec()));
+                    } else {
+                        self.counters.dropped = self.counters.dropped.saturating_add(1);
+                    }
+                    return None;
+                }
+            },
+        };
+        if self.shared.destination_denied(dst.ip()) {
+            self.counters.dropped = self.counters.dropped.saturating_add(1);
+            tracing::debug!(%dst, "destination denied; datagram dropped");
+            return None;
+        }
+        Some((dst, payload))
+    }
+
+    /// Resolves a datagram's destination name and sends it on.
+    async fn forward_named(&mut self, target: &Address, payload: &[u8]) {
+        let Some(dst) = self.destination(target).await else {
+            self.counters.dropped = self.counters.dropped.saturating_add(1);
+            return;
+        };
+        let family = match self.outbound(dst.ip()) {
+            Ok(family) => family,
+            Err(e) => {
+                self.counters.dropped = self.counters.dropped.saturating_add(1);
+                tracing::debug!(error = %e, "no outbound socket");
+                return;
+            }
+        };
+        let socket = match family {
+            Family::V4 => self.out_v4.as_ref(),
+            Family::V6 => self.out_v6.as_ref(),
+        };
+        let Some(socket) = socket else { return };
+        match socket.send_to(payload, dst).await {
+            Ok(_) => {
+                self.counters.to_remote = self.counters.to_remote.saturating_add(1);
+                self.counters.to_remote_bytes = self
+                    .counters
+                    .to_remote_bytes
+                    .saturating_add(payload.len() as u64);
+            }
+            Err(e) => {
+                self.counters.dropped = self.counters.dropped.saturating_add(1);
+                tracing::debug!(%dst, error = %e, "send failed");
+            }
+        }
+    }
+
+    /// Relays the datagrams queued on an outbound socket to the client, each
+    /// wrapped with its source; returns whether any was relayed.
+    fn relay_to_client(&mut self, family: Family, b: &mut batch::Batch) -> bool {
+        let socket = match family {
+            Family::V4 => self.out_v4.as_ref(),
+            Family::V6 => self.out_v6.as_ref(),
+        };
+        let Some(socket) = socket else { return false };
+        let mut active = false;
+        let mut ends: Vec<usize> = Vec::with_capacity(batch::SLOTS);
+        for _ in 0..ROUNDS {
+            match batch::recv(socket, &mut b.buf, &mut b.got) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        tracing::debug!(error = %e, "receive error");
+                    }
+                    break;
+                }
+            }
+            let Some(port) = self.client_port else {
+                // The client has not sent anything yet, so it cannot expect replies.
+                let n = b.got.len() as u64;
+                self.counters.dropped = self.counters.dropped.saturating_add(n);
+                continue;
+            };
+            active = true;
+            b.out.clear();
+            ends.clear();
+            for (i, d) in b.got.iter().enumerate() {
+                let at = i.saturating_mul(batch::SLOT);
+                let payload = b.buf.get(at..at.saturating_add(d.len)).unwrap_or_default();
+                let Some(src) = batch::sender(d) else {
+                    continue;
+                };
+                udp::encode_datagram(&Address::from(src), payload, &mut b.out);
+                ends.push(b.out.len());
+                self.counters.to_client_bytes = self
+                    .counters
+                    .to_client_bytes
+                    .saturating_add(payload.len() as u64);
+            }
+            let client = SocketAddr::new(self.client_ip, port);
+            let sent = batch::send_contiguous(&self.relay, &b.out, &ends, client);
+            self.counters.to_client = self.counters.to_client.saturating_add(sent as u64);
+            if ends.len() > sent {
+                tracing::debug!(dropped = ends.len() - sent, "send to client failed");
+            }
+            if b.got.len() < batch::SLOTS {
+                break;
+            }
+        }
+        active
     }
 
     /// Is `src` the client? Locks the port on the first datagram if none was declared.
@@ -200,81 +388,6 @@ impl Association<'_> {
                 true
             }
         }
-    }
-
-    /// A datagram arrived on the relay: check the sender, parse, forward the payload.
-    async fn forward_from_client(&mut self, datagram: &[u8], src: SocketAddr) -> bool {
-        if !self.is_client(src) {
-            self.counters.dropped = self.counters.dropped.saturating_add(1);
-            tracing::debug!(%src, "dropped a datagram from a stranger");
-            return false;
-        }
-        let (header, payload) = match udp::parse_datagram(datagram) {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                self.counters.dropped = self.counters.dropped.saturating_add(1);
-                tracing::debug!(error = %e, "dropped a malformed datagram");
-                return false;
-            }
-        };
-        if header.frag != 0 {
-            self.counters.dropped = self.counters.dropped.saturating_add(1);
-            tracing::debug!(frag = header.frag, "dropped a fragment (not supported)");
-            return false;
-        }
-        let Some(dst) = self.destination(&header.target).await else {
-            self.counters.dropped = self.counters.dropped.saturating_add(1);
-            return false;
-        };
-        let socket = match self.outbound(dst.ip()).await {
-            Ok(socket) => socket,
-            Err(e) => {
-                self.counters.dropped = self.counters.dropped.saturating_add(1);
-                tracing::debug!(error = %e, "no outbound socket");
-                return false;
-            }
-        };
-        match socket.send_to(payload, dst).await {
-            Ok(_) => {
-                self.counters.to_remote = self.counters.to_remote.saturating_add(1);
-                self.counters.to_remote_bytes = self
-                    .counters
-                    .to_remote_bytes
-                    .saturating_add(payload.len() as u64);
-            }
-            Err(e) => {
-                self.counters.dropped = self.counters.dropped.saturating_add(1);
-                tracing::debug!(%dst, error = %e, "send failed");
-            }
-        }
-        true
-    }
-
-    /// A datagram arrived from a destination: wrap it and send it to the client.
-    async fn forward_to_client(&mut self, payload: &[u8], src: SocketAddr) -> bool {
-        let Some(port) = self.client_port else {
-            // The client has not sent anything yet, so it cannot expect replies.
-            self.counters.dropped = self.counters.dropped.saturating_add(1);
-            return false;
-        };
-        let src = SocketAddr::new(src.ip().to_canonical(), src.port());
-        let mut datagram = std::mem::take(&mut self.out);
-        datagram.clear();
-        udp::encode_datagram(&Address::from(src), payload, &mut datagram);
-        let client = SocketAddr::new(self.client_ip, port);
-        let sent = self.relay.send_to(&datagram, client).await;
-        self.out = datagram;
-        match sent {
-            Ok(_) => {
-                self.counters.to_client = self.counters.to_client.saturating_add(1);
-                self.counters.to_client_bytes = self
-                    .counters
-                    .to_client_bytes
-                    .saturating_add(payload.len() as u64);
-            }
-            Err(e) => tracing::debug!(%client, error = %e, "send to client failed"),
-        }
-        true
     }
 
     /// Resolves and checks a datagram's destination; `None` (logged) to drop it.
@@ -310,19 +423,28 @@ impl Association<'_> {
         Some(addr)
     }
 
-    /// The outbound socket for `ip`'s family, opened on first use.
-    async fn outbound(&mut self, ip: IpAddr) -> io::Result<&UdpSocket> {
-        let (slot, any): (&mut Option<UdpSocket>, SocketAddr) = match ip {
-            IpAddr::V4(_) => (&mut self.out_v4, (Ipv4Addr::UNSPECIFIED, 0).into()),
-            IpAddr::V6(_) => (&mut self.out_v6, (Ipv6Addr::UNSPECIFIED, 0).into()),
+    /// The outbound socket's family for `ip`, the socket opened on first use.
+    fn outbound(&mut self, ip: IpAddr) -> io::Result<Family> {
+        let (slot, any, family): (&mut Option<UdpSocket>, SocketAddr, _) = match ip {
+            IpAddr::V4(_) => (
+                &mut self.out_v4,
+                (Ipv4Addr::UNSPECIFIED, 0).into(),
+                Family::V4,
+            ),
+            IpAddr::V6(_) => (
+                &mut self.out_v6,
+                (Ipv6Addr::UNSPECIFIED, 0).into(),
+                Family::V6,
+            ),
         };
         if slot.is_none() {
-            let socket = UdpSocket::bind(any).await?;
+            let socket = std::net::UdpSocket::bind(any)?;
+            socket.set_nonblocking(true)?;
+            let socket = UdpSocket::from_std(socket)?;
             set_recv_buffer(&socket);
             *slot = Some(socket);
         }
-        slot.as_ref()
-            .ok_or_else(|| io::Error::other("outbound socket missing"))
+        Ok(family)
     }
 }
 

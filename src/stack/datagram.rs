@@ -32,6 +32,15 @@ impl<D: PacketIo> PacketSink for DeviceSink<D> {
     fn max_packet(&self) -> usize {
         self.0.mtu()
     }
+
+    fn udp_offload(&self) -> bool {
+        let offload = self.0.offload();
+        offload.vnet_hdr && offload.csum && offload.uso
+    }
+
+    fn send_offload(&self, hdr: &crate::offload::VnetHdr, packet: &[u8]) -> std::io::Result<()> {
+        self.0.try_send_hdr(hdr, packet)
+    }
 }
 
 /// DNS queries over TCP in flight at once; further queries are dropped (the
@@ -166,8 +175,15 @@ impl Datagrams {
         }
     }
 
-    /// Collects ended tasks.
+    /// Sends the datagrams queued for the proxy during a burst (see
+    /// [`UdpNat::flush`]): call it once the burst read from the device is handled.
+    pub(super) fn flush(&mut self) {
+        self.udp.flush();
+    }
+
+    /// Collects ended tasks (and sends anything still queued).
     pub(super) fn reap(&mut self) {
+        self.udp.flush();
         self.udp.reap();
         while self.dns_tasks.try_join_next().is_some() {}
     }

@@ -420,6 +420,8 @@ impl<D: PacketIo> Stack<D> {
                 Err(e) => return Err(e),
             }
         }
+        // The burst's UDP datagrams go to the proxy now, a system call per association.
+        self.datagrams.flush();
         Ok(())
     }
 

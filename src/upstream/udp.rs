@@ -131,6 +131,66 @@ impl UdpAssociation {
         self.socket.try_send(scratch).map(|_| ())
     }
 
+    /// Sends datagrams already encoded for the relay (SOCKS header and payload) as
+    /// far as the socket takes them now, a batch per system call; returns how many
+    /// went, in order (the rest are to be dropped). `WouldBlock` only when none went.
+    pub fn try_send_batch(&self, datagrams: &[&[u8]]) -> io::Result<usize> {
+        let mut sent = 0;
+        while sent < datagrams.len() {
+            let rest = datagrams.get(sent..).unwrap_or_default();
+            let batch: Vec<mmsg::Outgoing<'_>> = rest
+                .iter()
+                .take(mmsg::MAX_BATCH)
+                .map(|datagram| (*datagram, None))
+                .collect();
+            let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                mmsg::send_batch(&self.socket, &batch)
+            });
+            match result {
+                Ok(0) => break,
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                    for datagram in rest {
+                        match self.socket.try_send(datagram) {
+                            Ok(_) => sent += 1,
+                            Err(_) => break,
+                        }
+                    }
+                    break;
+                }
+                Err(e) if sent == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Sends datagrams already encoded for the relay that lie back to back in
+    /// `bytes` (datagram `i` ends at `ends[i]`), as far as the socket takes them now:
+    /// runs of one size as one segmented send (UDP GSO) where the kernel allows,
+    /// others a batch per system call. Returns how many went, in order.
+    pub fn try_send_contiguous(&self, bytes: &[u8], ends: &[usize]) -> io::Result<usize> {
+        let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+            mmsg::send_contiguous(&self.socket, bytes, ends, None)
+        });
+        match result {
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+                let mut start = 0;
+                let datagrams: Vec<&[u8]> = ends
+                    .iter()
+                    .map(|&end| {
+                        let datagram = bytes.get(start..end).unwrap_or_default();
+                        start = end;
+                        datagram
+                    })
+                    .collect();
+                self.try_send_batch(&datagrams)
+            }
+            other => other,
+        }
+    }
+
     /// Receives the next well-formed datagram from the relay into `buf`: returns its
     /// source and where its payload lies in `buf`. Malformed datagrams and fragments
     /// (FRAG != 0) are dropped and logged.

@@ -401,7 +401,7 @@ impl Sandbox {
     }
 }
 
-/// Batched datagram receive; not available here (callers fall back to one
+/// Batched datagram receive and send; not available here (callers fall back to one
 /// datagram per call).
 pub mod mmsg {
     use std::io;
@@ -416,6 +416,26 @@ pub mod mmsg {
         pub len: usize,
         /// Larger than its slot.
         pub truncated: bool,
+        /// Its sender.
+        pub from: Option<std::net::SocketAddr>,
+    }
+
+    /// One datagram to send: its bytes, and where to.
+    pub type Outgoing<'a> = (&'a [u8], Option<std::net::SocketAddr>);
+
+    /// Always fails with `Unsupported` (callers send one datagram per call).
+    pub fn send_batch<T>(_socket: &T, _batch: &[Outgoing<'_>]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// Always fails with `Unsupported` (callers send one datagram per call).
+    pub fn send_contiguous<T>(
+        _socket: &T,
+        _bytes: &[u8],
+        _ends: &[usize],
+        _to: Option<std::net::SocketAddr>,
+    ) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
     }
 
     /// Always fails with `Unsupported`.

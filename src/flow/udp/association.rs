@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -193,19 +193,7 @@ fn drain(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> io::Result<(
                 }
                 Err(e) => return Err(e),
             }
-            for (i, datagram) in got.iter().enumerate() {
-                if datagram.truncated {
-                    shared.metrics.egress.unsendable.fetch_add(1, Relaxed);
-                    continue;
-                }
-                let at = i.saturating_mul(slot);
-                let bytes = buf
-                    .get(at..at.saturating_add(datagram.len))
-                    .unwrap_or_default();
-                if let Some((from, range)) = UdpAssociation::parse_relayed(bytes) {
-                    deliver(assoc, shared, &from, bytes.get(range).unwrap_or_default());
-                }
-            }
+            deliver_batch(assoc, shared, buf, slot, got);
         }
         Ok(())
     })
@@ -233,6 +221,44 @@ fn drain_one_by_one(
         deliver(assoc, shared, &from, buf.get(range).unwrap_or_default());
     }
     Ok(())
+}
+
+/// Hands the replies of one batch (datagram `i` in slot `i` of `buf`) to the
+/// application through egress, in one write per run where the device allows.
+fn deliver_batch(assoc: &Assoc, shared: &Shared, buf: &[u8], slot: usize, got: &[mmsg::Datagram]) {
+    let mut replies: Vec<(SocketAddr, &[u8])> = Vec::with_capacity(got.len());
+    for (i, datagram) in got.iter().enumerate() {
+        if datagram.truncated {
+            shared.metrics.egress.unsendable.fetch_add(1, Relaxed);
+            continue;
+        }
+        let at = i.saturating_mul(slot);
+        let raw = buf
+            .get(at..at.saturating_add(datagram.len))
+            .unwrap_or_default();
+        let Some((from, range)) = UdpAssociation::parse_relayed(raw) else {
+            continue;
+        };
+        let Some(source) = assoc.present(&from) else {
+            shared.metrics.udp.unmappable.fetch_add(1, Relaxed);
+            continue;
+        };
+        replies.push((source, raw.get(range).unwrap_or_default()));
+    }
+    if replies.is_empty() {
+        return;
+    }
+    // Datagrams the device cannot take are counted by egress.
+    let (sent, bytes) = shared.egress.udp_batch(assoc.app, &replies);
+    shared
+        .metrics
+        .udp
+        .datagrams_down
+        .fetch_add(sent as u64, Relaxed);
+    shared.metrics.udp.bytes_down.fetch_add(bytes, Relaxed);
+    assoc
+        .last_used
+        .store(shared.millis(std::time::Instant::now()), Relaxed);
 }
 
 /// Hands one reply from `from` to the application through egress.

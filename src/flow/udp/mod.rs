@@ -12,10 +12,14 @@
 //! connection, and ends after `idle_timeout` without traffic (shorter for
 //! associations that only ever carried DNS).
 //!
-//! The way out is cheap: once an association is up, the stack writes each datagram
-//! straight to its relay socket (non-blocking); a socket that cannot take it drops it
-//! and counts it, as a full router queue does. While the association is being set up,
-//! datagrams wait in a small bounded queue.
+//! The way out is cheap: once an association is up, the stack's datagrams go
+//! straight to its relay socket (non-blocking), a burst at a time: the first
+//! datagram after a flush goes at once (a lone request waits for nothing), the
+//! others of the burst wait in a bounded outbox (`outbox`) until [`UdpNat::flush`],
+//! called when the stack has read its burst from the TUN, sends each association's
+//! datagrams with one system call. A socket that cannot take one drops it and counts it, as a full
+//! router queue does. While the association is being set up, datagrams wait in a
+//! small bounded queue.
 //!
 //! When the proxy has no UDP (SOCKS4/4a, or a SOCKS5 server that refuses UDP
 //! ASSOCIATE with 0x07 or any failure), the application gets an ICMP / ICMPv6 port
@@ -32,6 +36,7 @@
 )]
 
 mod association;
+mod outbox;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -336,6 +341,11 @@ pub struct UdpNat {
     tasks: JoinSet<()>,
     /// The proxy speaks SOCKS5 (the only version with UDP).
     udp_capable: bool,
+    /// Datagrams for ready associations, until [`UdpNat::flush`].
+    outbox: outbox::Outbox,
+    /// A datagram went since the last flush: the burst's next ones wait.
+    in_burst: bool,
+    /// The encoding buffer of a datagram sent at once (reused).
     scratch: Vec<u8>,
 }
 
@@ -369,6 +379,8 @@ impl UdpNat {
             }),
             tasks: JoinSet::new(),
             udp_capable,
+            outbox: outbox::Outbox::default(),
+            in_burst: false,
             scratch: Vec::with_capacity(2048),
         }
     }
@@ -389,7 +401,10 @@ impl UdpNat {
     }
 
     /// Sends one datagram from an application through its association, creating the
-    /// association on first use. Never blocks.
+    /// association on first use. Never blocks. Once the association is up, the
+    /// first datagram after a flush goes at once; the next ones wait in the outbox
+    /// until [`UdpNat::flush`] (or until the outbox is full): call that when a burst
+    /// has been handed in.
     pub fn send(&mut self, out: Outgoing<'_>, now: Instant) {
         let shared = self.shared.clone();
         if is_directed_broadcast(out.dst.ip(), &shared.config.local_nets) {
@@ -436,8 +451,13 @@ impl UdpNat {
             assoc.remember_alias(&mut state, out.target, out.dst);
         }
         match &mut state.phase {
-            Phase::Ready(relay) => {
+            Phase::Ready(relay) if !self.in_burst => {
+                self.in_burst = true;
                 shared.relay(relay, out.target, out.payload, &mut self.scratch);
+            }
+            Phase::Ready(relay) => {
+                self.outbox
+                    .push(relay, out.target, out.payload, &shared.metrics);
             }
             Phase::Pending(queue) if queue.len() < shared.config.pending => {
                 queue.push_back(Queued {
@@ -494,6 +514,15 @@ impl UdpNat {
             span,
         ));
         Some(assoc)
+    }
+
+    /// Sends the datagrams [`UdpNat::send`] queued: each association's with one
+    /// system call. Never blocks.
+    pub fn flush(&mut self) {
+        self.in_burst = false;
+        if self.outbox.len() > 0 {
+            self.outbox.flush(&self.shared.metrics);
+        }
     }
 
     /// Collects ended association tasks (call now and then; never blocks).

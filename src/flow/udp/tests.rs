@@ -97,6 +97,12 @@ async fn echo() -> (SocketAddr, SocketAddr) {
     let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let (aa, ba) = (a.local_addr().unwrap(), b.local_addr().unwrap());
+    // Room for a burst: the server relays one with a system call per batch, faster
+    // than this task echoes it, and the default buffer (~208 KiB) holds only ~270
+    // small datagrams.
+    socket2::SockRef::from(&a)
+        .set_recv_buffer_size(4 << 20)
+        .unwrap();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         loop {
@@ -120,6 +126,12 @@ fn nat(proxy: SocketAddr, scheme: &str, capture: Arc<Capture>, config: UdpConfig
 const APP: &str = "198.18.0.1:40000";
 
 fn send(nat: &mut UdpNat, dst: SocketAddr, payload: &[u8]) {
+    queue(nat, dst, payload);
+    nat.flush();
+}
+
+/// [`UdpNat::send`] without the flush that ends a burst.
+fn queue(nat: &mut UdpNat, dst: SocketAddr, payload: &[u8]) {
     let target = Address::from(dst);
     nat.send(
         Outgoing {
@@ -218,6 +230,7 @@ async fn a_refusal_is_answered_and_remembered() {
         },
         Instant::now(),
     );
+    nat.flush();
     assert_eq!(capture.packets.lock().unwrap().len(), 2, "answered at once");
     assert!(nat.is_empty());
     assert_eq!(nat.stats().refused.load(Relaxed), 2);
@@ -246,6 +259,7 @@ async fn idle_associations_end_and_the_limit_holds() {
             Instant::now(),
         );
     }
+    nat.flush();
     assert_eq!(nat.len(), 2);
     assert_eq!(nat.stats().over_limit.load(Relaxed), 1);
     capture.wait_for(2).await;
@@ -389,4 +403,36 @@ async fn a_burst_comes_back_in_batches_and_an_oversized_reply_is_counted() {
     assert_eq!(got, (0..300u16).collect::<Vec<_>>());
     assert_eq!(nat.stats().datagrams_down.load(Relaxed), 300);
     assert_eq!(nat.shared.metrics.egress.unsendable.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn a_burst_waits_in_the_outbox_until_flushed_and_a_full_outbox_flushes_itself() {
+    let proxy = server(ServerPolicy::default()).await;
+    let (echo_a, _) = echo().await;
+    let capture = Arc::new(Capture::default());
+    let mut nat = nat(proxy, "socks5", capture.clone(), UdpConfig::default());
+    send(&mut nat, echo_a, b"up");
+    capture.wait_for(1).await;
+    let up = |nat: &UdpNat| nat.stats().datagrams_up.load(Relaxed);
+    assert_eq!(up(&nat), 1);
+    for i in 0..3u8 {
+        queue(&mut nat, echo_a, &[i]);
+    }
+    // The first of a burst goes at once (a lone request waits for nothing).
+    assert_eq!(up(&nat), 2);
+    assert_eq!(capture.wait_for(2).await.len(), 2);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(up(&nat), 2, "the rest waits for the flush");
+    assert_eq!(capture.packets.lock().unwrap().len(), 2);
+    nat.flush();
+    assert_eq!(up(&nat), 4);
+    assert_eq!(capture.wait_for(4).await.len(), 4);
+    // Bounded: past its capacity the outbox sends what waits before taking more.
+    for i in 0..(outbox::MAX_DATAGRAMS + 10) {
+        queue(&mut nat, echo_a, &(i as u16).to_be_bytes());
+    }
+    assert_eq!(up(&nat), 4 + 1 + outbox::MAX_DATAGRAMS as u64);
+    nat.flush();
+    assert_eq!(up(&nat), 4 + outbox::MAX_DATAGRAMS as u64 + 10);
+    assert_eq!(nat.stats().relay_busy.load(Relaxed), 0);
 }
