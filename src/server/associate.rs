@@ -175,15 +175,8 @@ impl Association<'_> {
     fn relay_from_client(&mut self, b: &mut batch::Batch) -> (bool, Vec<(Address, Vec<u8>)>) {
         let (mut active, mut named) = (false, Vec::new());
         for _ in 0..ROUNDS {
-            match batch::recv(&self.relay, &mut b.buf, &mut b.got) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        tracing::debug!(error = %e, "receive error");
-                    }
-                    break;
-                }
+            if !batch::recv_into(&self.relay, b) {
+                break;
             }
             let mut v4: Vec<mmsg::Outgoing<'_>> = Vec::new();
             let mut v6: Vec<mmsg::Outgoing<'_>> = Vec::new();
@@ -331,15 +324,8 @@ impl Association<'_> {
         let mut active = false;
         let mut ends: Vec<usize> = Vec::with_capacity(batch::SLOTS);
         for _ in 0..ROUNDS {
-            match batch::recv(socket, &mut b.buf, &mut b.got) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        tracing::debug!(error = %e, "receive error");
-                    }
-                    break;
-                }
+            if !batch::recv_into(socket, b) {
+                break;
             }
             let Some(port) = self.client_port else {
                 // The client has not sent anything yet, so it cannot expect replies.

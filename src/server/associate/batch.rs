@@ -75,6 +75,23 @@ pub(super) fn recv(
     })
 }
 
+/// [`recv`] into `b`'s slots, retried when interrupted: `true` if datagrams came,
+/// `false` when none is queued (or the socket failed: logged).
+pub(super) fn recv_into(socket: &UdpSocket, b: &mut Batch) -> bool {
+    loop {
+        match recv(socket, &mut b.buf, &mut b.got) {
+            Ok(_) => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                if e.kind() != io::ErrorKind::WouldBlock {
+                    tracing::debug!(error = %e, "receive error");
+                }
+                return false;
+            }
+        }
+    }
+}
+
 /// Sends every datagram of `batch` that `socket` takes now, a batch per system
 /// call; returns how many went (the others are dropped: the socket's buffer was
 /// full, or the kernel refused that one datagram).
