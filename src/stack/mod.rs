@@ -6,7 +6,9 @@
 //! rest; neither touches smoltcp), hands TCP segments to their flow's socket (a SYN to a new destination first gets a socket
 //! of its own, with its SYN-ACK paused until the flow's upstream CONNECT succeeds),
 //! then lets the sockets that changed transmit, and sleeps until the device has a
-//! packet, a flow asks for a poll, or a socket timer is due. It never busy-spins.
+//! packet, a flow asks for a poll, or a socket timer is due (after small traffic it
+//! first polls for a moment: [`busy`]). A flow's start, refusal and transmission are
+//! in `tcp_flows`.
 //!
 //! Every socket lives in a one-socket set of its own ([`TcpFlow`]), so the work per
 //! packet does not grow with the number of flows, and timers come from a heap
@@ -29,6 +31,7 @@ mod packet_io;
 mod phy;
 pub mod queues;
 mod shared;
+mod tcp_flows;
 mod timers;
 mod tsclock;
 
@@ -38,19 +41,17 @@ pub use shared::Shared;
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
-use std::net::IpAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use self::busy::BusyPoll;
-use smoltcp::iface::{Config, Interface, PollResult, SocketSet};
+use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{HardwareAddress, IpListenEndpoint};
+use smoltcp::wire::HardwareAddress;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tracing::Instrument;
 
 use crate::dns::{Dns, DnsConfig};
 use crate::egress::Egress;
@@ -500,160 +501,6 @@ impl<D: PacketIo> Stack<D> {
         self.iface.poll_ingress_single(ts, &mut dev, sockets);
     }
 
-    /// A SYN to a connection we do not have: give it a socket whose SYN-ACK waits for
-    /// the flow's upstream CONNECT, and start the flow.
-    fn open(&mut self, tuple: FourTuple, syn: &[u8], now: Instant) {
-        if self.cx.upstream.is_proxy(tuple.dst) {
-            // The proxy's own address through the tunnel would loop: refuse it.
-            bump(&self.stats.flows.loops_refused);
-            if let Some(suppressed) = self.loop_log.check(now) {
-                tracing::warn!(
-                    %tuple, suppressed,
-                    "a connection to the proxy itself entered the tunnel; reset (routing loop: \
-                     use --setup, --fwmark or --interface so the proxy is reached directly)"
-                );
-            }
-            self.refuse(syn, now);
-            return;
-        }
-        let Some(target) = self.datagrams.target_for(tuple.dst, now) else {
-            // A fake-IP address that maps to no name (any more): never a wrong
-            // destination, a reset.
-            self.refuse(syn, now);
-            return;
-        };
-        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-            bump(&self.stats.flows.over_limit);
-            if let Some(suppressed) = self.limit_log.check(now) {
-                tracing::warn!(
-                    limit = self.config.max_flows,
-                    suppressed,
-                    "flow limit reached; resetting new connections"
-                );
-            }
-            self.refuse(syn, now);
-            return;
-        };
-        let Ok(pending) = self.pending.clone().try_acquire_owned() else {
-            bump(&self.stats.flows.over_limit);
-            if let Some(suppressed) = self.limit_log.check(now) {
-                tracing::warn!(
-                    limit = MAX_PENDING,
-                    suppressed,
-                    "too many connections waiting for the proxy; resetting new ones"
-                );
-            }
-            self.refuse(syn, now);
-            return;
-        };
-        // No rings until the CONNECT succeeds (the flow then adds them), but the window
-        // scale announced in the SYN-ACK is the one for the largest ring.
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(Vec::new()),
-            tcp::SocketBuffer::new(Vec::new()),
-        );
-        socket.set_window_shift_capacity(self.config.tcp_rx_buffer);
-        socket.set_nagle_enabled(false);
-        // RFC 7323 timestamps, as a kernel peer offers them (smoltcp drops them when
-        // the SYN had none): the application's kernel measures RTT on every ACK, and
-        // its TIME_WAIT sockets can be reused by `tcp_tw_reuse` (which needs them), so
-        // a host opening thousands of short connections through the tunnel does not
-        // run out of ports sooner than without it.
-        socket.set_tsval_generator(Some(tsclock::tsval));
-        socket.set_ack_delay(Some(ACK_DELAY.into()));
-        socket.set_timeout(Some(self.config.tcp_timeout.into()));
-        socket.pause_synack(true);
-        let endpoint = IpListenEndpoint {
-            addr: Some(ip_of(tuple.dst.ip())),
-            port: tuple.dst.port(),
-        };
-        if socket.listen(endpoint).is_err() {
-            self.drop_packet(DropReason::NotUnicast);
-            return;
-        }
-        let mut sockets = SocketSet::new(Vec::with_capacity(1));
-        let handle = sockets.add(socket);
-        self.deliver(syn, &mut sockets, now);
-        if sockets.get::<tcp::Socket>(handle).state() != tcp::State::SynReceived {
-            // smoltcp did not take the SYN (it answered it, or dropped it).
-            return;
-        }
-        let id = self.next_id;
-        self.next_id = self.next_id.saturating_add(1);
-        let flow = Arc::new(TcpFlow::new(
-            id,
-            tuple,
-            target,
-            sockets,
-            handle,
-            self.buffers.clone(),
-        ));
-        self.flows.insert(id, flow.clone());
-        self.by_tuple.insert(tuple, id);
-        bump(&self.stats.flows.opened);
-        let span =
-            tracing::info_span!("flow", id, proto = "tcp", src = %tuple.src, dst = %tuple.dst);
-        self.tasks
-            .spawn(crate::flow::tcp::run(flow, self.cx.clone(), permit, pending).instrument(span));
-    }
-
-    /// Answers a segment with RST (smoltcp does it for a segment no socket takes).
-    fn refuse(&mut self, segment: &[u8], now: Instant) {
-        let mut none = std::mem::replace(&mut self.no_sockets, SocketSet::new(Vec::new()));
-        self.deliver(segment, &mut none, now);
-        self.no_sockets = none;
-    }
-
-    /// Lets one flow's socket transmit, then schedules its next timer or, once it is
-    /// closed and its task has ended, forgets the flow.
-    fn egress(&mut self, id: FlowId, now: Instant) {
-        let Some(flow) = self.flows.get(&id).cloned() else {
-            return;
-        };
-        let ts = smol_now(self.epoch, now);
-        let mut sockets = flow.sockets();
-        let shrink_at = flow.resize_buffers(sockets.get_mut::<tcp::Socket>(flow.handle), now);
-        // Bounded: a socket that keeps finding something to send must not hold the
-        // loop (and every other flow, and shutdown) for ever; it is polled again next
-        // pass.
-        let mut more = false;
-        {
-            let mut dev = OnePacket::new(None, &*self.device, &mut self.scratch, &mut self.tx);
-            let mut sent = 0;
-            while self.iface.poll_egress(ts, &mut dev, &mut sockets)
-                == PollResult::SocketStateChanged
-            {
-                sent += 1;
-                if sent >= EGRESS_PER_POLL {
-                    more = true;
-                    break;
-                }
-            }
-        }
-        let state = sockets.get::<tcp::Socket>(flow.handle).state();
-        let closed = matches!(state, tcp::State::Closed | tcp::State::TimeWait);
-        if closed && flow.task_done() {
-            drop(sockets);
-            if matches!(flow.target, crate::socks::Address::Domain(..)) {
-                // The fake address stays its name's until the TTL (and the grace)
-                // has passed since its last flow ended.
-                self.datagrams.dns().touch(flow.tuple.dst.ip(), now);
-            }
-            self.flows.remove(&id);
-            self.by_tuple.remove(&flow.tuple);
-            self.timers.cancel(id);
-            return;
-        }
-        let poll_at = self
-            .iface
-            .poll_at(ts, &sockets)
-            .map(|at| std_at(self.epoch, at));
-        let again = more.then_some(now);
-        if let Some(at) = poll_at.into_iter().chain(shrink_at).chain(again).min() {
-            self.timers.schedule(id, at.max(now + MIN_TIMER));
-        }
-    }
-
     /// Resets every connection (RST to the applications) and ends the flow tasks.
     async fn close(&mut self) {
         let now = Instant::now();
@@ -668,13 +515,6 @@ impl<D: PacketIo> Stack<D> {
         self.datagrams.close().await;
         self.flows.clear();
         self.by_tuple.clear();
-    }
-}
-
-fn ip_of(ip: IpAddr) -> smoltcp::wire::IpAddress {
-    match ip {
-        IpAddr::V4(v4) => smoltcp::wire::IpAddress::Ipv4(v4),
-        IpAddr::V6(v6) => smoltcp::wire::IpAddress::Ipv6(v6),
     }
 }
 
