@@ -53,10 +53,6 @@ impl TxCounters {
         }
     }
 
-    fn wrote(&mut self, n: usize) {
-        self.bytes = self.bytes.saturating_add(n);
-    }
-
     /// Bytes written to the device since the last call.
     pub fn take_bytes(&mut self) -> usize {
         std::mem::take(&mut self.bytes)
@@ -160,8 +156,13 @@ impl<'a, D: PacketIo> Tx<'a, D> {
     /// Writes the pending super-segment, if any.
     fn flush(&mut self) {
         if let Some((hdr, packet)) = self.counters.coalescer.take() {
-            let n = send(self.device, &self.counters.metrics, &hdr, packet);
-            self.counters.wrote(n);
+            send(
+                self.device,
+                &self.counters.metrics,
+                &mut self.counters.bytes,
+                &hdr,
+                packet,
+            );
         }
     }
 
@@ -173,13 +174,13 @@ impl<'a, D: PacketIo> Tx<'a, D> {
         }
         let offload = self.counters.offload;
         if !offload.csum {
-            let n = send(
+            send(
                 self.device,
                 &self.counters.metrics,
+                &mut self.counters.bytes,
                 &VnetHdr::NONE,
                 self.scratch,
             );
-            self.counters.wrote(n);
             return;
         }
         if offload.tso {
@@ -193,8 +194,13 @@ impl<'a, D: PacketIo> Tx<'a, D> {
         }
         // Not TCP (smoltcp checksummed it), or TCP that starts no super-segment.
         let hdr = partial_checksum(self.scratch).unwrap_or(VnetHdr::NONE);
-        let n = send(self.device, &self.counters.metrics, &hdr, self.scratch);
-        self.counters.wrote(n);
+        send(
+            self.device,
+            &self.counters.metrics,
+            &mut self.counters.bytes,
+            &hdr,
+            self.scratch,
+        );
     }
 }
 
@@ -205,8 +211,13 @@ impl<D: PacketIo> Tx<'_, D> {
         self.flush();
         match segmented(self.scratch, size) {
             Some(hdr) => {
-                let n = send(self.device, &self.counters.metrics, &hdr, self.scratch);
-                self.counters.wrote(n);
+                send(
+                    self.device,
+                    &self.counters.metrics,
+                    &mut self.counters.bytes,
+                    &hdr,
+                    self.scratch,
+                );
             }
             // smoltcp asks for segmentation only of ACK segments with data (PSH, FIN)
             // that it builds itself; anything else is a bug, counted as a drop (TCP
@@ -219,18 +230,22 @@ impl<D: PacketIo> Tx<'_, D> {
     }
 }
 
-/// Writes one packet, counting it as sent or dropped; returns the bytes written (0
-/// when dropped).
-fn send<D: PacketIo>(device: &D, metrics: &Metrics, hdr: &VnetHdr, packet: &[u8]) -> usize {
+/// Writes one packet, counting it as sent (and its bytes in `written`) or dropped.
+fn send<D: PacketIo>(
+    device: &D,
+    metrics: &Metrics,
+    written: &mut usize,
+    hdr: &VnetHdr,
+    packet: &[u8],
+) {
     match device.try_send_hdr(hdr, packet) {
         Ok(()) => {
             bump(&metrics.stack.packets_out);
-            packet.len()
+            *written = written.saturating_add(packet.len());
         }
         Err(e) => {
             bump(&metrics.stack.packets_out_dropped);
             tracing::trace!(error = %e, "device refused a packet");
-            0
         }
     }
 }
