@@ -7,10 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use etherparse::{IpNumber, Ipv4Header, Ipv6FlowLabel, Ipv6Header, UdpHeader};
 
 use super::{TTL, canonical};
-use crate::offload::{FLAG_NEEDS_CSUM, VnetHdr, gso, pseudo_header_sum};
-
-/// Where a UDP header keeps its checksum.
-const UDP_CSUM_OFFSET: u16 = 6;
+use crate::offload::{FLAG_NEEDS_CSUM, UDP_CSUM_OFFSET, VnetHdr, gso, pseudo_header_sum};
 
 /// Builds into `buf` one UDP packet `from` -> `to` whose payload is `datagrams`
 /// back to back (`size` bytes each but the last), with the pseudo-header sum in the

@@ -239,7 +239,7 @@ pub enum OffloadError {
 }
 
 /// Where a UDP header keeps its checksum.
-const UDP_CSUM_OFFSET: u16 = 6;
+pub const UDP_CSUM_OFFSET: u16 = 6;
 
 /// Completes a partial checksum as the header describes (`NEEDS_CSUM`): the ones'
 /// complement of the sum from `csum_start` to the end (the field holds the
