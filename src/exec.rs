@@ -32,7 +32,7 @@ use crate::device::{
 };
 
 /// The resolver the program is given: an address inside the default TUN network
-/// (`198.18.0.0/15`), so every query enters the tunnel, where the DNS stage answers
+/// (`198.18.0.0/16`), so every query enters the tunnel, where the DNS stage answers
 /// it (with the tunnel's `--dns` mode).
 pub const NAMESERVER: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
 

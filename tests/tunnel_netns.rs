@@ -146,7 +146,7 @@ fn http_download_64mib_over_ipv4_and_ipv6() {
         .unwrap();
     let link = String::from_utf8_lossy(&link.stdout);
     assert!(
-        link.contains("mtu 9000") && link.contains("qlen 10000"),
+        link.contains("mtu 65000") && link.contains("qlen 10000"),
         "{link}"
     );
     let addrs = net

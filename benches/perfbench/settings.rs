@@ -120,7 +120,7 @@ pub struct Settings {
     /// (`T2S_BENCH_MULTI_QUEUE=1`; tun2proxy's stays single-queue: it cannot open one).
     pub multi_queue: bool,
     /// `--mtu` for the device tun2socks creates (`T2S_BENCH_CREATED_MTU`; unset:
-    /// the tunnel's default, 9000).
+    /// the tunnel's default, 65000).
     pub created_mtu: Option<u32>,
     /// Flows held open for the RSS row (`T2S_BENCH_FLOWS`, default 2000).
     pub held_flows: usize,

@@ -32,7 +32,7 @@ pub(crate) struct TunnelArgs {
     /// 198.18.0.1/16 and fd18::1/64; an attached device gets none]
     #[arg(long, value_name = "CIDR")]
     address: Vec<IpNet>,
-    /// MTU [default for a device we create: 9000; an attached device keeps its own]
+    /// MTU [default for a device we create: 65000; an attached device keeps its own]
     #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(576..))]
     mtu: Option<u16>,
     /// TUN offload: auto asks the kernel for checksum and segmentation offload

@@ -10,9 +10,9 @@ use ipnet::IpNet;
 
 use super::DnsError;
 
-/// Default fake-IP pool for IPv4: the upper half of the TUN's default 198.18.0.0/15
-/// network's first /16 — routed into the TUN without `--setup`, and away from the
-/// device address 198.18.0.1.
+/// Default fake-IP pool for IPv4: the upper half of the TUN's default network
+/// 198.18.0.0/16 — routed into the TUN without `--setup`, and away from the device
+/// address 198.18.0.1.
 pub const DEFAULT_POOL_V4: &str = "198.18.128.0/17";
 /// Default fake-IP pool for IPv6: the upper half of the TUN's default fd18::/64,
 /// away from the device address fd18::1.
