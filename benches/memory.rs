@@ -181,7 +181,8 @@ fn main() {
 
     println!();
     println!(
-        "Memory benchmark: tunnel RSS (VmRSS), release build, MTU 9000, {} CPUs",
+        "Memory benchmark: tunnel RSS (VmRSS), release build, its own device (MTU {}), {} CPUs",
+        tun2socks::device::DEFAULT_MTU,
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
