@@ -1,6 +1,8 @@
 //! The pipelined SOCKS5 handshake (`Upstream::pipelined`) on real sockets: through our
 //! server (with and without a login), through Dante, against a server that refuses the
-//! method, and against one that answers a byte at a time.
+//! method, and against one that answers a byte at a time; and `auto` mode's probe
+//! (`Upstream::probe_pipelining`): it turns pipelining on for our server and Dante and
+//! leaves it off for microsocks, which drops a pipelined request.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -16,16 +18,31 @@ use tun2socks::socks::{Address, Credentials, Error as SocksError, ServerPolicy, 
 use tun2socks::testbed::dante::Dante;
 use tun2socks::testbed::load::{EchoServer, LOAD_ECHO_PORT};
 use tun2socks::testbed::{TARGET_V4, Topology, require_program, require_root};
-use tun2socks::upstream::{DialOptions, Upstream, UpstreamError};
+use tun2socks::upstream::{DialOptions, Pipelining, ProbeOutcome, Upstream, UpstreamError};
 
 fn upstream(url: &str) -> Upstream {
+    upstream_with(url, Pipelining::On, Duration::from_secs(5))
+}
+
+fn upstream_with(url: &str, mode: Pipelining, handshake_timeout: Duration) -> Upstream {
     let proxy: ProxyUrl = url.parse().unwrap();
     let options = DialOptions {
         connect_timeout: Duration::from_secs(5),
-        handshake_timeout: Duration::from_secs(5),
+        handshake_timeout,
         ..DialOptions::default()
     };
-    Upstream::new(proxy, options).pipelined(true)
+    Upstream::new(proxy, options).pipelining(mode)
+}
+
+/// Waits (up to 10 s) for `auto` mode's background probe to turn pipelining on.
+async fn until_pipelined(up: &Upstream) -> bool {
+    for _ in 0..1000 {
+        if up.is_pipelined() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
 }
 
 /// Our server on a loopback port, until the returned sender is dropped.
@@ -203,6 +220,21 @@ fn pipelined_connect_through_dante() {
                     .await
                     .map_err(std::io::Error::other)?;
             }
+            // auto: the first connection goes unpipelined, then the probe finds
+            // that Dante reads a pipelined handshake.
+            let auto = upstream_with(&Dante::url(), Pipelining::Auto, Duration::from_secs(5));
+            echo_through(&auto, target)
+                .await
+                .map_err(std::io::Error::other)?;
+            assert!(
+                until_pipelined(&auto).await,
+                "the probe did not turn pipelining on"
+            );
+            for _ in 0..5 {
+                echo_through(&auto, target)
+                    .await
+                    .map_err(std::io::Error::other)?;
+            }
             Ok(())
         })
         .join()
@@ -266,4 +298,163 @@ async fn our_server_answers_the_greeting_at_once_without_pipelining() {
         .expect("the method selection must not wait for the request")
         .unwrap();
     assert_eq!(selection, [5, 0]);
+}
+
+#[tokio::test]
+async fn auto_probes_after_the_first_connection_then_pipelines() {
+    // A server that records how each connection's first bytes arrived: it answers
+    // nothing until 100 ms of quiet have passed, so a pipelined client's greeting and
+    // request come in together, and an unpipelined one's greeting comes alone.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let mut firsts = Vec::new();
+        for _ in 0..3 {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut first = Vec::new();
+            let mut buf = [0u8; 64];
+            while let Ok(Ok(n)) =
+                tokio::time::timeout(Duration::from_millis(100), s.read(&mut buf)).await
+            {
+                if n == 0 {
+                    break;
+                }
+                first.extend_from_slice(&buf[..n]);
+            }
+            // Method selection; then, when the request is here or comes, the reply.
+            s.write_all(&[5, 0]).await.unwrap();
+            if first.len() == 3 {
+                let mut request = [0u8; 10];
+                s.read_exact(&mut request).await.unwrap();
+            }
+            s.write_all(&[5, 0, 0, 1, 127, 0, 0, 1, 0x1f, 0x90])
+                .await
+                .unwrap();
+            firsts.push(first);
+            // Keep the connection open while the client uses it.
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            });
+        }
+        firsts
+    });
+    let up = upstream_with(
+        &format!("socks5://{proxy}"),
+        Pipelining::Auto,
+        Duration::from_secs(5),
+    );
+    assert!(!up.is_pipelined());
+    let target = Address::Ip("192.0.2.1:80".parse().unwrap());
+    let _first = up.connect(target.clone()).await.unwrap();
+    assert!(
+        until_pipelined(&up).await,
+        "the probe did not turn pipelining on"
+    );
+    let _third = up.connect(target).await.unwrap();
+    let firsts = server.await.unwrap();
+    assert_eq!(
+        firsts[0],
+        [5, 1, 0],
+        "the first connection is not pipelined"
+    );
+    assert_eq!(
+        firsts[1],
+        [5, 1, 0, 5, 3, 0, 1, 0, 0, 0, 0, 0, 0],
+        "the probe: greeting and UDP ASSOCIATE 0.0.0.0:0 in one write"
+    );
+    assert_eq!(
+        firsts[2],
+        [5, 1, 0, 5, 1, 0, 1, 192, 0, 2, 1, 0, 80],
+        "after the probe: greeting and CONNECT in one write"
+    );
+}
+
+#[tokio::test]
+async fn auto_finds_our_server_pipelines_and_an_unreachable_proxy_leaves_it_open() {
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let (proxy, _stop) = our_server(ServerPolicy::default()).await;
+    let up = upstream_with(
+        &format!("socks5://{proxy}"),
+        Pipelining::Auto,
+        Duration::from_secs(5),
+    );
+    assert_eq!(up.probe_pipelining().await, ProbeOutcome::Supported);
+    assert!(up.is_pipelined());
+    echo_through(&up, echo.local_addr()).await.unwrap();
+
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let nobody = closed.local_addr().unwrap();
+    drop(closed);
+    let down = upstream_with(
+        &format!("socks5://{nobody}"),
+        Pipelining::Auto,
+        Duration::from_secs(5),
+    );
+    assert_eq!(down.probe_pipelining().await, ProbeOutcome::Unreachable);
+    assert!(!down.is_pipelined());
+}
+
+/// microsocks on a loopback port, killed on drop.
+struct Microsocks(std::process::Child, SocketAddr);
+
+impl Microsocks {
+    fn start() -> Microsocks {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("microsocks")
+            .args(["-i", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // From here on, Drop kills and reaps it, also when the wait below fails.
+        let socks = Microsocks(child, SocketAddr::from(([127, 0, 0, 1], port)));
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(socks.1).is_ok() {
+                return socks;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("microsocks did not listen on {}", socks.1);
+    }
+}
+
+impl Drop for Microsocks {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn auto_leaves_pipelining_off_for_microsocks() {
+    require_or_skip!(require_program(
+        "microsocks",
+        "auto_leaves_pipelining_off_for_microsocks"
+    ));
+    let echo = EchoServer::start("127.0.0.1:0".parse().unwrap()).unwrap();
+    let socks = Microsocks::start();
+    let url = format!("socks5://{}", socks.1);
+    // Forced on, microsocks drops the request: the handshake times out. (This is
+    // what `auto` must find out without a user's connection paying for it.)
+    let forced = upstream_with(&url, Pipelining::On, Duration::from_secs(1));
+    let err = forced
+        .connect(Address::Ip(echo.local_addr()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, UpstreamError::HandshakeTimeout { .. }),
+        "{err}"
+    );
+    let auto = upstream_with(&url, Pipelining::Auto, Duration::from_secs(1));
+    echo_through(&auto, echo.local_addr()).await.unwrap();
+    assert_eq!(auto.probe_pipelining().await, ProbeOutcome::Unsupported);
+    for _ in 0..5 {
+        echo_through(&auto, echo.local_addr()).await.unwrap();
+    }
+    assert!(!auto.is_pipelined());
 }

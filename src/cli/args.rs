@@ -18,7 +18,7 @@ use tun2socks::setup::{self, SetupConfig};
 use tun2socks::socks::Protocol;
 use tun2socks::socks::{Credentials, ServerPolicy, Users};
 use tun2socks::stack::StackConfig;
-use tun2socks::upstream::{DialOptions, Upstream};
+use tun2socks::upstream::{DialOptions, Pipelining, Upstream};
 
 #[derive(Debug, Args)]
 pub(crate) struct TunnelArgs {
@@ -81,10 +81,13 @@ pub(crate) struct TunnelArgs {
     #[arg(long, value_name = "MICROS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     busy_poll: u64,
     /// Send the SOCKS5 greeting, login and request in one write, saving a round trip
-    /// per connection. Only for servers that read a pipelined handshake (ours and
-    /// Dante do; microsocks drops the request and the connection times out).
-    #[arg(long)]
-    socks_pipeline: bool,
+    /// per connection: on (the flag alone; for servers known to read it: ours and
+    /// Dante do, microsocks drops the request and the connection times out), auto
+    /// (connections start unpipelined; after the first one succeeds, one extra probe
+    /// connection asks the proxy with a pipelined UDP ASSOCIATE, and an answer turns
+    /// pipelining on) or off
+    #[arg(long, value_name = "auto|on|off", default_value = "off", num_args = 0..=1, default_missing_value = "on", value_parser = parse_pipelining)]
+    socks_pipeline: Pipelining,
     /// Seconds without traffic after which a UDP association is closed (associations
     /// that only carried DNS: 10 s or this, whichever is shorter).
     #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
@@ -243,6 +246,10 @@ fn parse_offload(s: &str) -> Result<OffloadMode, String> {
     s.parse()
 }
 
+fn parse_pipelining(s: &str) -> Result<Pipelining, String> {
+    s.parse()
+}
+
 /// A number, decimal or `0x` hexadecimal.
 fn parse_u32(s: &str) -> Result<u32, String> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
@@ -364,7 +371,7 @@ impl TunnelArgs {
                 idle_timeout: secs_or_off(self.tcp_idle_timeout),
             },
         )
-        .pipelined(self.socks_pipeline);
+        .pipelining(self.socks_pipeline);
         Ok((device, stack, upstream))
     }
 

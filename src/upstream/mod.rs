@@ -7,6 +7,7 @@
 //! dial through the TUN: when a fwmark or an outbound interface is configured, every
 //! socket it opens carries it.
 
+mod pipelining;
 mod resolve;
 mod udp;
 
@@ -21,6 +22,8 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::config::ProxyUrl;
 use crate::socks::{self, Address, ClientHandshake, ClientStatus, Command, ReplyCode};
+use pipelining::PipelineState;
+pub use pipelining::{PROBE_TIMEOUT, Pipelining, ProbeOutcome};
 use resolve::ProxyAddrs;
 pub use udp::{Received, UDP_RECV_BUFFER, UdpAssociation};
 
@@ -197,8 +200,10 @@ pub struct Upstream {
     proxy: ProxyUrl,
     options: DialOptions,
     addrs: Arc<ProxyAddrs>,
-    /// Pipeline the SOCKS5 handshake ([`Upstream::pipelined`]).
-    pipeline: bool,
+    /// Pipeline the SOCKS5 handshake? ([`Upstream::pipelining`]).
+    pipelining: Pipelining,
+    /// What `auto` has learnt about the proxy.
+    pipeline_state: Arc<PipelineState>,
 }
 
 impl Upstream {
@@ -212,23 +217,31 @@ impl Upstream {
             proxy,
             options,
             addrs,
-            pipeline: false,
+            pipelining: Pipelining::default(),
+            pipeline_state: Arc::new(PipelineState::new()),
         }
     }
 
-    /// Sends the SOCKS5 greeting, credentials and request in one write and reads the
-    /// replies after (see [`ClientHandshake::pipelined`]): a CONNECT or UDP ASSOCIATE
-    /// then costs one round trip to the proxy instead of two or three. Only for
-    /// proxies that read a pipelined handshake (ours, Dante; not microsocks); a proxy
-    /// that refuses the method still gives a clean error.
-    pub fn pipelined(mut self, on: bool) -> Self {
-        self.pipeline = on;
+    /// Whether to send the SOCKS5 greeting, credentials and request in one write and
+    /// read the replies after (see [`ClientHandshake::pipelined`]): a CONNECT or UDP
+    /// ASSOCIATE then costs one round trip to the proxy instead of two or three.
+    /// `On` only for proxies that read a pipelined handshake (ours, Dante; not
+    /// microsocks); `Auto` asks the proxy once (see [`Upstream::probe_pipelining`]);
+    /// `Off` is the default.
+    pub fn pipelining(mut self, mode: Pipelining) -> Self {
+        self.pipelining = mode;
         self
     }
 
-    /// Is the SOCKS5 handshake pipelined?
+    /// [`Upstream::pipelining`] with `On` or `Off`.
+    pub fn pipelined(self, on: bool) -> Self {
+        self.pipelining(if on { Pipelining::On } else { Pipelining::Off })
+    }
+
+    /// Is the SOCKS5 handshake pipelined now (in `auto` mode: has the probe found
+    /// that the proxy reads it)?
     pub fn is_pipelined(&self) -> bool {
-        self.pipeline
+        self.pipeline_now()
     }
 
     /// Resolves the proxy's host name now (a no-op for an address). Returns the
@@ -267,7 +280,7 @@ impl Upstream {
             target,
         )
         .map_err(UpstreamError::Unsupported)?
-        .pipelined(self.pipeline);
+        .pipelined(self.pipeline_now());
         let (mut stream, proxy) = self.dial_addr().await?;
         let mut buf = Vec::with_capacity(512);
         let bound = self
@@ -280,6 +293,7 @@ impl Upstream {
                 source: socks::Error::Failed,
             });
         };
+        self.learn_pipelining();
         Ok(Connected {
             stream,
             bound,

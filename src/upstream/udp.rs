@@ -43,7 +43,7 @@ impl Upstream {
             Address::from(declared),
         )
         .map_err(UpstreamError::Unsupported)?
-        .pipelined(self.pipeline);
+        .pipelined(self.pipeline_now());
         let mut buf = Vec::with_capacity(512);
         let status = self
             .with_handshake_timeout(proxy, negotiate(&mut control, &mut hs, &mut buf, proxy))
@@ -54,6 +54,7 @@ impl Upstream {
                 source: socks::Error::Failed,
             });
         };
+        self.learn_pipelining();
         let relay = resolve_relay(&relay, proxy).await?;
         socket.connect(relay).await.map_err(io_err)?;
         Ok(UdpAssociation {
