@@ -1,10 +1,11 @@
 //! `tun2socks selftest`: the whole path, proven on this machine in a minute.
 //!
 //! Builds the three-namespace topology ([`crate::testbed`]), starts test services in
-//! `target`, then for each protocol variant (socks5, socks5 with a login, socks4,
-//! socks4a) starts our SOCKS server in `proxy` and the tunnel in `app` (this very
-//! binary, as real processes; the tunnel with `--setup`, so it makes itself the
-//! default gateway and must leave `app`'s routing as it found it), and drives TCP
+//! `target`, then for each protocol variant (socks5, socks5 with a login and
+//! `--socks-pipeline auto`, socks4, socks4a) starts our SOCKS server in `proxy` and
+//! the tunnel in `app` (this very binary, as real processes; the tunnel with
+//! `--setup`, so it makes itself the default gateway and must leave `app`'s routing
+//! as it found it), and drives TCP
 //! over IPv4 and IPv6 through them from `app`, which has no other way to reach
 //! `target`. UDP too (`udp`): echo and full cone through SOCKS5 UDP associations, a
 //! port unreachable at once through SOCKS4. Each variant's tunnel runs with one
@@ -114,6 +115,8 @@ struct Variant {
     dns: DnsMode,
     /// The tunnel's `--threads` (queues and stacks).
     threads: &'static str,
+    /// The tunnel's `--socks-pipeline`.
+    pipeline: &'static str,
 }
 
 fn variants() -> Vec<Variant> {
@@ -128,6 +131,7 @@ fn variants() -> Vec<Variant> {
             udp: true,
             dns: DnsMode::Udp,
             threads: "2",
+            pipeline: "off",
         },
         Variant {
             name: "socks5+login",
@@ -138,6 +142,9 @@ fn variants() -> Vec<Variant> {
             udp: true,
             dns: DnsMode::Tcp,
             threads: "1",
+            // Its rows run through the probe of `auto` (greeting, login and UDP
+            // ASSOCIATE in one write) and then pipelined handshakes.
+            pipeline: "auto",
         },
         Variant {
             name: "socks4",
@@ -148,6 +155,7 @@ fn variants() -> Vec<Variant> {
             udp: false,
             dns: DnsMode::Tcp,
             threads: "1",
+            pipeline: "off",
         },
         Variant {
             name: "socks4a",
@@ -158,6 +166,7 @@ fn variants() -> Vec<Variant> {
             udp: false,
             dns: DnsMode::FakeIp,
             threads: "2",
+            pipeline: "off",
         },
     ]
 }
@@ -203,7 +212,14 @@ pub fn run(binary: &Path, mut progress: impl FnMut(&Check)) -> io::Result<Report
             app,
             binary,
             &v.url,
-            &["--dns", &dns_mode, "--threads", v.threads],
+            &[
+                "--dns",
+                &dns_mode,
+                "--threads",
+                v.threads,
+                "--socks-pipeline",
+                v.pipeline,
+            ],
         )?;
         for (family, ip) in [("IPv4", TARGET_V4.into()), ("IPv6", TARGET_V6.into())] {
             let at = |port| SocketAddr::new(ip, port);
