@@ -458,3 +458,48 @@ async fn auto_leaves_pipelining_off_for_microsocks() {
     }
     assert!(!auto.is_pipelined());
 }
+
+#[tokio::test]
+async fn auto_never_probes_a_socks4_proxy() {
+    // A SOCKS4 server that grants every request and counts connections.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                // VN CD DSTPORT DSTIP USERID NUL.
+                let mut request = Vec::new();
+                let mut byte = [0u8; 1];
+                while request.len() < 8 || request.last() != Some(&0) {
+                    if s.read_exact(&mut byte).await.is_err() {
+                        return;
+                    }
+                    request.push(byte[0]);
+                }
+                s.write_all(&[0, 90, 0, 80, 192, 0, 2, 1]).await.unwrap();
+                let mut sink = Vec::new();
+                let _ = s.read_to_end(&mut sink).await;
+            });
+        }
+    });
+    let up = upstream_with(
+        &format!("socks4://{proxy}"),
+        Pipelining::Auto,
+        Duration::from_secs(5),
+    );
+    let _held = up
+        .connect(Address::Ip("192.0.2.1:80".parse().unwrap()))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "a probe connection was made to a SOCKS4 proxy"
+    );
+    assert!(!up.is_pipelined());
+}

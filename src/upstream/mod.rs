@@ -238,12 +238,6 @@ impl Upstream {
         self.pipelining(if on { Pipelining::On } else { Pipelining::Off })
     }
 
-    /// Is the SOCKS5 handshake pipelined now (in `auto` mode: has the probe found
-    /// that the proxy reads it)?
-    pub fn is_pipelined(&self) -> bool {
-        self.pipeline_now()
-    }
-
     /// Resolves the proxy's host name now (a no-op for an address). Returns the
     /// addresses in use.
     pub async fn resolve(&self) -> Result<Vec<SocketAddr>, UpstreamError> {
@@ -280,7 +274,7 @@ impl Upstream {
             target,
         )
         .map_err(UpstreamError::Unsupported)?
-        .pipelined(self.pipeline_now());
+        .pipelined(self.is_pipelined());
         let (mut stream, proxy) = self.dial_addr().await?;
         let mut buf = Vec::with_capacity(512);
         let bound = self

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use super::{Upstream, UpstreamError, negotiate};
-use crate::socks::{self, Address, ClientHandshake, Command};
+use crate::socks::{self, Address, ClientHandshake, Command, Protocol};
 
 /// How the SOCKS5 handshake is sent (`--socks-pipeline`).
 ///
@@ -175,9 +175,9 @@ impl Upstream {
         classify(&result)
     }
 
-    /// Whether this connection's handshake is pipelined: in `auto` mode only once a
-    /// probe found that the proxy reads it.
-    pub(super) fn pipeline_now(&self) -> bool {
+    /// Is the SOCKS5 handshake pipelined now (in `auto` mode: has the probe found
+    /// that the proxy reads it)?
+    pub fn is_pipelined(&self) -> bool {
         match self.pipelining {
             Pipelining::On => true,
             Pipelining::Off => false,
@@ -188,9 +188,12 @@ impl Upstream {
     /// Called after a handshake succeeded: in `auto` mode, while the question is open,
     /// the first caller starts the probe in the background. Only a proxy that has
     /// just served a connection is asked, so a proxy that is down or refuses
-    /// everything never sees a probe.
+    /// everything never sees a probe; a SOCKS4 proxy (one message anyway) never does.
     pub(super) fn learn_pipelining(&self) {
-        if self.pipelining == Pipelining::Auto && self.pipeline_state.claim() {
+        if self.pipelining == Pipelining::Auto
+            && self.proxy.protocol == Protocol::Socks5
+            && self.pipeline_state.claim()
+        {
             let upstream = self.clone();
             tokio::spawn(async move {
                 upstream.probe_pipelining().await;

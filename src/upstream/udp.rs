@@ -43,7 +43,7 @@ impl Upstream {
             Address::from(declared),
         )
         .map_err(UpstreamError::Unsupported)?
-        .pipelined(self.pipeline_now());
+        .pipelined(self.is_pipelined());
         let mut buf = Vec::with_capacity(512);
         let status = self
             .with_handshake_timeout(proxy, negotiate(&mut control, &mut hs, &mut buf, proxy))
