@@ -107,6 +107,10 @@ fn main() -> ExitCode {
         _ => "info",
     };
     init_tracing(cli.log_level.as_deref(), default_level);
+    // Freed TCP rings and other large buffers go back to the system instead of
+    // staying resident in the heap (see the platform function).
+    let fixed = tun2socks_platform::return_large_blocks();
+    tracing::debug!(fixed, "allocator: large blocks mapped on their own");
     match &cli.command {
         Some(Command::Server(args)) => {
             raise_open_files_limit();

@@ -51,8 +51,9 @@ mod imp;
 pub use error::{LinkError, LinkOp, RouteError, RouteOp, SandboxError, TunError};
 pub use imp::mmsg;
 pub use imp::{
-    Link, LinkGuard, LinkState, Pipe, ProgramExit, RouteGuard, Routing, Sandbox, SandboxSignal,
-    SandboxSpec, Tun, TunOptions, VNET_HDR_LEN, open_tun, open_tun_with, release_code,
+    LARGE_BLOCK, Link, LinkGuard, LinkState, Pipe, ProgramExit, RouteGuard, Routing, Sandbox,
+    SandboxSignal, SandboxSpec, Tun, TunOptions, VNET_HDR_LEN, open_tun, open_tun_with,
+    release_code, return_large_blocks,
 };
 pub use offload::Offloads;
 pub use routing::{Family, MAIN_TABLE, ParseError, Route, RoutingEntry, Rule};

@@ -3,6 +3,7 @@
 //! namespace of the calling thread (a socket or device belongs to the namespace it
 //! was created in, whichever thread uses it later).
 
+mod allocator;
 mod link;
 pub mod mmsg;
 mod netlink;
@@ -12,6 +13,7 @@ mod sandbox;
 mod splice;
 mod tun;
 
+pub use allocator::{LARGE_BLOCK, return_large_blocks};
 pub use link::{Link, LinkGuard, LinkState};
 pub use resident::release_code;
 pub use route::{RouteGuard, Routing};

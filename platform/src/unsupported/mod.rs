@@ -109,6 +109,14 @@ pub fn release_code() -> io::Result<usize> {
 }
 
 /// See the Linux implementation.
+pub const LARGE_BLOCK: usize = 128 * 1024;
+
+/// The allocator is left as it is here.
+pub fn return_large_blocks() -> bool {
+    false
+}
+
+/// See the Linux implementation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TunOptions {
     /// Open with `IFF_MULTI_QUEUE`.
