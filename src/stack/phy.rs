@@ -174,13 +174,7 @@ impl<'a, D: PacketIo> Tx<'a, D> {
         }
         let offload = self.counters.offload;
         if !offload.csum {
-            send(
-                self.device,
-                &self.counters.metrics,
-                &mut self.counters.bytes,
-                &VnetHdr::NONE,
-                self.scratch,
-            );
+            self.send_scratch(&VnetHdr::NONE);
             return;
         }
         if offload.tso {
@@ -194,11 +188,16 @@ impl<'a, D: PacketIo> Tx<'a, D> {
         }
         // Not TCP (smoltcp checksummed it), or TCP that starts no super-segment.
         let hdr = partial_checksum(self.scratch).unwrap_or(VnetHdr::NONE);
+        self.send_scratch(&hdr);
+    }
+
+    /// Writes the packet smoltcp built in `scratch`, with `hdr`.
+    fn send_scratch(&mut self, hdr: &VnetHdr) {
         send(
             self.device,
             &self.counters.metrics,
             &mut self.counters.bytes,
-            &hdr,
+            hdr,
             self.scratch,
         );
     }
@@ -210,15 +209,7 @@ impl<D: PacketIo> Tx<'_, D> {
     fn transmit_segmented(&mut self, size: u16) {
         self.flush();
         match segmented(self.scratch, size) {
-            Some(hdr) => {
-                send(
-                    self.device,
-                    &self.counters.metrics,
-                    &mut self.counters.bytes,
-                    &hdr,
-                    self.scratch,
-                );
-            }
+            Some(hdr) => self.send_scratch(&hdr),
             // smoltcp asks for segmentation only of ACK segments with data (PSH, FIN)
             // that it builds itself; anything else is a bug, counted as a drop (TCP
             // sends the data again).

@@ -300,10 +300,7 @@ impl Upstream {
         proxy: SocketAddr,
         fut: impl Future<Output = Result<T, UpstreamError>>,
     ) -> Result<T, UpstreamError> {
-        let timeout = self.options.handshake_timeout;
-        tokio::time::timeout(timeout, fut)
-            .await
-            .unwrap_or(Err(UpstreamError::HandshakeTimeout { proxy, timeout }))
+        handshake_within(self.options.handshake_timeout, proxy, fut).await
     }
 
     /// Opens a TCP connection to the proxy, trying each of its addresses in turn.
@@ -365,6 +362,17 @@ impl Upstream {
         }
         Ok(())
     }
+}
+
+/// `fut` (a handshake with `proxy`), or `HandshakeTimeout` once `timeout` has passed.
+async fn handshake_within<T>(
+    timeout: Duration,
+    proxy: SocketAddr,
+    fut: impl Future<Output = Result<T, UpstreamError>>,
+) -> Result<T, UpstreamError> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or(Err(UpstreamError::HandshakeTimeout { proxy, timeout }))
 }
 
 /// Runs a client handshake over `stream` until the proxy's reply (or, for BIND, one

@@ -19,7 +19,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use super::{Upstream, UpstreamError, negotiate};
+use super::{Upstream, UpstreamError, handshake_within, negotiate};
 use crate::socks::{self, Address, ClientHandshake, Command, Protocol};
 
 /// How the SOCKS5 handshake is sent (`--socks-pipeline`).
@@ -163,12 +163,12 @@ impl Upstream {
         };
         let mut buf = Vec::with_capacity(64);
         let limit = PROBE_TIMEOUT.min(self.options.handshake_timeout);
-        let result = tokio::time::timeout(limit, negotiate(&mut stream, &mut hs, &mut buf, proxy))
-            .await
-            .unwrap_or(Err(UpstreamError::HandshakeTimeout {
-                proxy,
-                timeout: limit,
-            }));
+        let result = handshake_within(
+            limit,
+            proxy,
+            negotiate(&mut stream, &mut hs, &mut buf, proxy),
+        )
+        .await;
         if let Err(e) = &result {
             tracing::debug!(error = %e, "pipelining probe");
         }
