@@ -178,6 +178,9 @@ fn udp_two_ports_per_socket(app: &Namespace) -> Result<()> {
     let target = IpAddr::from(TARGET_V4);
     let answered = join(app.enter(move || {
         let mut answered = 0;
+        // Every socket stays open to the end: a closed one's port could be handed to
+        // a later socket, which would then (rightly) reuse its association.
+        let mut open = Vec::with_capacity(UDP_SOCKETS);
         for i in 0..UDP_SOCKETS {
             let socket = UdpSocket::bind("0.0.0.0:0")?;
             socket.set_read_timeout(Some(Duration::from_secs(2)))?;
@@ -209,6 +212,7 @@ fn udp_two_ports_per_socket(app: &Namespace) -> Result<()> {
                     break;
                 }
             }
+            open.push(socket);
         }
         Ok(answered)
     }))?;
