@@ -1,6 +1,7 @@
 //! The soak in CI: one minute of mixed load (bulk TCP, short connections, UDP echo,
 //! DNS; half the benchmark's rates, `SoakConfig::ci`) through our tunnel and our SOCKS
-//! server in namespaces, rows every 10 s, then 10 s of idleness. Fails on any load error, UDP/DNS loss over 0.1%, RSS or
+//! server in namespaces, rows every 10 s, then 6 s for the last UDP associations to close
+//! and 10 s of idleness. Fails on any load error, UDP/DNS loss over 0.1%, RSS or
 //! descriptor drift over 10% after the warm-up (tunnel or server), an idle tunnel
 //! using over 1% of a core, or an unclean exit. See `tun2socks::testbed::soak`; the
 //! long run is `cargo bench --bench soak`.
