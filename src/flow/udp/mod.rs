@@ -37,6 +37,9 @@
 
 mod association;
 mod outbox;
+mod shared;
+
+use shared::{NatLogs, Refusal, Shared};
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -50,9 +53,8 @@ use tokio::task::JoinSet;
 
 use super::BurstLog;
 use crate::egress::Egress;
-use crate::metrics::{Metrics, SocksCommand};
 use crate::socks::{Address, Protocol};
-use crate::upstream::{UdpAssociation, Upstream, UpstreamError};
+use crate::upstream::{UdpAssociation, Upstream};
 
 /// The largest UDP payload over IPv4 (65535 - 20 - 8): the relay datagram, SOCKS
 /// header included, must fit in it.
@@ -111,13 +113,6 @@ pub struct Outgoing<'a> {
     pub payload: &'a [u8],
 }
 
-/// Why the proxy will not carry UDP right now, and until when we believe it.
-#[derive(Debug, Clone)]
-struct Refusal {
-    until: Instant,
-    why: String,
-}
-
 /// The associations by application endpoint, and what the proxy last said about UDP.
 /// Cloning shares them: the stacks of a multi-queue tunnel each have a [`UdpNat`]
 /// over one table ([`UdpNat::with_table`]), so a datagram from an endpoint that
@@ -146,105 +141,6 @@ impl Default for NatTable {
             }),
             epoch: Instant::now(),
         }
-    }
-}
-
-/// The warnings the NAT logs once per burst.
-#[derive(Debug)]
-struct NatLogs {
-    /// The proxy refused or could not be reached.
-    refusals: BurstLog,
-    /// `--max-udp` reached.
-    limit: BurstLog,
-    /// The proxy speaks SOCKS4.
-    no_udp: BurstLog,
-}
-
-/// What the association tasks share with the NAT.
-#[derive(Debug)]
-struct Shared {
-    upstream: Upstream,
-    egress: Arc<Egress>,
-    config: UdpConfig,
-    table: Arc<Mutex<HashMap<SocketAddr, Arc<Assoc>>>>,
-    refusal: Arc<Mutex<Option<Refusal>>>,
-    /// The counters (those of egress: one set for the tunnel).
-    metrics: Arc<Metrics>,
-    logs: Arc<NatLogs>,
-    /// The clock associations count idle time from.
-    epoch: Instant,
-}
-
-impl Shared {
-    fn table(&self) -> MutexGuard<'_, HashMap<SocketAddr, Arc<Assoc>>> {
-        self.table.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn refusal(&self, now: Instant) -> Option<Refusal> {
-        let mut refusal = self.refusal.lock().unwrap_or_else(PoisonError::into_inner);
-        match &*refusal {
-            Some(r) if now < r.until => Some(r.clone()),
-            Some(_) => {
-                *refusal = None;
-                None
-            }
-            None => None,
-        }
-    }
-
-    /// Remembers that the proxy would not (or could not) associate, and logs it once
-    /// per burst.
-    fn refused(&self, error: &UpstreamError) {
-        self.metrics.socks.record(SocksCommand::UdpAssociate, error);
-        let now = Instant::now();
-        let memory = if error.proxy_unreachable() {
-            self.config.unreachable_memory
-        } else {
-            self.config.refusal_memory
-        };
-        *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(Refusal {
-            until: now + memory,
-            why: error.to_string(),
-        });
-        if let Some(suppressed) = self.logs.refusals.check(now) {
-            tracing::warn!(
-                error = %error, remembered = ?memory, suppressed,
-                "UDP association failed; answering datagrams with port unreachable"
-            );
-        }
-    }
-
-    /// Answers a datagram the proxy will not carry with port unreachable.
-    fn unreachable(&self, app: SocketAddr, dst: SocketAddr, payload: &[u8]) {
-        self.metrics.udp.refused.fetch_add(1, Relaxed);
-        self.egress.port_unreachable(app, dst, payload);
-    }
-
-    /// Sends one datagram to the relay now, or drops and counts it.
-    fn relay(
-        &self,
-        relay: &UdpAssociation,
-        target: &Address,
-        payload: &[u8],
-        scratch: &mut Vec<u8>,
-    ) {
-        match relay.try_send_to(payload, target, scratch) {
-            Ok(()) => {
-                self.metrics.udp.datagrams_up.fetch_add(1, Relaxed);
-                self.metrics
-                    .udp
-                    .bytes_up
-                    .fetch_add(payload.len() as u64, Relaxed);
-            }
-            Err(e) => {
-                self.metrics.udp.relay_busy.fetch_add(1, Relaxed);
-                tracing::trace!(error = %e, "relay socket refused a datagram");
-            }
-        }
-    }
-
-    fn millis(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 }
 

@@ -7,6 +7,7 @@
 
 use super::*;
 use crate::egress::PacketSink;
+use crate::metrics::Metrics;
 use crate::server::{self, ServerConfig};
 use crate::socks::ServerPolicy;
 use crate::upstream::DialOptions;

@@ -1,0 +1,121 @@
+//! What the association tasks share with the NAT: the upstream, the egress, the
+//! table, what the proxy last said about UDP, and the once-per-burst warnings.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
+
+use super::{Assoc, UdpConfig};
+use crate::egress::Egress;
+use crate::flow::BurstLog;
+use crate::metrics::{Metrics, SocksCommand};
+use crate::socks::Address;
+use crate::upstream::{UdpAssociation, Upstream, UpstreamError};
+
+/// Why the proxy will not carry UDP right now, and until when we believe it.
+#[derive(Debug, Clone)]
+pub(super) struct Refusal {
+    pub(super) until: Instant,
+    pub(super) why: String,
+}
+
+/// The warnings the NAT logs once per burst.
+#[derive(Debug)]
+pub(super) struct NatLogs {
+    /// The proxy refused or could not be reached.
+    pub(super) refusals: BurstLog,
+    /// `--max-udp` reached.
+    pub(super) limit: BurstLog,
+    /// The proxy speaks SOCKS4.
+    pub(super) no_udp: BurstLog,
+}
+
+/// What the association tasks share with the NAT.
+#[derive(Debug)]
+pub(super) struct Shared {
+    pub(super) upstream: Upstream,
+    pub(super) egress: Arc<Egress>,
+    pub(super) config: UdpConfig,
+    pub(super) table: Arc<Mutex<HashMap<SocketAddr, Arc<Assoc>>>>,
+    pub(super) refusal: Arc<Mutex<Option<Refusal>>>,
+    /// The counters (those of egress: one set for the tunnel).
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) logs: Arc<NatLogs>,
+    /// The clock associations count idle time from.
+    pub(super) epoch: Instant,
+}
+
+impl Shared {
+    pub(super) fn table(&self) -> MutexGuard<'_, HashMap<SocketAddr, Arc<Assoc>>> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) fn refusal(&self, now: Instant) -> Option<Refusal> {
+        let mut refusal = self.refusal.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*refusal {
+            Some(r) if now < r.until => Some(r.clone()),
+            Some(_) => {
+                *refusal = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Remembers that the proxy would not (or could not) associate, and logs it once
+    /// per burst.
+    pub(super) fn refused(&self, error: &UpstreamError) {
+        self.metrics.socks.record(SocksCommand::UdpAssociate, error);
+        let now = Instant::now();
+        let memory = if error.proxy_unreachable() {
+            self.config.unreachable_memory
+        } else {
+            self.config.refusal_memory
+        };
+        *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(Refusal {
+            until: now + memory,
+            why: error.to_string(),
+        });
+        if let Some(suppressed) = self.logs.refusals.check(now) {
+            tracing::warn!(
+                error = %error, remembered = ?memory, suppressed,
+                "UDP association failed; answering datagrams with port unreachable"
+            );
+        }
+    }
+
+    /// Answers a datagram the proxy will not carry with port unreachable.
+    pub(super) fn unreachable(&self, app: SocketAddr, dst: SocketAddr, payload: &[u8]) {
+        self.metrics.udp.refused.fetch_add(1, Relaxed);
+        self.egress.port_unreachable(app, dst, payload);
+    }
+
+    /// Sends one datagram to the relay now, or drops and counts it.
+    pub(super) fn relay(
+        &self,
+        relay: &UdpAssociation,
+        target: &Address,
+        payload: &[u8],
+        scratch: &mut Vec<u8>,
+    ) {
+        match relay.try_send_to(payload, target, scratch) {
+            Ok(()) => {
+                self.metrics.udp.datagrams_up.fetch_add(1, Relaxed);
+                self.metrics
+                    .udp
+                    .bytes_up
+                    .fetch_add(payload.len() as u64, Relaxed);
+            }
+            Err(e) => {
+                self.metrics.udp.relay_busy.fetch_add(1, Relaxed);
+                tracing::trace!(error = %e, "relay socket refused a datagram");
+            }
+        }
+    }
+
+    pub(super) fn millis(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
+    }
+}
