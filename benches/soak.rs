@@ -1,9 +1,9 @@
 //! Soak benchmark: mixed load (bulk TCP at 200 Mbit/s, 200 short connections/s, 1,000
 //! UDP datagrams/s, 100 DNS queries/s) through tun2socks and our SOCKS server in
 //! namespaces, printing the tunnel's and the server's RSS, descriptors and CPU with
-//! the counts every 30 s; then 6 s to settle and 10 s of idleness. Exits non-zero on any load error,
-//! UDP/DNS loss over 0.1%, RSS or descriptor drift over 10% after the warm-up (the
-//! first third), idle CPU over 1% of a core, or an unclean exit
+//! the counts every 30 s; then 6 s to settle and 10 s of idleness. Exits non-zero on
+//! any load error, UDP/DNS loss over 0.1%, RSS or descriptor drift over 10% after the
+//! warm-up (the first third), idle CPU over 1% of a core, or an unclean exit
 //! (`tun2socks::testbed::soak`). Needs root and dnsmasq.
 //!
 //! `cargo bench --bench soak -- --duration SECS` (or `T2S_SOAK_SECS`; default 600).

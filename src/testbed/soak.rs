@@ -107,6 +107,9 @@ pub struct SoakConfig {
     pub tunnel_args: Vec<String>,
 }
 
+/// The tunnel's `--udp-timeout` in the soak, seconds.
+const UDP_TIMEOUT_SECS: u64 = 5;
+
 impl SoakConfig {
     /// The benchmark's settings for a run of `duration`: rows every 30 s, bulk at
     /// 200 Mbit/s, 200 short connections/s, 1,000 datagrams/s, 100 queries/s; RSS and
@@ -124,7 +127,7 @@ impl SoakConfig {
             short_per_sec: 200,
             udp_per_sec: 1000,
             dns_per_sec: 100,
-            settle: Duration::from_secs(6),
+            settle: Duration::from_secs(UDP_TIMEOUT_SECS + 1),
             idle: Duration::from_secs(10),
             max_idle_cpu: 0.01,
             max_loss: 0.001,
@@ -138,7 +141,7 @@ impl SoakConfig {
                 floor: 4,
                 level: Level::Median,
             },
-            tunnel_args: vec!["--udp-timeout".into(), "5".into()],
+            tunnel_args: vec!["--udp-timeout".into(), UDP_TIMEOUT_SECS.to_string()],
         }
     }
 
