@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use tun2socks::metrics::Snapshot;
 use tun2socks::require_or_skip;
-use tun2socks::testbed::attach::{create_tun, open_fds, start_tunnel_attached};
+use tun2socks::testbed::attach::{create_tun, open_fds, settled_fds, start_tunnel_attached};
 use tun2socks::testbed::dante::Dante;
 use tun2socks::testbed::tunnel::{proxy_addr, start_server, start_tunnel, stop_cleanly};
 use tun2socks::testbed::udp::{UDP_ECHO_PORT, UdpServices};
@@ -259,7 +259,8 @@ fn the_association_comes_back_after_the_proxy_restarts_and_idles_out() -> Result
     )?;
     let target = SocketAddr::new(TARGET_V4.into(), UDP_ECHO_PORT);
     let pid = net.tunnel_pid();
-    let idle_fds = open_fds(pid)?;
+    // Past the tunnel's start-up (it opens a file for a moment 250 ms after start).
+    let idle_fds = settled_fds(pid, Duration::from_millis(500))?;
     // One socket throughout: its association must survive the proxy's restart.
     let socket = net.app().within(move || {
         let s = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
@@ -280,9 +281,10 @@ fn the_association_comes_back_after_the_proxy_restarts_and_idles_out() -> Result
         anyhow::bail!("no echo for {:?}", String::from_utf8_lossy(payload))
     };
     echo(b"before")?;
+    let with_one = open_fds(pid)?;
     ensure!(
-        open_fds(pid)? == idle_fds + 2,
-        "an association holds two descriptors"
+        with_one == idle_fds + 2,
+        "an association holds two descriptors: {with_one} open, {idle_fds} idle"
     );
     net.server.take().unwrap().stop()?;
     std::thread::sleep(Duration::from_millis(200));

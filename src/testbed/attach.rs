@@ -149,6 +149,25 @@ pub fn open_fds(pid: u32) -> io::Result<usize> {
         .count())
 }
 
+/// The open descriptors of `pid` once their count has held still for `quiet` (read
+/// every 20 ms, for at most 5 s; then the last reading): a baseline that start-up
+/// work opening a file for a moment cannot skew (the tunnel reads its own smaps once,
+/// 250 ms after start, to release its start-up code).
+pub fn settled_fds(pid: u32, quiet: Duration) -> io::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut count = open_fds(pid)?;
+    let mut since = Instant::now();
+    while since.elapsed() < quiet && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        let now = open_fds(pid)?;
+        if now != count {
+            count = now;
+            since = Instant::now();
+        }
+    }
+    Ok(count)
+}
+
 /// The most telling line of a failed start's message (from [`start_tunnel_attached`]
 /// or [`start_tunnel`](super::tunnel::start_tunnel)): the first line of the log that
 /// says `error`, else the first line.
