@@ -233,11 +233,6 @@ impl Upstream {
         self
     }
 
-    /// [`Upstream::pipelining`] with `On` or `Off`.
-    pub fn pipelined(self, on: bool) -> Self {
-        self.pipelining(if on { Pipelining::On } else { Pipelining::Off })
-    }
-
     /// Resolves the proxy's host name now (a no-op for an address). Returns the
     /// addresses in use.
     pub async fn resolve(&self) -> Result<Vec<SocketAddr>, UpstreamError> {
