@@ -1,11 +1,12 @@
 //! Helpers shared by the integration tests: our server on a random loopback port,
-//! small target servers (TCP echo, HTTP, UDP echo), and the rule for tests that need
-//! an external program (fail in CI, skip with a message elsewhere).
+//! small target servers (TCP echo, HTTP, UDP echo), both sides of a SOCKS5 exchange in
+//! hand-written bytes, and the rule for tests that need an external program (fail in
+//! CI, skip with a message elsewhere).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod memdev;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
@@ -187,6 +188,36 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// SOCKS5 request bytes for an IPv4 destination.
+pub fn v5_request(cmd: u8, addr: SocketAddr) -> Vec<u8> {
+    let SocketAddr::V4(a) = addr else {
+        panic!("{addr}")
+    };
+    let mut out = vec![5, cmd, 0, 1];
+    out.extend_from_slice(&a.ip().octets());
+    out.extend_from_slice(&a.port().to_be_bytes());
+    out
+}
+
+/// Connects and completes the no-auth method negotiation.
+pub async fn v5_session(server: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(server).await.unwrap();
+    s.write_all(&[5, 1, 0]).await.unwrap();
+    assert_eq!(read_exact_timeout(&mut s, 2, 5).await, [5, 0]);
+    s
+}
+
+/// Reads a SOCKS5 reply with an IPv4 address: (REP, address).
+pub async fn v5_reply_v4(s: &mut TcpStream) -> (u8, SocketAddr) {
+    let r = read_exact_timeout(s, 10, 5).await;
+    assert_eq!((r[0], r[2], r[3]), (5, 0, 1), "reply {r:02x?}");
+    let ip = Ipv4Addr::new(r[4], r[5], r[6], r[7]);
+    (
+        r[1],
+        SocketAddr::from((ip, u16::from_be_bytes([r[8], r[9]]))),
+    )
 }
 
 /// The proxy side of a SOCKS5 CONNECT without authentication, IPv4 request: reads the
