@@ -210,7 +210,10 @@ async fn serve(
     let offload = device.offload();
     // The attached device keeps its configuration until every queue has stopped.
     let mut device = device;
-    let _guards = device.take_guards();
+    let guards = device.take_guards();
+    let removal = device.take_removal();
+    let name = removal.name().to_owned();
+    let removed = std::sync::atomic::AtomicBool::new(false);
     let mut workers = Vec::with_capacity(queues.len());
     for (index, (tun, runtime)) in queues.into_iter().enumerate() {
         let queue = Queue {
@@ -235,6 +238,10 @@ async fn serve(
         tokio::select! {
             () = shutdown => {}
             () = stop.stopped() => {}
+            () = removal.gone() => {
+                tracing::error!(device = %name, "the TUN device was deleted or moved to another network namespace; stopping");
+                removed.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
         }
     };
     let trim = tokio::spawn(release_startup_code());
@@ -256,6 +263,14 @@ async fn serve(
         }
     }
     side.stop().await;
+    if removed.load(std::sync::atomic::Ordering::Relaxed) {
+        guards.forget();
+        result = Err(format!(
+            "the TUN device {name} was deleted or moved to another network namespace"
+        ));
+    } else {
+        drop(guards);
+    }
     let ring_bytes = result?;
     let stats = stack::StackStats {
         ring_bytes,

@@ -29,8 +29,10 @@ use tun2socks_platform::{LinkError, LinkGuard, Tun, TunError, TunOptions, open_t
 use crate::config::OffloadMode;
 use crate::offload::{Features, HDR_LEN, VnetHdr};
 
+mod removal;
 mod setup;
 
+pub use removal::Removal;
 use setup::{configure, probe_offload};
 
 /// Default transmit queue length of the TUN device, in packets. The kernel's default
@@ -131,6 +133,8 @@ pub struct Device {
     io: AsyncFd<Tun>,
     mtu: u16,
     offload: Features,
+    /// Whether the device goes away under us (see [`Removal`]).
+    removal: Option<Removal>,
 }
 
 impl Device {
@@ -180,6 +184,7 @@ impl Device {
         let more = further_queues(&tun, queues);
         let name = tun.name().to_owned();
         let (ifindex, created) = (tun.ifindex(), tun.created());
+        let removal = Removal::open(ifindex, &name);
         let io = tun.into_async_fd().map_err(|error| DeviceError::Register {
             name: name.clone(),
             error,
@@ -211,6 +216,7 @@ impl Device {
                 io,
                 mtu,
                 offload,
+                removal: Some(removal),
             },
             more,
         ))
@@ -237,6 +243,7 @@ impl Device {
             io,
             mtu,
             offload,
+            removal: None,
         })
     }
 
@@ -258,6 +265,14 @@ impl Device {
     /// stopped, not just this one's. Dropping the result undoes the changes.
     pub fn take_guards(&mut self) -> DeviceGuards {
         DeviceGuards(std::mem::take(&mut self.guards))
+    }
+
+    /// Takes the watch for the device's removal (one that never fires for a device
+    /// served from another namespace, [`Device::from_tun`], or when taken twice).
+    pub fn take_removal(&mut self) -> Removal {
+        self.removal
+            .take()
+            .unwrap_or_else(|| Removal::none(self.name()))
     }
 
     /// The interface name.
@@ -423,6 +438,16 @@ fn further_queues(tun: &Tun, queues: usize) -> Vec<Tun> {
 #[derive(Debug)]
 #[must_use = "dropping it undoes the device's configuration at once"]
 pub struct DeviceGuards(Vec<LinkGuard>);
+
+impl DeviceGuards {
+    /// Drops the guards without undoing anything: for a device that has gone (its
+    /// settings went with it, and restoring them could only fail).
+    pub fn forget(mut self) {
+        for guard in self.0.drain(..) {
+            guard.forget();
+        }
+    }
+}
 
 impl Drop for DeviceGuards {
     fn drop(&mut self) {

@@ -2,7 +2,8 @@
 //! keep-alive (`--tcp-keepalive`), and idle flows are reset by the tunnel
 //! (`--tcp-idle-timeout`) or by the server (`--idle-timeout`). In each case the
 //! application learns of it as a reset, within the limit plus a margin, and the
-//! tunnel keeps no descriptor for the flow.
+//! tunnel keeps no descriptor for the flow. And the device itself going away (deleted
+//! under the tunnel) stops the tunnel with an error at once.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -124,5 +125,52 @@ fn idle_flows_are_reset_by_the_tunnel_and_by_the_server() -> Result<()> {
         echo_once(net.app())?;
         net.assert_no_panics()?;
     }
+    Ok(())
+}
+
+/// Deletes the tunnel's device under it; the tunnel must notice at once and stop with
+/// an error naming the device (a service manager can then restart it), instead of
+/// waiting forever on a descriptor the kernel detached.
+fn expect_stop_on_deletion(net: &mut Net, delete: &[&str], what: &str) -> Result<()> {
+    echo_once(net.app())?;
+    let deleted = Instant::now();
+    net.app().ip(delete.iter().copied())?;
+    let tunnel = net.tunnel.as_mut().expect("the tunnel runs");
+    let status = tunnel.wait_timeout(Duration::from_secs(5))?;
+    let after = deleted.elapsed();
+    let log = tunnel.log()?;
+    eprintln!("{what}: the tunnel ended with {status:?} {after:?} after the deletion");
+    let Some(status) = status else {
+        anyhow::bail!("{what}: the tunnel still runs 5 s after its device was deleted:\n{log}");
+    };
+    ensure!(
+        !status.success(),
+        "{what}: exit status {status} after the device went:\n{log}"
+    );
+    ensure!(
+        log.contains("the TUN device tun0 was deleted"),
+        "{what}: no reason given:\n{log}"
+    );
+    ensure!(
+        after < Duration::from_secs(2),
+        "{what}: noticed after {after:?}"
+    );
+    ensure!(
+        tun2socks::testbed::tunnel::panics_in(tunnel).is_empty(),
+        "{what}: panicked:\n{log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_deleted_device_stops_the_tunnel_with_an_error() -> Result<()> {
+    needs_root!("a_deleted_device_stops_the_tunnel_with_an_error");
+    // The device the tunnel made.
+    let mut net = Net::new("fdevdel", &[], &[])?;
+    expect_stop_on_deletion(&mut net, &["link", "del", "tun0"], "own device")?;
+    // A device made by hand, which the tunnel attached to.
+    let mut net = Net::attached("fdevdelh", 1500)?;
+    // (`ip tuntap del` refuses a device in use; `ip link del` is what removes it.)
+    expect_stop_on_deletion(&mut net, &["link", "del", "tun0"], "hand-made device")?;
     Ok(())
 }

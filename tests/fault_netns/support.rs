@@ -8,9 +8,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use tun2socks::testbed::attach::{open_fds, vm_rss_kib};
+use tun2socks::testbed::attach::{create_tun, open_fds, start_tunnel_attached, vm_rss_kib};
 use tun2socks::testbed::services::{ECHO_PORT, Services};
-use tun2socks::testbed::tunnel::{panics_in, proxy_addr, start_server, start_tunnel, stop_cleanly};
+use tun2socks::testbed::tunnel::{
+    TUN_NAME, panics_in, proxy_addr, start_server, start_tunnel, stop_cleanly,
+};
 use tun2socks::testbed::udp::UdpServices;
 use tun2socks::testbed::{Namespace, Process, TARGET_V4, Topology};
 
@@ -31,12 +33,32 @@ pub struct Net {
 
 impl Net {
     pub fn new(tag: &str, server_args: &[&str], tunnel_args: &[&str]) -> Result<Net> {
+        Net::with(tag, server_args, |app, url| {
+            Ok(start_tunnel(app, &binary(), url, tunnel_args)?)
+        })
+    }
+
+    /// [`Net::new`] with the tunnel attached to a TUN device made by hand (`tun0`,
+    /// MTU `mtu`) before it starts.
+    pub fn attached(tag: &str, mtu: u32) -> Result<Net> {
+        Net::with(tag, &[], |app, url| {
+            create_tun(app, TUN_NAME, mtu)?;
+            Ok(start_tunnel_attached(app, &binary(), url, TUN_NAME, &[])?)
+        })
+    }
+
+    /// The topology, services and server; the tunnel from `tunnel(app, proxy URL)`.
+    fn with(
+        tag: &str,
+        server_args: &[&str],
+        tunnel: impl FnOnce(&Namespace, &str) -> Result<Process>,
+    ) -> Result<Net> {
         let topo = Topology::create(tag)?;
         let services = Services::start(topo.target(), 1024, 1)?;
         let udp = UdpServices::start(topo.target())?;
         let server = start_server(topo.proxy(), &binary(), server_args)?;
         let url = format!("socks5://{}", proxy_addr());
-        let tunnel = start_tunnel(topo.app(), &binary(), &url, tunnel_args)?;
+        let tunnel = tunnel(topo.app(), &url)?;
         Ok(Net {
             tunnel: Some(tunnel),
             server: Some(server),

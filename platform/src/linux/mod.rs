@@ -5,6 +5,7 @@
 
 mod allocator;
 mod link;
+mod link_watch;
 pub mod mmsg;
 mod netlink;
 mod resident;
@@ -15,6 +16,7 @@ mod tun;
 
 pub use allocator::{LARGE_BLOCK, return_large_blocks};
 pub use link::{Link, LinkGuard, LinkState};
+pub use link_watch::LinkWatch;
 pub use resident::release_code;
 pub use route::{RouteGuard, Routing};
 pub use sandbox::{ProgramExit, Sandbox, SandboxSignal, SandboxSpec};

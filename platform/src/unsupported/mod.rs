@@ -148,6 +148,42 @@ pub struct LinkState {
 }
 
 /// See the Linux implementation; never constructed here.
+#[derive(Debug)]
+pub struct LinkWatch {
+    never: Infallible,
+}
+
+impl LinkWatch {
+    /// Always fails with `Unsupported`.
+    pub fn new(_ifindex: u32) -> io::Result<LinkWatch> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    /// The interface watched.
+    pub fn ifindex(&self) -> u32 {
+        match self.never {}
+    }
+
+    /// Whether the interface has gone.
+    pub fn gone(&mut self) -> io::Result<bool> {
+        match self.never {}
+    }
+
+    /// Registers the descriptor with the tokio reactor.
+    #[cfg(unix)]
+    pub fn into_async_fd(self) -> io::Result<tokio::io::unix::AsyncFd<LinkWatch>> {
+        match self.never {}
+    }
+}
+
+#[cfg(unix)]
+impl std::os::fd::AsRawFd for LinkWatch {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self.never {}
+    }
+}
+
+/// See the Linux implementation; never constructed here.
 #[derive(Debug, Clone)]
 pub struct Link {
     never: Infallible,
