@@ -30,8 +30,8 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use etherparse::{PacketBuilder, icmpv4, icmpv6};
@@ -40,7 +40,10 @@ use crate::metrics::Metrics;
 use crate::offload::VnetHdr;
 use uso::write_udp_super;
 
+mod fragment;
 mod uso;
+
+pub use fragment::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6};
 
 /// Hop limit of the packets we build.
 const TTL: u8 = 64;
@@ -86,6 +89,8 @@ pub struct Egress {
     metrics: Arc<Metrics>,
     /// UDP super-packets are written (the device offers them and has not refused one).
     uso: AtomicBool,
+    /// Identification of the next fragmented datagram (IPv4 uses the low 16 bits).
+    fragment_id: AtomicU32,
 }
 
 impl std::fmt::Debug for Egress {
@@ -107,6 +112,8 @@ impl Egress {
         Egress {
             buf: Mutex::new(Vec::with_capacity(sink.max_packet())),
             uso: AtomicBool::new(sink.udp_offload()),
+            // Not predictable from outside (RFC 7739): a random start.
+            fragment_id: AtomicU32::new(random_u32()),
             sink,
             metrics,
         }
@@ -140,9 +147,40 @@ impl Egress {
         };
         let builder = builder.udp(from.port(), to.port());
         if builder.size(payload.len()) > self.sink.max_packet() {
-            return self.unsendable();
+            return self.fragmented(from, to, payload);
         }
         self.emit(|buf| builder.write(buf, payload).is_ok())
+    }
+
+    /// Sends a UDP datagram too large for one packet as IP fragments (see
+    /// [`fragment`]); counted once, as sent only if every fragment was taken.
+    fn fragmented(&self, from: SocketAddr, to: SocketAddr, payload: &[u8]) -> bool {
+        let ends = (
+            SocketAddr::new(canonical(from.ip()), from.port()),
+            SocketAddr::new(canonical(to.ip()), to.port()),
+        );
+        let id = self.fragment_id.fetch_add(1, Relaxed);
+        let mtu = self.sink.max_packet();
+        let mut buf = self.buf.lock().unwrap_or_else(PoisonError::into_inner);
+        let sent = fragment::udp_fragments(ends, payload, (mtu, id), TTL, &mut buf, |packet| {
+            self.sink.send_packet(packet).is_ok()
+        });
+        match sent {
+            Ok(true) => {
+                self.metrics.egress.sent.fetch_add(1, Relaxed);
+                self.metrics.egress.fragmented.fetch_add(1, Relaxed);
+                true
+            }
+            Ok(false) => {
+                self.metrics.egress.device_full.fetch_add(1, Relaxed);
+                false
+            }
+            Err(unfit) => {
+                tracing::debug!(?unfit, len = payload.len(), "UDP datagram cannot be sent");
+                drop(buf);
+                self.unsendable()
+            }
+        }
     }
 
     /// Sends datagrams to `to`, each from its source, in order; returns how many were
@@ -323,6 +361,12 @@ fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
 }
 
+/// A random number from the standard library's per-process hash keys.
+fn random_u32() -> u32 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(0u8) as u32
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
@@ -398,10 +442,11 @@ mod tests {
             "198.18.0.1:5000".parse().unwrap(),
             b"x"
         ));
+        // Larger than IP can carry at all.
         assert!(!egress.udp(
             "198.19.2.2:7".parse().unwrap(),
             "198.18.0.1:5000".parse().unwrap(),
-            &[0u8; 1473]
+            &[0u8; fragment::MAX_UDP_PAYLOAD_V4 + 1]
         ));
         assert!(egress.udp(
             "198.19.2.2:7".parse().unwrap(),
@@ -410,6 +455,33 @@ mod tests {
         ));
         assert_eq!(egress.stats().unsendable.load(Relaxed), 2);
         assert_eq!(sent(&cap).len(), 1);
+    }
+
+    #[test]
+    fn a_datagram_over_the_mtu_goes_as_fragments() {
+        let cap = Arc::new(Capture::default());
+        let egress = Egress::new(cap.clone());
+        let payload: Vec<u8> = (0..4000u32).map(|i| i as u8).collect();
+        assert!(egress.udp(
+            "198.19.2.2:7".parse().unwrap(),
+            "198.18.0.1:5000".parse().unwrap(),
+            &payload
+        ));
+        assert!(egress.udp(
+            "[fd19:2::2]:7".parse().unwrap(),
+            "[fd18::1]:5000".parse().unwrap(),
+            &payload
+        ));
+        let packets = sent(&cap);
+        assert_eq!(packets.len(), 6, "three fragments each at MTU 1500");
+        assert!(packets.iter().all(|p| p.len() <= 1500));
+        assert_eq!(
+            egress.stats().sent.load(Relaxed),
+            2,
+            "a datagram counts once"
+        );
+        assert_eq!(egress.stats().fragmented.load(Relaxed), 2);
+        assert_eq!(egress.stats().unsendable.load(Relaxed), 0);
     }
 
     #[test]

@@ -75,6 +75,8 @@ pub struct StackCounters {
     /// Packets dropped on the way in, by [`DropReason`] (indexed by
     /// [`DropReason::index`]).
     pub dropped: [AtomicU64; DropReason::COUNT],
+    /// Datagrams reassembled from IP fragments.
+    pub reassembled: AtomicU64,
     /// Bytes of TCP rings held by flows now (the `--memory-limit` budget's use).
     pub ring_bytes: AtomicU64,
     /// Most bytes of TCP rings held at once.
@@ -197,9 +199,11 @@ pub struct EgressStats {
     pub sent: AtomicU64,
     /// Packets the device refused (its queue was full).
     pub device_full: AtomicU64,
-    /// Packets not built: larger than the device's MTU, or a source and destination
-    /// of different families.
+    /// Packets not built: larger than IP can carry, or a source and destination of
+    /// different families.
     pub unsendable: AtomicU64,
+    /// UDP datagrams larger than the device's MTU, sent as IP fragments.
+    pub fragmented: AtomicU64,
 }
 
 /// DNS counters.

@@ -131,6 +131,34 @@ fn echo_1000_datagrams_v4_v6_on_a_hand_made_tun_at_mtu_1500() -> Result<()> {
     Ok(())
 }
 
+/// The largest payload an application can send through a SOCKS5 relay reached over
+/// IPv4: the relay's datagram (SOCKS header and payload) must fit one IPv4 datagram.
+fn largest_relayed(v6: bool) -> usize {
+    let socks_header = if v6 { 4 + 16 + 2 } else { 4 + 4 + 2 };
+    65_507 - socks_header
+}
+
+#[test]
+fn datagrams_over_the_mtu_are_reassembled_and_fragmented() -> Result<()> {
+    needs_root!("datagrams_over_the_mtu_are_reassembled_and_fragmented");
+    let mut net = Net::new("udpfrag")?;
+    net.server(&[])?;
+    net.tunnel_attached(&format!("socks5://{}", proxy_addr()), &[])?;
+    for (target, v6) in echo_targets() {
+        // The application's kernel fragments each datagram on the way in; the tunnel
+        // reassembles it, and fragments the echo on the way back.
+        let sizes = max_udp_payload(1500, v6) + 1..=largest_relayed(v6);
+        let report = udp_echo_check(net.app(), target, 200, sizes.clone())?;
+        ensure!(report.all_ok(), "{target}, {sizes:?}: {report}");
+        eprintln!("{target}, {sizes:?}: {report}");
+    }
+    let log = net.stop_tunnel()?;
+    ensure!(stat(&log, "reassembled") >= 400, "{log}");
+    ensure!(stat(&log, "fragmented") >= 400, "{log}");
+    ensure!(stat(&log, "fragment") == 0, "fragments discarded: {log}");
+    Ok(())
+}
+
 #[test]
 fn full_cone_and_200_source_ports() -> Result<()> {
     needs_root!("full_cone_and_200_source_ports");
@@ -168,6 +196,12 @@ fn echo_through_dante() -> Result<()> {
         let max = max_udp_payload(1500, v6);
         let report = udp_echo_check(net.app(), target, 1000, 8..=max)?;
         ensure!(report.all_ok(), "{target} through Dante: {report}");
+        // Larger than the MTU: fragments both ways between the application and us.
+        let report = udp_echo_check(net.app(), target, 50, max + 1..=16_000)?;
+        ensure!(
+            report.all_ok(),
+            "{target} through Dante, over the MTU: {report}"
+        );
     }
     udp_cone_check(net.app(), TARGET_V4.into()).context("cone through Dante")?;
     net.stop_tunnel()?;

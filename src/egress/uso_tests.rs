@@ -165,24 +165,30 @@ fn runs_end_at_a_new_source_a_new_size_and_the_segment_limit() {
 }
 
 #[test]
-fn ipv6_super_packets_and_unsendable_datagrams() {
+fn ipv6_super_packets_fragments_and_unsendable_datagrams() {
     let cap = Arc::new(UsoCapture::default());
     let egress = Egress::new(cap.clone());
     let (remote, app) = (addr("[fd19:2::2]:7"), addr("[fd18::1]:5000"));
     let (p, big) = (vec![3u8; 200], vec![4u8; 1453]);
     let batch: Vec<(SocketAddr, &[u8])> = vec![(remote, &p), (remote, &p), (remote, &big)];
-    // 1453 bytes do not fit a 1500-byte packet with IPv6 headers: not sent.
-    assert_eq!(egress.udp_batch(app, &batch), (2, 400));
-    assert_eq!(egress.stats().unsendable.load(Relaxed), 1);
+    // 1453 bytes do not fit a 1500-byte packet with IPv6 headers: two fragments,
+    // not part of the super-packet.
+    assert_eq!(egress.udp_batch(app, &batch), (3, 1853));
+    assert_eq!(egress.stats().fragmented.load(Relaxed), 1);
     let sent = packets(&cap);
-    assert_eq!(sent.len(), 1);
+    assert_eq!(sent.len(), 3);
+    assert!(
+        sent[1..]
+            .iter()
+            .all(|(h, p)| *h == VnetHdr::NONE && p.len() <= 1500)
+    );
     let (hdr, packet) = &sent[0];
     assert_eq!((hdr.csum_start, hdr.hdr_len, hdr.gso_size), (40, 48, 200));
     assert_eq!(segment(hdr, packet).len(), 2);
     // A source of the other family is unsendable, and never merged.
     let v4 = addr(REMOTE);
     assert_eq!(egress.udp_batch(app, &[(v4, &p), (v4, &p)]), (0, 0));
-    assert_eq!(egress.stats().unsendable.load(Relaxed), 3);
+    assert_eq!(egress.stats().unsendable.load(Relaxed), 2);
 }
 
 #[test]

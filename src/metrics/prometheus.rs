@@ -119,6 +119,16 @@ impl Collector for TunnelCollector {
                 ),
             ],
         )?;
+        family1(
+            &mut e,
+            "ip_fragments",
+            "UDP datagrams larger than the MTU: reassembled from the applications' IP fragments (in), sent to them as IP fragments (out)",
+            "direction",
+            [
+                ("in", get(&s.reassembled)),
+                ("out", get(&m.egress.fragmented)),
+            ],
+        )?;
         counter(
             &mut e,
             "stack_wakeups",

@@ -100,6 +100,10 @@ pub struct Snapshot {
     pub packets_out: u64,
     /// Packets from smoltcp the device refused.
     pub packets_out_dropped: u64,
+    /// Datagrams reassembled from the applications' IP fragments.
+    pub reassembled: u64,
+    /// UDP datagrams sent to applications as IP fragments (larger than the MTU).
+    pub fragmented: u64,
     /// Packets dropped on the way in, by reason (only reasons that occurred).
     pub dropped: BTreeMap<&'static str, u64>,
     /// TCP flows opened.
@@ -171,6 +175,8 @@ impl Metrics {
             packets_in: get(&s.packets_in),
             packets_out: get(&s.packets_out).saturating_add(get(&e.sent)),
             packets_out_dropped: get(&s.packets_out_dropped),
+            reassembled: get(&s.reassembled),
+            fragmented: get(&e.fragmented),
             dropped,
             flows_opened: get(&f.opened),
             flows_over_limit: get(&f.over_limit),
@@ -216,7 +222,7 @@ impl Snapshot {
 impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.dns;
-        let scalars: [(&str, u64); 44] = [
+        let scalars: [(&str, u64); 46] = [
             ("flows_opened", self.flows_opened),
             ("flows_connected", self.flows_connected),
             ("flows_failed", self.flows_failed),
@@ -253,6 +259,8 @@ impl fmt::Display for Snapshot {
             ("packets_in", self.packets_in),
             ("packets_out", self.packets_out),
             ("packets_out_dropped", self.packets_out_dropped),
+            ("reassembled", self.reassembled),
+            ("fragmented", self.fragmented),
             ("egress_dropped", self.egress_dropped),
             ("wakeups", self.wakeups),
             ("spin_hits", self.spin_hits),

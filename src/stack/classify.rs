@@ -34,7 +34,9 @@ pub enum Class {
 pub enum DropReason {
     /// Not a well-formed IPv4/IPv6 packet (bad version, lengths, headers).
     Malformed,
-    /// An IP fragment (TCP over the TUN is never fragmented; not reassembled).
+    /// An IP fragment that could not be reassembled (malformed, overlapping, too
+    /// large, too many at once, or its datagram did not arrive whole in time; see
+    /// the stack's `reassembly`). Fragments are first handed to reassembly.
     Fragment,
     /// ICMP, ICMPv6 (no flow to hand it to).
     Icmp,

@@ -31,6 +31,7 @@ mod datagram;
 mod packet_io;
 mod phy;
 pub mod queues;
+mod reassembly;
 mod shared;
 mod tcp_flows;
 mod timers;
@@ -178,6 +179,8 @@ struct Stack<D: PacketIo> {
     limit_log: BurstLog,
     loop_log: BurstLog,
     datagrams: Datagrams,
+    /// IP fragments from the applications, until their datagram is whole.
+    reassembly: reassembly::Reassembly,
     busy: BusyPoll,
     /// Packets this stack (its queue) read from the device.
     packets_in: u64,
@@ -246,6 +249,7 @@ impl<D: PacketIo> Stack<D> {
             limit_log: BurstLog::new(Duration::from_secs(5)),
             loop_log: BurstLog::new(Duration::from_secs(5)),
             datagrams,
+            reassembly: reassembly::Reassembly::default(),
             busy: BusyPoll::new(busy_poll),
             packets_in: 0,
             bytes_in: 0,
@@ -393,7 +397,13 @@ impl<D: PacketIo> Stack<D> {
         bump(&self.stats.stack.packets_in);
         self.packets_in = self.packets_in.wrapping_add(1);
         self.bytes_in = self.bytes_in.saturating_add(packet.len());
-        match classify::classify_offload(packet, hdr.checksum_trusted()) {
+        let class = classify::classify_offload(packet, hdr.checksum_trusted());
+        self.dispatch(packet, class, hdr, now);
+    }
+
+    /// Handles one classified packet; a fragment waits for the rest of its datagram.
+    fn dispatch(&mut self, packet: &[u8], class: Class, hdr: &VnetHdr, now: Instant) {
+        match class {
             Class::Tcp { tuple, syn } => match self.by_tuple.get(&tuple).copied() {
                 Some(id) => {
                     if let Some(flow) = self.flows.get(&id).cloned() {
@@ -422,9 +432,31 @@ impl<D: PacketIo> Stack<D> {
                     }
                 }
             }
+            Class::Drop(DropReason::Fragment) => self.reassemble(packet, now),
             Class::Drop(reason) => {
                 tracing::trace!(reason = reason.name(), "packet dropped");
                 self.drop_packet(reason);
+            }
+        }
+    }
+
+    /// Adds a fragment; once its datagram is whole, handles it as one packet (see
+    /// [`reassembly`]). Discarded fragments and expired datagrams count as fragment
+    /// drops.
+    fn reassemble(&mut self, fragment: &[u8], now: Instant) {
+        let added = self.reassembly.add(fragment, now);
+        if added.dropped > 0 {
+            tracing::debug!(reason = ?added.reason, fragments = added.dropped, "IP fragments discarded");
+            for _ in 0..added.dropped {
+                self.drop_packet(DropReason::Fragment);
+            }
+        }
+        if let Some(whole) = added.whole {
+            bump(&self.stats.stack.reassembled);
+            match classify::classify(&whole) {
+                // Fragments inside a fragment: not a datagram anyone sends.
+                Class::Drop(DropReason::Fragment) => self.drop_packet(DropReason::Malformed),
+                class => self.dispatch(&whole, class, &VnetHdr::NONE, now),
             }
         }
     }
@@ -448,6 +480,10 @@ impl<D: PacketIo> Stack<D> {
         }
         self.tasks.shutdown().await;
         self.datagrams.close().await;
+        // Fragments of datagrams that never arrived whole count as dropped.
+        for _ in 0..self.reassembly.held() {
+            self.drop_packet(DropReason::Fragment);
+        }
         self.flows.clear();
         self.by_tuple.clear();
     }

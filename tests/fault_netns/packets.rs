@@ -116,9 +116,12 @@ fn malformed_packets() -> Vec<(&'static str, Vec<u8>)> {
     hbh.extend_from_slice(&bad_udp6);
     // IPv6 destination options, then an unknown next header (253, experimental).
     let dest_unknown = [253, 0, 1, 4, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
-    // IPv6 fragment header (offset 0, more fragments) over part of a UDP datagram.
+    // Fragments that can never be reassembled (fragments that can be wait for the
+    // rest of their datagram: `src/stack/reassembly.rs`): an IPv6 fragment header
+    // (offset 0, more fragments) over 9 bytes, where all but the last fragment
+    // carry a multiple of 8.
     let mut frag6 = vec![17, 0, 0, 1, 0, 0, 0x12, 0x34];
-    frag6.extend_from_slice(&good_v6[40..48]);
+    frag6.extend_from_slice(&good_v6[40..49]);
     vec![
         ("bad-checksum", bad_sum_v4),
         ("bad-checksum", bad_sum_v6),
@@ -129,8 +132,10 @@ fn malformed_packets() -> Vec<(&'static str, Vec<u8>)> {
         ("malformed", ipv4_raw(6, 0, &[], &bad_offset)),
         ("malformed", ipv6_raw(17, 200, &good_v6[40..])),
         ("malformed", ipv6_raw(17, 4, &good_v6[40..44])),
-        ("fragment", ipv4_raw(17, 0x2000, &[], &udp_part)),
-        ("fragment", ipv4_raw(17, 0x0010, &[], &udp_part[8..])),
+        // More fragments, 9 bytes.
+        ("fragment", ipv4_raw(17, 0x2000, &[], &udp_part[..9])),
+        // The last fragment at offset 65,528: the datagram would pass 65,535 bytes.
+        ("fragment", ipv4_raw(17, 0x1fff, &[], &udp_part[..16])),
         ("fragment", ipv6_raw(44, frag6.len() as u16, &frag6)),
         (
             "other-protocol",

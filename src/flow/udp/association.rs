@@ -5,7 +5,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -13,16 +13,17 @@ use std::time::Duration;
 use super::{Assoc, Phase, Queued, Shared};
 use tun2socks_platform::mmsg;
 
-use crate::socks::{Address, udp};
+use crate::socks::Address;
 use crate::upstream::UdpAssociation;
 
 /// Datagrams relayed per wake-up before the task lets others run.
 const BATCH: usize = 256;
 /// Receive buffer without batching: the largest datagram plus its SOCKS header.
 const RECV_BUFFER: usize = 65_536 + 512;
-/// Bytes of the per-thread batch receive buffer at most (it holds up to
-/// [`mmsg::MAX_BATCH`] slots of the largest datagram the device can carry back).
-const BATCH_BYTES: usize = 1 << 20;
+/// Bytes of the per-thread batch receive buffer (slots of [`RECV_BUFFER`], up to
+/// [`mmsg::MAX_BATCH`] of them). Virtual memory: the allocator maps it zeroed and
+/// only the pages datagrams land on become resident.
+const BATCH_BYTES: usize = 2 << 20;
 
 thread_local! {
     /// One receive buffer per thread, shared by every association on it (they never
@@ -166,14 +167,10 @@ async fn relay_loop(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> E
 /// Relays up to a batch of queued datagrams from the proxy to the application,
 /// receiving them a burst per system call.
 fn drain(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> io::Result<()> {
-    // A slot holds the largest reply the device carries (IPv4: the smaller header,
-    // so the larger payload) with the largest SOCKS header; a longer datagram is
-    // truncated by the kernel and counted as egress would count it (unsendable).
-    let slot = shared
-        .egress
-        .max_udp_payload(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
-        .saturating_add(udp::MAX_HEADER_LEN)
-        .max(1);
+    // A slot holds the largest UDP datagram, whatever the device's MTU: a reply
+    // larger than the MTU reaches the application as IP fragments (egress), as it
+    // would through the kernel's own path.
+    let slot = RECV_BUFFER;
     let slots = (BATCH_BYTES / slot).clamp(1, mmsg::MAX_BATCH);
     RECV.with_borrow_mut(|(buf, got)| {
         if buf.len() != slot * slots {

@@ -375,7 +375,7 @@ async fn nats_sharing_a_table_keep_one_association_per_endpoint() {
 }
 
 #[tokio::test]
-async fn a_burst_comes_back_in_batches_and_an_oversized_reply_is_counted() {
+async fn a_burst_comes_back_in_batches_and_an_oversized_reply_in_fragments() {
     let proxy = server(ServerPolicy::default()).await;
     let (echo_a, _) = echo().await;
     let capture = Arc::new(Capture::default());
@@ -384,16 +384,18 @@ async fn a_burst_comes_back_in_batches_and_an_oversized_reply_is_counted() {
         ..UdpConfig::default()
     };
     let mut nat = nat(proxy, "socks5", capture.clone(), config);
-    // Longer than the device carries: the kernel truncates it in its slot, and it
-    // is counted as egress counts what it cannot send.
+    // Longer than the device carries (MTU 1500): it comes back as two IP fragments.
     send(&mut nat, echo_a, &[0xee; 2000]);
-    // More than one receive batch (64) and one wake-up's worth.
+    // More than one receive batch and one wake-up's worth.
     for i in 0..300u16 {
         send(&mut nat, echo_a, &i.to_be_bytes());
     }
-    let seen = capture.wait_for(300).await;
-    assert_eq!(seen.len(), 300);
-    let mut got: Vec<u16> = seen
+    let seen = capture.wait_for(302).await;
+    assert_eq!(seen.len(), 302);
+    let (fragments, small): (Vec<_>, Vec<_>) = seen.iter().partition(|p| p.len() > 100);
+    assert_eq!(fragments.len(), 2);
+    assert!(fragments.iter().all(|p| p.len() <= 1500));
+    let mut got: Vec<u16> = small
         .iter()
         .map(|p| match parse(p) {
             Seen::Udp(_, _, payload) => u16::from_be_bytes([payload[0], payload[1]]),
@@ -402,8 +404,9 @@ async fn a_burst_comes_back_in_batches_and_an_oversized_reply_is_counted() {
         .collect();
     got.sort_unstable();
     assert_eq!(got, (0..300u16).collect::<Vec<_>>());
-    assert_eq!(nat.stats().datagrams_down.load(Relaxed), 300);
-    assert_eq!(nat.shared.metrics.egress.unsendable.load(Relaxed), 1);
+    assert_eq!(nat.stats().datagrams_down.load(Relaxed), 301);
+    assert_eq!(nat.shared.metrics.egress.fragmented.load(Relaxed), 1);
+    assert_eq!(nat.shared.metrics.egress.unsendable.load(Relaxed), 0);
 }
 
 #[tokio::test]

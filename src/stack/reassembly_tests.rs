@@ -1,0 +1,262 @@
+#![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]
+
+use super::*;
+use etherparse::{IpFragOffset, Ipv6FragmentHeader, PacketBuilder, SlicedPacket, TransportSlice};
+
+const SRC4: [u8; 4] = [10, 99, 0, 1];
+const DST4: [u8; 4] = [198, 19, 2, 2];
+const SRC6: [u8; 16] = [0xfd, 0x99, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+const DST6: [u8; 16] = [0xfd, 0x19, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 13 % 251) as u8).collect()
+}
+
+/// A whole UDP datagram (v4 or v6) as one IP packet.
+fn udp_packet(v6: bool, data: &[u8]) -> Vec<u8> {
+    let b = if v6 {
+        PacketBuilder::ipv6(SRC6, DST6, 64)
+    } else {
+        PacketBuilder::ipv4(SRC4, DST4, 64)
+    };
+    let b = b.udp(40000, 9007);
+    let mut out = Vec::new();
+    b.write(&mut out, data).unwrap();
+    out
+}
+
+/// Cuts the IP payload of `whole` (a packet from [`udp_packet`]) into fragments
+/// of at most `chunk` data bytes (a multiple of 8), with identification `id`.
+fn fragments(whole: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
+    let v6 = whole[0] >> 4 == 6;
+    let header = if v6 { 40 } else { 20 };
+    let body = &whole[header..];
+    let mut out = Vec::new();
+    for start in (0..body.len()).step_by(chunk) {
+        let end = (start + chunk).min(body.len());
+        let more = end < body.len();
+        let offset = IpFragOffset::try_new((start / 8) as u16).unwrap();
+        let mut p = Vec::new();
+        if v6 {
+            let h = Ipv6Header {
+                traffic_class: 0,
+                flow_label: Ipv6FlowLabel::ZERO,
+                payload_length: (8 + end - start) as u16,
+                next_header: IpNumber::IPV6_FRAGMENTATION_HEADER,
+                hop_limit: 64,
+                source: SRC6,
+                destination: DST6,
+            };
+            p.extend_from_slice(&h.to_bytes());
+            p.extend_from_slice(
+                &Ipv6FragmentHeader::new(IpNumber::UDP, offset, more, id).to_bytes(),
+            );
+        } else {
+            let mut h =
+                Ipv4Header::new((end - start) as u16, 64, IpNumber::UDP, SRC4, DST4).unwrap();
+            h.dont_fragment = false;
+            h.identification = id as u16;
+            h.more_fragments = more;
+            h.fragment_offset = offset;
+            h.header_checksum = h.calc_header_checksum();
+            p.extend_from_slice(&h.to_bytes());
+        }
+        p.extend_from_slice(&body[start..end]);
+        out.push(p);
+    }
+    out
+}
+
+/// The UDP payload of a whole packet, checking its checksum as the stack would.
+fn udp_payload(packet: &[u8]) -> Vec<u8> {
+    assert!(
+        matches!(
+            crate::stack::classify::classify(packet),
+            crate::stack::classify::Class::Udp { .. }
+        ),
+        "the rebuilt packet classifies as UDP with a good checksum"
+    );
+    let sliced = SlicedPacket::from_ip(packet).unwrap();
+    let Some(TransportSlice::Udp(udp)) = sliced.transport else {
+        panic!("not UDP");
+    };
+    udp.payload().to_vec()
+}
+
+/// The outcome of one fragment: the whole datagram, nothing yet, or why refused.
+fn outcome(added: Added) -> Result<Option<Vec<u8>>, Discard> {
+    match added.reason {
+        Some(reason) => Err(reason),
+        None => Ok(added.whole),
+    }
+}
+
+fn feed(
+    r: &mut Reassembly,
+    packets: &[Vec<u8>],
+    now: Instant,
+) -> Vec<Result<Option<Vec<u8>>, Discard>> {
+    packets.iter().map(|p| outcome(r.add(p, now))).collect()
+}
+
+#[test]
+fn fragments_in_any_order_make_the_datagram_whole() {
+    let now = Instant::now();
+    for v6 in [false, true] {
+        let data = payload(4000);
+        let frags = fragments(&udp_packet(v6, &data), 1480, 7);
+        assert_eq!(frags.len(), 3);
+        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]] {
+            let mut r = Reassembly::default();
+            let ordered: Vec<Vec<u8>> = order.iter().map(|&i| frags[i].clone()).collect();
+            let results = feed(&mut r, &ordered, now);
+            assert_eq!(
+                results[..2],
+                [Ok(None), Ok(None)],
+                "v6 {v6}, order {order:?}"
+            );
+            let whole = results[2].clone().unwrap().expect("whole after the last");
+            assert_eq!(udp_payload(&whole), data, "v6 {v6}, order {order:?}");
+            assert_eq!(r.pending(), 0);
+            assert_eq!(r.bytes, 0, "nothing held once whole");
+        }
+    }
+}
+
+#[test]
+fn interleaved_datagrams_are_kept_apart() {
+    let now = Instant::now();
+    let (a, b) = (
+        payload(3000),
+        payload(2500).into_iter().rev().collect::<Vec<_>>(),
+    );
+    let fa = fragments(&udp_packet(false, &a), 1480, 1);
+    let fb = fragments(&udp_packet(false, &b), 1480, 2);
+    let mut r = Reassembly::default();
+    let mut done = Vec::new();
+    for p in [&fa[0], &fb[1], &fa[2], &fb[0], &fa[1]] {
+        if let Ok(Some(whole)) = outcome(r.add(p, now)) {
+            done.push(udp_payload(&whole));
+        }
+    }
+    assert_eq!(done, vec![b, a]);
+}
+
+#[test]
+fn overlaps_discard_the_datagram_and_duplicates_are_ignored() {
+    let now = Instant::now();
+    let data = payload(4000);
+    let frags = fragments(&udp_packet(false, &data), 1480, 9);
+    let mut r = Reassembly::default();
+    assert_eq!(outcome(r.add(&frags[0], now)), Ok(None));
+    let dup = r.add(&frags[0], now);
+    assert_eq!(
+        (dup.reason, dup.dropped),
+        (Some(Discard::Duplicate), 1),
+        "an exact duplicate"
+    );
+    assert_eq!(r.held(), 1, "the datagram goes on");
+    // The second fragment again, but shifted by 8 bytes into the first.
+    let shifted = fragments(&udp_packet(false, &data), 8, 9)
+        .into_iter()
+        .skip(1480 / 8 - 1)
+        .take(2)
+        .collect::<Vec<_>>();
+    let mut changed = shifted[0].clone();
+    let last = changed.len() - 1;
+    changed[last] ^= 0xff;
+    let overlap = r.add(&changed, now);
+    assert_eq!(
+        (overlap.reason, overlap.dropped),
+        (Some(Discard::Overlap), 2),
+        "it and the one held"
+    );
+    assert_eq!(r.pending(), 0, "the datagram went with it");
+    // Starting over: the rest alone never completes.
+    assert_eq!(feed(&mut r, &frags[1..], now), vec![Ok(None), Ok(None)]);
+}
+
+#[test]
+fn datagrams_that_never_complete_expire() {
+    let t0 = Instant::now();
+    let frags = fragments(&udp_packet(true, &payload(4000)), 1448, 3);
+    let mut r = Reassembly::default();
+    assert_eq!(r.add(&frags[0], t0), Added::default());
+    let later = t0 + TIMEOUT + Duration::from_millis(1);
+    let other = fragments(&udp_packet(false, &payload(2000)), 1480, 4);
+    let added = r.add(&other[0], later);
+    assert_eq!(
+        (added.reason, added.dropped),
+        (Some(Discard::Expired), 1),
+        "the first expired"
+    );
+    assert!(added.whole.is_none());
+    assert_eq!(r.pending(), 1);
+    // The late rest of the expired datagram starts a new one that never completes.
+    assert_eq!(outcome(r.add(&frags[1], later)), Ok(None));
+    assert_eq!(outcome(r.add(&frags[2], later)), Ok(None));
+}
+
+#[test]
+fn limits_bound_what_is_held() {
+    let now = Instant::now();
+    let mut r = Reassembly::default();
+    for id in 0..MAX_PARTIALS as u32 {
+        let frags = fragments(&udp_packet(false, &payload(3000)), 1480, id);
+        assert_eq!(outcome(r.add(&frags[0], now)), Ok(None));
+    }
+    let frags = fragments(&udp_packet(false, &payload(3000)), 1480, 999);
+    assert_eq!(outcome(r.add(&frags[0], now)), Err(Discard::Full));
+    assert_eq!(r.pending(), MAX_PARTIALS);
+    assert!(r.bytes <= MAX_BYTES);
+}
+
+#[test]
+fn malformed_and_oversized_fragments_are_refused() {
+    let now = Instant::now();
+    let mut r = Reassembly::default();
+    let frags = fragments(&udp_packet(false, &payload(4000)), 1480, 5);
+    // A middle fragment whose data is not a multiple of 8.
+    let mut odd = frags[0].clone();
+    odd.pop();
+    let len = (odd.len()) as u16;
+    odd[2..4].copy_from_slice(&len.to_be_bytes());
+    let mut h = Ipv4Header::from_slice(&odd).unwrap().0;
+    h.header_checksum = h.calc_header_checksum();
+    odd[..20].copy_from_slice(&h.to_bytes());
+    assert_eq!(outcome(r.add(&odd, now)), Err(Discard::Malformed));
+    assert_eq!(outcome(r.add(&[0x45, 0, 0], now)), Err(Discard::Malformed));
+    // A fragment reaching past 65,535 bytes.
+    let mut far = frags[1].clone();
+    let mut h = Ipv4Header::from_slice(&far).unwrap().0;
+    h.fragment_offset = IpFragOffset::try_new(8190).unwrap();
+    h.header_checksum = h.calc_header_checksum();
+    far[..20].copy_from_slice(&h.to_bytes());
+    assert_eq!(outcome(r.add(&far, now)), Err(Discard::Oversized));
+    // Two last fragments that disagree on the end.
+    assert_eq!(outcome(r.add(&frags[2], now)), Ok(None));
+    let mut short = frags[2].clone();
+    short.truncate(short.len() - 8);
+    let len = short.len() as u16;
+    short[2..4].copy_from_slice(&len.to_be_bytes());
+    let mut h = Ipv4Header::from_slice(&short).unwrap().0;
+    h.header_checksum = h.calc_header_checksum();
+    short[..20].copy_from_slice(&h.to_bytes());
+    assert_eq!(outcome(r.add(&short, now)), Err(Discard::Oversized));
+    assert_eq!(r.pending(), 0);
+}
+
+#[test]
+fn the_largest_datagram_reassembles() {
+    let now = Instant::now();
+    let data = payload(65_507);
+    let frags = fragments(&udp_packet(false, &data), 1480, 11);
+    let mut r = Reassembly::default();
+    let mut whole = None;
+    for p in &frags {
+        if let Ok(Some(w)) = outcome(r.add(p, now)) {
+            whole = Some(w);
+        }
+    }
+    assert_eq!(udp_payload(&whole.unwrap()), data);
+}
