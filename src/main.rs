@@ -67,17 +67,43 @@ fn init_tracing(level: Option<&str>, default: &str) {
 
 /// Resolves on SIGINT or SIGTERM.
 pub(crate) async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => tracing::info!("SIGINT"),
-        _ = term.recv() => tracing::info!("SIGTERM"),
+    ShutdownSignals::install().received().await;
+}
+
+/// SIGINT and SIGTERM, caught from the moment [`ShutdownSignals::install`] runs: a
+/// signal that arrives while the tunnel is still setting up (routes, rules, the
+/// device) is kept, and the tunnel stops as soon as it runs, undoing the setup,
+/// instead of dying half set up with the default action and leaving rules behind.
+pub(crate) struct ShutdownSignals {
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers. Must be called inside a tokio runtime.
+    pub(crate) fn install() -> ShutdownSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        let signals = match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
+            (Ok(int), Ok(term)) => Some((int, term)),
+            _ => {
+                tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+                None
+            }
+        };
+        ShutdownSignals { signals }
+    }
+
+    /// Resolves once SIGINT or SIGTERM has been received (since `install`).
+    pub(crate) async fn received(self) {
+        let Some((mut int, mut term)) = self.signals else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT"),
+            _ = term.recv() => tracing::info!("SIGTERM"),
+        }
     }
 }
 

@@ -202,6 +202,52 @@ fn a_start_after_kill_9_removes_the_leftovers_and_sets_up_again() {
 }
 
 #[test]
+fn a_signal_at_any_moment_of_setup_leaves_nothing_behind() {
+    root_test!("a_signal_at_any_moment_of_setup_leaves_nothing_behind");
+    let (topo, _services) = ordinary_host("setup-sig");
+    let _server = start_server(topo.proxy(), &binary(), &[]).unwrap();
+    let before = snapshot(topo.app());
+    let url = format!("socks5://{}", proxy_addr());
+    // How long a start takes here (a debug build in CI is slower than release).
+    let started = Instant::now();
+    let tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &TUN_ADDRESSES).unwrap();
+    let ready = started.elapsed();
+    assert_clean_exit(tunnel);
+    assert_restored(topo.app(), &before);
+    // SIGTERM at 24 moments spread over the start, from the first instant to past
+    // ready: whenever it lands, the run ends and the routing is as before (a signal
+    // that came between the first rule and the handler used to kill the process
+    // with the rules in place).
+    let mut outcomes = Vec::new();
+    for i in 0..24u32 {
+        let delay = ready * i / 16;
+        let mut cmd = topo.app().command(binary());
+        cmd.args(["--proxy", &url, "--device", TUN_NAME, "--setup"])
+            .args(TUN_ADDRESSES);
+        let mut tunnel = topo.app().spawn(cmd).unwrap();
+        std::thread::sleep(delay);
+        kill(Pid::from_raw(tunnel.id() as i32), Signal::SIGTERM).unwrap();
+        let status = tunnel.wait_timeout(Duration::from_secs(10)).unwrap();
+        let log = tunnel.log().unwrap_or_default();
+        let status = status.unwrap_or_else(|| panic!("still running 10 s after SIGTERM: {log}"));
+        assert!(panics_in(&tunnel).is_empty(), "{log}");
+        // Killed by the signal (before its handler existed: nothing set up yet) or a
+        // clean exit; anything else is a failure.
+        assert!(
+            status.success() || status.code().is_none(),
+            "SIGTERM after {delay:?}: {status}\n{log}"
+        );
+        assert_restored(topo.app(), &before);
+        outcomes.push(if status.success() { "exit 0" } else { "killed" });
+    }
+    eprintln!("start took {ready:?}; SIGTERM outcomes: {outcomes:?}");
+    assert!(
+        outcomes.iter().filter(|o| **o == "exit 0").count() >= 8,
+        "the handler must be in place for most of the start: {outcomes:?}"
+    );
+}
+
+#[test]
 fn exclude_keeps_a_network_off_the_tunnel() {
     root_test!("exclude_keeps_a_network_off_the_tunnel");
     let (topo, _services) = ordinary_host("setup-exclude");

@@ -18,7 +18,7 @@ use tun2socks::upstream::Upstream;
 use tun2socks_platform::{Tun, TunError};
 
 use super::args::{ExecArgs, Observe, ServerArgs, TunnelArgs};
-use crate::{EXIT_USAGE, shutdown_signal};
+use crate::{EXIT_USAGE, ShutdownSignals, shutdown_signal};
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
@@ -121,6 +121,10 @@ pub(crate) fn run_tunnel(args: &TunnelArgs) -> ExitCode {
     };
     let setup_config = args.setup_config();
     runtime.block_on(async {
+        // Before any change to the system, so that a signal during setup still
+        // undoes it.
+        let stop = ShutdownSignals::install().received();
+        let mut stop = std::pin::pin!(stop);
         let lock = match setup_config.as_ref().map(|c| setup::begin(&args.device, c)) {
             Some(Err(e)) => {
                 eprintln!("tun2socks: {e}");
@@ -138,7 +142,12 @@ pub(crate) fn run_tunnel(args: &TunnelArgs) -> ExitCode {
                 return ExitCode::from(device_exit_code(&e));
             }
         };
-        resolve_proxy(&upstream).await;
+        // A name lookup may take seconds; a signal meanwhile ends the run here
+        // (nothing routed yet; the device's guards undo its changes).
+        tokio::select! {
+            () = resolve_proxy(&upstream) => {}
+            () = stop.as_mut() => return ExitCode::SUCCESS,
+        }
         let lock = lock.zip(setup_config.as_ref());
         let routing = match setup::start(&device, &upstream, lock) {
             Ok(routing) => routing,
@@ -153,7 +162,7 @@ pub(crate) fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             upstream,
             observe,
         };
-        match serve(device, queues, tunnel, shutdown_signal()).await {
+        match serve(device, queues, tunnel, stop).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("tun2socks: {e}");
