@@ -146,7 +146,10 @@ impl Reassembly {
     fn insert(&mut self, packet: &[u8], now: Instant) -> Result<Option<Vec<u8>>, (Discard, usize)> {
         let f = read(packet).ok_or((Discard::Malformed, 0))?;
         let end = f.offset.saturating_add(f.data.len());
-        if f.more && f.data.len() % 8 != 0 {
+        // Not a fragment at all (the classifier never sends one: an IPv6 "atomic
+        // fragment", RFC 6946, is handled as the whole packet it is), or a fragment
+        // before the last whose data is not a multiple of 8.
+        if (f.offset == 0 && !f.more) || (f.more && f.data.len() % 8 != 0) {
             return Err((Discard::Malformed, 0));
         }
         let header = match f.key.src {
@@ -181,11 +184,14 @@ impl Reassembly {
         let Some(partial) = self.partials.get_mut(&f.key) else {
             return Err((Discard::Full, 0));
         };
+        let before = partial.data.len();
         let verdict = partial.add(f.offset, f.data, f.more);
+        // What it holds now, not `grow` (an empty last fragment grows nothing).
+        let grown = partial.data.len().saturating_sub(before);
         match verdict {
             Ok(Some(whole)) => {
                 partial.fragments += 1;
-                self.bytes = self.bytes.saturating_add(grow);
+                self.bytes = self.bytes.saturating_add(grown);
                 if !whole {
                     return Ok(None);
                 }

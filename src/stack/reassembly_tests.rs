@@ -260,3 +260,117 @@ fn the_largest_datagram_reassembles() {
     }
     assert_eq!(udp_payload(&whole.unwrap()), data);
 }
+
+/// What `bytes` must equal: the data held by every datagram in progress.
+fn held_bytes(r: &Reassembly) -> usize {
+    r.partials.values().map(|p| p.data.len()).sum()
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any datagram, cut at any 8-byte multiple, its fragments in any order and
+        /// some sent twice, comes out whole exactly once and equal to what was sent.
+        #[test]
+        fn any_order_with_duplicates_reassembles(
+            v6 in any::<bool>(),
+            len in 1usize..9000,
+            chunk8 in 1usize..200,
+            seed in any::<u64>(),
+            dups in proptest::collection::vec(any::<prop::sample::Index>(), 0..4),
+        ) {
+            let data = payload(len);
+            let mut frags = fragments(&udp_packet(v6, &data), chunk8 * 8, 77);
+            prop_assume!(frags.len() > 1);
+            // A deterministic shuffle from the seed.
+            let mut state = seed | 1;
+            for i in (1..frags.len()).rev() {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                frags.swap(i, (state % (i as u64 + 1)) as usize);
+            }
+            // Each duplicate right after its original, never of the last fragment
+            // (a copy after the datagram completed would open a new one, which
+            // waits for its timeout as any lone fragment does).
+            let last = frags.len() - 1;
+            let mut twice: Vec<usize> = dups.iter().map(|d| d.index(last)).collect();
+            twice.sort_unstable();
+            twice.dedup();
+            let mut all = Vec::new();
+            for (i, f) in frags.iter().enumerate() {
+                all.push(f.clone());
+                if twice.binary_search(&i).is_ok() {
+                    all.push(f.clone());
+                }
+            }
+            let mut r = Reassembly::default();
+            let now = Instant::now();
+            let mut wholes = Vec::new();
+            for p in &all {
+                let added = r.add(p, now);
+                if let Some(w) = added.whole {
+                    wholes.push(w);
+                }
+                prop_assert_eq!(r.bytes, held_bytes(&r));
+            }
+            prop_assert_eq!(wholes.len(), 1);
+            prop_assert_eq!(udp_payload(&wholes[0]), data);
+            prop_assert_eq!(r.pending(), 0);
+            prop_assert_eq!(r.bytes, 0);
+        }
+
+        /// Arbitrary fragments (random ids, offsets, flags, lengths) never panic,
+        /// keep the byte count exact and within bounds, and every packet they
+        /// complete is a well-formed IP packet.
+        #[test]
+        fn arbitrary_fragments_stay_bounded(
+            frags in proptest::collection::vec(
+                (any::<bool>(), 0u32..4, 0u16..8192, any::<bool>(), 0usize..3000),
+                1..60,
+            ),
+        ) {
+            let mut r = Reassembly::default();
+            let t0 = Instant::now();
+            for (i, (v6, id, offset, more, len)) in frags.into_iter().enumerate() {
+                let body = payload(len);
+                let offset = IpFragOffset::try_new(offset).unwrap();
+                let mut p = Vec::new();
+                if v6 {
+                    let h = Ipv6Header {
+                        traffic_class: 0,
+                        flow_label: Ipv6FlowLabel::ZERO,
+                        payload_length: (8 + len) as u16,
+                        next_header: IpNumber::IPV6_FRAGMENTATION_HEADER,
+                        hop_limit: 64,
+                        source: SRC6,
+                        destination: DST6,
+                    };
+                    p.extend_from_slice(&h.to_bytes());
+                    p.extend_from_slice(&Ipv6FragmentHeader::new(IpNumber::UDP, offset, more, id).to_bytes());
+                } else {
+                    let mut h = Ipv4Header::new(len as u16, 64, IpNumber::UDP, SRC4, DST4).unwrap();
+                    h.dont_fragment = false;
+                    h.identification = id as u16;
+                    h.more_fragments = more;
+                    h.fragment_offset = offset;
+                    h.header_checksum = h.calc_header_checksum();
+                    p.extend_from_slice(&h.to_bytes());
+                }
+                p.extend_from_slice(&body);
+                let now = t0 + Duration::from_secs(i as u64);
+                let added = r.add(&p, now);
+                if let Some(whole) = added.whole {
+                    // A whole IP packet (its payload is whatever was sent).
+                    prop_assert!(whole.len() <= 65_535);
+                    prop_assert!(etherparse::IpSlice::from_slice(&whole).is_ok());
+                }
+                prop_assert_eq!(r.bytes, held_bytes(&r));
+                prop_assert!(r.bytes <= MAX_BYTES);
+                prop_assert!(r.pending() <= MAX_PARTIALS);
+            }
+        }
+    }
+}
