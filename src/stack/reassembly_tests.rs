@@ -31,40 +31,44 @@ fn fragments(whole: &[u8], chunk: usize, id: u32) -> Vec<Vec<u8>> {
     let v6 = whole[0] >> 4 == 6;
     let header = if v6 { 40 } else { 20 };
     let body = &whole[header..];
-    let mut out = Vec::new();
-    for start in (0..body.len()).step_by(chunk) {
-        let end = (start + chunk).min(body.len());
-        let more = end < body.len();
-        let offset = IpFragOffset::try_new((start / 8) as u16).unwrap();
-        let mut p = Vec::new();
-        if v6 {
-            let h = Ipv6Header {
-                traffic_class: 0,
-                flow_label: Ipv6FlowLabel::ZERO,
-                payload_length: (8 + end - start) as u16,
-                next_header: IpNumber::IPV6_FRAGMENTATION_HEADER,
-                hop_limit: 64,
-                source: SRC6,
-                destination: DST6,
-            };
-            p.extend_from_slice(&h.to_bytes());
-            p.extend_from_slice(
-                &Ipv6FragmentHeader::new(IpNumber::UDP, offset, more, id).to_bytes(),
-            );
-        } else {
-            let mut h =
-                Ipv4Header::new((end - start) as u16, 64, IpNumber::UDP, SRC4, DST4).unwrap();
-            h.dont_fragment = false;
-            h.identification = id as u16;
-            h.more_fragments = more;
-            h.fragment_offset = offset;
-            h.header_checksum = h.calc_header_checksum();
-            p.extend_from_slice(&h.to_bytes());
-        }
-        p.extend_from_slice(&body[start..end]);
-        out.push(p);
+    (0..body.len())
+        .step_by(chunk)
+        .map(|start| {
+            let end = (start + chunk).min(body.len());
+            let offset = (start / 8) as u16;
+            fragment(v6, id, offset, end < body.len(), &body[start..end])
+        })
+        .collect()
+}
+
+/// One UDP fragment from [`SRC4`]/[`SRC6`] carrying `data` at `offset` (in 8-byte
+/// units).
+fn fragment(v6: bool, id: u32, offset: u16, more: bool, data: &[u8]) -> Vec<u8> {
+    let offset = IpFragOffset::try_new(offset).unwrap();
+    let mut p = Vec::new();
+    if v6 {
+        let h = Ipv6Header {
+            traffic_class: 0,
+            flow_label: Ipv6FlowLabel::ZERO,
+            payload_length: (Ipv6FragmentHeader::LEN + data.len()) as u16,
+            next_header: IpNumber::IPV6_FRAGMENTATION_HEADER,
+            hop_limit: 64,
+            source: SRC6,
+            destination: DST6,
+        };
+        p.extend_from_slice(&h.to_bytes());
+        p.extend_from_slice(&Ipv6FragmentHeader::new(IpNumber::UDP, offset, more, id).to_bytes());
+    } else {
+        let mut h = Ipv4Header::new(data.len() as u16, 64, IpNumber::UDP, SRC4, DST4).unwrap();
+        h.dont_fragment = false;
+        h.identification = id as u16;
+        h.more_fragments = more;
+        h.fragment_offset = offset;
+        h.header_checksum = h.calc_header_checksum();
+        p.extend_from_slice(&h.to_bytes());
     }
-    out
+    p.extend_from_slice(data);
+    p
 }
 
 /// The UDP payload of a whole packet, checking its checksum as the stack would.
@@ -335,31 +339,7 @@ mod props {
             let mut r = Reassembly::default();
             let t0 = Instant::now();
             for (i, (v6, id, offset, more, len)) in frags.into_iter().enumerate() {
-                let body = payload(len);
-                let offset = IpFragOffset::try_new(offset).unwrap();
-                let mut p = Vec::new();
-                if v6 {
-                    let h = Ipv6Header {
-                        traffic_class: 0,
-                        flow_label: Ipv6FlowLabel::ZERO,
-                        payload_length: (8 + len) as u16,
-                        next_header: IpNumber::IPV6_FRAGMENTATION_HEADER,
-                        hop_limit: 64,
-                        source: SRC6,
-                        destination: DST6,
-                    };
-                    p.extend_from_slice(&h.to_bytes());
-                    p.extend_from_slice(&Ipv6FragmentHeader::new(IpNumber::UDP, offset, more, id).to_bytes());
-                } else {
-                    let mut h = Ipv4Header::new(len as u16, 64, IpNumber::UDP, SRC4, DST4).unwrap();
-                    h.dont_fragment = false;
-                    h.identification = id as u16;
-                    h.more_fragments = more;
-                    h.fragment_offset = offset;
-                    h.header_checksum = h.calc_header_checksum();
-                    p.extend_from_slice(&h.to_bytes());
-                }
-                p.extend_from_slice(&body);
+                let p = fragment(v6, id, offset, more, &payload(len));
                 let now = t0 + Duration::from_secs(i as u64);
                 let added = r.add(&p, now);
                 if let Some(whole) = added.whole {
