@@ -12,8 +12,8 @@ use anyhow::{Context, Result, ensure};
 use tun2socks::metrics::Snapshot;
 use tun2socks::require_or_skip;
 use tun2socks::testbed::dnsmasq::{
-    BIG_TXT_NAME, DigTransport, Dnsmasq, PROXY_ONLY_NAME, TARGET_NAME, TXT_NAME, TXT_VALUE,
-    default_records, dig, dig_raw, set_proxy_only_name,
+    BIG_TXT_NAME, DigTransport, Dnsmasq, HUGE_TXT_NAME, PROXY_ONLY_NAME, TARGET_NAME, TXT_NAME,
+    TXT_VALUE, default_records, dig, dig_raw, huge_txt_strings, set_proxy_only_name,
 };
 use tun2socks::testbed::services::{HTTP_PORT, Services};
 use tun2socks::testbed::tunnel::{proxy_addr, start_server, start_tunnel, stop_cleanly};
@@ -210,6 +210,31 @@ fn a_large_answer_is_truncated_for_udp_and_whole_over_tcp() -> Result<()> {
     )?;
     ensure!(full.len() == 1 && full[0].len() > 800, "{full:?}");
     net.stop()?;
+    Ok(())
+}
+
+#[test]
+fn an_answer_larger_than_the_mtu_arrives_over_udp() -> Result<()> {
+    needs!("an_answer_larger_than_the_mtu_arrives_over_udp");
+    let mut net = Net::new("dnshuge", &[])?;
+    // The default mode: DNS is UDP through the association; at MTU 1500 the 2.5 KB
+    // answer comes back as IP fragments, and the resolver's EDNS0 size allows it.
+    net.tunnel(&socks5(), &["--mtu", "1500"])?;
+    let out = dig_raw(
+        net.app(),
+        TARGET_V4.into(),
+        HUGE_TXT_NAME,
+        "TXT",
+        &["+bufsize=4096", "+ignore", "+notcp"],
+    )?;
+    ensure!(out.contains("status: NOERROR"), "{out}");
+    ensure!(!out.contains(" tc"), "truncated:\n{out}");
+    for part in huge_txt_strings() {
+        ensure!(out.contains(&part), "a string is missing:\n{out}");
+    }
+    let log = net.stop()?;
+    ensure!(stat(&log, "fragmented") >= 1, "{log}");
+    ensure!(stat(&log, "dns_via_udp") >= 1, "{log}");
     Ok(())
 }
 

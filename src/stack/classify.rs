@@ -419,6 +419,25 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_ipv6_atomic_fragment_is_the_whole_datagram() {
+        // RFC 6946: a Fragment header with offset 0 and no more fragments is no
+        // fragment; the datagram behind it is handled as is.
+        let (src, dst) = ([0xfd; 16], [0x20; 16]);
+        let mut udp = Vec::new();
+        PacketBuilder::ipv6(src, dst, 64)
+            .udp(40000, 53)
+            .write(&mut udp, b"atomic")
+            .unwrap();
+        let mut p = udp[..40].to_vec();
+        p[4..6].copy_from_slice(&((udp.len() - 40 + 8) as u16).to_be_bytes());
+        p[6] = 44;
+        p.extend_from_slice(&[17, 0, 0, 0, 0, 0, 0x12, 0x34]);
+        p.extend_from_slice(&udp[40..]);
+        let class = classify(&p);
+        assert!(matches!(class, Class::Udp { .. }), "{class:?}");
+    }
+
     proptest! {
         #[test]
         fn never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {

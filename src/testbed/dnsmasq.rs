@@ -29,6 +29,9 @@ pub const TXT_VALUE: &str = "tun2socks-txt-record";
 /// A name whose TXT answer is larger than 512 bytes ([`big_txt_strings`]): over UDP
 /// without EDNS it comes back truncated (TC), over TCP whole.
 pub const BIG_TXT_NAME: &str = "big.t2s.test";
+/// A name whose TXT answer (about 2.5 KB) is larger than a 1500-byte MTU: over UDP
+/// with EDNS0 it arrives as IP fragments ([`huge_txt_strings`]).
+pub const HUGE_TXT_NAME: &str = "huge.t2s.test";
 /// A name that only the proxy namespace resolves ([`set_proxy_only_name`]); dnsmasq
 /// does not know it either.
 pub const PROXY_ONLY_NAME: &str = "only-proxy.t2s.test";
@@ -60,6 +63,14 @@ pub fn big_txt_strings() -> Vec<String> {
         .collect()
 }
 
+/// The character-strings of [`HUGE_TXT_NAME`]: 10 x 250 bytes (the TXT RDATA alone
+/// is 2,510 bytes).
+pub fn huge_txt_strings() -> Vec<String> {
+    (0..10u8)
+        .map(|part| char::from(b'a' + part).to_string().repeat(250))
+        .collect()
+}
+
 /// A running dnsmasq, stopped on drop.
 #[derive(Debug)]
 pub struct Dnsmasq {
@@ -68,7 +79,8 @@ pub struct Dnsmasq {
 
 impl Dnsmasq {
     /// Starts dnsmasq in `ns` (the target) with `records` (name, A, AAAA), the TXT
-    /// records [`TXT_NAME`] and [`BIG_TXT_NAME`], query logging on; returns once it
+    /// records [`TXT_NAME`], [`BIG_TXT_NAME`] and [`HUGE_TXT_NAME`], query logging
+    /// on; returns once it
     /// listens on UDP and TCP on both target addresses.
     pub fn start(ns: &Namespace, records: &[(&str, Ipv4Addr, Ipv6Addr)]) -> io::Result<Dnsmasq> {
         Dnsmasq::start_with(ns, records, true)
@@ -155,6 +167,13 @@ pub fn dnsmasq_args(records: &[(&str, Ipv4Addr, Ipv6Addr)], log_queries: bool) -
         "--txt-record={BIG_TXT_NAME},{}",
         big_txt_strings().join(",")
     ));
+    args.push(format!(
+        "--txt-record={HUGE_TXT_NAME},{}",
+        huge_txt_strings().join(",")
+    ));
+    // Answers up to 4096 bytes over UDP when the query's EDNS0 allows (the default
+    // of dnsmasq, said here so that a changed default does not change the tests).
+    args.push("--edns-packet-max=4096".into());
     args
 }
 
