@@ -28,6 +28,16 @@ async fn gone_after(
     Some(gone)
 }
 
+/// Makes TUN device `dev` in `ns`, attaches to it and opens a watch for it there.
+fn watched(ns: &Netns, dev: &str) -> (tun2socks_platform::Tun, LinkWatch) {
+    ns.ip(&["tuntap", "add", "dev", dev, "mode", "tun"]);
+    ns.run(|| {
+        let tun = open_tun(Some(dev)).expect("attach");
+        let watch = LinkWatch::new(tun.ifindex()).expect("watch");
+        (tun, watch)
+    })
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -41,13 +51,8 @@ fn deleting_the_device_is_reported_and_other_links_are_not() {
         return;
     }
     let ns = Netns::new("linkwatch-del");
-    ns.ip(&["tuntap", "add", "dev", "t2swatch", "mode", "tun"]);
     ns.ip(&["tuntap", "add", "dev", "t2sother", "mode", "tun"]);
-    let (tun, watch) = ns.run(|| {
-        let tun = open_tun(Some("t2swatch")).expect("attach");
-        let watch = LinkWatch::new(tun.ifindex()).expect("watch");
-        (tun, watch)
-    });
+    let (tun, watch) = watched(&ns, "t2swatch");
     let rt = runtime();
     rt.block_on(async {
         let mut watch = watch.into_async_fd().expect("register");
@@ -76,12 +81,7 @@ fn moving_the_device_to_another_namespace_is_reported() {
     }
     let ns = Netns::new("linkwatch-move");
     let elsewhere = Netns::new("linkwatch-dest");
-    ns.ip(&["tuntap", "add", "dev", "t2smove", "mode", "tun"]);
-    let (tun, watch) = ns.run(|| {
-        let tun = open_tun(Some("t2smove")).expect("attach");
-        let watch = LinkWatch::new(tun.ifindex()).expect("watch");
-        (tun, watch)
-    });
+    let (tun, watch) = watched(&ns, "t2smove");
     let rt = runtime();
     rt.block_on(async {
         let mut watch = watch.into_async_fd().expect("register");
