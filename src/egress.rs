@@ -2,7 +2,7 @@
 //!
 //! Stage: the last stage of the UDP and DNS paths. UDP replies from the proxy's
 //! relay, DNS answers built in the tunnel, and ICMP / ICMPv6 "port unreachable"
-//! errors are built here as whole IP packets (etherparse; IPv4 and IPv6; correct
+//! errors (and ICMPv6 "parameter problem" for extension headers) are built here as whole IP packets (etherparse; IPv4 and IPv6; correct
 //! checksums) and handed to the device with a non-blocking send.
 //!
 //! It is bounded by construction: it holds no queue. A packet the device will not
@@ -330,6 +330,30 @@ impl Egress {
         }
     }
 
+    /// Tells the source of the IPv6 `packet` that it was discarded for a problem in
+    /// its extension headers: an ICMPv6 Parameter Problem (RFC 4443 3.4) with `code`
+    /// and `pointer`, from the packet's destination, quoting as much of the packet
+    /// as fits in the IPv6 minimum MTU. Whether to send one is the caller's choice.
+    pub fn param_problem(&self, packet: &[u8], code: u8, pointer: u32) -> bool {
+        let (Some(src), Some(dst)) = (
+            packet.get(8..24).and_then(|a| <[u8; 16]>::try_from(a).ok()),
+            packet
+                .get(24..40)
+                .and_then(|a| <[u8; 16]>::try_from(a).ok()),
+        ) else {
+            return self.unsendable();
+        };
+        let Some(code) = icmpv6::ParameterProblemCode::from_u8(code) else {
+            return self.unsendable();
+        };
+        let quote = packet.get(..ICMP6_QUOTE).unwrap_or(packet);
+        let b =
+            PacketBuilder::ipv6(dst, src, TTL).icmpv6(etherparse::Icmpv6Type::ParameterProblem(
+                icmpv6::ParameterProblemHeader { code, pointer },
+            ));
+        self.emit(|buf| b.write(buf, quote).is_ok())
+    }
+
     fn unsendable(&self) -> bool {
         self.metrics.egress.unsendable.fetch_add(1, Relaxed);
         false
@@ -541,6 +565,45 @@ mod tests {
             icmp6.icmp_type(),
             etherparse::Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port)
         );
+    }
+
+    #[test]
+    fn param_problem_goes_back_to_the_source_quoting_the_packet() {
+        let cap = Arc::new(Capture::default());
+        let egress = Egress::new(cap.clone());
+        let (app, remote) = ([0xfd; 16], [0x20; 16]);
+        let mut offending = Vec::new();
+        PacketBuilder::ipv6(app, remote, 64)
+            .udp(5000, 53)
+            .write(&mut offending, &[7u8; 2000])
+            .unwrap();
+        assert!(egress.param_problem(&offending, 2, 42));
+        // Not a Parameter Problem code.
+        assert!(!egress.param_problem(&offending, 200, 42));
+        // Too short to have addresses.
+        assert!(!egress.param_problem(&offending[..30], 0, 0));
+        assert_eq!(egress.stats().unsendable.load(Relaxed), 2);
+        let packets = sent(&cap);
+        assert_eq!(packets.len(), 1);
+        assert!(packets[0].len() <= 1280);
+        let v6 = SlicedPacket::from_ip(&packets[0]).unwrap();
+        let Some(NetSlice::Ipv6(ip)) = &v6.net else {
+            panic!()
+        };
+        assert_eq!(ip.header().source(), remote);
+        assert_eq!(ip.header().destination(), app);
+        let Some(TransportSlice::Icmpv6(icmp)) = v6.transport else {
+            panic!()
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv6Type::ParameterProblem(icmpv6::ParameterProblemHeader {
+                code: icmpv6::ParameterProblemCode::UnrecognizedIpv6Option,
+                pointer: 42
+            })
+        );
+        assert!(icmp.is_checksum_valid(remote, app));
+        assert_eq!(icmp.payload(), &offending[..1280 - 48]);
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 
+use super::ipv6_ext::{self, Chain, ParamProblem};
 use crate::flow::FourTuple;
 
 /// What a packet is, as far as the stack cares.
@@ -27,6 +28,11 @@ pub enum Class {
     },
     /// Not for the stack.
     Drop(DropReason),
+    /// An IPv6 packet whose extension headers ask for it to be discarded with an
+    /// ICMPv6 Parameter Problem to its source (an unknown option whose type says so,
+    /// a Routing header with segments left, a misplaced Hop-by-Hop header; see
+    /// [`super::ipv6_ext`]). Counted as [`DropReason::Ipv6Extension`].
+    Ipv6Error(ParamProblem),
 }
 
 /// Why a packet is not handled.
@@ -52,11 +58,15 @@ pub enum DropReason {
     LinkLocal,
     /// A UDP checksum that does not match (or the IPv6 checksum 0, which is invalid).
     BadChecksum,
+    /// IPv6 extension headers that say to discard the packet (RFC 8200 4.2: an
+    /// unknown option whose type says so; a Routing header with segments left; a
+    /// Hop-by-Hop header that is not first).
+    Ipv6Extension,
 }
 
 impl DropReason {
     /// How many reasons there are.
-    pub const COUNT: usize = 9;
+    pub const COUNT: usize = 10;
 
     /// Every reason, in [`DropReason::index`] order.
     pub const ALL: [DropReason; DropReason::COUNT] = [
@@ -69,6 +79,7 @@ impl DropReason {
         DropReason::Broadcast,
         DropReason::LinkLocal,
         DropReason::BadChecksum,
+        DropReason::Ipv6Extension,
     ];
 
     /// The reason's place in [`DropReason::ALL`] (a counter array's index).
@@ -88,6 +99,7 @@ impl DropReason {
             DropReason::Broadcast => "broadcast",
             DropReason::LinkLocal => "link-local",
             DropReason::BadChecksum => "bad-checksum",
+            DropReason::Ipv6Extension => "ipv6-extension",
         }
     }
 }
@@ -134,6 +146,14 @@ pub fn classify(packet: &[u8]) -> Class {
 /// crossed a wire, the field holds only the pseudo-header sum) or already checked by
 /// the kernel (`DATA_VALID`), so it is not checked again; any other packet is.
 pub fn classify_offload(packet: &[u8], checksum_trusted: bool) -> Class {
+    if packet.first().is_some_and(|b| b >> 4 == 6) {
+        match ipv6_ext::walk(packet) {
+            Chain::Upper { .. } => {}
+            Chain::Discard(Some(error)) => return Class::Ipv6Error(error),
+            Chain::Discard(None) => return Class::Drop(DropReason::Ipv6Extension),
+            Chain::Malformed => return Class::Drop(DropReason::Malformed),
+        }
+    }
     let Ok(sliced) = SlicedPacket::from_ip(packet) else {
         return Class::Drop(DropReason::Malformed);
     };
@@ -436,6 +456,42 @@ mod tests {
         p.extend_from_slice(&udp[40..]);
         let class = classify(&p);
         assert!(matches!(class, Class::Udp { .. }), "{class:?}");
+    }
+
+    #[test]
+    fn ipv6_extension_headers_before_tcp() {
+        let (src, dst) = ([0xfd; 16], [0x20; 16]);
+        let mut syn = Vec::new();
+        PacketBuilder::ipv6(src, dst, 64)
+            .tcp(40000, 443, 1, 65535)
+            .syn()
+            .write(&mut syn, &[])
+            .unwrap();
+        let behind = |options: [u8; 6]| {
+            let mut p = syn[..40].to_vec();
+            p[4..6].copy_from_slice(&((syn.len() - 40 + 8) as u16).to_be_bytes());
+            p[6] = 60;
+            p.extend_from_slice(&[6, 0]);
+            p.extend_from_slice(&options);
+            p.extend_from_slice(&syn[40..]);
+            p
+        };
+        // PadN: an ordinary SYN (smoltcp gets it without the header: the stack).
+        let class = classify(&behind([1, 4, 0, 0, 0, 0]));
+        assert!(matches!(class, Class::Tcp { syn: true, .. }), "{class:?}");
+        // An unknown option of type 10xxxxxx: a Parameter Problem pointing at it.
+        assert_eq!(
+            classify(&behind([0x8a, 4, 0, 0, 0, 0])),
+            Class::Ipv6Error(ParamProblem {
+                code: 2,
+                pointer: 42
+            })
+        );
+        // Of type 01xxxxxx: dropped, no error.
+        assert_eq!(
+            classify(&behind([0x4a, 4, 0, 0, 0, 0])),
+            Class::Drop(DropReason::Ipv6Extension)
+        );
     }
 
     proptest! {

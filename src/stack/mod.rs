@@ -28,6 +28,7 @@ pub mod busy;
 pub mod classify;
 mod config;
 mod datagram;
+mod ipv6_ext;
 mod packet_io;
 mod phy;
 pub mod queues;
@@ -181,6 +182,10 @@ struct Stack<D: PacketIo> {
     datagrams: Datagrams,
     /// IP fragments from the applications, until their datagram is whole.
     reassembly: reassembly::Reassembly,
+    /// ICMPv6 errors about extension headers go out here.
+    egress: Arc<Egress>,
+    /// A TCP segment's IPv6 packet without its extension headers ([`ipv6_ext`]).
+    stripped: Vec<u8>,
     busy: BusyPoll,
     /// Packets this stack (its queue) read from the device.
     packets_in: u64,
@@ -202,7 +207,7 @@ impl<D: PacketIo> Stack<D> {
         ));
         let datagrams = Datagrams::new(
             upstream.clone(),
-            egress,
+            egress.clone(),
             config.udp.clone(),
             dns,
             &shared.udp,
@@ -250,6 +255,8 @@ impl<D: PacketIo> Stack<D> {
             loop_log: BurstLog::new(Duration::from_secs(5)),
             datagrams,
             reassembly: reassembly::Reassembly::default(),
+            egress,
+            stripped: Vec::new(),
             busy: BusyPoll::new(busy_poll),
             packets_in: 0,
             bytes_in: 0,
@@ -404,6 +411,11 @@ impl<D: PacketIo> Stack<D> {
     /// Handles one classified packet; a fragment waits for the rest of its datagram.
     fn dispatch(&mut self, packet: &[u8], class: Class, hdr: &VnetHdr, now: Instant) {
         match class {
+            // IPv6 with extension headers (checked by classify): smoltcp takes the
+            // segment behind the fixed header alone.
+            Class::Tcp { .. } if ipv6_ext::has_extensions(packet) => {
+                self.dispatch_stripped(packet, class, hdr, now);
+            }
             Class::Tcp { tuple, syn } => match self.by_tuple.get(&tuple).copied() {
                 Some(id) => {
                     if let Some(flow) = self.flows.get(&id).cloned() {
@@ -433,11 +445,35 @@ impl<D: PacketIo> Stack<D> {
                 }
             }
             Class::Drop(DropReason::Fragment) => self.reassemble(packet, now),
+            Class::Ipv6Error(error) => {
+                tracing::trace!(?error, "IPv6 packet discarded for its extension headers");
+                self.drop_packet(DropReason::Ipv6Extension);
+                self.egress.param_problem(packet, error.code, error.pointer);
+            }
             Class::Drop(reason) => {
                 tracing::trace!(reason = reason.name(), "packet dropped");
                 self.drop_packet(reason);
             }
         }
+    }
+
+    /// Handles a TCP segment of an IPv6 packet with extension headers as the same
+    /// packet without them (a copy: such packets are rare).
+    fn dispatch_stripped(&mut self, packet: &[u8], class: Class, hdr: &VnetHdr, now: Instant) {
+        let mut stripped = std::mem::take(&mut self.stripped);
+        match ipv6_ext::walk(packet) {
+            ipv6_ext::Chain::Upper { protocol, offset }
+                if ipv6_ext::strip(packet, protocol, offset, &mut stripped) =>
+            {
+                if ipv6_ext::has_extensions(&stripped) {
+                    self.drop_packet(DropReason::Malformed);
+                } else {
+                    self.dispatch(&stripped, class, hdr, now);
+                }
+            }
+            _ => self.drop_packet(DropReason::Malformed),
+        }
+        self.stripped = stripped;
     }
 
     /// Adds a fragment; once its datagram is whole, handles it as one packet (see

@@ -142,6 +142,24 @@ fn malformed_packets() -> Vec<(&'static str, Vec<u8>)> {
             ipv6_raw(60, dest_unknown.len() as u16, &dest_unknown),
         ),
         ("other-protocol", ipv4_raw(253, 0, &[], b"experimental")),
+        // Extension headers that say to discard the packet (RFC 8200 4.2-4.4): an
+        // unknown option of type 01xxxxxx, a Routing header with a segment left, a
+        // Hop-by-Hop header after another header.
+        ("ipv6-extension", {
+            let mut p = vec![17, 0, 0x4a, 4, 0, 0, 0, 0];
+            p.extend_from_slice(&good_v6[40..]);
+            ipv6_raw(60, p.len() as u16, &p)
+        }),
+        ("ipv6-extension", {
+            let mut p = vec![17, 0, 0, 1, 0, 0, 0, 0];
+            p.extend_from_slice(&good_v6[40..]);
+            ipv6_raw(43, p.len() as u16, &p)
+        }),
+        ("ipv6-extension", {
+            let mut p = vec![0, 0, 1, 4, 0, 0, 0, 0, 17, 0, 1, 4, 0, 0, 0, 0];
+            p.extend_from_slice(&good_v6[40..]);
+            ipv6_raw(60, p.len() as u16, &p)
+        }),
         // IPv4 options (NOP x3, EOL) on an otherwise good datagram with a bad checksum.
         ("bad-checksum", {
             let mut udp = udp_part.clone();
@@ -247,5 +265,93 @@ fn malformed_packets_are_dropped_counted_and_survived() -> Result<()> {
     );
     // Two echoes and the SYN with options; none of the 20 bad-checksum SYNs.
     ensure!(stat(&log, "flows_opened") == 3, "{log}");
+    Ok(())
+}
+
+/// A TCP connection from an application that sets IPv6 Destination Options and
+/// Hop-by-Hop options on its socket (`IPV6_DSTOPTS`, `IPV6_HOPOPTS`: PadN), so that
+/// every segment it sends carries them: 1 MiB echoed through the tunnel. (smoltcp
+/// alone answers a segment behind Destination Options with "unrecognized next
+/// header", and the application's connect failed with EPROTO.)
+const EXTENSION_HEADER_APP: &str = r#"
+import hashlib, os, socket, sys
+s = socket.socket(socket.AF_INET6)
+pad = bytes([0, 0, 1, 4, 0, 0, 0, 0])
+if sys.argv[3] in ("dst", "both"):
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, pad)
+if sys.argv[3] in ("hop", "both"):
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS, pad)
+s.settimeout(10)
+s.connect((sys.argv[1], int(sys.argv[2])))
+data = os.urandom(1 << 20)
+s.sendall(data)
+s.shutdown(socket.SHUT_WR)
+got = bytearray()
+while True:
+    b = s.recv(1 << 16)
+    if not b:
+        break
+    got += b
+print("echoed" if bytes(got) == data else "differs %d" % len(got))
+"#;
+
+#[test]
+fn ipv6_extension_headers_are_processed_as_a_destination_does() -> Result<()> {
+    needs_root!("ipv6_extension_headers_are_processed_as_a_destination_does");
+    let mut net = Net::new("fext6", &[], &[])?;
+    for which in ["dst", "hop", "both"] {
+        let out = net
+            .app()
+            .command("python3")
+            .args([
+                "-c",
+                EXTENSION_HEADER_APP,
+                &TARGET_V6.to_string(),
+                &ECHO_PORT.to_string(),
+                which,
+            ])
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            stdout.trim() == "echoed",
+            "TCP with {which} options: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // An unknown option of type 10xxxxxx before a UDP datagram: discarded, and the
+    // source is told with an ICMPv6 Parameter Problem (code 2) pointing at it.
+    let mut dest = vec![17, 0, 1, 0, 0x8a, 2, 0, 0];
+    dest.extend_from_slice(&udp_v6(b"unknown option")[40..]);
+    let offending = ipv6_raw(60, dest.len() as u16, &dest);
+    let error = net.app().within(move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let icmp = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
+        icmp.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let raw = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(255)))?;
+        raw.send_to(&offending, &SocketAddr::new(TARGET_V6.into(), 0).into())?;
+        let mut buf = [0u8; 2048];
+        loop {
+            // The raw ICMPv6 socket gets the ICMPv6 message without the IP header.
+            let n = std::io::Read::read(&mut &icmp, &mut buf)?;
+            if buf.first() == Some(&4) {
+                return Ok(buf[..n].to_vec());
+            }
+        }
+    })?;
+    let msg = error;
+    ensure!(msg[1] == 2, "code {} (want 2: unrecognized option)", msg[1]);
+    let pointer = u32::from_be_bytes(msg[4..8].try_into()?);
+    ensure!(
+        pointer == 44,
+        "pointer {pointer} (want 44: the option's type)"
+    );
+    // It quotes the offending packet: its addresses and the option.
+    ensure!(
+        msg.get(8 + 24..8 + 40) == Some(&TARGET_V6.octets()[..]) && msg.get(8 + 44) == Some(&0x8a),
+        "quote: {msg:02x?}"
+    );
+    net.assert_no_panics()?;
+    let log = net.stop_tunnel()?;
+    ensure!(stat(&log, "ipv6-extension") == 1, "{log}");
     Ok(())
 }
