@@ -400,3 +400,109 @@ fn setup_runs_as_an_unprivileged_user_with_net_admin_and_net_raw_only() {
     assert_restored(topo.app(), &before);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An echo server on `port` of every address of `ns` (IPv4 and IPv6), for as long
+/// as the test runs: one thread per connection.
+fn echo_server_in(ns: &Namespace, port: u16) {
+    for any in ["0.0.0.0", "::"] {
+        let listener = ns
+            .within(move || {
+                let socket = socket2::Socket::new(
+                    if any == "::" {
+                        socket2::Domain::IPV6
+                    } else {
+                        socket2::Domain::IPV4
+                    },
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                if any == "::" {
+                    socket.set_only_v6(true)?;
+                }
+                socket.set_reuse_address(true)?;
+                let addr: SocketAddr = format!("{}:{port}", if any == "::" { "[::]" } else { any })
+                    .parse()
+                    .map_err(std::io::Error::other)?;
+                socket.bind(&addr.into())?;
+                socket.listen(16)?;
+                Ok(std::net::TcpListener::from(socket))
+            })
+            .unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut read = &stream;
+                    let mut write = &stream;
+                    let _ = std::io::copy(&mut read, &mut write);
+                });
+            }
+        });
+    }
+}
+
+/// One echo of `what` on an open connection, within 3 s.
+fn echo_on(stream: &mut std::net::TcpStream, what: &[u8]) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    stream.write_all(what)?;
+    let mut back = vec![0; what.len()];
+    stream.read_exact(&mut back)?;
+    if back != what {
+        return Err(std::io::Error::other("echo differs"));
+    }
+    Ok(())
+}
+
+#[test]
+fn connections_into_the_host_keep_working_under_setup() {
+    root_test!("connections_into_the_host_keep_working_under_setup");
+    // The app namespace is the host; the target namespace is a remote network it
+    // reaches only by its default route (an administrator's SSH session, say). The
+    // proxy namespace keeps forwarding, so the connection in is possible at all.
+    let (topo, _services) = ordinary_host("setup-inbound");
+    let server = start_server(topo.proxy(), &binary(), &[]).unwrap();
+    let before = snapshot(topo.app());
+    const PORT: u16 = 2222;
+    echo_server_in(topo.app(), PORT);
+    let host = [
+        SocketAddr::from((tun2socks::testbed::topology::APP_V4, PORT)),
+        SocketAddr::from((tun2socks::testbed::topology::APP_V6, PORT)),
+    ];
+    let connect = |to: SocketAddr| {
+        topo.target()
+            .within(move || std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)))
+    };
+    // Open before the tunnel starts, and kept.
+    let mut sessions: Vec<_> = host.iter().map(|to| connect(*to).unwrap()).collect();
+    for s in &mut sessions {
+        echo_on(s, b"before").unwrap();
+    }
+    let url = format!("socks5://{}", proxy_addr());
+    let tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &TUN_ADDRESSES).unwrap();
+    for (s, to) in sessions.iter_mut().zip(host) {
+        echo_on(s, b"during --setup")
+            .unwrap_or_else(|e| panic!("the session into {to} stalled under --setup: {e}"));
+        // And a new one.
+        let mut fresh =
+            connect(to).unwrap_or_else(|e| panic!("a new connection into {to} under --setup: {e}"));
+        echo_on(&mut fresh, b"new").unwrap();
+    }
+    // The host's own connections still enter the tunnel (source: the TUN's address).
+    assert_reaches_target(topo.app(), "through --setup and SOCKS");
+    let own = ip_out(topo.app(), &["route", "get", &TARGET_V4.to_string()]);
+    assert!(own.contains(&format!("dev {TUN_NAME}")), "{own}");
+    let rules = ip_out(topo.app(), &["rule"]);
+    assert!(
+        rules.contains(&format!(
+            "from {} lookup main",
+            tun2socks::testbed::topology::APP_V4
+        )),
+        "{rules}"
+    );
+    assert_clean_exit(tunnel);
+    server.stop().unwrap();
+    assert_restored(topo.app(), &before);
+    for s in &mut sessions {
+        echo_on(s, b"after").unwrap();
+    }
+}

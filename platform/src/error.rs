@@ -197,6 +197,8 @@ pub enum RouteOp {
     Delete(crate::RoutingEntry),
     /// Asking which interface a packet to this address (with this mark) leaves by.
     Lookup(std::net::IpAddr, Option<u32>),
+    /// Listing the interfaces' addresses.
+    Addresses,
 }
 
 impl fmt::Display for RouteOp {
@@ -207,6 +209,7 @@ impl fmt::Display for RouteOp {
             Self::Delete(entry) => write!(f, "delete {entry}"),
             Self::Lookup(ip, None) => write!(f, "look up the route to {ip}"),
             Self::Lookup(ip, Some(mark)) => write!(f, "look up the route to {ip} mark {mark:#x}"),
+            Self::Addresses => f.write_str("list the interfaces' addresses"),
         }
     }
 }

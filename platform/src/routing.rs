@@ -80,6 +80,8 @@ pub struct Rule {
     pub family: Family,
     /// The rule's priority (`pref`): lower runs first.
     pub priority: u32,
+    /// Match this source network only (`from NET`).
+    pub source: Option<IpNet>,
     /// Match this destination network only (`to NET`).
     pub destination: Option<IpNet>,
     /// Match packets carrying this firewall mark (`fwmark M`, full mask).
@@ -98,6 +100,7 @@ impl Rule {
         Rule {
             family,
             priority,
+            source: None,
             destination: None,
             fwmark: None,
             invert: false,
@@ -112,6 +115,9 @@ impl fmt::Display for Rule {
         write!(f, "rule {} pref {}", self.family, self.priority)?;
         if self.invert {
             f.write_str(" not")?;
+        }
+        if let Some(source) = self.source {
+            write!(f, " from {source}")?;
         }
         if let Some(destination) = self.destination {
             write!(f, " to {destination}")?;
@@ -240,6 +246,7 @@ impl FromStr for Rule {
                         rule.invert = true;
                         i -= 1;
                     }
+                    "from" => rule.source = Some(net(value)?),
                     "to" => rule.destination = Some(net(value)?),
                     "fwmark" => rule.fwmark = Some(number(value)?),
                     "lookup" => {
@@ -250,12 +257,15 @@ impl FromStr for Rule {
                     _ => return Err("unknown word"),
                 }
             }
-            match rule.destination {
-                Some(destination) if Family::of(&destination) != family => {
-                    Err("destination of the other family")
-                }
-                _ if !(priority && table) => Err("pref and lookup are required"),
-                _ => Ok(rule),
+            let other = |net: Option<IpNet>| net.is_some_and(|net| Family::of(&net) != family);
+            if other(rule.source) {
+                Err("source of the other family")
+            } else if other(rule.destination) {
+                Err("destination of the other family")
+            } else if !(priority && table) {
+                Err("pref and lookup are required")
+            } else {
+                Ok(rule)
             }
         };
         parse().map_err(|reason| ParseError {
@@ -293,6 +303,17 @@ mod tests {
         suppress.suppress_prefix_len = Some(0);
         let mut to = Rule::lookup(Family::V4, 7260, MAIN_TABLE);
         to.destination = Some("198.19.2.0/24".parse().unwrap());
+        let mut from = Rule::lookup(Family::V6, 7265, MAIN_TABLE);
+        from.source = Some("fd19:1::1/128".parse().unwrap());
+        assert_eq!(
+            from.to_string(),
+            "rule inet6 pref 7265 from fd19:1::1/128 lookup 254"
+        );
+        assert!(
+            "rule inet pref 1 from fd19:1::1/128 lookup 254"
+                .parse::<Rule>()
+                .is_err()
+        );
         assert_eq!(
             not_marked.to_string(),
             "rule inet6 pref 7270 not fwmark 0x2d7 lookup 727"
@@ -301,7 +322,7 @@ mod tests {
             suppress.to_string(),
             "rule inet pref 7269 lookup 254 suppress_prefixlength 0"
         );
-        for rule in [not_marked, suppress, to] {
+        for rule in [not_marked, suppress, to, from] {
             assert_eq!(rule.to_string().parse::<Rule>(), Ok(rule));
             let entry = RoutingEntry::Rule(rule);
             assert_eq!(entry.to_string().parse::<RoutingEntry>(), Ok(entry));

@@ -9,9 +9,18 @@
 //! table 727:  default dev TUN                      (v4 and v6)
 //! pref 7260:  to 127.0.0.0/8, ::1/128, 169.254.0.0/16, fe80::/10,
 //!             to each proxy address, to each --exclude network   lookup main
+//! pref 7265:  from each address of the other interfaces          lookup main
 //! pref 7269:  lookup main suppress_prefixlength 0  (more specific routes of main win)
 //! pref 7270:  not fwmark 0x2d7 lookup 727          (everything else: the tunnel)
 //! ```
+//!
+//! Rule 7265 keeps connections *into* this host working (an SSH session from a
+//! remote network): their replies leave from the address the client connected to,
+//! an address of another interface, while a connection the host opens takes the
+//! TUN's address as its source (the route to anywhere is the TUN), so it is not
+//! affected. It is made only for a family the TUN has an address of: without one,
+//! the kernel would give new connections another interface's address, and rule 7265
+//! would then take their later packets off the tunnel.
 //!
 //! Every socket to the proxy carries the mark (`upstream::DialOptions::fwmark`), so
 //! the proxy connection and the UDP relay traffic skip rule 7270 and follow the
@@ -45,7 +54,8 @@ pub const DEFAULT_FWMARK: u32 = 0x2d7;
 /// The routing table holding the default routes through the TUN: 727.
 pub const DEFAULT_TABLE: u32 = 727;
 /// The priority of the rule `not fwmark MARK lookup TABLE`: 7270. The
-/// `suppress_prefixlength 0` rule is one lower (7269), the direct rules (loopback,
+/// `suppress_prefixlength 0` rule is one lower (7269), the rules for replies from
+/// this host's other addresses five lower (7265), the direct rules (loopback,
 /// link-local, the proxy, `--exclude`) ten lower (7260).
 pub const DEFAULT_PRIORITY: u32 = 7270;
 /// Where the lock and the state file live.
@@ -171,13 +181,16 @@ impl std::fmt::Display for Mark {
 
 /// The entries `--setup` makes for a TUN with index `ifindex`, per family, in the
 /// order they are made: the table's default route first, the rule that diverts
-/// traffic into it last (so it goes first when undone).
+/// traffic into it last (so it goes first when undone). `replies_from`: this host's
+/// addresses whose packets keep the main table ([`replies_from`]).
 pub fn plan(
     ifindex: u32,
     proxy: &[IpAddr],
+    replies_from: &[IpAddr],
     config: &SetupConfig,
 ) -> Vec<(Family, Vec<RoutingEntry>)> {
     let direct_priority = config.priority.saturating_sub(10);
+    let replies_priority = config.priority.saturating_sub(5);
     let suppress_priority = config.priority.saturating_sub(1);
     let direct: Vec<IpNet> = ALWAYS_DIRECT
         .iter()
@@ -198,6 +211,14 @@ pub fn plan(
                 let mut rule = Rule::lookup(family, direct_priority, MAIN_TABLE);
                 rule.destination = Some(*net);
                 entries.push(RoutingEntry::Rule(rule));
+            }
+            for ip in replies_from {
+                let source = IpNet::from(ip.to_canonical());
+                if Family::of(&source) == family {
+                    let mut rule = Rule::lookup(family, replies_priority, MAIN_TABLE);
+                    rule.source = Some(source);
+                    entries.push(RoutingEntry::Rule(rule));
+                }
             }
             let mut suppress = Rule::lookup(family, suppress_priority, MAIN_TABLE);
             suppress.suppress_prefix_len = Some(0);
@@ -226,17 +247,25 @@ impl Setup {
     /// up and a warning logged. On error, what was made is undone.
     pub fn apply(
         lock: Lock,
-        ifindex: u32,
+        device: (u32, &str),
         proxy: &[IpAddr],
         config: &SetupConfig,
     ) -> Result<Setup, SetupError> {
+        let (ifindex, name) = device;
         let routing = Routing::new()?;
         let mut setup = Setup {
             guards: Vec::new(),
             recorded: Vec::new(),
             lock,
         };
-        for (family, entries) in plan(ifindex, proxy, config) {
+        let replies = match routing.local_addresses() {
+            Ok(addresses) => replies_from(name, &addresses),
+            Err(error) => {
+                tracing::warn!(%error, "connections into this host may stall: their replies would enter the tunnel");
+                Vec::new()
+            }
+        };
+        for (family, entries) in plan(ifindex, proxy, &replies, config) {
             for (i, entry) in entries.into_iter().enumerate() {
                 setup.recorded.push(entry);
                 setup.lock.record(&setup.recorded)?;
@@ -265,6 +294,30 @@ impl Setup {
         );
         Ok(setup)
     }
+}
+
+/// Of this host's `addresses` (by interface name), the ones whose packets keep the
+/// main table: every address of an interface other than the TUN `device` and
+/// loopback, except link-local ones (link-local destinations are direct anyway), in
+/// a family the TUN has an address of (see the module docs).
+pub fn replies_from(device: &str, addresses: &[(String, IpAddr)]) -> Vec<IpAddr> {
+    let tun_has = |v4: bool| {
+        addresses
+            .iter()
+            .any(|(name, ip)| name == device && ip.to_canonical().is_ipv4() == v4)
+    };
+    let (v4, v6) = (tun_has(true), tun_has(false));
+    let mut out: Vec<IpAddr> = addresses
+        .iter()
+        .filter(|(name, _)| name != device)
+        .map(|(_, ip)| ip.to_canonical())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified() && !ip.is_multicast())
+        .filter(|ip| !crate::stack::classify::is_link_local(*ip))
+        .filter(|ip| if ip.is_ipv4() { v4 } else { v6 })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 fn permission(error: &RouteError) -> bool {
@@ -330,7 +383,12 @@ pub fn start(
         tracing::warn!("the proxy is not resolved yet: no loop check and no direct rule for it");
     }
     let setup = match setup {
-        Some((lock, config)) => Some(Setup::apply(lock, device.ifindex(), &addresses, config)?),
+        Some((lock, config)) => Some(Setup::apply(
+            lock,
+            (device.ifindex(), device.name()),
+            &addresses,
+            config,
+        )?),
         None => None,
     };
     check_loop(

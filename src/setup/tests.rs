@@ -4,7 +4,7 @@
 use super::*;
 
 fn lines(ifindex: u32, proxy: &[IpAddr], config: &SetupConfig) -> Vec<String> {
-    plan(ifindex, proxy, config)
+    plan(ifindex, proxy, &[], config)
         .into_iter()
         .flat_map(|(_, entries)| entries)
         .map(|entry| entry.to_string())
@@ -56,11 +56,71 @@ fn plan_follows_the_configured_mark_table_and_priority() {
         "rule inet6 pref 5 not fwmark 0x10 lookup 100000"
     );
     // Every line reads back as the entry it came from.
-    for (_, entries) in plan(1, &[], &config) {
+    for (_, entries) in plan(1, &[], &["192.0.2.7".parse().unwrap()], &config) {
         for entry in entries {
             assert_eq!(entry.to_string().parse::<RoutingEntry>(), Ok(entry));
         }
     }
+}
+
+#[test]
+fn replies_from_this_hosts_other_addresses_keep_the_main_table() {
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let addresses: Vec<(String, IpAddr)> = [
+        ("lo", "127.0.0.1"),
+        ("lo", "::1"),
+        ("eth0", "192.0.2.7"),
+        ("eth0", "2001:db8::7"),
+        ("eth0", "fe80::1"),
+        ("wlan0", "198.51.100.9"),
+        ("wlan0", "192.0.2.7"),
+        ("tun0", "198.18.0.1"),
+    ]
+    .into_iter()
+    .map(|(name, a)| (name.to_owned(), ip(a)))
+    .collect();
+    // The TUN has IPv4 only: no IPv6 rule (a new IPv6 connection would take
+    // eth0's address, and the rule would then take it off the tunnel).
+    let replies = replies_from("tun0", &addresses);
+    assert_eq!(replies, [ip("192.0.2.7"), ip("198.51.100.9")]);
+    let mut with_v6 = addresses.clone();
+    with_v6.push(("tun0".into(), ip("fd18::1")));
+    assert_eq!(
+        replies_from("tun0", &with_v6),
+        [ip("192.0.2.7"), ip("198.51.100.9"), ip("2001:db8::7")]
+    );
+    // A TUN with no address of its own: none at all.
+    assert!(replies_from("tun1", &addresses).is_empty());
+    let lines: Vec<String> = plan(
+        7,
+        &[],
+        &replies_from("tun0", &with_v6),
+        &SetupConfig::default(),
+    )
+    .into_iter()
+    .flat_map(|(_, entries)| entries)
+    .map(|entry| entry.to_string())
+    .collect();
+    for expected in [
+        "rule inet pref 7265 from 192.0.2.7/32 lookup 254",
+        "rule inet pref 7265 from 198.51.100.9/32 lookup 254",
+        "rule inet6 pref 7265 from 2001:db8::7/128 lookup 254",
+    ] {
+        assert!(
+            lines.contains(&expected.to_owned()),
+            "{expected} not in {lines:#?}"
+        );
+    }
+    // Before the tunnel rule of its family.
+    let tunnel = lines
+        .iter()
+        .position(|l| l.starts_with("rule inet pref 7270"))
+        .unwrap();
+    let reply = lines
+        .iter()
+        .position(|l| l.contains("from 192.0.2.7"))
+        .unwrap();
+    assert!(reply < tunnel);
 }
 
 #[test]

@@ -95,6 +95,26 @@ impl Routing {
         }
     }
 
+    /// The addresses of this network namespace's interfaces, each with its
+    /// interface's name (`getifaddrs`; `ip -brief address`).
+    pub fn local_addresses(&self) -> Result<Vec<(String, IpAddr)>, RouteError> {
+        let all = nix::ifaddrs::getifaddrs().map_err(|errno| RouteError::Io {
+            op: RouteOp::Addresses,
+            error: std::io::Error::from(errno),
+        })?;
+        Ok(all
+            .filter_map(|entry| {
+                let address = entry.address?;
+                let ip = match (address.as_sockaddr_in(), address.as_sockaddr_in6()) {
+                    (Some(v4), _) => IpAddr::V4(v4.ip()),
+                    (_, Some(v6)) => IpAddr::V6(v6.ip()),
+                    _ => return None,
+                };
+                Some((entry.interface_name, ip))
+            })
+            .collect())
+    }
+
     /// The interface a packet to `destination` would leave by, as the kernel decides
     /// now (policy rules included), for a socket carrying `mark` (`SO_MARK`) if given:
     /// `ip route get DESTINATION [mark M]`. `None` when the kernel has no route
@@ -190,7 +210,7 @@ fn route_message(route: &Route) -> RouteMessage {
     message
 }
 
-/// `ip rule add [not] [to NET] [fwmark M] lookup T [suppress_prefixlength N] pref P`.
+/// `ip rule add [not] [from NET] [to NET] [fwmark M] lookup T [suppress_prefixlength N] pref P`.
 fn rule_message(rule: &Rule) -> RuleMessage {
     let mut message = RuleMessage::default();
     message.header.family = address_family(rule.family);
@@ -202,6 +222,10 @@ fn rule_message(rule: &Rule) -> RuleMessage {
     let attributes = &mut message.attributes;
     attributes.push(RuleAttribute::Priority(rule.priority));
     attributes.push(RuleAttribute::Table(rule.table));
+    if let Some(source) = rule.source {
+        message.header.src_len = source.prefix_len();
+        attributes.push(RuleAttribute::Source(source.network()));
+    }
     if let Some(destination) = rule.destination {
         message.header.dst_len = destination.prefix_len();
         attributes.push(RuleAttribute::Destination(destination.network()));

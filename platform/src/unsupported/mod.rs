@@ -316,6 +316,11 @@ impl Routing {
         match self.never {}
     }
 
+    /// The addresses of the interfaces.
+    pub fn local_addresses(&self) -> Result<Vec<(String, std::net::IpAddr)>, RouteError> {
+        match self.never {}
+    }
+
     /// The interface a packet to `destination` would leave by.
     pub fn output_interface(
         &self,
