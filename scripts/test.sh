@@ -13,6 +13,8 @@ packages=(
   ncat            # SOCKS4/5 client
   dante-server    # danted: an independent SOCKS4/5 server
   microsocks      # a SOCKS5 server without UDP (benchmarks)
+  openssh-server  # sshd: the far end of `ssh -D` (ssh_netns; runs with its own host key, not the package's)
+  openssh-client  # ssh -D: OpenSSH's dynamic forward as the tunnel's upstream; ssh-keygen for its keys
   iperf3          # tunnel benchmark
   dnsmasq-base    # dnsmasq: the resolver in the target namespace (testbed::dnsmasq)
   bind9-dnsutils  # dig: DNS queries over UDP and TCP from a namespace
@@ -31,7 +33,7 @@ for p in "${packages[@]}"; do
 done
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
-  # Do not let package scripts start daemons (danted, iperf3) on this machine.
+  # Do not let package scripts start daemons (danted, iperf3, sshd) on this machine.
   made_policy=
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d

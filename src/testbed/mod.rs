@@ -56,6 +56,7 @@ pub mod process;
 pub mod services;
 pub mod skip;
 pub mod soak;
+pub mod sshd;
 pub mod stale;
 pub mod topology;
 pub mod tunnel;
