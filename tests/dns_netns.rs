@@ -33,18 +33,13 @@ macro_rules! needs {
     };
 }
 
-/// A resolver address that exists nowhere: only the tunnel's "any query to port 53"
-/// rule (and `--dns-server`) makes queries to it work.
-/// A counter of the tunnel's final stats line (`name=N`); 0 when absent.
+/// A counter of the tunnel's final stats line; 0 when absent.
 fn stat(log: &str, name: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("stopped stats="))
-        .unwrap_or_default();
-    Snapshot::parse_field(line, name).unwrap_or(0)
+    Snapshot::final_stat(log, name)
 }
 
+/// A resolver address that exists nowhere: only the tunnel's "any query to port 53"
+/// rule (and `--dns-server`) makes queries to it work.
 const NOWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 53));
 
 struct Net {

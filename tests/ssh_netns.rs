@@ -114,14 +114,8 @@ impl Net {
     }
 }
 
-/// A counter of the tunnel's final stats line (`name=N`); 0 when absent.
 fn stat(log: &str, name: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("stopped stats="))
-        .unwrap_or_default();
-    Snapshot::parse_field(line, name).unwrap_or(0)
+    Snapshot::final_stat(log, name)
 }
 
 /// `curl -sS --fail http://HOST:8080/blob` in `ns` (with curl's `family` flag, `-4`

@@ -114,14 +114,8 @@ fn create_multi_queue_tun(ns: &Namespace, name: &str, mtu: u32) -> std::io::Resu
     Ok(())
 }
 
-/// A counter of the tunnel's final stats line (`name=N`); 0 when absent.
 fn stat(log: &str, name: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("stopped stats="))
-        .unwrap_or_default();
-    Snapshot::parse_field(line, name).unwrap_or(0)
+    Snapshot::final_stat(log, name)
 }
 
 /// Packets read per queue, from the "queue stopped queue=N packets_in=M" lines.

@@ -91,17 +91,8 @@ impl Net {
     }
 }
 
-/// A counter of the tunnel's final stats line (`name=N`; a drop reason `drop.REASON=N`
-/// may be asked for by its bare name); 0 when absent.
 fn stat(log: &str, name: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("stopped stats="))
-        .unwrap_or_default();
-    Snapshot::parse_field(line, name)
-        .or_else(|| Snapshot::parse_field(line, &format!("drop.{name}")))
-        .unwrap_or(0)
+    Snapshot::final_stat(log, name)
 }
 
 fn echo_targets() -> [(SocketAddr, bool); 2] {

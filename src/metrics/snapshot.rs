@@ -310,4 +310,18 @@ impl Snapshot {
             .find(|(key, _)| key.rsplit('=').next() == Some(name))
             .and_then(|(_, value)| value.trim_matches('"').parse().ok())
     }
+
+    /// The value of `name` in the last `stopped stats=` line of a tunnel's `log` (a
+    /// counter, or a drop reason: `drop.NAME`); 0 when absent (counters print once
+    /// non-zero).
+    pub fn final_stat(log: &str, name: &str) -> u64 {
+        let line = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("stopped stats="))
+            .unwrap_or_default();
+        Snapshot::parse_field(line, name)
+            .or_else(|| Snapshot::parse_field(line, &format!("drop.{name}")))
+            .unwrap_or(0)
+    }
 }

@@ -94,18 +94,9 @@ impl Net {
     }
 }
 
-/// A counter of the tunnel's final stats line (a field, or a drop reason). The one
-/// place that knows the line's format.
+/// A counter of the tunnel's final stats line (a field, or a drop reason).
 pub fn stat(log: &str, name: &str) -> u64 {
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("stopped stats="))
-        .unwrap_or_default();
-    // Counters are `name=N`; drops by reason `drop.REASON=N` (present once non-zero).
-    tun2socks::metrics::Snapshot::parse_field(line, name)
-        .or_else(|| tun2socks::metrics::Snapshot::parse_field(line, &format!("drop.{name}")))
-        .unwrap_or(0)
+    tun2socks::metrics::Snapshot::final_stat(log, name)
 }
 
 pub fn tcp_target(port: u16) -> SocketAddr {
