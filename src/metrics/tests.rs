@@ -41,7 +41,10 @@ fn socks_errors_are_counted_by_reply_code() {
     m.socks.record(SocksCommand::Connect, &rejected(0x2a));
     m.socks.record(
         SocksCommand::Connect,
-        &UpstreamError::Closed { proxy: PROXY },
+        &UpstreamError::Closed {
+            proxy: PROXY,
+            after_request: false,
+        },
     );
     m.socks.record(
         SocksCommand::UdpAssociate,

@@ -164,6 +164,13 @@ impl ClientHandshake {
     /// the credentials (if any) and the request together. With
     /// [`Auth::Password`] the greeting then offers only username/password. SOCKS4/4a
     /// have a single message anyway; for them this changes nothing.
+    /// Whether the request has gone out and its reply is all that is awaited (a
+    /// proxy that closes now refuses the request without saying so; `ssh -D` does
+    /// when the destination refuses).
+    pub fn awaiting_reply(&self) -> bool {
+        self.state == State::Reply
+    }
+
     pub fn pipelined(mut self, on: bool) -> Self {
         self.pipeline = on;
         self

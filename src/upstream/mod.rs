@@ -125,10 +125,13 @@ pub enum UpstreamError {
         source: socks::Error,
     },
     /// The proxy closed the connection before the handshake completed.
-    #[error("proxy {proxy} closed the connection during the handshake")]
+    #[error("proxy {proxy} closed the connection {}", ClosedWhen(*after_request))]
     Closed {
         /// The proxy's address.
         proxy: SocketAddr,
+        /// It closed after the request, with no reply: how some proxies (`ssh -D`)
+        /// refuse a destination.
+        after_request: bool,
     },
     /// A socket error during the handshake.
     #[error("I/O error talking to proxy {proxy}: {source}")]
@@ -150,6 +153,20 @@ pub enum UpstreamError {
     /// (an IPv6 destination over SOCKS4, UDP over SOCKS4).
     #[error("{0}")]
     Unsupported(socks::Error),
+}
+
+/// When the proxy closed the connection, in words.
+struct ClosedWhen(bool);
+
+impl std::fmt::Display for ClosedWhen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0 {
+            "after the request without a reply (some proxies, ssh -D among them, refuse \
+             a destination so)"
+        } else {
+            "during the handshake"
+        })
+    }
 }
 
 impl UpstreamError {
@@ -414,7 +431,10 @@ where
         let mut chunk = [0u8; 512];
         let n = stream.read(&mut chunk).await.map_err(io_err)?;
         if n == 0 {
-            return Err(UpstreamError::Closed { proxy });
+            return Err(UpstreamError::Closed {
+                proxy,
+                after_request: hs.awaiting_reply(),
+            });
         }
         buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
     }

@@ -231,7 +231,10 @@ mod tests {
             timeout: PROBE_TIMEOUT,
         });
         assert_eq!(classify(&silent), ProbeOutcome::Unsupported);
-        let closed = Err(UpstreamError::Closed { proxy });
+        let closed = Err(UpstreamError::Closed {
+            proxy,
+            after_request: false,
+        });
         assert_eq!(classify(&closed), ProbeOutcome::Unsupported);
         let down = Err(UpstreamError::Dial {
             proxy,

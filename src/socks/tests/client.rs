@@ -382,3 +382,42 @@ fn handshake_before_start_fails() {
     .unwrap();
     assert_eq!(step(&mut client, "05 00"), Err(Error::Failed));
 }
+
+#[test]
+fn awaiting_reply_only_once_the_request_is_out() {
+    // SOCKS5: greeting out, method chosen, request out: only then.
+    let (mut client, _) = started(
+        Protocol::Socks5,
+        Auth::None,
+        Command::CONNECT,
+        "192.0.2.1:80",
+    );
+    assert!(!client.awaiting_reply());
+    step(&mut client, "05 00").unwrap();
+    assert!(client.awaiting_reply());
+    step(&mut client, "05 00 00 01 00000000 0000").unwrap();
+    assert!(!client.awaiting_reply());
+    // SOCKS4: the request is the first message.
+    let (client, _) = started(
+        Protocol::Socks4,
+        Auth::None,
+        Command::CONNECT,
+        "192.0.2.1:80",
+    );
+    assert!(client.awaiting_reply());
+    // The message a proxy's silent close gives, by when it came.
+    let proxy: SocketAddr = "192.0.2.9:1080".parse().unwrap();
+    let after = crate::upstream::UpstreamError::Closed {
+        proxy,
+        after_request: true,
+    };
+    assert!(after.to_string().contains("after the request"), "{after}");
+    let during = crate::upstream::UpstreamError::Closed {
+        proxy,
+        after_request: false,
+    };
+    assert!(
+        during.to_string().contains("during the handshake"),
+        "{during}"
+    );
+}
