@@ -428,3 +428,89 @@ fn dante_as_the_upstream_server() {
     drop(tunnel);
     drop(dante);
 }
+
+/// The classic way to run a TUN program without privilege: root makes a persistent
+/// device owned by the user (`ip tuntap add ... user`), brings it up with its
+/// addresses and routes, and the user attaches to it. The tunnel runs as uid 65534
+/// with no capability at all (it used to fail setting the queue length, which needs
+/// CAP_NET_ADMIN) and carries TCP both ways; with the device down it exits with the
+/// no-permission code and says what to do.
+#[test]
+fn an_unprivileged_owner_runs_the_tunnel_on_its_own_device() {
+    root_test!("an_unprivileged_owner_runs_the_tunnel_on_its_own_device");
+    require_or_skip!(require_program("setpriv", "an unprivileged owner"));
+    require_or_skip!(require_program("unshare", "an unprivileged owner"));
+    use tun2socks::testbed::topology::{TARGET_NET_V4, TARGET_NET_V6};
+    let topo = Topology::create("own-dev").unwrap();
+    let _services = Services::start(topo.target(), MIB, SEED).unwrap();
+    let _server = start_server(topo.proxy(), &binary(), &[]).unwrap();
+    let dev = "t2sown";
+    let ip = |args: &[&str]| {
+        let out = topo.app().ip(args).unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    ip(&["tuntap", "add", "dev", dev, "mode", "tun", "user", "65534"]);
+    ip(&["addr", "add", "198.18.0.1/24", "dev", dev]);
+    ip(&["addr", "add", "fd18::1/64", "dev", dev, "nodad"]);
+    // In a private mount namespace, a TUN node anyone may open over /dev/net/tun
+    // (0600 on this machine), then no capability at all.
+    let dir = std::env::temp_dir().join(format!("t2s-owner-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let node = dir.join("tun");
+    let script = format!(
+        "rm -f {node} && mknod {node} c 10 200 && chmod 0666 {node} && \
+         mount --bind {node} /dev/net/tun && \
+         exec ip netns exec {ns} setpriv --reuid=65534 --regid=65534 --clear-groups \
+         --inh-caps=-all --bounding-set=-all {binary} --proxy {url} --device {dev}",
+        node = node.display(),
+        ns = topo.app().name(),
+        binary = binary().display(),
+        url = socks5_url(),
+    );
+    let run = |tag: &str| {
+        let mut cmd = std::process::Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .env("RUST_LOG", "info");
+        Process::spawn(
+            cmd,
+            Process::log_dir().join(format!("{}-{tag}.log", topo.app().name())),
+        )
+        .unwrap()
+    };
+    // Down: refused with the no-permission code (3) and advice.
+    let mut down = run("owner-down");
+    let status = down.wait_timeout(Duration::from_secs(10)).unwrap();
+    let log = down.log().unwrap_or_default();
+    assert_eq!(status.and_then(|s| s.code()), Some(3), "{log}");
+    assert!(
+        log.contains("ip tuntap add") && log.contains("already up"),
+        "{log}"
+    );
+
+    ip(&["link", "set", dev, "up"]);
+    ip(&["route", "add", &TARGET_NET_V4.to_string(), "dev", dev]);
+    ip(&["-6", "route", "add", &TARGET_NET_V6.to_string(), "dev", dev]);
+    let mut tunnel = run("owner");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !tunnel.log().unwrap_or_default().contains("tunnel running") {
+        let log = tunnel.log().unwrap_or_default();
+        assert!(tunnel.try_wait().unwrap().is_none(), "exited: {log}");
+        assert!(Instant::now() < deadline, "not ready: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", tunnel.id())).unwrap();
+    assert!(status.contains("Uid:\t65534"), "{status}");
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    for dst in [target(TARGET_V4, ECHO_PORT), target(TARGET_V6, ECHO_PORT)] {
+        in_ns(topo.app(), move || echo_once(dst))
+            .unwrap_or_else(|e| panic!("echo to {dst} through the owner's tunnel: {e}"));
+    }
+    assert!(panics_in(&tunnel).is_empty());
+    let exit = tunnel.terminate().unwrap();
+    assert!(
+        exit.success(),
+        "{exit}: {}",
+        tunnel.log().unwrap_or_default()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

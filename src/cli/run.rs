@@ -73,7 +73,7 @@ fn setup_exit_code(error: &SetupError) -> u8 {
 
 fn device_exit_code(error: &DeviceError) -> u8 {
     match error {
-        DeviceError::Open(TunError::PermissionDenied { .. }) => EXIT_NO_PERMISSION,
+        error if error.permission_denied() => EXIT_NO_PERMISSION,
         DeviceError::Open(TunError::Busy { .. }) => EXIT_BUSY,
         DeviceError::Open(TunError::NameTooLong { .. } | TunError::InvalidName { .. }) => {
             EXIT_USAGE

@@ -102,7 +102,7 @@ pub enum DeviceError {
     #[error(transparent)]
     Open(#[from] TunError),
     /// The interface could not be configured.
-    #[error("configuring TUN device {name}: {error}")]
+    #[error("configuring TUN device {name}: {error}{}", NoPermissionHint(error.errno()))]
     Configure {
         /// The interface name.
         name: String,
@@ -120,6 +120,34 @@ pub enum DeviceError {
         /// The OS error.
         error: io::Error,
     },
+}
+
+/// What to do when the kernel refused a change to the device for lack of privilege.
+struct NoPermissionHint(Option<i32>);
+
+impl std::fmt::Display for NoPermissionHint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0 == Some(nix::libc::EPERM) {
+            f.write_str(
+                "; changing a device needs CAP_NET_ADMIN: without it, use a device you own \
+                 (`ip tuntap add NAME mode tun user YOU`) that is already up, with its \
+                 addresses, and give no --mtu, --address or --txqueuelen",
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl DeviceError {
+    /// `true` when the OS refused for lack of privilege (opening the device, or
+    /// changing it).
+    pub fn permission_denied(&self) -> bool {
+        match self {
+            DeviceError::Open(TunError::PermissionDenied { .. }) => true,
+            DeviceError::Configure { error, .. } => error.errno() == Some(nix::libc::EPERM),
+            _ => false,
+        }
+    }
 }
 
 /// An open, configured TUN device registered with tokio.

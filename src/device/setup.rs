@@ -1,5 +1,7 @@
 //! Setting a device up: the offload probe, and the link settings (MTU, queue length,
-//! up, addresses) applied in order and undone in reverse when one fails.
+//! up, addresses) applied in order and undone in reverse when one fails. An attached
+//! device needs no privilege beyond what attaching takes when it is already as asked
+//! (up; the MTU, addresses and queue length left as they are).
 
 use tun2socks_platform::{Link, LinkError, LinkGuard, Offloads, Tun};
 
@@ -77,7 +79,24 @@ fn apply(
         }
         (None, false) => u16::try_from(link.state()?.mtu).unwrap_or(u16::MAX),
     };
-    guards.push(link.set_txqueuelen(config.txqueuelen.unwrap_or(DEFAULT_TXQUEUELEN))?);
+    let queue = config.txqueuelen.unwrap_or(DEFAULT_TXQUEUELEN);
+    match link.set_txqueuelen(queue) {
+        Ok(guard) => guards.push(guard),
+        // A device the user owns (`ip tuntap add ... user NAME`) is theirs to attach
+        // to without CAP_NET_ADMIN, but not to reconfigure: keep its queue length,
+        // unless one was asked for.
+        Err(error)
+            if !created
+                && config.txqueuelen.is_none()
+                && error.errno() == Some(nix::libc::EPERM) =>
+        {
+            tracing::info!(
+                wanted = queue,
+                "no permission to set the device's txqueuelen (CAP_NET_ADMIN); keeping its own"
+            );
+        }
+        Err(error) => return Err(error),
+    }
     guards.push(link.set_up()?);
     let addresses = match (&config.addresses, created) {
         (Some(addresses), _) => addresses.clone(),
