@@ -2,7 +2,8 @@
 //!
 //! Stage: the last stage of the UDP and DNS paths. UDP replies from the proxy's
 //! relay, DNS answers built in the tunnel, and ICMP / ICMPv6 "port unreachable"
-//! errors (and ICMPv6 "parameter problem" for extension headers) are built here as whole IP packets (etherparse; IPv4 and IPv6; correct
+//! errors (and ICMPv6 "parameter problem" for extension headers, ICMP "reassembly
+//! time exceeded" for fragments that never made a datagram) are built here as whole IP packets (etherparse; IPv4 and IPv6; correct
 //! checksums) and handed to the device with a non-blocking send.
 //!
 //! It is bounded by construction: it holds no queue. A packet the device will not
@@ -354,6 +355,47 @@ impl Egress {
         self.emit(|buf| b.write(buf, quote).is_ok())
     }
 
+    /// Tells the source of a datagram whose fragments did not all arrive in time
+    /// that it was discarded: an ICMP Time Exceeded (ICMPv6 type 3), code 1,
+    /// "fragment reassembly time exceeded", from the datagram's destination,
+    /// quoting `first`, the start of its first fragment as it came. Whether to send
+    /// one is the caller's choice.
+    pub fn reassembly_time_exceeded(&self, first: &[u8]) -> bool {
+        match first.first().map(|b| b >> 4) {
+            Some(4) => {
+                let (Some(src), Some(dst)) = (
+                    first.get(12..16).and_then(|a| <[u8; 4]>::try_from(a).ok()),
+                    first.get(16..20).and_then(|a| <[u8; 4]>::try_from(a).ok()),
+                ) else {
+                    return self.unsendable();
+                };
+                let quote = first.get(..ICMP4_QUOTE).unwrap_or(first);
+                let b = PacketBuilder::ipv4(dst, src, TTL).icmpv4(
+                    etherparse::Icmpv4Type::TimeExceeded(
+                        icmpv4::TimeExceededCode::FragmentReassemblyTimeExceeded,
+                    ),
+                );
+                self.emit(|buf| b.write(buf, quote).is_ok())
+            }
+            Some(6) => {
+                let (Some(src), Some(dst)) = (
+                    first.get(8..24).and_then(|a| <[u8; 16]>::try_from(a).ok()),
+                    first.get(24..40).and_then(|a| <[u8; 16]>::try_from(a).ok()),
+                ) else {
+                    return self.unsendable();
+                };
+                let quote = first.get(..ICMP6_QUOTE).unwrap_or(first);
+                let b = PacketBuilder::ipv6(dst, src, TTL).icmpv6(
+                    etherparse::Icmpv6Type::TimeExceeded(
+                        icmpv6::TimeExceededCode::FragmentReassemblyTimeExceeded,
+                    ),
+                );
+                self.emit(|buf| b.write(buf, quote).is_ok())
+            }
+            _ => self.unsendable(),
+        }
+    }
+
     fn unsendable(&self) -> bool {
         self.metrics.egress.unsendable.fetch_add(1, Relaxed);
         false
@@ -604,6 +646,57 @@ mod tests {
         );
         assert!(icmp.is_checksum_valid(remote, app));
         assert_eq!(icmp.payload(), &offending[..1280 - 48]);
+    }
+
+    #[test]
+    fn reassembly_time_exceeded_goes_back_to_the_source_quoting_the_first_fragment() {
+        let cap = Arc::new(Capture::default());
+        let egress = Egress::new(cap.clone());
+        let mut first4 = Vec::new();
+        PacketBuilder::ipv4([198, 18, 0, 1], [198, 19, 2, 2], 64)
+            .udp(5000, 9)
+            .write(&mut first4, &[7u8; 1472])
+            .unwrap();
+        let mut first6 = Vec::new();
+        PacketBuilder::ipv6([0xfd; 16], [0x20; 16], 64)
+            .udp(5000, 9)
+            .write(&mut first6, &[7u8; 1452])
+            .unwrap();
+        assert!(egress.reassembly_time_exceeded(&first4));
+        assert!(egress.reassembly_time_exceeded(&first6));
+        assert!(!egress.reassembly_time_exceeded(&[0x45, 0]));
+        assert!(!egress.reassembly_time_exceeded(&[]));
+        let packets = sent(&cap);
+        assert_eq!(packets.len(), 2);
+        let v4 = SlicedPacket::from_ip(&packets[0]).unwrap();
+        assert!(packets[0].len() <= 576);
+        let Some(NetSlice::Ipv4(ip)) = &v4.net else {
+            panic!()
+        };
+        assert_eq!(ip.header().source(), [198, 19, 2, 2]);
+        assert_eq!(ip.header().destination(), [198, 18, 0, 1]);
+        let Some(TransportSlice::Icmpv4(icmp)) = &v4.transport else {
+            panic!()
+        };
+        assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv4Type::TimeExceeded(
+                icmpv4::TimeExceededCode::FragmentReassemblyTimeExceeded
+            )
+        );
+        assert_eq!(icmp.payload(), &first4[..ICMP4_QUOTE]);
+        let v6 = SlicedPacket::from_ip(&packets[1]).unwrap();
+        let Some(TransportSlice::Icmpv6(icmp6)) = &v6.transport else {
+            panic!()
+        };
+        assert_eq!(
+            icmp6.icmp_type(),
+            etherparse::Icmpv6Type::TimeExceeded(
+                icmpv6::TimeExceededCode::FragmentReassemblyTimeExceeded
+            )
+        );
+        assert!(icmp6.is_checksum_valid([0x20; 16], [0xfd; 16]));
+        assert_eq!(icmp6.payload(), &first6[..ICMP6_QUOTE]);
     }
 
     #[test]

@@ -287,6 +287,7 @@ impl<D: PacketIo> Stack<D> {
                 self.ingress_batch(&mut rx, now)?;
             }
             self.poll_flows(now);
+            self.expire_fragments(now);
             let moved = self.take_moved();
             self.busy.moved(now, moved);
             if received.is_some() || asked {
@@ -297,10 +298,11 @@ impl<D: PacketIo> Stack<D> {
             }
             while self.tasks.try_join_next().is_some() {}
             self.datagrams.reap();
-            let next = self
-                .timers
-                .next()
-                .map_or_else(far, tokio::time::Instant::from_std);
+            let next = match (self.timers.next(), self.reassembly.next_expiry()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+            .map_or_else(far, tokio::time::Instant::from_std);
             sleep.as_mut().reset(next);
         }
     }
@@ -493,6 +495,27 @@ impl<D: PacketIo> Stack<D> {
                 // Fragments inside a fragment: not a datagram anyone sends.
                 Class::Drop(DropReason::Fragment) => self.drop_packet(DropReason::Malformed),
                 class => self.dispatch(&whole, class, &VnetHdr::NONE, now),
+            }
+        }
+    }
+
+    /// Discards the datagrams whose fragments have not all come in time: their
+    /// fragments count as dropped, and the source of each whose first fragment came
+    /// is told (ICMP Time Exceeded, code 1).
+    fn expire_fragments(&mut self, now: Instant) {
+        if self.reassembly.next_expiry().is_none_or(|at| at > now) {
+            return;
+        }
+        for expired in self.reassembly.expire(now) {
+            tracing::debug!(
+                fragments = expired.fragments,
+                "IP datagram not reassembled in time"
+            );
+            for _ in 0..expired.fragments {
+                self.drop_packet(DropReason::Fragment);
+            }
+            if let Some(first) = expired.first {
+                self.egress.reassembly_time_exceeded(&first);
             }
         }
     }

@@ -51,8 +51,6 @@ pub enum Discard {
     Full,
     /// An exact copy of a fragment received already (dropped, nothing else changes).
     Duplicate,
-    /// Its datagram did not arrive whole within [`TIMEOUT`].
-    Expired,
 }
 
 /// What adding one fragment did.
@@ -60,10 +58,10 @@ pub enum Discard {
 pub struct Added {
     /// The datagram it completed, rebuilt as one unfragmented IP packet.
     pub whole: Option<Vec<u8>>,
-    /// Fragments dropped by this call: this one if refused, the ones held for a
-    /// datagram it discarded, and those of datagrams that expired meanwhile.
+    /// Fragments dropped by this call: this one if refused, and the ones held for a
+    /// datagram it discarded.
     pub dropped: usize,
-    /// Why (the last reason, when several).
+    /// Why.
     pub reason: Option<Discard>,
 }
 
@@ -92,6 +90,25 @@ struct Partial {
     started: Instant,
     /// Fragments held.
     fragments: usize,
+    /// The first fragment (offset 0) as it came, up to [`QUOTE`] bytes: what an
+    /// ICMP "reassembly time exceeded" quotes, sent only when it came (and its source
+    /// may get an error: [`deserves_error`]).
+    first: Option<Vec<u8>>,
+}
+
+/// How much of the first fragment an ICMP error quotes: what fits in the IPv6
+/// minimum MTU (an IPv4 error is cut shorter by egress).
+const QUOTE: usize = 1280 - 40 - 8;
+
+/// A datagram that did not arrive whole in time.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Expired {
+    /// Fragments it held (counted as dropped).
+    pub fragments: usize,
+    /// Its first fragment, if that came and its source may be told (the start of
+    /// it): the source is told with an ICMP Time Exceeded, code 1 (RFC 792, RFC 1122
+    /// 3.3.2, RFC 8200 4.5).
+    pub first: Option<Vec<u8>>,
 }
 
 /// One fragment, read.
@@ -111,15 +128,11 @@ pub struct Reassembly {
 }
 
 impl Reassembly {
-    /// Adds fragment `packet` (a whole IP packet) at `now`, first discarding the
-    /// datagrams that have waited longer than [`TIMEOUT`].
+    /// Adds fragment `packet` (a whole IP packet) at `now`. Datagrams that have
+    /// waited longer than [`TIMEOUT`] are discarded by [`Reassembly::expire`], which
+    /// the caller runs when [`Reassembly::next_expiry`] comes.
     pub fn add(&mut self, packet: &[u8], now: Instant) -> Added {
         let mut added = Added::default();
-        let expired = self.expire(now);
-        if expired > 0 {
-            added.dropped = expired;
-            added.reason = Some(Discard::Expired);
-        }
         match self.insert(packet, now) {
             Ok(whole) => added.whole = whole,
             Err((reason, held)) => {
@@ -173,6 +186,7 @@ impl Reassembly {
                     hop_limit: f.hop_limit,
                     started: now,
                     fragments: 0,
+                    first: None,
                 },
             );
         }
@@ -191,6 +205,9 @@ impl Reassembly {
         match verdict {
             Ok(Some(whole)) => {
                 partial.fragments += 1;
+                if f.offset == 0 && deserves_error(&f) {
+                    partial.first = Some(packet.get(..QUOTE).unwrap_or(packet).to_vec());
+                }
                 self.bytes = self.bytes.saturating_add(grown);
                 if !whole {
                     return Ok(None);
@@ -213,20 +230,28 @@ impl Reassembly {
         Some(partial)
     }
 
-    /// Discards the datagrams older than [`TIMEOUT`]; returns how many fragments
-    /// they held.
-    fn expire(&mut self, now: Instant) -> usize {
-        let (mut freed, mut fragments) = (0, 0);
+    /// When the oldest datagram being reassembled expires, if any.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.partials.values().map(|p| p.started + TIMEOUT).min()
+    }
+
+    /// Discards the datagrams that have waited [`TIMEOUT`] or longer at `now`.
+    pub fn expire(&mut self, now: Instant) -> Vec<Expired> {
+        let mut expired = Vec::new();
+        let mut freed = 0;
         self.partials.retain(|_, p| {
             let keep = now.saturating_duration_since(p.started) < TIMEOUT;
             if !keep {
                 freed += p.data.len();
-                fragments += p.fragments;
+                expired.push(Expired {
+                    fragments: p.fragments,
+                    first: p.first.take(),
+                });
             }
             keep
         });
         self.bytes = self.bytes.saturating_sub(freed);
-        fragments
+        expired
     }
 }
 
@@ -338,6 +363,33 @@ fn read(packet: &[u8]) -> Option<Fragment<'_>> {
             })
         }
         _ => None,
+    }
+}
+
+/// Whether the source of a datagram whose first fragment is `f` gets an ICMP error
+/// about it: only a unicast source (not unspecified, multicast, or IPv4
+/// broadcast), never about a packet to a multicast group, and never about an ICMP
+/// error message itself (RFC 1122 3.2.2, RFC 4443 2.4 (e)).
+fn deserves_error(f: &Fragment<'_>) -> bool {
+    let (src, dst) = (f.key.src, f.key.dst);
+    if src.is_unspecified()
+        || src.is_multicast()
+        || dst.is_multicast()
+        || src == IpAddr::from([255, 255, 255, 255])
+        || dst == IpAddr::from([255, 255, 255, 255])
+    {
+        return false;
+    }
+    // The upper-layer header starts the first fragment's data (for IPv6, when no
+    // extension header follows the Fragment header).
+    let kind = f.data.first().copied();
+    match (src, f.key.protocol) {
+        // ICMP errors: destination unreachable, source quench, redirect, time
+        // exceeded, parameter problem.
+        (IpAddr::V4(_), 1) => !matches!(kind, Some(3 | 4 | 5 | 11 | 12)),
+        // ICMPv6 errors have types below 128.
+        (IpAddr::V6(_), 58) => kind.is_some_and(|k| k >= 128),
+        _ => true,
     }
 }
 

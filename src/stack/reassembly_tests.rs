@@ -185,20 +185,47 @@ fn datagrams_that_never_complete_expire() {
     let t0 = Instant::now();
     let frags = fragments(&udp_packet(true, &payload(4000)), 1448, 3);
     let mut r = Reassembly::default();
+    assert_eq!(r.next_expiry(), None);
     assert_eq!(r.add(&frags[0], t0), Added::default());
-    let later = t0 + TIMEOUT + Duration::from_millis(1);
+    assert_eq!(r.add(&frags[2], t0), Added::default());
+    // A datagram whose first fragment never came.
     let other = fragments(&udp_packet(false, &payload(2000)), 1480, 4);
-    let added = r.add(&other[0], later);
-    assert_eq!(
-        (added.reason, added.dropped),
-        (Some(Discard::Expired), 1),
-        "the first expired"
-    );
-    assert!(added.whole.is_none());
+    let t1 = t0 + Duration::from_secs(1);
+    assert_eq!(r.add(&other[1], t1), Added::default());
+    assert_eq!(r.next_expiry(), Some(t0 + TIMEOUT));
+    assert!(r.expire(t0 + TIMEOUT - Duration::from_millis(1)).is_empty());
+    // The first: its two fragments, and the start of its first one to quote.
+    let expired = r.expire(t0 + TIMEOUT);
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].fragments, 2);
+    assert_eq!(expired[0].first.as_deref(), Some(&frags[0][..1280 - 48]));
     assert_eq!(r.pending(), 1);
+    assert_eq!(r.next_expiry(), Some(t1 + TIMEOUT));
+    // The other: no first fragment, so nothing to quote (no ICMP error is sent).
+    let expired = r.expire(t1 + TIMEOUT);
+    assert_eq!(
+        expired,
+        [Expired {
+            fragments: 1,
+            first: None
+        }]
+    );
+    assert_eq!((r.pending(), held_bytes(&r)), (0, 0));
+    assert_eq!(r.next_expiry(), None);
     // The late rest of the expired datagram starts a new one that never completes.
+    let later = t1 + TIMEOUT;
     assert_eq!(outcome(r.add(&frags[1], later)), Ok(None));
     assert_eq!(outcome(r.add(&frags[2], later)), Ok(None));
+}
+
+#[test]
+fn a_first_fragment_is_quoted_up_to_the_ipv6_minimum_mtu() {
+    let t0 = Instant::now();
+    let frags = fragments(&udp_packet(false, &payload(9000)), 4000, 5);
+    let mut r = Reassembly::default();
+    r.add(&frags[0], t0);
+    let expired = r.expire(t0 + TIMEOUT);
+    assert_eq!(expired[0].first.as_deref(), Some(&frags[0][..1280 - 48]));
 }
 
 #[test]
@@ -353,4 +380,40 @@ mod props {
             }
         }
     }
+}
+
+#[test]
+fn no_error_is_kept_about_icmp_errors_or_for_groups() {
+    let t0 = Instant::now();
+    let expire_first = |packet: Vec<u8>| {
+        let mut r = Reassembly::default();
+        assert_eq!(r.add(&packet, t0), Added::default());
+        r.expire(t0 + TIMEOUT).pop().unwrap().first
+    };
+    // An ordinary first fragment: kept to quote.
+    assert!(expire_first(fragment(false, 1, 0, true, &[9; 16])).is_some());
+    assert!(expire_first(fragment(true, 1, 0, true, &[9; 16])).is_some());
+    // ICMP: an echo request is quoted, a destination unreachable is not.
+    let icmp4 = |kind: u8| {
+        let mut p = fragment(false, 2, 0, true, &[kind, 0, 0, 0, 0, 0, 0, 0]);
+        p[9] = 1;
+        p
+    };
+    assert!(expire_first(icmp4(8)).is_some());
+    assert!(expire_first(icmp4(3)).is_none());
+    // ICMPv6 (the Fragment header's next header): echo request 128, an error 1.
+    let icmp6 = |kind: u8| {
+        let mut p = fragment(true, 3, 0, true, &[kind, 0, 0, 0, 0, 0, 0, 0]);
+        p[40] = 58;
+        p
+    };
+    assert!(expire_first(icmp6(128)).is_some());
+    assert!(expire_first(icmp6(1)).is_none());
+    // To a multicast group, or from nobody.
+    let mut group = fragment(false, 4, 0, true, &[9; 16]);
+    group[16] = 224;
+    assert!(expire_first(group).is_none());
+    let mut nobody = fragment(true, 5, 0, true, &[9; 16]);
+    nobody[8..24].fill(0);
+    assert!(expire_first(nobody).is_none());
 }

@@ -355,3 +355,92 @@ fn ipv6_extension_headers_are_processed_as_a_destination_does() -> Result<()> {
     ensure!(stat(&log, "ipv6-extension") == 1, "{log}");
     Ok(())
 }
+
+/// A datagram whose fragments never all come is discarded after 30 s, and the
+/// application that sent its first fragment is told: ICMP Time Exceeded, code 1
+/// "fragment reassembly time exceeded" (RFC 1122 3.3.2, RFC 8200 4.5), quoting
+/// it; a datagram whose first fragment never came gets no error.
+#[test]
+fn an_incomplete_datagram_gets_reassembly_time_exceeded() -> Result<()> {
+    needs_root!("an_incomplete_datagram_gets_reassembly_time_exceeded");
+    let mut net = Net::new("ffragtime", &[], &[])?;
+    let whole4 = udp_v4(&[7; 3000]);
+    let whole6 = udp_v6(&[7; 3000]);
+    // First fragments only (more fragments; 1,480 and 1,448 bytes of data), and a
+    // middle fragment alone.
+    let first4 = ipv4_raw(17, 0x2000, &[], &whole4[20..1500]);
+    let mut frag6 = vec![17, 0, 0, 1, 0, 0, 0x56, 0x78];
+    frag6.extend_from_slice(&whole6[40..1488]);
+    let first6 = ipv6_raw(44, frag6.len() as u16, &frag6);
+    let middle4 = {
+        let mut p = ipv4_raw(17, 0x2000 | 185, &[], &whole4[1500..1508]);
+        p[4..6].copy_from_slice(&[0x43, 0x21]);
+        p
+    };
+    let started = std::time::Instant::now();
+    let errors = net.app().within(move || {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let icmp4 = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4))?;
+        let icmp6 = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6))?;
+        let raw4 = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))?;
+        let raw6 = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::from(255)))?;
+        let to4 = SocketAddr::new(TARGET_V4.into(), 0).into();
+        raw4.send_to(&first4, &to4)?;
+        raw4.send_to(&middle4, &to4)?;
+        raw6.send_to(&first6, &SocketAddr::new(TARGET_V6.into(), 0).into())?;
+        let mut errors = Vec::new();
+        let mut buf = [0u8; 2048];
+        for (socket, v6) in [(&icmp4, false), (&icmp6, true)] {
+            socket.set_read_timeout(Some(Duration::from_secs(40)))?;
+            loop {
+                let n = std::io::Read::read(&mut &*socket, &mut buf).map_err(|e| {
+                    std::io::Error::other(format!("no ICMP error (IPv6: {v6}) within 40 s: {e}"))
+                })?;
+                // The IPv4 raw socket gets the IP header; the IPv6 one does not.
+                let icmp = if v6 { &buf[..n] } else { &buf[20..n] };
+                if icmp.first() == Some(&if v6 { 3 } else { 11 }) {
+                    errors.push((v6, icmp.to_vec()));
+                    break;
+                }
+            }
+        }
+        // Nothing more: the lone middle fragment (expired at the same moment) is
+        // not told about.
+        icmp4.set_read_timeout(Some(Duration::from_secs(1)))?;
+        while let Ok(n) = std::io::Read::read(&mut &icmp4, &mut buf) {
+            if buf.get(20) == Some(&11) {
+                errors.push((false, buf[20..n].to_vec()));
+            }
+        }
+        Ok(errors)
+    })?;
+    let waited = started.elapsed();
+    ensure!(
+        errors.len() == 2,
+        "{} errors (want one each for IPv4 and IPv6)",
+        errors.len()
+    );
+    ensure!(
+        waited >= Duration::from_secs(29),
+        "the errors came after {waited:?}, before the 30 s reassembly time"
+    );
+    for (v6, icmp) in &errors {
+        ensure!(icmp[1] == 1, "code {} (want 1), v6={v6}", icmp[1]);
+        // The quote starts with the first fragment's header: its identification.
+        let id_at = if *v6 { 8 + 40 + 4 } else { 8 + 4 };
+        let id = if *v6 {
+            vec![0, 0, 0x56, 0x78]
+        } else {
+            vec![0x12, 0x34]
+        };
+        ensure!(
+            icmp.get(id_at..id_at + id.len()) == Some(&id[..]),
+            "quote: {icmp:02x?}"
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    net.assert_no_panics()?;
+    let log = net.stop_tunnel()?;
+    ensure!(stat(&log, "fragment") == 3, "{log}");
+    Ok(())
+}
