@@ -41,11 +41,15 @@ pub const NAMESERVER: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
 /// 127.0.0.53 means nothing at the proxy). `exec` sends the program's DNS there when
 /// no `--dns-server` is given.
 pub fn host_resolver(resolv_conf: &str) -> Option<IpAddr> {
+    nameservers(resolv_conf).find(|ip| !ip.is_loopback() && !ip.is_unspecified())
+}
+
+/// The `nameserver` addresses of `resolv.conf` text, in order.
+pub fn nameservers(resolv_conf: &str) -> impl Iterator<Item = IpAddr> + '_ {
     resolv_conf
         .lines()
         .filter_map(|line| line.trim().strip_prefix("nameserver"))
         .filter_map(|rest| rest.split_whitespace().next()?.parse::<IpAddr>().ok())
-        .find(|ip| !ip.is_loopback() && !ip.is_unspecified())
 }
 
 /// The exit status of `tun2socks exec` when it fails itself, before or around the

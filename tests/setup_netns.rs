@@ -17,7 +17,7 @@ use tun2socks::require_or_skip;
 use tun2socks::setup::{DEFAULT_FWMARK, DEFAULT_TABLE};
 use tun2socks::testbed::services::{HTTP_PORT, Services, blob, sha256_hex};
 use tun2socks::testbed::topology::{
-    APP_LINK, PROXY_OUT_V4, TARGET_NET_V4, TARGET_NET_V6, TARGET_V4, TARGET_V6,
+    APP_LINK, PROXY_OUT_V4, PROXY_V4, TARGET_NET_V4, TARGET_NET_V6, TARGET_V4, TARGET_V6,
 };
 use tun2socks::testbed::tunnel::{
     PROXY_PORT, TUN_NAME, panics_in, proxy_addr, routing_snapshot, start_server, start_tunnel_setup,
@@ -505,4 +505,80 @@ fn connections_into_the_host_keep_working_under_setup() {
     for s in &mut sessions {
         echo_on(s, b"after").unwrap();
     }
+}
+
+/// A resolver the host reaches past the tunnel (on its LAN, say: here a host route
+/// via the forwarding proxy namespace, which rule 7269 lets win). With `--dns
+/// fake-ip` (or `--dns-server`) every DNS query enters the tunnel anyway, so names
+/// get fake addresses and the resolver never sees them; in the default `udp` mode
+/// such queries stay direct, and the start warns about that resolver.
+#[test]
+fn dns_to_a_resolver_past_the_tunnel_is_carried_with_fake_ip() {
+    root_test!("dns_to_a_resolver_past_the_tunnel_is_carried_with_fake_ip");
+    require_or_skip!(require_program("dnsmasq", "DNS under --setup"));
+    require_or_skip!(require_program("dig", "DNS under --setup"));
+    use tun2socks::testbed::dnsmasq::{DigTransport, Dnsmasq, TARGET_NAME, default_records, dig};
+    let (topo, _services) = ordinary_host("setup-dns");
+    let dnsmasq = Dnsmasq::start(topo.target(), &default_records()).unwrap();
+    let _server = start_server(topo.proxy(), &binary(), &[]).unwrap();
+    let resolver = std::net::IpAddr::from(TARGET_V4);
+    let host_route = format!("{TARGET_V4}/32");
+    ip_out(
+        topo.app(),
+        &["route", "add", &host_route, "via", &PROXY_V4.to_string()],
+    );
+    topo.app().set_resolv_conf(&[resolver]).unwrap();
+    let before = snapshot(topo.app());
+    let ask = || dig(topo.app(), resolver, TARGET_NAME, "A", DigTransport::Udp).unwrap();
+    let url = format!("socks5://{}", proxy_addr());
+
+    // udp mode: direct, as before, and said so at start.
+    let tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &TUN_ADDRESSES).unwrap();
+    let seen = dnsmasq.queries_for(TARGET_NAME).unwrap();
+    assert_eq!(ask(), [TARGET_V4.to_string()]);
+    assert_eq!(dnsmasq.queries_for(TARGET_NAME).unwrap(), seen + 1);
+    let log = tunnel.log().unwrap();
+    assert!(
+        log.contains("DNS to this resolver goes directly") && log.contains(&resolver.to_string()),
+        "{log}"
+    );
+    assert_clean_exit(tunnel);
+    assert_restored(topo.app(), &before);
+
+    // fake-ip: into the tunnel, answered there; the resolver sees nothing.
+    let mut args = vec!["--dns", "fake-ip"];
+    args.extend(TUN_ADDRESSES);
+    let tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &args).unwrap();
+    let rules = ip_out(topo.app(), &["rule"]);
+    assert!(rules.contains("ipproto udp dport 53"), "{rules}");
+    let seen = dnsmasq.queries_for(TARGET_NAME).unwrap();
+    let answer = ask();
+    assert_eq!(answer.len(), 1, "{answer:?}");
+    let fake: std::net::Ipv4Addr = answer[0].parse().unwrap();
+    assert!(
+        fake.octets()[..2] == [198, 18] && fake != TARGET_V4,
+        "not a fake address: {fake}"
+    );
+    assert_eq!(
+        dnsmasq.queries_for(TARGET_NAME).unwrap(),
+        seen,
+        "the resolver was asked"
+    );
+    let log = tunnel.log().unwrap();
+    assert!(!log.contains("goes directly"), "{log}");
+    assert_clean_exit(tunnel);
+    assert_restored(topo.app(), &before);
+
+    // --dns-server: into the tunnel too, and on through the proxy to that server.
+    let server = resolver.to_string();
+    let mut args = vec!["--dns-server", &server];
+    args.extend(TUN_ADDRESSES);
+    let tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &args).unwrap();
+    let rules = ip_out(topo.app(), &["-6", "rule"]);
+    assert!(rules.contains("ipproto tcp dport 53"), "{rules}");
+    assert_eq!(ask(), [TARGET_V4.to_string()]);
+    let log = tunnel.log().unwrap();
+    assert!(!log.contains("goes directly"), "{log}");
+    assert_clean_exit(tunnel);
+    assert_restored(topo.app(), &before);
 }

@@ -84,6 +84,10 @@ pub struct Rule {
     pub source: Option<IpNet>,
     /// Match this destination network only (`to NET`).
     pub destination: Option<IpNet>,
+    /// Match this transport protocol only (`ipproto tcp|udp|N`; Linux 4.17+).
+    pub ip_protocol: Option<u8>,
+    /// Match this destination port only (`dport N`; with `ip_protocol`).
+    pub destination_port: Option<u16>,
     /// Match packets carrying this firewall mark (`fwmark M`, full mask).
     pub fwmark: Option<u32>,
     /// Invert the match (`not`): match what the selectors do not.
@@ -102,6 +106,8 @@ impl Rule {
             priority,
             source: None,
             destination: None,
+            ip_protocol: None,
+            destination_port: None,
             fwmark: None,
             invert: false,
             table,
@@ -121,6 +127,15 @@ impl fmt::Display for Rule {
         }
         if let Some(destination) = self.destination {
             write!(f, " to {destination}")?;
+        }
+        match self.ip_protocol {
+            Some(6) => f.write_str(" ipproto tcp")?,
+            Some(17) => f.write_str(" ipproto udp")?,
+            Some(other) => write!(f, " ipproto {other}")?,
+            None => {}
+        }
+        if let Some(port) = self.destination_port {
+            write!(f, " dport {port}")?;
         }
         if let Some(mark) = self.fwmark {
             write!(f, " fwmark {mark:#x}")?;
@@ -248,6 +263,17 @@ impl FromStr for Rule {
                     }
                     "from" => rule.source = Some(net(value)?),
                     "to" => rule.destination = Some(net(value)?),
+                    "ipproto" => {
+                        rule.ip_protocol = Some(match value {
+                            Some(&"tcp") => 6,
+                            Some(&"udp") => 17,
+                            _ => u8::try_from(number(value)?).map_err(|_| "bad protocol")?,
+                        });
+                    }
+                    "dport" => {
+                        rule.destination_port =
+                            Some(u16::try_from(number(value)?).map_err(|_| "bad port")?);
+                    }
                     "fwmark" => rule.fwmark = Some(number(value)?),
                     "lookup" => {
                         rule.table = number(value)?;
@@ -303,6 +329,15 @@ mod tests {
         suppress.suppress_prefix_len = Some(0);
         let mut to = Rule::lookup(Family::V4, 7260, MAIN_TABLE);
         to.destination = Some("198.19.2.0/24".parse().unwrap());
+        let mut dns = Rule::lookup(Family::V4, 7266, 727);
+        dns.ip_protocol = Some(17);
+        dns.destination_port = Some(53);
+        assert_eq!(
+            dns.to_string(),
+            "rule inet pref 7266 ipproto udp dport 53 lookup 727"
+        );
+        let mut other = dns;
+        other.ip_protocol = Some(132);
         let mut from = Rule::lookup(Family::V6, 7265, MAIN_TABLE);
         from.source = Some("fd19:1::1/128".parse().unwrap());
         assert_eq!(
@@ -322,7 +357,7 @@ mod tests {
             suppress.to_string(),
             "rule inet pref 7269 lookup 254 suppress_prefixlength 0"
         );
-        for rule in [not_marked, suppress, to, from] {
+        for rule in [not_marked, suppress, to, from, dns, other] {
             assert_eq!(rule.to_string().parse::<Rule>(), Ok(rule));
             let entry = RoutingEntry::Rule(rule);
             assert_eq!(entry.to_string().parse::<RoutingEntry>(), Ok(entry));

@@ -379,6 +379,7 @@ impl TunnelArgs {
         self.setup.then(|| SetupConfig {
             fwmark: self.fwmark.unwrap_or(setup::DEFAULT_FWMARK),
             exclude: self.exclude.clone(),
+            hijack_dns: self.dns == DnsMode::FakeIp || self.dns_server.is_some(),
             ..SetupConfig::default()
         })
     }

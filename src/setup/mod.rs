@@ -10,6 +10,8 @@
 //! pref 7260:  to 127.0.0.0/8, ::1/128, 169.254.0.0/16, fe80::/10,
 //!             to each proxy address, to each --exclude network   lookup main
 //! pref 7265:  from each address of the other interfaces          lookup main
+//! pref 7266:  ipproto udp dport 53, ipproto tcp dport 53          lookup 727
+//!             (only with `--dns fake-ip` or `--dns-server`)
 //! pref 7269:  lookup main suppress_prefixlength 0  (more specific routes of main win)
 //! pref 7270:  not fwmark 0x2d7 lookup 727          (everything else: the tunnel)
 //! ```
@@ -21,6 +23,13 @@
 //! affected. It is made only for a family the TUN has an address of: without one,
 //! the kernel would give new connections another interface's address, and rule 7265
 //! would then take their later packets off the tunnel.
+//!
+//! Rule 7266 sends every DNS query into the tunnel, a resolver on the LAN
+//! included (rule 7269 would otherwise send it there directly, past the proxy: a
+//! leak, and fake IPs never handed out). It is made only when the tunnel's answer
+//! does not depend on reaching the queried address through the proxy: `--dns
+//! fake-ip` (answered in the tunnel) or `--dns-server` (asked instead). In the
+//! other modes a resolver on a direct network stays direct, and the start says so.
 //!
 //! Every socket to the proxy carries the mark (`upstream::DialOptions::fwmark`), so
 //! the proxy connection and the UDP relay traffic skip rule 7270 and follow the
@@ -75,6 +84,9 @@ pub struct SetupConfig {
     pub priority: u32,
     /// Networks kept off the tunnel (`--exclude`).
     pub exclude: Vec<IpNet>,
+    /// Send every DNS query (UDP and TCP port 53) into the tunnel, whatever its
+    /// destination (rule 7266).
+    pub hijack_dns: bool,
     /// Directory of the lock and state files.
     pub state_dir: PathBuf,
 }
@@ -86,6 +98,7 @@ impl Default for SetupConfig {
             table: DEFAULT_TABLE,
             priority: DEFAULT_PRIORITY,
             exclude: Vec::new(),
+            hijack_dns: false,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
@@ -191,6 +204,7 @@ pub fn plan(
 ) -> Vec<(Family, Vec<RoutingEntry>)> {
     let direct_priority = config.priority.saturating_sub(10);
     let replies_priority = config.priority.saturating_sub(5);
+    let dns_priority = config.priority.saturating_sub(4);
     let suppress_priority = config.priority.saturating_sub(1);
     let direct: Vec<IpNet> = ALWAYS_DIRECT
         .iter()
@@ -217,6 +231,14 @@ pub fn plan(
                 if Family::of(&source) == family {
                     let mut rule = Rule::lookup(family, replies_priority, MAIN_TABLE);
                     rule.source = Some(source);
+                    entries.push(RoutingEntry::Rule(rule));
+                }
+            }
+            if config.hijack_dns {
+                for protocol in [17, 6] {
+                    let mut rule = Rule::lookup(family, dns_priority, config.table);
+                    rule.ip_protocol = Some(protocol);
+                    rule.destination_port = Some(crate::dns::DNS_PORT);
                     entries.push(RoutingEntry::Rule(rule));
                 }
             }
@@ -277,6 +299,12 @@ impl Setup {
                         }
                         setup.guards.push(guard);
                     }
+                    // `ipproto`/`dport` rules need Linux 4.17.
+                    Err(error) if dns_rule(&entry) && !permission(&error) => {
+                        tracing::warn!(%error, "the kernel refused the DNS rule: DNS to resolvers on direct networks stays direct");
+                        setup.recorded.pop();
+                        setup.lock.record(&setup.recorded)?;
+                    }
                     Err(error) if family == Family::V6 && i == 0 && !permission(&error) => {
                         tracing::warn!(%error, "IPv6 unavailable: setting up IPv4 only");
                         setup.recorded.pop();
@@ -318,6 +346,38 @@ pub fn replies_from(device: &str, addresses: &[(String, IpAddr)]) -> Vec<IpAddr>
     out.sort();
     out.dedup();
     out
+}
+
+/// A rule of [`SetupConfig::hijack_dns`].
+fn dns_rule(entry: &RoutingEntry) -> bool {
+    matches!(entry, RoutingEntry::Rule(rule) if rule.destination_port.is_some())
+}
+
+/// Warns about each of the host's resolvers (`/etc/resolv.conf`, and
+/// systemd-resolved's upstream list) that is reached past the tunnel, for DNS
+/// modes that leave such queries where they go (see the module docs).
+fn warn_about_direct_resolvers(ifindex: u32) {
+    let Ok(routing) = Routing::new() else {
+        return;
+    };
+    let mut servers: Vec<IpAddr> = ["/etc/resolv.conf", "/run/systemd/resolve/resolv.conf"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .flat_map(|text| crate::exec::nameservers(&text).collect::<Vec<_>>())
+        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
+        .collect();
+    servers.sort();
+    servers.dedup();
+    for server in servers {
+        if let Ok(Some(out)) = routing.output_interface(server, None) {
+            if out != ifindex {
+                tracing::warn!(
+                    resolver = %server,
+                    "DNS to this resolver goes directly, not through the proxy (its network is routed around the tunnel); --dns-server IP or --dns fake-ip would carry it"
+                );
+            }
+        }
+    }
 }
 
 fn permission(error: &RouteError) -> bool {
@@ -383,12 +443,13 @@ pub fn start(
         tracing::warn!("the proxy is not resolved yet: no loop check and no direct rule for it");
     }
     let setup = match setup {
-        Some((lock, config)) => Some(Setup::apply(
-            lock,
-            (device.ifindex(), device.name()),
-            &addresses,
-            config,
-        )?),
+        Some((lock, config)) => {
+            let setup = Setup::apply(lock, (device.ifindex(), device.name()), &addresses, config)?;
+            if !config.hijack_dns {
+                warn_about_direct_resolvers(device.ifindex());
+            }
+            Some(setup)
+        }
         None => None,
     };
     check_loop(

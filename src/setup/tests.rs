@@ -124,6 +124,37 @@ fn replies_from_this_hosts_other_addresses_keep_the_main_table() {
 }
 
 #[test]
+fn dns_rules_only_when_the_tunnel_answers_wherever_queries_go() {
+    let lines = |hijack_dns: bool| -> Vec<String> {
+        let config = SetupConfig {
+            hijack_dns,
+            ..SetupConfig::default()
+        };
+        plan(7, &[], &[], &config)
+            .into_iter()
+            .flat_map(|(_, entries)| entries)
+            .map(|entry| entry.to_string())
+            .collect()
+    };
+    assert!(!lines(false).iter().any(|l| l.contains("dport")));
+    let with = lines(true);
+    for family in ["inet", "inet6"] {
+        for protocol in ["udp", "tcp"] {
+            let rule = format!("rule {family} pref 7266 ipproto {protocol} dport 53 lookup 727");
+            let at = with
+                .iter()
+                .position(|l| *l == rule)
+                .unwrap_or_else(|| panic!("{rule} not in {with:#?}"));
+            let suppress = with
+                .iter()
+                .position(|l| l.starts_with(&format!("rule {family} pref 7269")))
+                .unwrap();
+            assert!(at < suppress, "{with:#?}");
+        }
+    }
+}
+
+#[test]
 fn messages_say_what_to_do() {
     let looped = SetupError::Loop {
         proxy: "198.19.2.1".parse().unwrap(),

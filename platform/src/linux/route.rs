@@ -13,10 +13,13 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_EXCL};
+use netlink_packet_route::IpProtocol;
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
-use netlink_packet_route::rule::{RuleAction, RuleAttribute, RuleFlags, RuleMessage};
+use netlink_packet_route::rule::{
+    RuleAction, RuleAttribute, RuleFlags, RuleMessage, RulePortRange,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 
 use super::netlink::{Netlink, NlError};
@@ -210,7 +213,7 @@ fn route_message(route: &Route) -> RouteMessage {
     message
 }
 
-/// `ip rule add [not] [from NET] [to NET] [fwmark M] lookup T [suppress_prefixlength N] pref P`.
+/// `ip rule add [not] [from NET] [to NET] [ipproto P] [dport N] [fwmark M] lookup T [suppress_prefixlength N] pref P`.
 fn rule_message(rule: &Rule) -> RuleMessage {
     let mut message = RuleMessage::default();
     message.header.family = address_family(rule.family);
@@ -229,6 +232,15 @@ fn rule_message(rule: &Rule) -> RuleMessage {
     if let Some(destination) = rule.destination {
         message.header.dst_len = destination.prefix_len();
         attributes.push(RuleAttribute::Destination(destination.network()));
+    }
+    if let Some(protocol) = rule.ip_protocol {
+        attributes.push(RuleAttribute::IpProtocol(IpProtocol::from(protocol)));
+    }
+    if let Some(port) = rule.destination_port {
+        attributes.push(RuleAttribute::DestinationPortRange(RulePortRange {
+            start: port,
+            end: port,
+        }));
     }
     if let Some(mark) = rule.fwmark {
         attributes.push(RuleAttribute::FwMark(mark));
