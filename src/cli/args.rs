@@ -380,6 +380,7 @@ impl TunnelArgs {
             fwmark: self.fwmark.unwrap_or(setup::DEFAULT_FWMARK),
             exclude: self.exclude.clone(),
             hijack_dns: self.dns == DnsMode::FakeIp || self.dns_server.is_some(),
+            dns_server: self.dns_server.is_some(),
             ..SetupConfig::default()
         })
     }

@@ -87,6 +87,9 @@ pub struct SetupConfig {
     /// Send every DNS query (UDP and TCP port 53) into the tunnel, whatever its
     /// destination (rule 7266).
     pub hijack_dns: bool,
+    /// `--dns-server` was given: queries the tunnel forwards go there, not to the
+    /// address they were sent to.
+    pub dns_server: bool,
     /// Directory of the lock and state files.
     pub state_dir: PathBuf,
 }
@@ -99,6 +102,7 @@ impl Default for SetupConfig {
             priority: DEFAULT_PRIORITY,
             exclude: Vec::new(),
             hijack_dns: false,
+            dns_server: false,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
@@ -354,9 +358,13 @@ fn dns_rule(entry: &RoutingEntry) -> bool {
 }
 
 /// Warns about each of the host's resolvers (`/etc/resolv.conf`, and
-/// systemd-resolved's upstream list) that is reached past the tunnel, for DNS
-/// modes that leave such queries where they go (see the module docs).
-fn warn_about_direct_resolvers(ifindex: u32) {
+/// systemd-resolved's upstream list) that is reached past the tunnel: its queries
+/// stay direct (without rule 7266), or (fake-ip without `--dns-server`) those the
+/// tunnel forwards go through the proxy to an address it probably cannot reach.
+fn warn_about_direct_resolvers(ifindex: u32, config: &SetupConfig) {
+    if config.dns_server {
+        return;
+    }
     let Ok(routing) = Routing::new() else {
         return;
     };
@@ -370,7 +378,12 @@ fn warn_about_direct_resolvers(ifindex: u32) {
     servers.dedup();
     for server in servers {
         if let Ok(Some(out)) = routing.output_interface(server, None) {
-            if out != ifindex {
+            if out != ifindex && config.hijack_dns {
+                tracing::warn!(
+                    resolver = %server,
+                    "this resolver is on a network routed around the tunnel: queries other than A/AAAA sent to it go through the proxy, which probably cannot reach it; give --dns-server IP"
+                );
+            } else if out != ifindex {
                 tracing::warn!(
                     resolver = %server,
                     "DNS to this resolver goes directly, not through the proxy (its network is routed around the tunnel); --dns-server IP or --dns fake-ip would carry it"
@@ -445,9 +458,7 @@ pub fn start(
     let setup = match setup {
         Some((lock, config)) => {
             let setup = Setup::apply(lock, (device.ifindex(), device.name()), &addresses, config)?;
-            if !config.hijack_dns {
-                warn_about_direct_resolvers(device.ifindex());
-            }
+            warn_about_direct_resolvers(device.ifindex(), config);
             Some(setup)
         }
         None => None,
