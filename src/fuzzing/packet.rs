@@ -154,6 +154,34 @@ fn check_class(packet: &[u8], class: Class, checksums_fixed: bool) {
     }
 }
 
+/// Fragments of one reply: each within the MTU, and etherparse's own defragmenter
+/// (an independent implementation) makes them the datagram again.
+fn check_fragments(fragments: &[Vec<u8>], payload: &[u8], mtu: usize) {
+    let mut pool = etherparse::defrag::IpDefragPool::<(), ()>::new();
+    let mut whole = None;
+    for fragment in fragments {
+        assert!(
+            fragment.len() <= mtu,
+            "a fragment of {} bytes, MTU {mtu}",
+            fragment.len()
+        );
+        assert_eq!(
+            classify::classify(fragment),
+            Class::Drop(DropReason::Fragment)
+        );
+        let sliced = SlicedPacket::from_ip(fragment).unwrap_or_else(|e| panic!("{e}"));
+        if let Some(done) = pool
+            .process_sliced_packet(&sliced, (), ())
+            .unwrap_or_else(|e| panic!("{e}"))
+        {
+            assert!(whole.is_none(), "the datagram completed twice");
+            whole = Some(done);
+        }
+    }
+    let whole = whole.unwrap_or_else(|| panic!("{} fragments make no datagram", fragments.len()));
+    assert_eq!(whole.payload.get(8..), Some(payload));
+}
+
 /// The stack only takes flows between ordinary unicast endpoints.
 fn check_unicast(tuple: FourTuple) {
     let dst = tuple.dst.ip();
@@ -176,9 +204,27 @@ fn check_egress(tuple: FourTuple, payload: &[u8], mtu: usize) {
     // IPv4-mapped IPv6 addresses count as IPv4 (the reply is an IPv4 packet).
     let (from, to) = (tuple.dst.ip().to_canonical(), tuple.src.ip().to_canonical());
     let header = if from.is_ipv4() { 20 + 8 } else { 40 + 8 };
-    let fits = from.is_ipv4() == to.is_ipv4() && payload.len() + header <= mtu;
+    let same_family = from.is_ipv4() == to.is_ipv4();
+    let fits = same_family && payload.len() + header <= mtu;
+    // A reply larger than the MTU goes as IP fragments, up to what IP carries.
+    let largest = if from.is_ipv4() {
+        crate::egress::MAX_UDP_PAYLOAD_V4
+    } else {
+        crate::egress::MAX_UDP_PAYLOAD_V6
+    };
+    let sendable = same_family && payload.len() <= largest;
     let sent = egress.udp(tuple.dst, tuple.src, payload);
-    assert_eq!(sent, fits, "reply of {} bytes, MTU {mtu}", payload.len());
+    assert_eq!(
+        sent,
+        sendable,
+        "reply of {} bytes, MTU {mtu}",
+        payload.len()
+    );
+    if sent && !fits {
+        check_fragments(&capture.take(), payload, mtu);
+        egress.port_unreachable(tuple.src, tuple.dst, payload);
+        return;
+    }
     for reply in capture.take() {
         match classify::classify(&reply) {
             Class::Udp {
