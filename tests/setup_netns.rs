@@ -385,13 +385,11 @@ fn setup_runs_as_an_unprivileged_user_with_net_admin_and_net_raw_only() {
         Process::log_dir().join(format!("{}-nonroot.log", topo.app().name())),
     )
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tunnel.log().unwrap_or_default().contains("routing set up") {
-        let log = tunnel.log().unwrap_or_default();
-        assert!(tunnel.try_wait().unwrap().is_none(), "exited: {log}");
-        assert!(Instant::now() < deadline, "not ready: {log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    tunnel
+        .wait_ready(Duration::from_secs(10), |p| {
+            p.log().is_ok_and(|log| log.contains("routing set up"))
+        })
+        .unwrap();
     let status = std::fs::read_to_string(format!("/proc/{}/status", tunnel.id())).unwrap();
     assert!(status.contains("Uid:\t65534"), "{status}");
     assert!(status.contains("CapEff:\t0000000000003000"), "{status}");

@@ -491,13 +491,11 @@ fn an_unprivileged_owner_runs_the_tunnel_on_its_own_device() {
     ip(&["route", "add", &TARGET_NET_V4.to_string(), "dev", dev]);
     ip(&["-6", "route", "add", &TARGET_NET_V6.to_string(), "dev", dev]);
     let mut tunnel = run("owner");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !tunnel.log().unwrap_or_default().contains("tunnel running") {
-        let log = tunnel.log().unwrap_or_default();
-        assert!(tunnel.try_wait().unwrap().is_none(), "exited: {log}");
-        assert!(Instant::now() < deadline, "not ready: {log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    tunnel
+        .wait_ready(Duration::from_secs(10), |p| {
+            p.log().is_ok_and(|log| log.contains("tunnel running"))
+        })
+        .unwrap();
     let status = std::fs::read_to_string(format!("/proc/{}/status", tunnel.id())).unwrap();
     assert!(status.contains("Uid:\t65534"), "{status}");
     assert!(status.contains("CapEff:\t0000000000000000"), "{status}");

@@ -108,6 +108,39 @@ impl Process {
         }
     }
 
+    /// Waits up to `timeout` until `ready` holds (polled every few milliseconds);
+    /// an error, with the log, if it exits first or the time runs out.
+    pub fn wait_ready(
+        &mut self,
+        timeout: Duration,
+        ready: impl Fn(&Process) -> bool,
+    ) -> io::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if ready(self) {
+                return Ok(());
+            }
+            if let Some(status) = self.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "{} exited with {status} before it was ready:\n{}",
+                    self.line,
+                    self.log().unwrap_or_default()
+                )));
+            }
+            if Instant::now() > deadline {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "{} was not ready in {timeout:?}:\n{}",
+                        self.line,
+                        self.log().unwrap_or_default()
+                    ),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Stops it (SIGTERM, then SIGKILL after [`Process::GRACE`]) and returns how it
     /// exited: a program that handles SIGTERM cleanly reports success here.
     pub fn stop(mut self) -> io::Result<ExitStatus> {

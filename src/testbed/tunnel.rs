@@ -7,7 +7,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::namespace::Namespace;
 use super::process::Process;
@@ -116,28 +116,8 @@ fn spawn_until(
         cmd.env("RUST_LOG", level);
     }
     let mut process = ns.spawn(cmd)?;
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        if ready(&process) {
-            return Ok(process);
-        }
-        if let Some(status) = process.try_wait()? {
-            return Err(io::Error::other(format!(
-                "tunnel exited with {status} before it was ready:\n{}",
-                process.log().unwrap_or_default()
-            )));
-        }
-        if Instant::now() > deadline {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "{TUN_NAME} was not ready in time:\n{}",
-                    process.log().unwrap_or_default()
-                ),
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    process.wait_ready(START_TIMEOUT, ready)?;
+    Ok(process)
 }
 
 /// The routing state of `ns` as `ip` prints it: `ip rule`, `ip -6 rule`,
