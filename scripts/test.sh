@@ -15,6 +15,7 @@ packages=(
   microsocks      # a SOCKS5 server without UDP (benchmarks)
   openssh-server  # sshd: the far end of `ssh -D` (ssh_netns; runs with its own host key, not the package's)
   openssh-client  # ssh -D: OpenSSH's dynamic forward as the tunnel's upstream; ssh-keygen for its keys
+  shadowsocks-libev # ss-server and ss-local -u: a shadowsocks client's SOCKS5 inbound as the upstream (shadowsocks_netns)
   iperf3          # tunnel benchmark
   dnsmasq-base    # dnsmasq: the resolver in the target namespace (testbed::dnsmasq)
   bind9-dnsutils  # dig: DNS queries over UDP and TCP from a namespace
@@ -33,7 +34,7 @@ for p in "${packages[@]}"; do
 done
 if ((${#missing[@]})); then
   echo "installing: ${missing[*]}"
-  # Do not let package scripts start daemons (danted, iperf3, sshd) on this machine.
+  # Do not let package scripts start daemons (danted, iperf3, sshd, ss-server) on this machine.
   made_policy=
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d

@@ -54,6 +54,7 @@ pub mod load;
 pub mod namespace;
 pub mod process;
 pub mod services;
+pub mod shadowsocks;
 pub mod skip;
 pub mod soak;
 pub mod sshd;

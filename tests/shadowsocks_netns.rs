@@ -1,0 +1,317 @@
+//! The tunnel through shadowsocks-libev, as users run it in front of a shadowsocks
+//! (v2ray, clash) client: `ss-server` in `proxy`, `ss-local -u` on 127.0.0.1:1080 in
+//! `app`, the tunnel in `app` with `--proxy socks5://127.0.0.1:1080`, test services
+//! (and dnsmasq) in `target`. `app` has no route to `target` but the TUN, and only
+//! ss-server connects onward, so every byte that comes back went through the tunnel,
+//! ss-local and ss-server.
+//!
+//! ss-local carries CONNECT and, with `-u`, UDP ASSOCIATE (it answers with its own
+//! address, 127.0.0.1:1080, where its UDP relay listens too), so UDP and the
+//! default `--dns udp` work, and names from `--dns fake-ip` reach ss-server, which
+//! resolves them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, ensure};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tun2socks::metrics::Snapshot;
+use tun2socks::require_or_skip;
+use tun2socks::testbed::dnsmasq::{
+    DigTransport, Dnsmasq, PROXY_ONLY_NAME, TARGET_NAME, default_records, dig, set_proxy_only_name,
+};
+use tun2socks::testbed::namespace::join;
+use tun2socks::testbed::services::{ECHO_PORT, HTTP_PORT, Services, blob, sha256_hex};
+use tun2socks::testbed::shadowsocks::{Shadowsocks, require_shadowsocks};
+use tun2socks::testbed::tunnel::{start_tunnel, stop_cleanly};
+use tun2socks::testbed::udp::{CONE_REPLY_PORT, UDP_ECHO_PORT, UdpServices};
+use tun2socks::testbed::udp_client::{
+    MIN_PAYLOAD, connected_socket, udp_cone_check, udp_echo_check,
+};
+use tun2socks::testbed::{
+    Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_program, require_root,
+};
+
+/// The HTTP blob and the echo payload: 1 MiB each.
+const BLOB: usize = 1024 * 1024;
+const SEED: u64 = 23;
+/// The largest datagram sent. ss-local sends each one to ss-server in one UDP
+/// datagram, with DF, 55 bytes larger for an IPv4 target and 67 for an IPv6 one
+/// (32 of salt, 16 of tag, the address), so over the 1500-byte link it relays at
+/// most 1417 bytes to an IPv4 target and 1405 to an IPv6 one; a larger one fails in
+/// ss-local (EMSGSIZE) and is lost.
+const LARGEST_DATAGRAM: usize = 1400;
+/// Datagrams per family in the echo check.
+const DATAGRAMS: usize = 1000;
+
+fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_tun2socks"))
+}
+
+macro_rules! needs {
+    ($test:literal $(, $program:literal)*) => {
+        require_or_skip!(require_root($test), Ok(()));
+        require_or_skip!(require_shadowsocks($test), Ok(()));
+        $(require_or_skip!(require_program($program, $test), Ok(()));)*
+    };
+}
+
+/// Fields drop in order: the tunnel, ss-local and ss-server, the services, the
+/// namespaces last.
+struct Net {
+    tunnel: Option<Process>,
+    ss: Shadowsocks,
+    dnsmasq: Option<Dnsmasq>,
+    _udp: Option<UdpServices>,
+    _services: Services,
+    topo: Topology,
+}
+
+impl Net {
+    fn new(tag: &str) -> Result<Net> {
+        Self::new_with(tag, |_| Ok(()))
+    }
+
+    /// `prepare` runs before ss-server starts (`ip netns exec` binds the namespace's
+    /// /etc/netns files when a process starts).
+    fn new_with(tag: &str, prepare: impl FnOnce(&Topology) -> io::Result<()>) -> Result<Net> {
+        let topo = Topology::create(tag)?;
+        prepare(&topo)?;
+        let services = Services::start(topo.target(), BLOB, SEED)?;
+        let ss = Shadowsocks::start(topo.proxy(), topo.app())?;
+        Ok(Net {
+            tunnel: None,
+            ss,
+            dnsmasq: None,
+            _udp: None,
+            _services: services,
+            topo,
+        })
+    }
+
+    fn app(&self) -> &Namespace {
+        self.topo.app()
+    }
+
+    /// The tunnel on a device it creates, through ss-local's SOCKS port.
+    fn tunnel(&mut self, extra: &[&str]) -> Result<()> {
+        self.tunnel = Some(start_tunnel(
+            self.app(),
+            &binary(),
+            &Shadowsocks::url(),
+            extra,
+        )?);
+        Ok(())
+    }
+
+    /// Stops the tunnel with SIGTERM and returns its log (with the stats line).
+    fn stop_tunnel(&mut self) -> Result<String> {
+        Ok(stop_cleanly(self.tunnel.take().context("no tunnel")?)?)
+    }
+
+    /// How often ss-server logged a connection to `to` (`HOST:PORT`, `[V6]:PORT`).
+    fn server_connects(&self, to: &str) -> Result<usize> {
+        let log = self.ss.server().log()?;
+        Ok(log.matches(&format!("connect to {to}\n")).count())
+    }
+}
+
+fn stat(log: &str, name: &str) -> u64 {
+    Snapshot::final_stat(log, name)
+}
+
+/// `curl -sS --fail http://HOST:8080/blob` in `ns` (with curl's `family` flag, `-4`
+/// or `-6`, if given): the SHA-256 of the body, or an error with curl's complaint.
+fn curl_sha(ns: &Namespace, host: &str, family: Option<&str>) -> Result<String> {
+    let url = format!("http://{host}:{HTTP_PORT}/blob");
+    let mut command = ns.command("curl");
+    command
+        .args(family)
+        .args(["-sS", "--fail", "--max-time", "10", &url]);
+    let out = command.output()?;
+    ensure!(
+        out.status.success(),
+        "curl {url}: {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(sha256_hex(&out.stdout))
+}
+
+/// Sends `data` to the echo while reading, and returns as many bytes as were sent
+/// once they are all back. No half-close: shadowsocks-libev has none (an EOF from
+/// either side makes ss-local and ss-server close both directions, dropping what
+/// was still on its way back), so `echo_round_trip`'s FIN would cut the echo short.
+async fn echo_without_half_close(stream: &mut TcpStream, data: &[u8]) -> io::Result<Vec<u8>> {
+    let (mut r, mut w) = stream.split();
+    let mut back = vec![0u8; data.len()];
+    let (sent, got) = tokio::join!(w.write_all(data), r.read_exact(&mut back));
+    sent?;
+    got?;
+    Ok(back)
+}
+
+fn target(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
+    SocketAddr::new(ip.into(), port)
+}
+
+#[test]
+fn tcp_through_shadowsocks_is_byte_exact_over_ipv4_and_ipv6() -> Result<()> {
+    needs!(
+        "tcp_through_shadowsocks_is_byte_exact_over_ipv4_and_ipv6",
+        "curl"
+    );
+    let mut net = Net::new("sstcp")?;
+    net.tunnel(&[])?;
+    let expected = sha256_hex(&blob(BLOB, SEED));
+    for host in [TARGET_V4.to_string(), format!("[{TARGET_V6}]")] {
+        let got = curl_sha(net.app(), &host, None)
+            .with_context(|| format!("curl {host}\n{}", net.ss.logs()))?;
+        ensure!(
+            got == expected,
+            "HTTP from {host}: sha256 {got}, not {expected}"
+        );
+    }
+    // Both directions at once, compared byte for byte.
+    for ip in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
+        let dst = target(ip, ECHO_PORT);
+        let data = blob(BLOB, u64::from(ip.is_ipv6()));
+        let sent = data.clone();
+        let back = join(net.app().enter_async(move || async move {
+            let mut stream = TcpStream::connect(dst).await?;
+            echo_without_half_close(&mut stream, &sent).await
+        }))
+        .with_context(|| format!("echo {dst}\n{}", net.ss.logs()))?;
+        ensure!(back == data, "echo {dst}: the bytes differ");
+    }
+    // ss-server made each connection, once.
+    for port in [HTTP_PORT, ECHO_PORT] {
+        for to in [
+            format!("{TARGET_V4}:{port}"),
+            format!("[{TARGET_V6}]:{port}"),
+        ] {
+            let made = net.server_connects(&to)?;
+            ensure!(made == 1, "ss-server connected to {to} {made} times");
+        }
+    }
+    let log = net.stop_tunnel()?;
+    ensure!(stat(&log, "flows_connected") == 4, "{log}");
+    ensure!(stat(&log, "bytes_down") >= 3 * BLOB as u64, "{log}");
+    Ok(())
+}
+
+/// Datagrams of 1 to 7 bytes (shorter than the echo check's sequence number), one
+/// at a time from one socket in `ns`, each echoed back unchanged.
+fn echo_tiny_datagrams(ns: &Namespace, dst: SocketAddr) -> Result<()> {
+    let socket = connected_socket(ns, dst)?;
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
+    let mut buf = [0u8; 64];
+    for len in 1..MIN_PAYLOAD {
+        let sent = blob(len, len as u64);
+        socket.send(&sent)?;
+        let n = socket
+            .recv(&mut buf)
+            .with_context(|| format!("{dst}: no echo of {len} bytes"))?;
+        ensure!(
+            buf.get(..n) == Some(&sent[..]),
+            "{dst}: {len} bytes altered"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn udp_through_ss_local_is_intact_over_ipv4_and_ipv6_and_full_cone() -> Result<()> {
+    needs!("udp_through_ss_local_is_intact_over_ipv4_and_ipv6_and_full_cone");
+    let mut net = Net::new("ssudp")?;
+    net._udp = Some(UdpServices::start(net.topo.target())?);
+    net.tunnel(&[])?;
+    for ip in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
+        let dst = target(ip, UDP_ECHO_PORT);
+        let report = udp_echo_check(net.app(), dst, DATAGRAMS, MIN_PAYLOAD..=LARGEST_DATAGRAM)
+            .with_context(|| format!("{dst}\n{}", net.ss.logs()))?;
+        ensure!(report.all_ok(), "{dst}: {report}\n{}", net.ss.logs());
+        echo_tiny_datagrams(net.app(), dst)
+            .with_context(|| format!("tiny datagrams to {dst}\n{}", net.ss.logs()))?;
+        // The cone service answers from CONE_REPLY_PORT, a port this socket never
+        // sent to: ss-server relays it, and the tunnel delivers it with that source.
+        let cone = udp_cone_check(net.app(), ip)
+            .with_context(|| format!("cone via {ip}\n{}", net.ss.logs()))?;
+        ensure!(cone.from.port() == CONE_REPLY_PORT, "{cone:?}");
+    }
+    let log = net.stop_tunnel()?;
+    // Each datagram went up once and came back once: the echo check's, the tiny
+    // ones and the cone request, in each family.
+    let datagrams = 2 * (DATAGRAMS + (MIN_PAYLOAD - 1) + 1) as u64;
+    ensure!(stat(&log, "udp_up") == datagrams, "{log}");
+    ensure!(stat(&log, "udp_down") == datagrams, "{log}");
+    // One association per app socket (echo, tiny, cone; v4 and v6), each granted
+    // by ss-local.
+    ensure!(stat(&log, "udp_associations") == 6, "{log}");
+    let local_log = net.ss.local().log()?;
+    let granted = local_log.matches("udp assc request accepted").count();
+    ensure!(
+        granted == 6,
+        "ss-local granted {granted} associations:\n{local_log}"
+    );
+    Ok(())
+}
+
+#[test]
+fn dns_over_ss_local_udp_and_fake_ip_names_that_only_ss_server_resolves() -> Result<()> {
+    needs!(
+        "dns_over_ss_local_udp_and_fake_ip_names_that_only_ss_server_resolves",
+        "dnsmasq",
+        "dig",
+        "curl"
+    );
+    // The name resolves in the proxy namespace only: ss-server must resolve it.
+    let mut net = Net::new_with("ssdns", |topo| set_proxy_only_name(topo, &[]))?;
+    net.dnsmasq = Some(Dnsmasq::start(net.topo.target(), &default_records())?);
+
+    // The default `--dns udp`: queries ride ss-local's UDP relay.
+    net.tunnel(&[])?;
+    for server in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
+        let a = dig(net.app(), server, TARGET_NAME, "A", DigTransport::Udp)
+            .with_context(|| format!("A via {server}\n{}", net.ss.logs()))?;
+        ensure!(a == [TARGET_V4.to_string()], "A via {server}: {a:?}");
+        let aaaa = dig(net.app(), server, TARGET_NAME, "AAAA", DigTransport::Udp)
+            .with_context(|| format!("AAAA via {server}\n{}", net.ss.logs()))?;
+        ensure!(
+            aaaa == [TARGET_V6.to_string()],
+            "AAAA via {server}: {aaaa:?}"
+        );
+    }
+    let log = net.stop_tunnel()?;
+    ensure!(stat(&log, "dns_via_udp") == 4, "{log}");
+    ensure!(stat(&log, "dns_tcp_answers") == 0, "{log}");
+    let asked = net.dnsmasq.as_ref().unwrap().queries_for(TARGET_NAME)?;
+    ensure!(asked == 4, "{asked} queries reached dnsmasq, not 4");
+
+    net.tunnel(&["--dns", "fake-ip"])?;
+    let expected = sha256_hex(&blob(BLOB, SEED));
+    for family in ["-4", "-6"] {
+        let got = curl_sha(net.app(), PROXY_ONLY_NAME, Some(family))
+            .with_context(|| format!("curl {family} {PROXY_ONLY_NAME}\n{}", net.ss.logs()))?;
+        ensure!(
+            got == expected,
+            "curl {family}: sha256 {got}, not {expected}"
+        );
+    }
+    let log = net.stop_tunnel()?;
+    ensure!(stat(&log, "dns_answered_fake") >= 2, "{log}");
+    // The name went through ss-local to ss-server as a name, never to a resolver.
+    let by_name = format!("{PROXY_ONLY_NAME}:{HTTP_PORT}");
+    let made = net.server_connects(&by_name)?;
+    ensure!(
+        made == 2,
+        "ss-server got the name {made} times, not 2\n{}",
+        net.ss.logs()
+    );
+    let asked = net.dnsmasq.as_ref().unwrap().queries_for(PROXY_ONLY_NAME)?;
+    ensure!(asked == 0, "the name left the machine: {asked} queries");
+    Ok(())
+}
