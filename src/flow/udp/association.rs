@@ -14,7 +14,7 @@ use super::{Assoc, Phase, Queued, Shared};
 use tun2socks_platform::mmsg;
 
 use crate::socks::Address;
-use crate::upstream::UdpAssociation;
+use crate::upstream::{UdpAssociation, UpstreamError};
 
 /// Datagrams relayed per wake-up before the task lets others run.
 const BATCH: usize = 256;
@@ -40,6 +40,8 @@ enum Ended {
     ControlClosed,
     /// The relay socket failed.
     Failed(io::Error),
+    /// The relay refused datagrams before answering any ([`UdpAssociation::refused`]).
+    RelayRefused,
 }
 
 pub(super) async fn run(assoc: Arc<Assoc>, shared: Arc<Shared>) {
@@ -80,6 +82,14 @@ async fn serve(assoc: &Assoc, shared: &Shared) -> &'static str {
             Ended::Failed(e) => {
                 tracing::debug!(error = %e, "relay socket failed");
                 return "relay socket failed";
+            }
+            Ended::RelayRefused => {
+                // Answered like a refused UDP ASSOCIATE from now on: port
+                // unreachable at once, remembered, logged once.
+                shared.refused(&UpstreamError::RelayRefused {
+                    relay: relay.relay(),
+                });
+                return "the relay refused datagrams";
             }
             Ended::ControlClosed => {
                 // Set up again when the application next sends.
@@ -159,6 +169,7 @@ async fn relay_loop(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> E
                 tokio::task::yield_now().await;
             }
             () = relay.closed() => return Ended::ControlClosed,
+            () = relay.refused() => return Ended::RelayRefused,
             () = tokio::time::sleep_until(deadline) => {}
         }
     }
