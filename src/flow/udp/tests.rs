@@ -206,6 +206,21 @@ async fn socks4_answers_port_unreachable_without_a_handshake() {
     assert_eq!(nat.stats().refused.load(Relaxed), 1);
 }
 
+/// Sends "second" to 198.19.2.2:7 from another application endpoint than [`APP`].
+fn send_second(nat: &mut UdpNat) {
+    let target = Address::from("198.19.2.2:7".parse::<SocketAddr>().unwrap());
+    nat.send(
+        Outgoing {
+            app: "198.18.0.1:40001".parse().unwrap(),
+            dst: "198.19.2.2:7".parse().unwrap(),
+            target: &target,
+            payload: b"second",
+        },
+        Instant::now(),
+    );
+    nat.flush();
+}
+
 #[tokio::test]
 async fn a_refusal_is_answered_and_remembered() {
     let proxy = server(ServerPolicy {
@@ -221,17 +236,7 @@ async fn a_refusal_is_answered_and_remembered() {
     // The task has ended; the next datagram, from another endpoint, is refused
     // without a handshake.
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let target = Address::from("198.19.2.2:7".parse::<SocketAddr>().unwrap());
-    nat.send(
-        Outgoing {
-            app: "198.18.0.1:40001".parse().unwrap(),
-            dst: "198.19.2.2:7".parse().unwrap(),
-            target: &target,
-            payload: b"second",
-        },
-        Instant::now(),
-    );
-    nat.flush();
+    send_second(&mut nat);
     assert_eq!(capture.packets.lock().unwrap().len(), 2, "answered at once");
     assert!(nat.is_empty());
     assert_eq!(nat.stats().refused.load(Relaxed), 2);
@@ -284,17 +289,7 @@ async fn a_relay_that_refuses_datagrams_is_a_refusal() {
     }
     // Remembered: the next datagram, from another endpoint, is answered with port
     // unreachable at once, without a handshake.
-    let target = Address::from("198.19.2.2:7".parse::<SocketAddr>().unwrap());
-    nat.send(
-        Outgoing {
-            app: "198.18.0.1:40001".parse().unwrap(),
-            dst: "198.19.2.2:7".parse().unwrap(),
-            target: &target,
-            payload: b"second",
-        },
-        Instant::now(),
-    );
-    nat.flush();
+    send_second(&mut nat);
     let seen = capture.packets.lock().unwrap().clone();
     assert_eq!(seen.len(), 1, "answered at once");
     assert!(matches!(parse(&seen[0]), Seen::Unreachable));
