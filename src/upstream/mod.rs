@@ -153,16 +153,6 @@ pub enum UpstreamError {
     /// (an IPv6 destination over SOCKS4, UDP over SOCKS4).
     #[error("{0}")]
     Unsupported(socks::Error),
-    /// The proxy granted UDP ASSOCIATE, but the relay it announced answers
-    /// datagrams with ICMP port unreachable: nothing listens there.
-    #[error(
-        "the proxy's UDP relay {relay} refuses datagrams (port unreachable): the proxy \
-         grants UDP ASSOCIATE but relays nothing (ss-local without -u does this)"
-    )]
-    RelayRefused {
-        /// The relay the proxy announced.
-        relay: SocketAddr,
-    },
 }
 
 /// When the proxy closed the connection, in words.

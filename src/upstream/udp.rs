@@ -7,11 +7,7 @@ use std::net::SocketAddr;
 use std::ops::Range;
 
 use socket2::SockRef;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering::Relaxed;
-
 use tokio::net::{TcpStream, UdpSocket};
-use tokio::sync::Notify;
 use tun2socks_platform::mmsg;
 
 use super::{Upstream, UpstreamError, negotiate};
@@ -65,9 +61,6 @@ impl Upstream {
             control,
             socket,
             relay,
-            answered: AtomicBool::new(false),
-            refused: AtomicBool::new(false),
-            refusal: Notify::new(),
         })
     }
 }
@@ -102,12 +95,6 @@ pub struct UdpAssociation {
     control: TcpStream,
     socket: UdpSocket,
     relay: SocketAddr,
-    /// A datagram came back from the relay.
-    answered: AtomicBool,
-    /// The relay refused datagrams (ICMP port unreachable on the connected socket)
-    /// before any came back: see [`UdpAssociation::refused`].
-    refused: AtomicBool,
-    refusal: Notify,
 }
 
 /// A datagram from the relay: its source and where its payload lies in the buffer.
@@ -117,48 +104,6 @@ impl UdpAssociation {
     /// The relay's address.
     pub fn relay(&self) -> SocketAddr {
         self.relay
-    }
-
-    /// Resolves once the relay has refused datagrams before answering any: the
-    /// kernel reported an ICMP port unreachable from it on a send or a receive (a
-    /// proxy that grants UDP ASSOCIATE with nothing listening at the relay, such as
-    /// ss-local without `-u`). A refusal after the relay has answered is taken for
-    /// a passing one (the proxy restarting, say) and ignored, as before.
-    pub async fn refused(&self) {
-        while !self.refused.load(Relaxed) {
-            tokio::select! {
-                () = self.refusal.notified() => {}
-                // An ICMP error that arrives while nothing is sent or received shows
-                // only as error readiness (not as readable).
-                ready = self.socket.ready(tokio::io::Interest::ERROR) => {
-                    if ready.is_err() {
-                        // The socket is broken; its users will see it.
-                        std::future::pending::<()>().await;
-                    }
-                    // Takes the pending error (SO_ERROR); "none left" clears the
-                    // readiness, so this does not spin.
-                    let _ = self.socket.try_io(tokio::io::Interest::ERROR, || {
-                        match self.socket.take_error() {
-                            Ok(Some(error)) => self.note::<()>(Err(error)).or(Ok(())),
-                            Ok(None) => Err(io::ErrorKind::WouldBlock.into()),
-                            Err(error) => Err(error),
-                        }
-                    });
-                }
-            }
-        }
-    }
-
-    /// Notes what a socket operation said about the relay (see
-    /// [`UdpAssociation::refused`]), passing the result on.
-    fn note<T>(&self, result: io::Result<T>) -> io::Result<T> {
-        if let Err(e) = &result {
-            if e.kind() == io::ErrorKind::ConnectionRefused && !self.answered.load(Relaxed) {
-                self.refused.store(true, Relaxed);
-                self.refusal.notify_one();
-            }
-        }
-        result
     }
 
     /// The local address datagrams are sent from.
@@ -184,7 +129,7 @@ impl UdpAssociation {
     ) -> io::Result<()> {
         scratch.clear();
         udp::encode_datagram(target, payload, scratch);
-        self.note(self.socket.try_send(scratch).map(|_| ()))
+        self.socket.try_send(scratch).map(|_| ())
     }
 
     /// Sends datagrams already encoded for the relay (SOCKS header and payload) as
@@ -202,7 +147,7 @@ impl UdpAssociation {
             let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
                 mmsg::send_batch(&self.socket, &batch)
             });
-            match self.note(result) {
+            match result {
                 Ok(0) => break,
                 Ok(n) => sent += n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -230,7 +175,7 @@ impl UdpAssociation {
         let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
             mmsg::send_contiguous(&self.socket, bytes, ends, None)
         });
-        match self.note(result) {
+        match result {
             Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                 let mut start = 0;
                 let datagrams: Vec<&[u8]> = ends
@@ -270,8 +215,7 @@ impl UdpAssociation {
     /// Receives one datagram if one is queued (`WouldBlock` when none is). `Ok(None)`:
     /// one was received but dropped (malformed, or a fragment).
     pub fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<Option<Received>> {
-        let n = self.note(self.socket.try_recv(buf))?;
-        self.answered.store(true, Relaxed);
+        let n = self.socket.try_recv(buf)?;
         Ok(Self::parse_relayed(buf.get(..n).unwrap_or_default()))
     }
 
@@ -284,13 +228,9 @@ impl UdpAssociation {
         slot: usize,
         out: &mut Vec<mmsg::Datagram>,
     ) -> io::Result<usize> {
-        let got = self.note(self.socket.try_io(tokio::io::Interest::READABLE, || {
+        self.socket.try_io(tokio::io::Interest::READABLE, || {
             mmsg::recv_batch(&self.socket, buf, slot, out)
-        }))?;
-        if got > 0 {
-            self.answered.store(true, Relaxed);
-        }
-        Ok(got)
+        })
     }
 
     /// A datagram from the relay: its source and where its payload lies in `datagram`;

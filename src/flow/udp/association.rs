@@ -14,7 +14,7 @@ use super::{Assoc, Phase, Queued, Shared};
 use tun2socks_platform::mmsg;
 
 use crate::socks::Address;
-use crate::upstream::{UdpAssociation, UpstreamError};
+use crate::upstream::UdpAssociation;
 
 /// Datagrams relayed per wake-up before the task lets others run.
 const BATCH: usize = 256;
@@ -40,8 +40,6 @@ enum Ended {
     ControlClosed,
     /// The relay socket failed.
     Failed(io::Error),
-    /// The relay refused datagrams before answering any ([`UdpAssociation::refused`]).
-    RelayRefused,
 }
 
 pub(super) async fn run(assoc: Arc<Assoc>, shared: Arc<Shared>) {
@@ -82,14 +80,6 @@ async fn serve(assoc: &Assoc, shared: &Shared) -> &'static str {
             Ended::Failed(e) => {
                 tracing::debug!(error = %e, "relay socket failed");
                 return "relay socket failed";
-            }
-            Ended::RelayRefused => {
-                // Answered like a refused UDP ASSOCIATE from now on: port
-                // unreachable at once, remembered, logged once.
-                shared.refused(&UpstreamError::RelayRefused {
-                    relay: relay.relay(),
-                });
-                return "the relay refused datagrams";
             }
             Ended::ControlClosed => {
                 // Set up again when the application next sends.
@@ -169,7 +159,6 @@ async fn relay_loop(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> E
                 tokio::task::yield_now().await;
             }
             () = relay.closed() => return Ended::ControlClosed,
-            () = relay.refused() => return Ended::RelayRefused,
             () = tokio::time::sleep_until(deadline) => {}
         }
     }
@@ -198,7 +187,10 @@ fn drain(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> io::Result<(
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // The relay is not there (yet, or any more): ICMP errors on a
-                // connected UDP socket. Datagrams are best effort; keep going.
+                // connected UDP socket. Datagrams are best effort; keep going. (Not
+                // a refusal of UDP as a whole: Dante forwards a destination's port
+                // unreachable to the client from its relay port, so one datagram to
+                // a closed port would look like a relay that is not there.)
                 Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
                 Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                     return drain_one_by_one(assoc, shared, relay, buf);

@@ -242,61 +242,6 @@ async fn a_refusal_is_answered_and_remembered() {
     assert_eq!(nat.stats().refused.load(Relaxed), 2);
 }
 
-/// A SOCKS5 server that grants UDP ASSOCIATE with a relay where nothing listens
-/// (as ss-local without `-u` does); the control connections are held open.
-async fn relay_less_server() -> SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let dead = {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.local_addr().unwrap().port()
-    };
-    tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let mut greeting = [0u8; 3];
-            let mut request = [0u8; 10];
-            if stream.read_exact(&mut greeting).await.is_err()
-                || stream.write_all(&[5, 0]).await.is_err()
-                || stream.read_exact(&mut request).await.is_err()
-            {
-                continue;
-            }
-            let mut reply = vec![5, 0, 0, 1, 127, 0, 0, 1];
-            reply.extend_from_slice(&dead.to_be_bytes());
-            let _ = stream.write_all(&reply).await;
-            held.push(stream);
-        }
-    });
-    addr
-}
-
-#[tokio::test]
-async fn a_relay_that_refuses_datagrams_is_a_refusal() {
-    let proxy = relay_less_server().await;
-    let capture = Arc::new(Capture::default());
-    let mut nat = nat(proxy, "socks5", capture.clone(), UdpConfig::default());
-    // The first datagram goes to the relay and meets an ICMP port unreachable.
-    send(&mut nat, "198.19.2.2:7".parse().unwrap(), b"first");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !nat.is_empty() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the association outlived its relay's refusal"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    // Remembered: the next datagram, from another endpoint, is answered with port
-    // unreachable at once, without a handshake.
-    send_second(&mut nat);
-    let seen = capture.packets.lock().unwrap().clone();
-    assert_eq!(seen.len(), 1, "answered at once");
-    assert!(matches!(parse(&seen[0]), Seen::Unreachable));
-    assert!(nat.is_empty());
-    assert_eq!(nat.stats().refused.load(Relaxed), 1);
-}
-
 #[tokio::test]
 async fn idle_associations_end_and_the_limit_holds() {
     let proxy = server(ServerPolicy::default()).await;
