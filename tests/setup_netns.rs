@@ -15,7 +15,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tun2socks::require_or_skip;
 use tun2socks::setup::{DEFAULT_FWMARK, DEFAULT_TABLE};
-use tun2socks::testbed::services::{HTTP_PORT, Services, blob, sha256_hex};
+use tun2socks::testbed::services::{Services, blob, sha256_hex};
 use tun2socks::testbed::topology::{
     APP_LINK, PROXY_OUT_V4, PROXY_V4, TARGET_NET_V4, TARGET_NET_V6, TARGET_V4, TARGET_V6,
 };
@@ -85,14 +85,7 @@ fn ip_out(ns: &Namespace, args: &[&str]) -> String {
 
 /// curl fetches the blob from `host` (bracketed for IPv6); its SHA-256, or "".
 fn curl_sha(ns: &Namespace, host: &str) -> String {
-    let url = format!("http://{host}:{HTTP_PORT}/blob");
-    let script = format!("curl -sS --fail --max-time 20 '{url}' | sha256sum");
-    let out = ns.run("sh", ["-c", script.as_str()]).unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    tun2socks::testbed::services::curl_blob_sha256(ns, host, None, 20).unwrap_or_default()
 }
 
 /// curl reaches the target over IPv4 and IPv6 with the right bytes.

@@ -126,19 +126,9 @@ fn stat(log: &str, name: &str) -> u64 {
 /// `curl -sS --fail http://HOST:8080/blob` in `ns` (with curl's `family` flag, `-4`
 /// or `-6`, if given): the SHA-256 of the body, or an error with curl's complaint.
 fn curl_sha(ns: &Namespace, host: &str, family: Option<&str>) -> Result<String> {
-    let url = format!("http://{host}:{HTTP_PORT}/blob");
-    let mut command = ns.command("curl");
-    command
-        .args(family)
-        .args(["-sS", "--fail", "--max-time", "10", &url]);
-    let out = command.output()?;
-    ensure!(
-        out.status.success(),
-        "curl {url}: {} {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(sha256_hex(&out.stdout))
+    Ok(tun2socks::testbed::services::curl_blob_sha256(
+        ns, host, family, 10,
+    )?)
 }
 
 /// Sends `data` to the echo while reading, and returns as many bytes as were sent

@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tun2socks::require_or_skip;
 use tun2socks::testbed::namespace::join;
 use tun2socks::testbed::services::{
-    ECHO_PORT, HTTP_PORT, Services, UPLOAD_PORT, blob, echo_round_trip, sha256_hex, upload_sha256,
+    ECHO_PORT, Services, UPLOAD_PORT, blob, echo_round_trip, sha256_hex, upload_sha256,
 };
 use tun2socks::testbed::topology::{PROXY_V4, TARGET_V4, TARGET_V6};
 use tun2socks::testbed::tunnel::{
@@ -83,21 +83,7 @@ where
 
 /// curl (an unmodified application) fetches the blob; returns its SHA-256.
 fn curl_sha(ns: &Namespace, host: &str) -> String {
-    let url = format!("http://{host}:{HTTP_PORT}/blob");
-    let out = ns
-        .run(
-            "sh",
-            [
-                "-c",
-                &format!("curl -sS --fail --max-time 120 '{url}' | sha256sum"),
-            ],
-        )
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    tun2socks::testbed::services::curl_blob_sha256(ns, host, None, 120).unwrap_or_default()
 }
 
 /// Uploads `len` bytes, half-closes, returns the SHA-256 the target answers.

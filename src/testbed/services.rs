@@ -43,6 +43,31 @@ pub fn blob(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
+/// `curl -sS --fail` of the blob at `http://HOST:8080/blob` from `ns` (with curl's
+/// `family` flag, `-4` or `-6`, if given), within `max_time` seconds: the body's
+/// SHA-256, or an error with curl's complaint.
+pub fn curl_blob_sha256(
+    ns: &Namespace,
+    host: &str,
+    family: Option<&str>,
+    max_time: u32,
+) -> io::Result<String> {
+    let url = format!("http://{host}:{HTTP_PORT}/blob");
+    let out = ns
+        .command("curl")
+        .args(family)
+        .args(["-sS", "--fail", "--max-time", &max_time.to_string(), &url])
+        .output()?;
+    if !out.status.success() {
+        return Err(io::Error::other(format!(
+            "curl {url}: {} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    Ok(sha256_hex(&out.stdout))
+}
+
 /// Lower-case hex SHA-256 of `data`.
 pub fn sha256_hex(data: &[u8]) -> String {
     hex(&Sha256::digest(data))
