@@ -144,6 +144,9 @@ pub struct ConeReply {
     pub from: SocketAddr,
     /// Whether the reply was the cone service's `CONE-REPLY <port>` for the port asked.
     pub payload_ok: bool,
+    /// The probing socket's own address (its port may be reused by a later socket,
+    /// which then, rightly, shares the association the tunnel keyed on it).
+    pub local: SocketAddr,
 }
 
 /// One socket in `ns` sends `CONE <reply_port>` to the cone service on `target`
@@ -171,6 +174,7 @@ pub fn udp_cone(
     Ok(ConeReply {
         from,
         payload_ok: buf.get(..n) == Some(cone_reply(reply_port).as_slice()),
+        local: socket.local_addr().map_err(context("cone: local address"))?,
     })
 }
 
