@@ -163,6 +163,9 @@ pub struct UdpStats {
     pub bytes_down: AtomicU64,
     /// Datagrams answered with port unreachable (no UDP at the proxy, or it failed).
     pub refused: AtomicU64,
+    /// Port unreachables the relay socket reported, passed on to the application
+    /// (a relay that is not listening, or a destination's that the proxy forwarded).
+    pub relay_unreachable: AtomicU64,
     /// Dropped: the association's set-up queue was full.
     pub queue_full: AtomicU64,
     /// Dropped: the relay socket's buffer was full.

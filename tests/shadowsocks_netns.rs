@@ -31,6 +31,7 @@ use tun2socks::testbed::udp::{CONE_REPLY_PORT, UDP_ECHO_PORT, UdpServices};
 use tun2socks::testbed::udp_client::{
     MIN_PAYLOAD, connected_socket, udp_cone_check, udp_echo_check,
 };
+use tun2socks::testbed::udp_probes::udp_expect_unreachable;
 use tun2socks::testbed::{
     Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_program, require_root,
 };
@@ -78,10 +79,23 @@ impl Net {
     /// `prepare` runs before ss-server starts (`ip netns exec` binds the namespace's
     /// /etc/netns files when a process starts).
     fn new_with(tag: &str, prepare: impl FnOnce(&Topology) -> io::Result<()>) -> Result<Net> {
+        Self::build(tag, prepare, Shadowsocks::start)
+    }
+
+    /// As [`Net::new`], with ss-local started without `-u`.
+    fn without_local_udp(tag: &str) -> Result<Net> {
+        Self::build(tag, |_| Ok(()), Shadowsocks::start_without_local_udp)
+    }
+
+    fn build(
+        tag: &str,
+        prepare: impl FnOnce(&Topology) -> io::Result<()>,
+        start: fn(&Namespace, &Namespace) -> io::Result<Shadowsocks>,
+    ) -> Result<Net> {
         let topo = Topology::create(tag)?;
         prepare(&topo)?;
         let services = Services::start(topo.target(), BLOB, SEED)?;
-        let ss = Shadowsocks::start(topo.proxy(), topo.app())?;
+        let ss = start(topo.proxy(), topo.app())?;
         Ok(Net {
             tunnel: None,
             ss,
@@ -303,5 +317,46 @@ fn dns_over_ss_local_udp_and_fake_ip_names_that_only_ss_server_resolves() -> Res
     );
     let asked = net.dnsmasq.as_ref().unwrap().queries_for(PROXY_ONLY_NAME)?;
     ensure!(asked == 0, "the name left the machine: {asked} queries");
+    Ok(())
+}
+
+/// ss-local without `-u` (a common mistake) grants UDP ASSOCIATE with nothing
+/// listening at the relay it names: each datagram meets a port unreachable there.
+/// The application must hear it as a port unreachable from its destination, at once
+/// and each time, not lose its datagrams in silence; TCP is unaffected.
+#[test]
+fn udp_through_ss_local_without_u_is_answered_with_port_unreachable() -> Result<()> {
+    needs!(
+        "udp_through_ss_local_without_u_is_answered_with_port_unreachable",
+        "curl"
+    );
+    let mut net = Net::without_local_udp("ssnoudp")?;
+    net._udp = Some(UdpServices::start(net.topo.target())?);
+    net.tunnel(&[])?;
+    for ip in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
+        let dst = target(ip, UDP_ECHO_PORT);
+        for attempt in 0..3 {
+            let took = udp_expect_unreachable(net.app(), dst, std::time::Duration::from_secs(2))
+                .with_context(|| format!("{dst}, attempt {attempt}\n{}", net.ss.logs()))?;
+            ensure!(
+                took < std::time::Duration::from_millis(500),
+                "{dst}: port unreachable after {took:?}"
+            );
+        }
+    }
+    let expected = sha256_hex(&blob(BLOB, SEED));
+    let got = curl_sha(net.app(), &TARGET_V4.to_string(), None)?;
+    ensure!(
+        got == expected,
+        "TCP alongside: sha256 {got}, not {expected}"
+    );
+    let log = net.stop_tunnel()?;
+    // Each probe socket had its association granted and its one datagram answered.
+    ensure!(stat(&log, "udp_associations") == 6, "{log}");
+    ensure!(stat(&log, "udp_relay_unreachable") == 6, "{log}");
+    ensure!(
+        log.contains("port unreachable from the proxy's UDP relay"),
+        "{log}"
+    );
     Ok(())
 }

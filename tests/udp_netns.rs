@@ -212,6 +212,66 @@ fn echo_through_dante() -> Result<()> {
     Ok(())
 }
 
+/// Dante with its default `udp.connectdst: yes` passes a destination's port
+/// unreachable back from its relay port: the application hears it from that
+/// destination, as on the kernel's own path, and its association goes on.
+#[test]
+fn a_port_unreachable_through_dante_reaches_the_application() -> Result<()> {
+    needs_root!("a_port_unreachable_through_dante_reaches_the_application");
+    require_or_skip!(
+        tun2socks::testbed::require_program(
+            "danted",
+            "a_port_unreachable_through_dante_reaches_the_application"
+        ),
+        Ok(())
+    );
+    let mut net = Net::new("udpdanteicmp")?;
+    net._dante = Some(Dante::start_connecting(net.topo.proxy())?);
+    net.tunnel_attached(&Dante::url(), &[])?;
+    for (target, _) in echo_targets() {
+        let closed = SocketAddr::new(target.ip(), CLOSED_PORT);
+        let took = time_to_refusal(net.app(), closed)?
+            .with_context(|| format!("no port unreachable for {closed} through Dante"))?;
+        ensure!(
+            took < Duration::from_millis(500),
+            "{closed}: after {took:?}"
+        );
+        // One unconnected socket: a datagram to the closed port, then the echo.
+        let any: IpAddr = if target.is_ipv4() {
+            Ipv4Addr::UNSPECIFIED.into()
+        } else {
+            std::net::Ipv6Addr::UNSPECIFIED.into()
+        };
+        let socket = net
+            .app()
+            .within(move || UdpSocket::bind(SocketAddr::new(any, 0)))?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut buf = [0u8; 64];
+        for round in 0..3u8 {
+            socket.send_to(&[b'x', round], closed)?;
+            std::thread::sleep(Duration::from_millis(50));
+            socket.send_to(&[b'e', round], target)?;
+            let (n, from) = socket
+                .recv_from(&mut buf)
+                .with_context(|| format!("{target}: no echo after the port unreachable"))?;
+            ensure!(
+                (from, buf.get(..n)) == (target, Some(&[b'e', round][..])),
+                "{target}: {from} sent {:?}",
+                buf.get(..n)
+            );
+        }
+    }
+    let log = net.stop_tunnel()?;
+    // The two probes' at least. (Dante passes on the first only of the unconnected
+    // socket's three: once that association has sent elsewhere, its socket to the
+    // closed port no longer hears the errors.)
+    ensure!(stat(&log, "udp_relay_unreachable") >= 2, "{log}");
+    Ok(())
+}
+
+/// A UDP port nothing listens on in the target namespace.
+const CLOSED_PORT: u16 = 7099;
+
 /// Sends one datagram from a connected socket in `ns` and returns how long it took
 /// until the socket reported the port unreachable (ECONNREFUSED), if it did in 2 s.
 fn time_to_refusal(ns: &Namespace, target: SocketAddr) -> Result<Option<Duration>> {

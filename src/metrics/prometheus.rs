@@ -213,6 +213,12 @@ fn udp(e: &mut DescriptorEncoder, m: &Metrics) -> Res {
         "UDP datagrams answered with port unreachable (no UDP at the proxy)",
         get(&u.refused),
     )?;
+    counter(
+        e,
+        "udp_relay_unreachable",
+        "Port unreachables from the proxy's UDP relay passed on to applications",
+        get(&u.relay_unreachable),
+    )?;
     family1(
         e,
         "udp_datagrams",

@@ -136,6 +136,8 @@ pub struct Snapshot {
     pub udp_bytes_down: u64,
     /// UDP datagrams answered with port unreachable (the proxy has or gives no UDP).
     pub udp_refused: u64,
+    /// Port unreachables from the proxy's UDP relay passed on to applications.
+    pub udp_relay_unreachable: u64,
     /// UDP datagrams dropped (queue or socket full, limit, oversized, broadcast,
     /// unmappable replies).
     pub udp_dropped: u64,
@@ -193,6 +195,7 @@ impl Metrics {
             udp_bytes_up: get(&u.bytes_up),
             udp_bytes_down: get(&u.bytes_down),
             udp_refused: get(&u.refused),
+            udp_relay_unreachable: get(&u.relay_unreachable),
             udp_dropped: u
                 .drops()
                 .iter()
@@ -222,7 +225,7 @@ impl Snapshot {
 impl fmt::Display for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = &self.dns;
-        let scalars: [(&str, u64); 46] = [
+        let scalars: [(&str, u64); 47] = [
             ("flows_opened", self.flows_opened),
             ("flows_connected", self.flows_connected),
             ("flows_failed", self.flows_failed),
@@ -238,6 +241,7 @@ impl fmt::Display for Snapshot {
             ("udp_bytes_up", self.udp_bytes_up),
             ("udp_bytes_down", self.udp_bytes_down),
             ("udp_refused", self.udp_refused),
+            ("udp_relay_unreachable", self.udp_relay_unreachable),
             ("udp_dropped", self.udp_dropped),
             ("dns_queries", d.queries),
             ("dns_via_udp", d.via_udp),

@@ -39,11 +39,26 @@ impl Dante {
     /// (v4 and v6) at [`DANTE_PORT`], no authentication, clients from the app network,
     /// CONNECT, BIND and UDP allowed to anywhere, leaving by the target link.
     pub fn start(ns: &Namespace) -> io::Result<Dante> {
+        Self::start_with(ns, config())
+    }
+
+    /// As [`Dante::start`] with Dante's default `udp.connectdst: yes`: its socket to
+    /// a UDP destination is connected, so it hears that destination's ICMP errors
+    /// and (running as root) passes a port unreachable on to the client from its
+    /// relay port. Replies from a second remote port do not reach the client then.
+    pub fn start_connecting(ns: &Namespace) -> io::Result<Dante> {
+        Self::start_with(
+            ns,
+            config().replace("udp.connectdst: no", "udp.connectdst: yes"),
+        )
+    }
+
+    fn start_with(ns: &Namespace, config: String) -> io::Result<Dante> {
         let dir =
             std::env::temp_dir().join(format!("t2s-dante-{}-{}", std::process::id(), unique_id()));
         fs::create_dir_all(&dir).map_err(context(dir.display()))?;
         let conf = dir.join("danted.conf");
-        fs::write(&conf, config()).map_err(context(conf.display()))?;
+        fs::write(&conf, config).map_err(context(conf.display()))?;
         let mut command = ns.command("danted");
         command
             .arg("-f")

@@ -62,16 +62,33 @@ impl Shadowsocks {
     /// -b 127.0.0.1 -l SOCKS_PORT -u` in `app` pointed at it; returns once both
     /// listen (TCP and UDP). An error carries the logs.
     pub fn start(proxy: &Namespace, app: &Namespace) -> io::Result<Shadowsocks> {
+        Self::start_with(proxy, app, true)
+    }
+
+    /// As [`Shadowsocks::start`], but ss-local without `-u`, a common mistake: it
+    /// still grants UDP ASSOCIATE (with its own address as the relay) but nothing
+    /// listens there, so each datagram sent to the relay meets a port unreachable.
+    pub fn start_without_local_udp(proxy: &Namespace, app: &Namespace) -> io::Result<Shadowsocks> {
+        Self::start_with(proxy, app, false)
+    }
+
+    fn start_with(proxy: &Namespace, app: &Namespace, local_udp: bool) -> io::Result<Shadowsocks> {
         let password = random_password()?;
-        let mut server = ss_command(proxy, "ss-server", &password);
+        let mut server = ss_command(proxy, "ss-server", &password, true);
         server.args(["-s", &PROXY_V4.to_string()]);
-        let server = spawn_listening(proxy, server, Shadowsocks::server_addr(), None)?;
-        let mut local = ss_command(app, "ss-local", &password);
+        let server = spawn_listening(proxy, server, Shadowsocks::server_addr(), true, None)?;
+        let mut local = ss_command(app, "ss-local", &password, local_udp);
         local
             .args(["-s", &PROXY_V4.to_string()])
             .args(["-b", &Ipv4Addr::LOCALHOST.to_string()])
             .args(["-l", &SOCKS_PORT.to_string()]);
-        let local = spawn_listening(app, local, Shadowsocks::socks_addr(), Some(&server))?;
+        let local = spawn_listening(
+            app,
+            local,
+            Shadowsocks::socks_addr(),
+            local_udp,
+            Some(&server),
+        )?;
         Ok(Shadowsocks { local, server })
     }
 
@@ -119,30 +136,34 @@ pub fn require_shadowsocks(what: &str) -> Result<(), Skip> {
     require_program("ss-local", what)
 }
 
-/// `PROGRAM -p SERVER_PORT -k PASSWORD -m METHOD -u -v` in `ns`: what ss-server and
-/// ss-local share (the UDP relay on, verbose, in the foreground).
-fn ss_command(ns: &Namespace, program: &str, password: &str) -> Command {
+/// `PROGRAM -p SERVER_PORT -k PASSWORD -m METHOD [-u] -v` in `ns`: what ss-server
+/// and ss-local share (the UDP relay on with `udp`, verbose, in the foreground).
+fn ss_command(ns: &Namespace, program: &str, password: &str, udp: bool) -> Command {
     let mut command = ns.command(program);
     command
         .args(["-p", &SERVER_PORT.to_string()])
-        .args(["-k", password, "-m", METHOD, "-u", "-v"]);
+        .args(["-k", password, "-m", METHOD, "-v"]);
+    if udp {
+        command.arg("-u");
+    }
     command
 }
 
-/// Spawns `command` in `ns` and waits until it listens on `addr`, TCP and UDP; on
-/// failure (it exits first, or does not listen in time) the error carries its log,
-/// and `peer`'s (the other end) if given.
+/// Spawns `command` in `ns` and waits until it listens on `addr`, TCP (and UDP with
+/// `udp`); on failure (it exits first, or does not listen in time) the error carries
+/// its log, and `peer`'s (the other end) if given.
 fn spawn_listening(
     ns: &Namespace,
     command: Command,
     addr: SocketAddr,
+    udp: bool,
     peer: Option<&Process>,
 ) -> io::Result<Process> {
     let mut process = ns.spawn(command)?;
     // A zero timeout: one look at the listeners per poll.
     let listening = |_: &Process| {
         wait_for_tcp(ns, addr, Duration::ZERO).is_ok()
-            && wait_for_udp(ns, addr, Duration::ZERO).is_ok()
+            && (!udp || wait_for_udp(ns, addr, Duration::ZERO).is_ok())
     };
     process.wait_ready(START_TIMEOUT, listening).map_err(|e| {
         let peer = peer.map_or_else(String::new, |peer| {

@@ -5,6 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use socket2::SockRef;
 use tokio::net::{TcpStream, UdpSocket};
@@ -61,6 +62,7 @@ impl Upstream {
             control,
             socket,
             relay,
+            refused: AtomicBool::new(false),
         })
     }
 }
@@ -95,6 +97,9 @@ pub struct UdpAssociation {
     control: TcpStream,
     socket: UdpSocket,
     relay: SocketAddr,
+    /// The socket reported a port unreachable from the relay's address since
+    /// [`UdpAssociation::take_refused`] last looked (see there).
+    refused: AtomicBool,
 }
 
 /// A datagram from the relay: its source and where its payload lies in the buffer.
@@ -129,7 +134,67 @@ impl UdpAssociation {
     ) -> io::Result<()> {
         scratch.clear();
         udp::encode_datagram(target, payload, scratch);
-        self.socket.try_send(scratch).map(|_| ())
+        self.retrying_refused(|| self.socket.try_send(scratch).map(|_| ()))
+    }
+
+    /// Whether the socket reported an ICMP port unreachable from the relay's address
+    /// since the last call (and forgets it). The error belongs to an earlier datagram,
+    /// not to the one whose send or receive reported it: the relay is not listening
+    /// (a server that grants UDP ASSOCIATE with no relay behind it, as ss-local
+    /// without `-u` does), or the proxy passed on a destination's port unreachable
+    /// from its relay port (Dante does). Which datagram it was, the socket does not
+    /// say.
+    pub fn take_refused(&self) -> bool {
+        self.refused.swap(false, Relaxed)
+    }
+
+    /// Runs a send; when it fails with the port unreachable an earlier datagram left
+    /// pending on the socket (a connected UDP socket reports it on its next call, and
+    /// sends nothing on that call), notes it for [`UdpAssociation::take_refused`] and
+    /// sends again, so that the error costs no datagram of this call.
+    fn retrying_refused<T>(&self, mut send: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+        match send() {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                self.note_refused();
+                send()
+            }
+            other => other,
+        }
+    }
+
+    /// Resolves once the socket has taken a port unreachable from the relay's
+    /// address that arrived while nothing was sent or received: such an error shows
+    /// only as error readiness, never as readable. Noted for
+    /// [`UdpAssociation::take_refused`]. Other errors pending on the socket are
+    /// taken and logged.
+    pub async fn refusal(&self) -> io::Result<()> {
+        loop {
+            self.socket.ready(tokio::io::Interest::ERROR).await?;
+            // SO_ERROR takes the pending error; "none left" clears the readiness,
+            // so this does not spin.
+            let taken = self.socket.try_io(tokio::io::Interest::ERROR, || {
+                match self.socket.take_error() {
+                    Ok(Some(error)) => Ok(error),
+                    Ok(None) => Err(io::ErrorKind::WouldBlock.into()),
+                    Err(error) => Err(error),
+                }
+            });
+            match taken {
+                Ok(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+                    self.note_refused();
+                    return Ok(());
+                }
+                Ok(error) => {
+                    tracing::debug!(%error, relay = %self.relay, "error from the relay's address");
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn note_refused(&self) {
+        self.refused.store(true, Relaxed);
     }
 
     /// Sends datagrams already encoded for the relay (SOCKS header and payload) as
@@ -144,8 +209,10 @@ impl UdpAssociation {
                 .take(mmsg::MAX_BATCH)
                 .map(|datagram| (*datagram, None))
                 .collect();
-            let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
-                mmsg::send_batch(&self.socket, &batch)
+            let result = self.retrying_refused(|| {
+                self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                    mmsg::send_batch(&self.socket, &batch)
+                })
             });
             match result {
                 Ok(0) => break,
@@ -153,7 +220,7 @@ impl UdpAssociation {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                     for datagram in rest {
-                        match self.socket.try_send(datagram) {
+                        match self.retrying_refused(|| self.socket.try_send(datagram)) {
                             Ok(_) => sent += 1,
                             Err(_) => break,
                         }
@@ -172,8 +239,10 @@ impl UdpAssociation {
     /// runs of one size as one segmented send (UDP GSO) where the kernel allows,
     /// others a batch per system call. Returns how many went, in order.
     pub fn try_send_contiguous(&self, bytes: &[u8], ends: &[usize]) -> io::Result<usize> {
-        let result = self.socket.try_io(tokio::io::Interest::WRITABLE, || {
-            mmsg::send_contiguous(&self.socket, bytes, ends, None)
+        let result = self.retrying_refused(|| {
+            self.socket.try_io(tokio::io::Interest::WRITABLE, || {
+                mmsg::send_contiguous(&self.socket, bytes, ends, None)
+            })
         });
         match result {
             Err(e) if e.kind() == io::ErrorKind::Unsupported => {
@@ -215,7 +284,10 @@ impl UdpAssociation {
     /// Receives one datagram if one is queued (`WouldBlock` when none is). `Ok(None)`:
     /// one was received but dropped (malformed, or a fragment).
     pub fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<Option<Received>> {
-        let n = self.socket.try_recv(buf)?;
+        let n = self
+            .socket
+            .try_recv(buf)
+            .inspect_err(|e| self.noting_refused(e))?;
         Ok(Self::parse_relayed(buf.get(..n).unwrap_or_default()))
     }
 
@@ -228,9 +300,18 @@ impl UdpAssociation {
         slot: usize,
         out: &mut Vec<mmsg::Datagram>,
     ) -> io::Result<usize> {
-        self.socket.try_io(tokio::io::Interest::READABLE, || {
-            mmsg::recv_batch(&self.socket, buf, slot, out)
-        })
+        self.socket
+            .try_io(tokio::io::Interest::READABLE, || {
+                mmsg::recv_batch(&self.socket, buf, slot, out)
+            })
+            .inspect_err(|e| self.noting_refused(e))
+    }
+
+    /// Notes a port unreachable a receive reported (see [`UdpAssociation::take_refused`]).
+    fn noting_refused(&self, e: &io::Error) {
+        if e.kind() == io::ErrorKind::ConnectionRefused {
+            self.note_refused();
+        }
     }
 
     /// A datagram from the relay: its source and where its payload lies in `datagram`;

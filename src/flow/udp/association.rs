@@ -139,7 +139,7 @@ fn flush(assoc: &Assoc, shared: &Shared, relay: &Arc<UdpAssociation>) {
     };
     let mut scratch = Vec::new();
     for q in queue {
-        shared.relay(relay, &q.target, &q.payload, &mut scratch);
+        shared.relay(assoc, relay, q.dst, &q.target, &q.payload, &mut scratch);
     }
 }
 
@@ -157,6 +157,12 @@ async fn relay_loop(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> E
                     return Ended::Failed(e);
                 }
                 tokio::task::yield_now().await;
+            }
+            refusal = relay.refusal() => {
+                if let Err(e) = refusal {
+                    return Ended::Failed(e);
+                }
+                shared.settle(assoc, relay, None);
             }
             () = relay.closed() => return Ended::ControlClosed,
             () = tokio::time::sleep_until(deadline) => {}
@@ -186,12 +192,15 @@ fn drain(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> io::Result<(
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // The relay is not there (yet, or any more): ICMP errors on a
-                // connected UDP socket. Datagrams are best effort; keep going. (Not
-                // a refusal of UDP as a whole: Dante forwards a destination's port
+                // A port unreachable from the relay's address, for a datagram sent
+                // before: passed on to the application for that datagram. (Not a
+                // refusal of UDP as a whole: Dante forwards a destination's port
                 // unreachable to the client from its relay port, so one datagram to
-                // a closed port would look like a relay that is not there.)
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                // a closed port looks the same as a relay that is not there.)
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    shared.settle(assoc, relay, None);
+                    continue;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                     return drain_one_by_one(assoc, shared, relay, buf);
                 }
@@ -219,7 +228,10 @@ fn drain_one_by_one(
             Ok(None) => continue,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                shared.settle(assoc, relay, None);
+                continue;
+            }
             Err(e) => return Err(e),
         };
         deliver(assoc, shared, &from, buf.get(range).unwrap_or_default());

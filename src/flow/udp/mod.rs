@@ -138,6 +138,7 @@ impl Default for NatTable {
                 refusals: BurstLog::new(Duration::from_secs(5)),
                 limit: BurstLog::new(Duration::from_secs(5)),
                 no_udp: BurstLog::new(Duration::from_secs(5)),
+                relay_unreachable: BurstLog::new(Duration::from_secs(5)),
             }),
             epoch: Instant::now(),
         }
@@ -171,6 +172,37 @@ struct AssocState {
     aliases: VecDeque<(Address, SocketAddr)>,
     /// Some alias is a name.
     has_names: bool,
+    /// The datagram sent last, to blame for a port unreachable the relay socket
+    /// reports later.
+    last_sent: Option<LastSent>,
+}
+
+/// Payload bytes of the last datagram kept for the quote of a port unreachable
+/// blamed on it (the application's stack matches the error by the quoted headers).
+const QUOTED_HEAD: usize = 32;
+
+/// What a port unreachable blamed on a datagram after it went needs: its destination
+/// as the application addressed it, and the start of its payload to quote.
+#[derive(Debug, Clone, Copy)]
+struct LastSent {
+    dst: SocketAddr,
+    head: [u8; QUOTED_HEAD],
+    len: usize,
+}
+
+impl LastSent {
+    fn new(dst: SocketAddr, payload: &[u8]) -> LastSent {
+        let len = payload.len().min(QUOTED_HEAD);
+        let mut head = [0u8; QUOTED_HEAD];
+        if let (Some(to), Some(from)) = (head.get_mut(..len), payload.get(..len)) {
+            to.copy_from_slice(from);
+        }
+        LastSent { dst, head, len }
+    }
+
+    fn head(&self) -> &[u8] {
+        self.head.get(..self.len).unwrap_or_default()
+    }
 }
 
 /// One application endpoint's association.
@@ -347,13 +379,25 @@ impl UdpNat {
             assoc.remember_alias(&mut state, out.target, out.dst);
         }
         match &mut state.phase {
-            Phase::Ready(relay) if !self.in_burst => {
-                self.in_burst = true;
-                shared.relay(relay, out.target, out.payload, &mut self.scratch);
-            }
             Phase::Ready(relay) => {
-                self.outbox
-                    .push(relay, out.target, out.payload, &shared.metrics);
+                // Sent with the state unlocked: a send may blame an earlier datagram
+                // (which locks it), and a full outbox flushes (which may too).
+                let relay = relay.clone();
+                drop(state);
+                if self.in_burst {
+                    self.outbox
+                        .push(&relay, &assoc, out.dst, out.target, out.payload, &shared);
+                } else {
+                    self.in_burst = true;
+                    shared.relay(
+                        &assoc,
+                        &relay,
+                        out.dst,
+                        out.target,
+                        out.payload,
+                        &mut self.scratch,
+                    );
+                }
             }
             Phase::Pending(queue) if queue.len() < shared.config.pending => {
                 queue.push_back(Queued {
@@ -396,6 +440,7 @@ impl UdpNat {
                 phase: Phase::Pending(VecDeque::new()),
                 aliases: VecDeque::new(),
                 has_names: false,
+                last_sent: None,
             }),
             queued: Notify::new(),
             last_used: AtomicU64::new(shared.millis(now)),
@@ -417,7 +462,7 @@ impl UdpNat {
     pub fn flush(&mut self) {
         self.in_burst = false;
         if self.outbox.len() > 0 {
-            self.outbox.flush(&self.shared.metrics);
+            self.outbox.flush(&self.shared);
         }
     }
 

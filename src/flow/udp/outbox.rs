@@ -6,10 +6,12 @@
 //! [`MAX_DATAGRAMS`] or [`MAX_BYTES`] are waiting. A datagram the relay socket
 //! cannot take now is dropped and counted, as before.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use crate::metrics::Metrics;
+use super::shared::Shared;
+use super::{Assoc, LastSent};
 use crate::socks::{Address, udp};
 use crate::upstream::UdpAssociation;
 
@@ -22,6 +24,10 @@ pub(super) const MAX_BYTES: usize = 1 << 20;
 #[derive(Debug)]
 struct Item {
     relay: Arc<UdpAssociation>,
+    /// Whose it is, and where the application sent it: to blame it for a port
+    /// unreachable the relay socket reports later.
+    assoc: Arc<Assoc>,
+    dst: SocketAddr,
     end: usize,
     payload: usize,
 }
@@ -39,16 +45,20 @@ impl Outbox {
     pub(super) fn push(
         &mut self,
         relay: &Arc<UdpAssociation>,
+        assoc: &Arc<Assoc>,
+        dst: SocketAddr,
         target: &Address,
         payload: &[u8],
-        metrics: &Metrics,
+        shared: &Shared,
     ) {
         if self.items.len() >= MAX_DATAGRAMS || self.bytes.len() >= MAX_BYTES {
-            self.flush(metrics);
+            self.flush(shared);
         }
         udp::encode_datagram(target, payload, &mut self.bytes);
         self.items.push(Item {
             relay: relay.clone(),
+            assoc: assoc.clone(),
+            dst,
             end: self.bytes.len(),
             payload: payload.len(),
         });
@@ -60,8 +70,10 @@ impl Outbox {
     }
 
     /// Sends everything waiting: each run of one association's datagrams with one
-    /// system call per batch; counts what went and what the socket refused.
-    pub(super) fn flush(&mut self, metrics: &Metrics) {
+    /// system call per batch; counts what went and what the socket refused, and
+    /// settles a port unreachable the socket reported ([`Shared::settle`]).
+    pub(super) fn flush(&mut self, shared: &Shared) {
+        let metrics = &shared.metrics;
         let mut start = 0;
         let mut first = 0;
         while let Some(head) = self.items.get(first) {
@@ -89,6 +101,12 @@ impl Outbox {
                     0
                 }
             };
+            let last = sent.checked_sub(1).and_then(|i| items.get(i)).map(|item| {
+                let from = item.end.saturating_sub(item.payload);
+                let payload = self.bytes.get(from..item.end).unwrap_or_default();
+                LastSent::new(item.dst, payload)
+            });
+            shared.settle(&head.assoc, &head.relay, last);
             start = end;
             let bytes: usize = items.iter().take(sent).map(|item| item.payload).sum();
             metrics.udp.datagrams_up.fetch_add(sent as u64, Relaxed);

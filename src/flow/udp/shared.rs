@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
-use super::{Assoc, UdpConfig};
+use super::{Assoc, LastSent, UdpConfig};
 use crate::egress::Egress;
 use crate::flow::BurstLog;
 use crate::metrics::{Metrics, SocksCommand};
@@ -30,6 +30,8 @@ pub(super) struct NatLogs {
     pub(super) limit: BurstLog,
     /// The proxy speaks SOCKS4.
     pub(super) no_udp: BurstLog,
+    /// The relay socket reported a port unreachable.
+    pub(super) relay_unreachable: BurstLog,
 }
 
 /// What the association tasks share with the NAT.
@@ -92,26 +94,65 @@ impl Shared {
         self.egress.port_unreachable(app, dst, payload);
     }
 
-    /// Sends one datagram to the relay now, or drops and counts it.
+    /// Sends one datagram of `assoc` to the relay now, or drops and counts it; then
+    /// settles what the relay socket reported (see [`Shared::settle`]).
     pub(super) fn relay(
         &self,
+        assoc: &Assoc,
         relay: &UdpAssociation,
+        dst: SocketAddr,
         target: &Address,
         payload: &[u8],
         scratch: &mut Vec<u8>,
     ) {
-        match relay.try_send_to(payload, target, scratch) {
+        let sent = match relay.try_send_to(payload, target, scratch) {
             Ok(()) => {
                 self.metrics.udp.datagrams_up.fetch_add(1, Relaxed);
                 self.metrics
                     .udp
                     .bytes_up
                     .fetch_add(payload.len() as u64, Relaxed);
+                Some(LastSent::new(dst, payload))
             }
             Err(e) => {
                 self.metrics.udp.relay_busy.fetch_add(1, Relaxed);
                 tracing::trace!(error = %e, "relay socket refused a datagram");
+                None
             }
+        };
+        self.settle(assoc, relay, sent);
+    }
+
+    /// After a send or receive on `assoc`'s relay socket: a port unreachable it
+    /// reported belongs to a datagram sent before (the one sent last, as far as we
+    /// know), and is passed on to the application as a port unreachable from that
+    /// datagram's destination, as the kernel's own path would report it. `sent`: the
+    /// datagram the call sent last, now the one to blame for the next.
+    pub(super) fn settle(&self, assoc: &Assoc, relay: &UdpAssociation, sent: Option<LastSent>) {
+        let blamed = {
+            let mut state = assoc.state();
+            let blamed = if relay.take_refused() {
+                state.last_sent.take()
+            } else {
+                None
+            };
+            if sent.is_some() {
+                state.last_sent = sent;
+            }
+            blamed
+        };
+        let Some(blamed) = blamed else {
+            return;
+        };
+        self.metrics.udp.relay_unreachable.fetch_add(1, Relaxed);
+        self.egress
+            .port_unreachable(assoc.app, blamed.dst, blamed.head());
+        if let Some(suppressed) = self.logs.relay_unreachable.check(Instant::now()) {
+            tracing::info!(
+                relay = %relay.relay(), to = %blamed.dst, suppressed,
+                "port unreachable from the proxy's UDP relay, passed on to the application \
+                 (the relay is not listening, or the proxy passed on the destination's)"
+            );
         }
     }
 

@@ -298,6 +298,7 @@ fn replies_are_shown_as_the_address_the_app_used() {
             phase: Phase::Pending(VecDeque::new()),
             aliases: VecDeque::new(),
             has_names: false,
+            last_sent: None,
         }),
         queued: Notify::new(),
         last_used: AtomicU64::new(0),
@@ -443,5 +444,135 @@ async fn a_burst_waits_in_the_outbox_until_flushed_and_a_full_outbox_flushes_its
     assert_eq!(up(&nat), 4 + 1 + outbox::MAX_DATAGRAMS as u64);
     nat.flush();
     assert_eq!(up(&nat), 4 + outbox::MAX_DATAGRAMS as u64 + 10);
+    assert_eq!(nat.stats().relay_busy.load(Relaxed), 0);
+}
+
+/// A SOCKS5 server that grants every UDP ASSOCIATE with `relay` as the relay, where
+/// the test decides what listens (as ss-local without `-u` grants one with nothing
+/// behind it). The control connection stays open.
+async fn granting_server(relay: SocketAddr) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut control, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = [0u8; 2];
+                control.read_exact(&mut head).await.unwrap();
+                let mut methods = vec![0u8; usize::from(head[1])];
+                control.read_exact(&mut methods).await.unwrap();
+                control.write_all(&[5, 0]).await.unwrap();
+                let mut request = [0u8; 4];
+                control.read_exact(&mut request).await.unwrap();
+                let rest = if request[3] == 4 { 18 } else { 6 };
+                control.read_exact(&mut vec![0u8; rest]).await.unwrap();
+                let SocketAddr::V4(relay) = relay else {
+                    panic!()
+                };
+                let mut reply = vec![5, 0, 0, 1];
+                reply.extend(relay.ip().octets());
+                reply.extend(relay.port().to_be_bytes());
+                control.write_all(&reply).await.unwrap();
+                let _ = control.read(&mut [0u8; 1]).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A loopback port where nothing listens (bound, then closed).
+fn closed_port() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// The destination and payload start an ICMPv4 port unreachable quotes.
+fn quoted_v4(p: &[u8]) -> (SocketAddr, Vec<u8>) {
+    let outer = usize::from(p[0] & 0x0f) * 4;
+    assert_eq!((p[outer], p[outer + 1]), (3, 3), "port unreachable");
+    let quote = &p[outer + 8..];
+    let inner = usize::from(quote[0] & 0x0f) * 4;
+    let dst = std::net::Ipv4Addr::new(quote[16], quote[17], quote[18], quote[19]);
+    let port = u16::from_be_bytes([quote[inner + 2], quote[inner + 3]]);
+    (
+        SocketAddr::new(dst.into(), port),
+        quote[inner + 8..].to_vec(),
+    )
+}
+
+#[tokio::test]
+async fn a_relay_that_is_not_listening_is_answered_with_port_unreachable() {
+    let proxy = granting_server(closed_port()).await;
+    let capture = Arc::new(Capture::default());
+    let mut nat = nat(proxy, "socks5", capture.clone(), UdpConfig::default());
+    let dst: SocketAddr = "198.19.2.2:7".parse().unwrap();
+    for i in 0..3usize {
+        let payload = format!("datagram {i}");
+        send(&mut nat, dst, payload.as_bytes());
+        let seen = capture.wait_for(i + 1).await;
+        assert_eq!(seen.len(), i + 1, "no port unreachable for datagram {i}");
+        let (to, head) = quoted_v4(&seen[i]);
+        assert_eq!((to, head), (dst, payload.into_bytes()));
+    }
+    assert_eq!(nat.stats().relay_unreachable.load(Relaxed), 3);
+    // The association stands; the proxy granted it.
+    assert_eq!(nat.stats().associations.load(Relaxed), 1);
+    assert_eq!(nat.stats().refused.load(Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_port_unreachable_pending_on_the_relay_socket_costs_no_datagram() {
+    let relay_addr = closed_port();
+    let proxy = granting_server(relay_addr).await;
+    let capture = Arc::new(Capture::default());
+    let mut nat = nat(proxy, "socks5", capture.clone(), UdpConfig::default());
+    let (closed, open): (SocketAddr, SocketAddr) = (
+        "198.19.2.2:9".parse().unwrap(),
+        "198.19.2.3:7".parse().unwrap(),
+    );
+    // Up, with nothing at the relay yet: the first datagram is answered.
+    send(&mut nat, closed, b"first");
+    assert_eq!(capture.wait_for(1).await.len(), 1);
+    // Now the relay's port unreachable for "second" waits on the socket (the
+    // association's task does not run before the next await) ...
+    send(&mut nat, closed, b"second");
+    let relay = std::net::UdpSocket::bind(relay_addr).unwrap();
+    relay
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    // ... and the next send meets it: "third" must still reach the relay (a
+    // connected UDP socket reports the error on its next call and sends nothing).
+    send(&mut nat, open, b"third");
+    let mut buf = [0u8; 100];
+    let n = relay
+        .recv(&mut buf)
+        .expect("the datagram after the error was lost");
+    assert!(buf[..n].ends_with(b"third"), "{:?}", &buf[..n]);
+    // The error is blamed on the datagram before it, to its destination.
+    let seen = capture.wait_for(2).await;
+    assert_eq!(seen.len(), 2);
+    assert_eq!(quoted_v4(&seen[1]), (closed, b"second".to_vec()));
+    // And the outbox meets one the same way: the first of a burst goes at once
+    // (and leaves the error), the rest wait for the flush.
+    drop(relay);
+    queue(&mut nat, closed, b"fourth");
+    let relay = std::net::UdpSocket::bind(relay_addr).unwrap();
+    relay
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    for i in 0..4u8 {
+        queue(&mut nat, open, &[b'b', i]);
+    }
+    nat.flush();
+    for i in 0..4u8 {
+        let n = relay.recv(&mut buf).expect("a burst datagram was lost");
+        assert!(buf[..n].ends_with(&[b'b', i]), "{:?}", &buf[..n]);
+    }
+    let seen = capture.wait_for(3).await;
+    assert_eq!(quoted_v4(&seen[2]), (closed, b"fourth".to_vec()));
+    assert_eq!(nat.stats().relay_unreachable.load(Relaxed), 3);
     assert_eq!(nat.stats().relay_busy.load(Relaxed), 0);
 }
