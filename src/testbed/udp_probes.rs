@@ -174,7 +174,9 @@ pub fn udp_cone(
     Ok(ConeReply {
         from,
         payload_ok: buf.get(..n) == Some(cone_reply(reply_port).as_slice()),
-        local: socket.local_addr().map_err(context("cone: local address"))?,
+        local: socket
+            .local_addr()
+            .map_err(context("cone: local address"))?,
     })
 }
 
