@@ -8,6 +8,7 @@
 //! socket it opens carries it.
 
 mod pipelining;
+mod relay;
 mod resolve;
 mod udp;
 
@@ -217,6 +218,8 @@ pub struct Upstream {
     proxy: ProxyUrl,
     options: DialOptions,
     addrs: Arc<ProxyAddrs>,
+    /// The UDP relay names the proxy announced ([`relay`]).
+    relay_names: Arc<relay::RelayNames>,
     /// Pipeline the SOCKS5 handshake? ([`Upstream::pipelining`]).
     pipelining: Pipelining,
     /// What `auto` has learnt about the proxy.
@@ -234,6 +237,7 @@ impl Upstream {
             proxy,
             options,
             addrs,
+            relay_names: Arc::default(),
             pipelining: Pipelining::default(),
             pipeline_state: Arc::new(PipelineState::new()),
         }

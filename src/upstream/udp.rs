@@ -56,7 +56,16 @@ impl Upstream {
             });
         };
         self.learn_pipelining();
-        let relay = resolve_relay(&relay, proxy).await?;
+        let relay = self
+            .relay_names
+            .resolve(
+                &relay,
+                proxy,
+                declared,
+                &self.proxy.host,
+                super::relay::system_lookup,
+            )
+            .await?;
         socket.connect(relay).await.map_err(io_err)?;
         Ok(UdpAssociation {
             control,
@@ -64,28 +73,6 @@ impl Upstream {
             relay,
             refused: AtomicBool::new(false),
         })
-    }
-}
-
-/// Where to send datagrams for the relay a proxy announced. Many servers announce
-/// `0.0.0.0` / `::` (meaning "my address"): use the proxy's own address then.
-async fn resolve_relay(relay: &Address, proxy: SocketAddr) -> Result<SocketAddr, UpstreamError> {
-    match relay {
-        Address::Ip(addr) if addr.ip().is_unspecified() => {
-            Ok(SocketAddr::new(proxy.ip(), addr.port()))
-        }
-        Address::Ip(addr) => Ok(*addr),
-        Address::Domain(name, port) => tokio::net::lookup_host((name.as_str(), *port))
-            .await
-            .map_err(|source| UpstreamError::Resolve {
-                host: name.to_string(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| UpstreamError::Resolve {
-                host: name.to_string(),
-                source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
-            }),
     }
 }
 

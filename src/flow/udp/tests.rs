@@ -451,12 +451,31 @@ async fn a_burst_waits_in_the_outbox_until_flushed_and_a_full_outbox_flushes_its
 /// the test decides what listens (as ss-local without `-u` grants one with nothing
 /// behind it). The control connection stays open.
 async fn granting_server(relay: SocketAddr) -> SocketAddr {
+    let SocketAddr::V4(relay) = relay else {
+        panic!()
+    };
+    let mut reply = vec![5, 0, 0, 1];
+    reply.extend(relay.ip().octets());
+    reply.extend(relay.port().to_be_bytes());
+    granting_server_replying(reply).await
+}
+
+/// [`granting_server`] announcing the relay by name (ATYP 0x03).
+async fn granting_server_named(name: &str, port: u16) -> SocketAddr {
+    let mut reply = vec![5, 0, 0, 3, name.len() as u8];
+    reply.extend(name.as_bytes());
+    reply.extend(port.to_be_bytes());
+    granting_server_replying(reply).await
+}
+
+async fn granting_server_replying(reply: Vec<u8>) -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
             let (mut control, _) = listener.accept().await.unwrap();
+            let reply = reply.clone();
             tokio::spawn(async move {
                 let mut head = [0u8; 2];
                 control.read_exact(&mut head).await.unwrap();
@@ -467,18 +486,51 @@ async fn granting_server(relay: SocketAddr) -> SocketAddr {
                 control.read_exact(&mut request).await.unwrap();
                 let rest = if request[3] == 4 { 18 } else { 6 };
                 control.read_exact(&mut vec![0u8; rest]).await.unwrap();
-                let SocketAddr::V4(relay) = relay else {
-                    panic!()
-                };
-                let mut reply = vec![5, 0, 0, 1];
-                reply.extend(relay.ip().octets());
-                reply.extend(relay.port().to_be_bytes());
                 control.write_all(&reply).await.unwrap();
                 let _ = control.read(&mut [0u8; 1]).await;
             });
         }
     });
     addr
+}
+
+#[tokio::test]
+async fn a_relay_announced_by_name_is_reached() {
+    // `localhost` resolves from /etc/hosts (no DNS); it may also name ::1, which a
+    // v4 association must not pick.
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let port = relay.local_addr().unwrap().port();
+    let proxy = granting_server_named("localhost", port).await;
+    let capture = Arc::new(Capture::default());
+    let mut nat = nat(proxy, "socks5", capture.clone(), UdpConfig::default());
+    let dst: SocketAddr = "198.19.2.2:7".parse().unwrap();
+    let target = Address::from(dst);
+    let mut buf = [0u8; 100];
+    for i in 0..5u16 {
+        // A new source port each time: a new association, and the name again.
+        let payload = format!("datagram {i}");
+        nat.send(
+            Outgoing {
+                app: SocketAddr::new("198.18.0.1".parse().unwrap(), 41000 + i),
+                dst,
+                target: &target,
+                payload: payload.as_bytes(),
+            },
+            Instant::now(),
+        );
+        nat.flush();
+        let n = tokio::time::timeout(Duration::from_secs(5), relay.recv(&mut buf))
+            .await
+            .expect("nothing reached the named relay")
+            .unwrap();
+        assert!(buf[..n].ends_with(payload.as_bytes()), "{:?}", &buf[..n]);
+    }
+    assert_eq!(nat.stats().associations.load(Relaxed), 5);
+    assert_eq!(nat.stats().refused.load(Relaxed), 0);
+    assert!(
+        capture.packets.lock().unwrap().is_empty(),
+        "no error to the app"
+    );
 }
 
 /// A loopback port where nothing listens (bound, then closed).
