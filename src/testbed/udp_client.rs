@@ -50,6 +50,9 @@ pub struct EchoReport {
     pub late: usize,
     /// Round-trip time of each intact reply.
     pub rtts: Vec<Duration>,
+    /// The probe socket's own address (a later socket may be given its port once it
+    /// is closed: tests that count associations count distinct endpoints).
+    pub local: Option<SocketAddr>,
 }
 
 impl EchoReport {
@@ -170,7 +173,10 @@ fn echo_run(
         .set_read_timeout(Some(timeout))
         .map_err(context("udp echo: read timeout"))?;
     let window = window.max(1);
-    let mut report = EchoReport::default();
+    let mut report = EchoReport {
+        local: socket.local_addr().ok(),
+        ..EchoReport::default()
+    };
     let mut in_flight: HashMap<u64, (Instant, usize)> = HashMap::new();
     let mut lost = HashSet::new();
     let mut buf = vec![0u8; 65_536];

@@ -203,7 +203,19 @@ pub fn udp_expect_unreachable(
     target: SocketAddr,
     timeout: Duration,
 ) -> io::Result<Duration> {
+    udp_expect_unreachable_from(ns, target, timeout).map(|(took, _)| took)
+}
+
+/// [`udp_expect_unreachable`], also returning the probe socket's own address.
+pub fn udp_expect_unreachable_from(
+    ns: &Namespace,
+    target: SocketAddr,
+    timeout: Duration,
+) -> io::Result<(Duration, SocketAddr)> {
     let socket = connected_socket(ns, target)?;
+    let local = socket
+        .local_addr()
+        .map_err(context("unreachable: local address"))?;
     socket
         .set_read_timeout(Some(timeout))
         .map_err(context("unreachable: read timeout"))?;
@@ -213,7 +225,7 @@ pub fn udp_expect_unreachable(
         .map_err(context(format!("unreachable: send to {target}")))?;
     let mut buf = [0u8; 2048];
     match recv_retrying(&socket, &mut buf) {
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(start.elapsed()),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok((start.elapsed(), local)),
         Err(e) if is_timeout(&e) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no port unreachable from {target} within {timeout:?}"),
