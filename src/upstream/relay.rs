@@ -8,10 +8,14 @@
 //!
 //! - a name equal to the proxy's own host name is the address the control connection
 //!   reached (no lookup at all);
-//! - any other name is looked up once and cached ([`NAME_TTL`]); a failed lookup is
-//!   remembered for [`FAILURE_TTL`], so a burst of new flows does not each wait for it;
-//! - one lookup at a time; one that hangs (the loop above, a dead resolver) is given
-//!   up after [`LOOKUP_TIMEOUT`], and anyone waiting for it waits no longer;
+//! - any other name is looked up once and cached ([`NAME_TTL`]), one lookup at a time;
+//! - when that lookup fails, hangs past [`LOOKUP_TIMEOUT`], or another association's
+//!   lookup has not answered within [`WAIT_FOR_LOOKUP`], the association falls back
+//!   to the proxy's own address with the announced port (where nearly every server
+//!   runs its relay), logged; a failure is remembered for [`FAILURE_TTL`]. Under
+//!   `--setup` the lookup's own query enters the tunnel and needs an association
+//!   itself: that one waits [`WAIT_FOR_LOOKUP`], falls back, carries the query, and
+//!   the first lookup then answers;
 //! - the address chosen has the family of the association's socket (a v4 socket
 //!   cannot send to a v6 relay).
 
@@ -32,8 +36,10 @@ use crate::socks::Address;
 pub const NAME_TTL: Duration = Duration::from_secs(300);
 /// How long a failed lookup of a relay name is remembered.
 pub const FAILURE_TTL: Duration = Duration::from_secs(5);
-/// The longest a lookup of a relay name (or a wait for another's) may take.
+/// The longest a lookup of a relay name may take.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest an association waits for another association's lookup.
+pub const WAIT_FOR_LOOKUP: Duration = Duration::from_millis(500);
 /// Names kept at most (a proxy announces one or a few).
 const MAX_NAMES: usize = 64;
 
@@ -77,8 +83,13 @@ impl RelayNames {
     }
 
     /// The addresses of `name`, from the cache or by `lookup` (bounded by
-    /// [`LOOKUP_TIMEOUT`], including any wait for another caller's lookup).
-    async fn addresses<F, Fut>(&self, name: &str, lookup: F) -> Result<Vec<IpAddr>, String>
+    /// [`LOOKUP_TIMEOUT`]; a wait for another caller's lookup by [`WAIT_FOR_LOOKUP`]).
+    async fn addresses<F, Fut>(
+        &self,
+        name: &str,
+        proxy_ip: IpAddr,
+        lookup: F,
+    ) -> Result<Vec<IpAddr>, String>
     where
         F: FnOnce(String) -> Fut,
         Fut: Future<Output = io::Result<Vec<IpAddr>>>,
@@ -94,15 +105,16 @@ impl RelayNames {
         if let Some(entry) = self.cached(&key, Instant::now()) {
             return answer(entry);
         }
-        let deadline = Instant::now() + LOOKUP_TIMEOUT;
-        let Ok(_turn) = tokio::time::timeout_at(deadline, self.lock()).await else {
-            return Err("another lookup of a relay name did not finish".into());
+        let Ok(_turn) = tokio::time::timeout(WAIT_FOR_LOOKUP, self.lock()).await else {
+            return Err(format!(
+                "another association's lookup did not answer within {WAIT_FOR_LOOKUP:?}"
+            ));
         };
         // Someone else's lookup may have answered while we waited.
         if let Some(entry) = self.cached(&key, Instant::now()) {
             return answer(entry);
         }
-        let result = match tokio::time::timeout_at(deadline, lookup(key.clone())).await {
+        let result = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup(key.clone())).await {
             Ok(Ok(ips)) if !ips.is_empty() => Ok(ips),
             Ok(Ok(_)) => Err("no addresses".to_string()),
             Ok(Err(e)) => Err(e.to_string()),
@@ -123,9 +135,10 @@ impl RelayNames {
         };
         match &result {
             Ok(ips) => tracing::info!(relay = %name, ?ips, "resolved the proxy's UDP relay"),
-            Err(e) => {
-                tracing::warn!(relay = %name, error = %e, "cannot resolve the proxy's UDP relay")
-            }
+            Err(e) => tracing::warn!(
+                relay = %name, error = %e, fallback = %proxy_ip,
+                "cannot resolve the proxy's UDP relay; using the proxy's address"
+            ),
         }
         self.store(key, entry);
         result
@@ -169,21 +182,27 @@ impl RelayNames {
         {
             return Ok(SocketAddr::new(proxy.ip(), port));
         }
-        let error = |msg: String| UpstreamError::Resolve {
-            host: name.to_string(),
-            source: io::Error::new(io::ErrorKind::NotFound, msg),
+        let ips = match self.addresses(name, proxy.ip(), lookup).await {
+            Ok(ips) => ips,
+            Err(why) => {
+                tracing::debug!(relay = %name, why, "UDP relay at the proxy's address");
+                return Ok(SocketAddr::new(proxy.ip(), port));
+            }
         };
-        let ips = self.addresses(name, lookup).await.map_err(error)?;
         let v4 = local.ip().to_canonical().is_ipv4();
         ips.iter()
             .map(|ip| ip.to_canonical())
             .find(|ip| ip.is_ipv4() == v4)
             .map(|ip| SocketAddr::new(ip, port))
-            .ok_or_else(|| {
-                error(format!(
-                    "no {} address (the association's socket is {local})",
-                    if v4 { "IPv4" } else { "IPv6" }
-                ))
+            .ok_or_else(|| UpstreamError::Resolve {
+                host: name.to_string(),
+                source: io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "no {} address for the proxy's UDP relay (the association's socket is {local})",
+                        if v4 { "IPv4" } else { "IPv6" }
+                    ),
+                ),
             })
     }
 }
@@ -313,8 +332,26 @@ mod tests {
         assert!(err.to_string().contains("no IPv4 address"), "{err}");
     }
 
+    /// Resolves `relay`:5000 for a v4 association with `lookup`.
+    async fn at<F, Fut>(names: &RelayNames, host: &ProxyHost, relay: &str, lookup: F) -> SocketAddr
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = io::Result<Vec<IpAddr>>>,
+    {
+        names
+            .resolve(
+                &name(relay, 5000),
+                PROXY.parse().unwrap(),
+                LOCAL4.parse().unwrap(),
+                host,
+                lookup,
+            )
+            .await
+            .unwrap()
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_failure_is_remembered_briefly_and_a_hung_lookup_is_given_up() {
+    async fn a_failed_or_hung_lookup_falls_back_to_the_proxy_and_is_remembered() {
         let names = Arc::new(RelayNames::default());
         let host = ProxyHost::Ip("198.18.0.2".parse().unwrap());
         let calls = Arc::new(AtomicUsize::new(0));
@@ -326,68 +363,83 @@ mod tests {
             }
         };
         for _ in 0..10 {
-            let err = names
-                .resolve(
-                    &name("bad.example", 1),
-                    PROXY.parse().unwrap(),
-                    LOCAL4.parse().unwrap(),
-                    &host,
-                    failing(&calls),
-                )
-                .await
-                .unwrap_err();
-            assert!(err.to_string().contains("SERVFAIL"), "{err}");
+            let got = at(&names, &host, "bad.example", failing(&calls)).await;
+            assert_eq!(
+                got,
+                "198.18.0.2:5000".parse().unwrap(),
+                "the proxy's address"
+            );
         }
         assert_eq!(calls.load(SeqCst), 1, "the failure is remembered");
         tokio::time::advance(FAILURE_TTL).await;
-        let _ = names
-            .resolve(
-                &name("bad.example", 1),
-                PROXY.parse().unwrap(),
-                LOCAL4.parse().unwrap(),
-                &host,
-                failing(&calls),
-            )
-            .await;
+        at(&names, &host, "bad.example", failing(&calls)).await;
         assert_eq!(calls.load(SeqCst), 2, "and tried again after it");
 
-        // A lookup that never answers (its query looping through the tunnel) holds
-        // no one for longer than LOOKUP_TIMEOUT: neither itself nor a second caller.
+        // A lookup that never answers is given up after LOOKUP_TIMEOUT.
         let started = Instant::now();
-        let hung = {
-            let names = names.clone();
-            let host = host.clone();
-            tokio::spawn(async move {
-                names
+        let hung = at(&names, &host, "hang.example", |_| std::future::pending()).await;
+        assert_eq!(hung, "198.18.0.2:5000".parse().unwrap());
+        assert_eq!(started.elapsed(), LOOKUP_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lookup_whose_query_needs_an_association_itself_does_not_wedge() {
+        // Under --setup the lookup's DNS query enters the tunnel, whose association
+        // for it needs the same relay name: it must not wait for the lookup it is
+        // part of. It falls back to the proxy's address after WAIT_FOR_LOOKUP, the
+        // query goes, and the lookup answers.
+        let names = Arc::new(RelayNames::default());
+        let host = ProxyHost::Ip("198.18.0.2".parse().unwrap());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let nested = Arc::new(std::sync::Mutex::new(None));
+        let lookup = {
+            let (names, host, calls, nested) =
+                (names.clone(), host.clone(), calls.clone(), nested.clone());
+            move |_: String| async move {
+                calls.fetch_add(1, SeqCst);
+                let inner = names
                     .resolve(
-                        &name("hang.example", 1),
+                        &name("relay.example", 5000),
                         PROXY.parse().unwrap(),
                         LOCAL4.parse().unwrap(),
                         &host,
                         |_| std::future::pending::<io::Result<Vec<IpAddr>>>(),
                     )
-                    .await
-            })
+                    .await;
+                *nested.lock().unwrap() = Some(inner.map_err(|e| e.to_string()));
+                Ok(vec!["198.18.0.7".parse().unwrap()])
+            }
         };
-        tokio::task::yield_now().await;
-        tokio::time::advance(Duration::from_secs(1)).await;
-        let waiter = names
+        let started = Instant::now();
+        let outer = names
             .resolve(
-                &name("other.example", 1),
+                &name("relay.example", 5000),
                 PROXY.parse().unwrap(),
                 LOCAL4.parse().unwrap(),
                 &host,
-                counting(&calls, &["198.18.0.5"]),
+                lookup,
             )
             .await
             .unwrap();
-        assert_eq!(waiter, "198.18.0.5:1".parse().unwrap());
+        assert_eq!(outer, "198.18.0.7:5000".parse().unwrap());
+        assert_eq!(started.elapsed(), WAIT_FOR_LOOKUP, "held by its own query");
         assert_eq!(
-            started.elapsed(),
-            LOOKUP_TIMEOUT,
-            "the waiter got its turn when the hung lookup was given up"
+            nested.lock().unwrap().clone(),
+            Some(Ok("198.18.0.2:5000".parse().unwrap())),
+            "the query's association used the proxy's address"
         );
-        let hung = hung.await.unwrap().unwrap_err();
-        assert!(hung.to_string().contains("no answer within"), "{hung}");
+        // And the answer is kept.
+        let again = names
+            .resolve(
+                &name("relay.example", 5000),
+                PROXY.parse().unwrap(),
+                LOCAL4.parse().unwrap(),
+                &host,
+                counting(&calls, &["203.0.113.9"]),
+            )
+            .await
+            .unwrap();
+        assert_eq!(again, "198.18.0.7:5000".parse().unwrap());
+        assert_eq!(calls.load(SeqCst), 1);
     }
 }
