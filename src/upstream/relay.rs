@@ -223,13 +223,13 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
 
     const PROXY: &str = "198.18.0.2:1080";
-    const LOCAL4: &str = "198.18.0.1:40000";
-    const LOCAL6: &str = "[fd18::1]:40000";
+    const FALLBACK: &str = "198.18.0.2:5000";
 
     fn name(n: &str, port: u16) -> Address {
         Address::Domain(crate::socks::DomainName::new(n).unwrap(), port)
     }
 
+    /// A lookup answering `ips`, counted in `calls`.
     fn counting(
         calls: &Arc<AtomicUsize>,
         ips: &'static [&'static str],
@@ -241,17 +241,51 @@ mod tests {
         }
     }
 
+    /// Where an association whose socket is `local` sends for `relay` (the control
+    /// connection reached [`PROXY`], or its v6 twin for a v6 socket).
+    async fn relay_for<F, Fut>(
+        names: &RelayNames,
+        host: &ProxyHost,
+        relay: &Address,
+        local: &str,
+        lookup: F,
+    ) -> Result<SocketAddr, UpstreamError>
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = io::Result<Vec<IpAddr>>>,
+    {
+        let local: SocketAddr = local.parse().unwrap();
+        let proxy = if local.is_ipv4() {
+            PROXY.parse().unwrap()
+        } else {
+            "[fd18::2]:1080".parse().unwrap()
+        };
+        names.resolve(relay, proxy, local, host, lookup).await
+    }
+
+    /// [`relay_for`] `relay`:5000 from a v4 socket, which must succeed.
+    async fn at<F, Fut>(names: &RelayNames, host: &ProxyHost, relay: &str, lookup: F) -> SocketAddr
+    where
+        F: FnOnce(String) -> Fut,
+        Fut: Future<Output = io::Result<Vec<IpAddr>>>,
+    {
+        relay_for(names, host, &name(relay, 5000), "198.18.0.1:40000", lookup)
+            .await
+            .unwrap()
+    }
+
+    fn ip_host() -> ProxyHost {
+        ProxyHost::Ip("198.18.0.2".parse().unwrap())
+    }
+
     #[tokio::test(start_paused = true)]
     async fn addresses_need_no_lookup_and_unspecified_means_the_proxy() {
         let names = RelayNames::default();
         let host = ProxyHost::Name("proxy.example".into());
         let calls = Arc::new(AtomicUsize::new(0));
         let cases = [
-            (
-                Address::Ip("0.0.0.0:5000".parse().unwrap()),
-                "198.18.0.2:5000",
-            ),
-            (Address::Ip("[::]:5000".parse().unwrap()), "198.18.0.2:5000"),
+            (Address::Ip("0.0.0.0:5000".parse().unwrap()), FALLBACK),
+            (Address::Ip("[::]:5000".parse().unwrap()), FALLBACK),
             (Address::Ip("198.18.0.9:7".parse().unwrap()), "198.18.0.9:7"),
             (name("198.18.0.9", 7), "198.18.0.9:7"),
             (name("0.0.0.0", 8), "198.18.0.2:8"),
@@ -260,17 +294,9 @@ mod tests {
             (name("proxy.example.", 5002), "198.18.0.2:5002"),
         ];
         for (relay, want) in cases {
-            let got = names
-                .resolve(
-                    &relay,
-                    PROXY.parse().unwrap(),
-                    LOCAL4.parse().unwrap(),
-                    &host,
-                    counting(&calls, &["203.0.113.1"]),
-                )
-                .await
-                .unwrap();
-            assert_eq!(got, want.parse().unwrap(), "{relay:?}");
+            let lookup = counting(&calls, &["203.0.113.1"]);
+            let got = relay_for(&names, &host, &relay, "198.18.0.1:40000", lookup).await;
+            assert_eq!(got.unwrap(), want.parse().unwrap(), "{relay:?}");
         }
         assert_eq!(calls.load(SeqCst), 0, "no lookup for any of these");
     }
@@ -278,82 +304,38 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn another_name_is_looked_up_once_per_ttl_and_the_family_matches() {
         let names = RelayNames::default();
-        let host = ProxyHost::Ip("198.18.0.2".parse().unwrap());
+        let host = ip_host();
         let calls = Arc::new(AtomicUsize::new(0));
         let ips: &[&str] = &["fd18::7", "198.18.0.7"];
         for _ in 0..100 {
-            let got = names
-                .resolve(
-                    &name("relay.example", 5000),
-                    PROXY.parse().unwrap(),
-                    LOCAL4.parse().unwrap(),
-                    &host,
-                    counting(&calls, ips),
-                )
-                .await
-                .unwrap();
+            let got = at(&names, &host, "relay.example", counting(&calls, ips)).await;
             assert_eq!(got, "198.18.0.7:5000".parse().unwrap());
         }
-        let v6 = names
-            .resolve(
-                &name("RELAY.example", 5000),
-                "[fd18::2]:1080".parse().unwrap(),
-                LOCAL6.parse().unwrap(),
-                &host,
-                counting(&calls, ips),
-            )
-            .await
-            .unwrap();
-        assert_eq!(v6, "[fd18::7]:5000".parse().unwrap());
+        let relay = name("RELAY.example", 5000);
+        let v6 = relay_for(
+            &names,
+            &host,
+            &relay,
+            "[fd18::1]:40000",
+            counting(&calls, ips),
+        );
+        assert_eq!(v6.await.unwrap(), "[fd18::7]:5000".parse().unwrap());
         assert_eq!(calls.load(SeqCst), 1, "one lookup for 101 associations");
         tokio::time::advance(NAME_TTL).await;
-        names
-            .resolve(
-                &name("relay.example", 5000),
-                PROXY.parse().unwrap(),
-                LOCAL4.parse().unwrap(),
-                &host,
-                counting(&calls, ips),
-            )
-            .await
-            .unwrap();
+        at(&names, &host, "relay.example", counting(&calls, ips)).await;
         assert_eq!(calls.load(SeqCst), 2, "looked up again after the TTL");
         // Only an IPv6 address for a v4 socket: a clear error, not a failed connect.
-        let err = names
-            .resolve(
-                &name("v6only.example", 5000),
-                PROXY.parse().unwrap(),
-                LOCAL4.parse().unwrap(),
-                &host,
-                counting(&calls, &["fd18::8"]),
-            )
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains("no IPv4 address"), "{err}");
-    }
-
-    /// Resolves `relay`:5000 for a v4 association with `lookup`.
-    async fn at<F, Fut>(names: &RelayNames, host: &ProxyHost, relay: &str, lookup: F) -> SocketAddr
-    where
-        F: FnOnce(String) -> Fut,
-        Fut: Future<Output = io::Result<Vec<IpAddr>>>,
-    {
-        names
-            .resolve(
-                &name(relay, 5000),
-                PROXY.parse().unwrap(),
-                LOCAL4.parse().unwrap(),
-                host,
-                lookup,
-            )
-            .await
-            .unwrap()
+        let relay = name("v6only.example", 5000);
+        let lookup = counting(&calls, &["fd18::8"]);
+        let err = relay_for(&names, &host, &relay, "198.18.0.1:40000", lookup).await;
+        let err = err.unwrap_err().to_string();
+        assert!(err.contains("no IPv4 address"), "{err}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_or_hung_lookup_falls_back_to_the_proxy_and_is_remembered() {
-        let names = Arc::new(RelayNames::default());
-        let host = ProxyHost::Ip("198.18.0.2".parse().unwrap());
+        let names = RelayNames::default();
+        let host = ip_host();
         let calls = Arc::new(AtomicUsize::new(0));
         let failing = |calls: &Arc<AtomicUsize>| {
             let calls = calls.clone();
@@ -364,11 +346,7 @@ mod tests {
         };
         for _ in 0..10 {
             let got = at(&names, &host, "bad.example", failing(&calls)).await;
-            assert_eq!(
-                got,
-                "198.18.0.2:5000".parse().unwrap(),
-                "the proxy's address"
-            );
+            assert_eq!(got, FALLBACK.parse().unwrap(), "the proxy's address");
         }
         assert_eq!(calls.load(SeqCst), 1, "the failure is remembered");
         tokio::time::advance(FAILURE_TTL).await;
@@ -378,7 +356,7 @@ mod tests {
         // A lookup that never answers is given up after LOOKUP_TIMEOUT.
         let started = Instant::now();
         let hung = at(&names, &host, "hang.example", |_| std::future::pending()).await;
-        assert_eq!(hung, "198.18.0.2:5000".parse().unwrap());
+        assert_eq!(hung, FALLBACK.parse().unwrap());
         assert_eq!(started.elapsed(), LOOKUP_TIMEOUT);
     }
 
@@ -389,7 +367,7 @@ mod tests {
         // part of. It falls back to the proxy's address after WAIT_FOR_LOOKUP, the
         // query goes, and the lookup answers.
         let names = Arc::new(RelayNames::default());
-        let host = ProxyHost::Ip("198.18.0.2".parse().unwrap());
+        let host = ip_host();
         let calls = Arc::new(AtomicUsize::new(0));
         let nested = Arc::new(std::sync::Mutex::new(None));
         let lookup = {
@@ -397,49 +375,29 @@ mod tests {
                 (names.clone(), host.clone(), calls.clone(), nested.clone());
             move |_: String| async move {
                 calls.fetch_add(1, SeqCst);
-                let inner = names
-                    .resolve(
-                        &name("relay.example", 5000),
-                        PROXY.parse().unwrap(),
-                        LOCAL4.parse().unwrap(),
-                        &host,
-                        |_| std::future::pending::<io::Result<Vec<IpAddr>>>(),
-                    )
-                    .await;
-                *nested.lock().unwrap() = Some(inner.map_err(|e| e.to_string()));
+                let never = |_| std::future::pending::<io::Result<Vec<IpAddr>>>();
+                let inner = at(&names, &host, "relay.example", never).await;
+                *nested.lock().unwrap() = Some(inner);
                 Ok(vec!["198.18.0.7".parse().unwrap()])
             }
         };
         let started = Instant::now();
-        let outer = names
-            .resolve(
-                &name("relay.example", 5000),
-                PROXY.parse().unwrap(),
-                LOCAL4.parse().unwrap(),
-                &host,
-                lookup,
-            )
-            .await
-            .unwrap();
+        let outer = at(&names, &host, "relay.example", lookup).await;
         assert_eq!(outer, "198.18.0.7:5000".parse().unwrap());
         assert_eq!(started.elapsed(), WAIT_FOR_LOOKUP, "held by its own query");
         assert_eq!(
-            nested.lock().unwrap().clone(),
-            Some(Ok("198.18.0.2:5000".parse().unwrap())),
+            *nested.lock().unwrap(),
+            Some(FALLBACK.parse().unwrap()),
             "the query's association used the proxy's address"
         );
         // And the answer is kept.
-        let again = names
-            .resolve(
-                &name("relay.example", 5000),
-                PROXY.parse().unwrap(),
-                LOCAL4.parse().unwrap(),
-                &host,
-                counting(&calls, &["203.0.113.9"]),
-            )
-            .await
-            .unwrap();
-        assert_eq!(again, "198.18.0.7:5000".parse().unwrap());
+        let again = at(
+            &names,
+            &host,
+            "relay.example",
+            counting(&calls, &["203.0.113.9"]),
+        );
+        assert_eq!(again.await, "198.18.0.7:5000".parse().unwrap());
         assert_eq!(calls.load(SeqCst), 1);
     }
 }
