@@ -8,14 +8,19 @@
 //!
 //! - a name equal to the proxy's own host name is the address the control connection
 //!   reached (no lookup at all);
-//! - any other name is looked up once and cached ([`NAME_TTL`]), one lookup at a time;
-//! - when that lookup fails, hangs past [`LOOKUP_TIMEOUT`], or another association's
-//!   lookup has not answered within [`WAIT_FOR_LOOKUP`], the association falls back
-//!   to the proxy's own address with the announced port (where nearly every server
-//!   runs its relay), logged; a failure is remembered for [`FAILURE_TTL`]. Under
-//!   `--setup` the lookup's own query enters the tunnel and needs an association
-//!   itself: that one waits [`WAIT_FOR_LOOKUP`], falls back, carries the query, and
-//!   the first lookup then answers;
+//! - any other name is looked up when first announced, one lookup at a time, and the
+//!   answer kept ([`NAME_TTL`]); once that has passed, associations take the answer
+//!   they have at once while a lookup in the background renews it;
+//! - when the first lookup fails, hangs past [`LOOKUP_TIMEOUT`], or another
+//!   association's lookup has not answered within [`WAIT_FOR_LOOKUP`], the
+//!   association falls back to the proxy's own address with the announced port (where
+//!   nearly every server runs its relay), logged. A failure is tried again in the
+//!   background after [`FAILURE_TTL`], doubling with each further failure up to
+//!   [`MAX_FAILURE_TTL`]; meanwhile associations fall back at once. So only the very
+//!   first association for a name ever waits for a lookup;
+//! - under `--setup` the first lookup's own query enters the tunnel and needs an
+//!   association itself: that one waits [`WAIT_FOR_LOOKUP`], falls back, carries the
+//!   query, and the lookup then answers;
 //! - the address chosen has the family of the association's socket (a v4 socket
 //!   cannot send to a v6 relay).
 
@@ -23,7 +28,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -32,23 +37,42 @@ use super::UpstreamError;
 use crate::config::ProxyHost;
 use crate::socks::Address;
 
-/// How long a looked-up relay name is trusted.
+/// How long a looked-up relay name is trusted before it is looked up again.
 pub const NAME_TTL: Duration = Duration::from_secs(300);
-/// How long a failed lookup of a relay name is remembered.
+/// How long after a failed lookup of a relay name it is tried again the first time;
+/// it doubles with each further failure of the same name, up to
+/// [`MAX_FAILURE_TTL`].
 pub const FAILURE_TTL: Duration = Duration::from_secs(5);
+/// The longest pause between failed lookups of a name.
+pub const MAX_FAILURE_TTL: Duration = NAME_TTL;
 /// The longest a lookup of a relay name may take.
 pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest an association waits for another association's lookup.
 pub const WAIT_FOR_LOOKUP: Duration = Duration::from_millis(500);
+/// How long an answer past its time is still served while it is renewed.
+const STALE_FOR: Duration = Duration::from_secs(3600);
 /// Names kept at most (a proxy announces one or a few).
 const MAX_NAMES: usize = 64;
 
 #[derive(Debug, Clone)]
 struct Entry {
-    /// Empty: the lookup failed (with `error`).
+    /// Empty: the last lookup failed (with `error`).
     ips: Vec<IpAddr>,
     error: String,
+    /// Look the name up again after this.
     until: Instant,
+    /// Failed lookups in a row (0 after a success).
+    failures: u32,
+}
+
+impl Entry {
+    fn answer(self) -> Result<Vec<IpAddr>, String> {
+        if self.ips.is_empty() {
+            Err(self.error)
+        } else {
+            Ok(self.ips)
+        }
+    }
 }
 
 /// The relay names a proxy announced, and their addresses.
@@ -59,17 +83,89 @@ pub(super) struct RelayNames {
     lookup: tokio::sync::Mutex<()>,
 }
 
+/// What the cache holds for a name.
+enum Cached {
+    Fresh(Entry),
+    /// Past its time: served while a lookup renews it.
+    Stale(Entry),
+    None,
+}
+
 impl RelayNames {
-    fn cached(&self, name: &str, now: Instant) -> Option<Entry> {
-        let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
-        names.get(name).filter(|e| now < e.until).cloned()
+    fn names(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        self.names.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn store(&self, name: String, entry: Entry) {
-        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+    fn cached(&self, name: &str, now: Instant) -> Cached {
+        match self.names().get(name) {
+            Some(e) if now < e.until => Cached::Fresh(e.clone()),
+            Some(e) if now < e.until + STALE_FOR => Cached::Stale(e.clone()),
+            _ => Cached::None,
+        }
+    }
+
+    /// Failed lookups of `name` in a row, as remembered.
+    #[cfg(test)]
+    fn failures(&self, name: &str) -> u32 {
+        self.names().get(name).map_or(0, |e| e.failures)
+    }
+
+    /// Marks `name`'s entry as being renewed until `until` (so that one lookup,
+    /// not one per association, renews it).
+    fn renewing(&self, name: &str, until: Instant) {
+        if let Some(e) = self.names().get_mut(name) {
+            e.until = until;
+        }
+    }
+
+    /// Stores the result of a lookup of `key` (`name` as announced, for the log).
+    fn store(
+        &self,
+        key: String,
+        name: &str,
+        proxy_ip: IpAddr,
+        result: &Result<Vec<IpAddr>, String>,
+    ) {
         let now = Instant::now();
-        names.retain(|_, e| now < e.until);
-        if names.len() >= MAX_NAMES {
+        let mut names = self.names();
+        let entry = match result {
+            Ok(ips) => {
+                tracing::info!(relay = %name, ?ips, "resolved the proxy's UDP relay");
+                Entry {
+                    ips: ips.clone(),
+                    error: String::new(),
+                    until: now + NAME_TTL,
+                    failures: 0,
+                }
+            }
+            Err(e) => {
+                let before = names.get(&key);
+                let failures = before.map_or(0, |e| e.failures).saturating_add(1);
+                let ttl = FAILURE_TTL
+                    .saturating_mul(1 << (failures - 1).min(16))
+                    .min(MAX_FAILURE_TTL);
+                tracing::warn!(
+                    relay = %name, error = %e, fallback = %proxy_ip, retry_in = ?ttl,
+                    "cannot resolve the proxy's UDP relay; using the proxy's address"
+                );
+                match before {
+                    // A renewal failed: keep serving the last good answer.
+                    Some(last) if !last.ips.is_empty() => Entry {
+                        until: now + ttl,
+                        failures,
+                        ..last.clone()
+                    },
+                    _ => Entry {
+                        ips: Vec::new(),
+                        error: e.clone(),
+                        until: now + ttl,
+                        failures,
+                    },
+                }
+            }
+        };
+        names.retain(|_, e| now < e.until + STALE_FOR);
+        if names.len() >= MAX_NAMES && !names.contains_key(&key) {
             // A proxy announcing this many names is odd; forget the oldest.
             if let Some(oldest) = names
                 .iter()
@@ -79,13 +175,13 @@ impl RelayNames {
                 names.remove(&oldest);
             }
         }
-        names.insert(name, entry);
+        names.insert(key, entry);
     }
 
-    /// The addresses of `name`, from the cache or by `lookup` (bounded by
-    /// [`LOOKUP_TIMEOUT`]; a wait for another caller's lookup by [`WAIT_FOR_LOOKUP`]).
-    async fn addresses<F, Fut>(
+    /// Looks `key` up (bounded by [`LOOKUP_TIMEOUT`]); the caller holds the turn.
+    async fn look_up<F, Fut>(
         &self,
+        key: String,
         name: &str,
         proxy_ip: IpAddr,
         lookup: F,
@@ -94,65 +190,62 @@ impl RelayNames {
         F: FnOnce(String) -> Fut,
         Fut: Future<Output = io::Result<Vec<IpAddr>>>,
     {
-        let key = name.to_ascii_lowercase();
-        let answer = |e: Entry| {
-            if e.ips.is_empty() {
-                Err(e.error)
-            } else {
-                Ok(e.ips)
-            }
-        };
-        if let Some(entry) = self.cached(&key, Instant::now()) {
-            return answer(entry);
-        }
-        let Ok(_turn) = tokio::time::timeout(WAIT_FOR_LOOKUP, self.lock()).await else {
-            return Err(format!(
-                "another association's lookup did not answer within {WAIT_FOR_LOOKUP:?}"
-            ));
-        };
-        // Someone else's lookup may have answered while we waited.
-        if let Some(entry) = self.cached(&key, Instant::now()) {
-            return answer(entry);
-        }
         let result = match tokio::time::timeout(LOOKUP_TIMEOUT, lookup(key.clone())).await {
             Ok(Ok(ips)) if !ips.is_empty() => Ok(ips),
             Ok(Ok(_)) => Err("no addresses".to_string()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("no answer within {LOOKUP_TIMEOUT:?}")),
         };
-        let now = Instant::now();
-        let entry = match &result {
-            Ok(ips) => Entry {
-                ips: ips.clone(),
-                error: String::new(),
-                until: now + NAME_TTL,
-            },
-            Err(e) => Entry {
-                ips: Vec::new(),
-                error: e.clone(),
-                until: now + FAILURE_TTL,
-            },
-        };
-        match &result {
-            Ok(ips) => tracing::info!(relay = %name, ?ips, "resolved the proxy's UDP relay"),
-            Err(e) => tracing::warn!(
-                relay = %name, error = %e, fallback = %proxy_ip,
-                "cannot resolve the proxy's UDP relay; using the proxy's address"
-            ),
-        }
-        self.store(key, entry);
+        self.store(key, name, proxy_ip, &result);
         result
     }
 
-    async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.lookup.lock().await
+    /// The addresses of `name`: from the cache (a stale answer at once, renewed in
+    /// the background), or, the first time, by `lookup`, bounded by
+    /// [`LOOKUP_TIMEOUT`] (a wait for another caller's lookup by
+    /// [`WAIT_FOR_LOOKUP`]).
+    async fn addresses<F, Fut>(
+        self: &Arc<Self>,
+        name: &str,
+        proxy_ip: IpAddr,
+        lookup: F,
+    ) -> Result<Vec<IpAddr>, String>
+    where
+        F: FnOnce(String) -> Fut + Send + 'static,
+        Fut: Future<Output = io::Result<Vec<IpAddr>>> + Send + 'static,
+    {
+        let key = name.to_ascii_lowercase();
+        match self.cached(&key, Instant::now()) {
+            Cached::Fresh(entry) => return entry.answer(),
+            Cached::Stale(entry) => {
+                // Nobody waits: the answer we have now, and a lookup behind it.
+                self.renewing(&key, Instant::now() + LOOKUP_TIMEOUT + WAIT_FOR_LOOKUP);
+                let (this, name) = (self.clone(), name.to_string());
+                tokio::spawn(async move {
+                    let _turn = this.lookup.lock().await;
+                    let _ = this.look_up(key, &name, proxy_ip, lookup).await;
+                });
+                return entry.answer();
+            }
+            Cached::None => {}
+        }
+        let Ok(_turn) = tokio::time::timeout(WAIT_FOR_LOOKUP, self.lookup.lock()).await else {
+            return Err(format!(
+                "another association's lookup did not answer within {WAIT_FOR_LOOKUP:?}"
+            ));
+        };
+        // Someone else's lookup may have answered while we waited.
+        match self.cached(&key, Instant::now()) {
+            Cached::Fresh(entry) | Cached::Stale(entry) => entry.answer(),
+            Cached::None => self.look_up(key, name, proxy_ip, lookup).await,
+        }
     }
 
     /// Where to send datagrams for the relay a proxy announced. `proxy` is the
     /// address the control connection reached, `local` the association socket's
     /// address, `host` how the proxy was named on the command line.
     pub(super) async fn resolve<F, Fut>(
-        &self,
+        self: &Arc<Self>,
         relay: &Address,
         proxy: SocketAddr,
         local: SocketAddr,
@@ -160,8 +253,8 @@ impl RelayNames {
         lookup: F,
     ) -> Result<SocketAddr, UpstreamError>
     where
-        F: FnOnce(String) -> Fut,
-        Fut: Future<Output = io::Result<Vec<IpAddr>>>,
+        F: FnOnce(String) -> Fut + Send + 'static,
+        Fut: Future<Output = io::Result<Vec<IpAddr>>> + Send + 'static,
     {
         let fix = |ip: IpAddr, port: u16| {
             if ip.is_unspecified() {
@@ -244,15 +337,15 @@ mod tests {
     /// Where an association whose socket is `local` sends for `relay` (the control
     /// connection reached [`PROXY`], or its v6 twin for a v6 socket).
     async fn relay_for<F, Fut>(
-        names: &RelayNames,
+        names: &Arc<RelayNames>,
         host: &ProxyHost,
         relay: &Address,
         local: &str,
         lookup: F,
     ) -> Result<SocketAddr, UpstreamError>
     where
-        F: FnOnce(String) -> Fut,
-        Fut: Future<Output = io::Result<Vec<IpAddr>>>,
+        F: FnOnce(String) -> Fut + Send + 'static,
+        Fut: Future<Output = io::Result<Vec<IpAddr>>> + Send + 'static,
     {
         let local: SocketAddr = local.parse().unwrap();
         let proxy = if local.is_ipv4() {
@@ -264,14 +357,26 @@ mod tests {
     }
 
     /// [`relay_for`] `relay`:5000 from a v4 socket, which must succeed.
-    async fn at<F, Fut>(names: &RelayNames, host: &ProxyHost, relay: &str, lookup: F) -> SocketAddr
+    async fn at<F, Fut>(
+        names: &Arc<RelayNames>,
+        host: &ProxyHost,
+        relay: &str,
+        lookup: F,
+    ) -> SocketAddr
     where
-        F: FnOnce(String) -> Fut,
-        Fut: Future<Output = io::Result<Vec<IpAddr>>>,
+        F: FnOnce(String) -> Fut + Send + 'static,
+        Fut: Future<Output = io::Result<Vec<IpAddr>>> + Send + 'static,
     {
         relay_for(names, host, &name(relay, 5000), "198.18.0.1:40000", lookup)
             .await
             .unwrap()
+    }
+
+    /// Lets background renewals run.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
     }
 
     fn ip_host() -> ProxyHost {
@@ -280,7 +385,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn addresses_need_no_lookup_and_unspecified_means_the_proxy() {
-        let names = RelayNames::default();
+        let names = Arc::new(RelayNames::default());
         let host = ProxyHost::Name("proxy.example".into());
         let calls = Arc::new(AtomicUsize::new(0));
         let cases = [
@@ -303,7 +408,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn another_name_is_looked_up_once_per_ttl_and_the_family_matches() {
-        let names = RelayNames::default();
+        let names = Arc::new(RelayNames::default());
         let host = ip_host();
         let calls = Arc::new(AtomicUsize::new(0));
         let ips: &[&str] = &["fd18::7", "198.18.0.7"];
@@ -321,9 +426,33 @@ mod tests {
         );
         assert_eq!(v6.await.unwrap(), "[fd18::7]:5000".parse().unwrap());
         assert_eq!(calls.load(SeqCst), 1, "one lookup for 101 associations");
+        // Past the TTL the answer is served at once and renewed behind it.
         tokio::time::advance(NAME_TTL).await;
-        at(&names, &host, "relay.example", counting(&calls, ips)).await;
+        let started = Instant::now();
+        let renewed: &[&str] = &["198.18.0.17"];
+        let slow = {
+            let calls = calls.clone();
+            move |_| async move {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                calls.fetch_add(1, SeqCst);
+                Ok(vec!["198.18.0.17".parse().unwrap()])
+            }
+        };
+        let stale = at(&names, &host, "relay.example", slow).await;
+        assert_eq!(stale, "198.18.0.7:5000".parse().unwrap());
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "nobody waits for a renewal"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        settle().await;
         assert_eq!(calls.load(SeqCst), 2, "looked up again after the TTL");
+        for _ in 0..10 {
+            let got = at(&names, &host, "relay.example", counting(&calls, renewed)).await;
+            assert_eq!(got, "198.18.0.17:5000".parse().unwrap());
+        }
+        assert_eq!(calls.load(SeqCst), 2, "one renewal");
         // Only an IPv6 address for a v4 socket: a clear error, not a failed connect.
         let relay = name("v6only.example", 5000);
         let lookup = counting(&calls, &["fd18::8"]);
@@ -334,7 +463,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_or_hung_lookup_falls_back_to_the_proxy_and_is_remembered() {
-        let names = RelayNames::default();
+        let names = Arc::new(RelayNames::default());
         let host = ip_host();
         let calls = Arc::new(AtomicUsize::new(0));
         let failing = |calls: &Arc<AtomicUsize>| {
@@ -349,9 +478,46 @@ mod tests {
             assert_eq!(got, FALLBACK.parse().unwrap(), "the proxy's address");
         }
         assert_eq!(calls.load(SeqCst), 1, "the failure is remembered");
-        tokio::time::advance(FAILURE_TTL).await;
+        // Tried again after FAILURE_TTL, in the background, then after twice as
+        // long, and so on; associations meanwhile fall back at once.
+        for (lookups, ttl) in [(2, FAILURE_TTL), (3, 2 * FAILURE_TTL), (4, 4 * FAILURE_TTL)] {
+            tokio::time::advance(ttl - Duration::from_millis(1)).await;
+            at(&names, &host, "bad.example", failing(&calls)).await;
+            settle().await;
+            assert_eq!(calls.load(SeqCst), lookups - 1, "not before {ttl:?}");
+            tokio::time::advance(Duration::from_millis(1)).await;
+            let started = Instant::now();
+            let got = at(&names, &host, "bad.example", failing(&calls)).await;
+            assert_eq!(got, FALLBACK.parse().unwrap());
+            assert_eq!(
+                started.elapsed(),
+                Duration::ZERO,
+                "nobody waits for a retry"
+            );
+            settle().await;
+            assert_eq!(calls.load(SeqCst), lookups, "tried again after {ttl:?}");
+        }
+        assert_eq!(names.failures("bad.example"), 4);
+        // A success ends it.
+        tokio::time::advance(8 * FAILURE_TTL).await;
+        at(
+            &names,
+            &host,
+            "bad.example",
+            counting(&calls, &["198.18.0.8"]),
+        )
+        .await;
+        settle().await;
+        let good = at(&names, &host, "bad.example", failing(&calls)).await;
+        assert_eq!(good, "198.18.0.8:5000".parse().unwrap());
+        assert_eq!(names.failures("bad.example"), 0);
+        // And a failed renewal keeps the last good answer.
+        tokio::time::advance(NAME_TTL).await;
         at(&names, &host, "bad.example", failing(&calls)).await;
-        assert_eq!(calls.load(SeqCst), 2, "and tried again after it");
+        settle().await;
+        let kept = at(&names, &host, "bad.example", failing(&calls)).await;
+        assert_eq!(kept, "198.18.0.8:5000".parse().unwrap());
+        assert_eq!(names.failures("bad.example"), 1);
 
         // A lookup that never answers is given up after LOOKUP_TIMEOUT.
         let started = Instant::now();
