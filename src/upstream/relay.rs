@@ -257,8 +257,12 @@ impl RelayNames {
         Fut: Future<Output = io::Result<Vec<IpAddr>>> + Send + 'static,
     {
         let fix = |ip: IpAddr, port: u16| {
-            if ip.is_unspecified() {
+            if ip.is_unspecified() || ip.to_canonical().is_unspecified() {
                 SocketAddr::new(proxy.ip(), port)
+            } else if local.is_ipv4() {
+                // A dual-stack server may name its v4 relay as ::ffff:a.b.c.d,
+                // which a v4 socket cannot send to.
+                SocketAddr::new(ip.to_canonical(), port)
             } else {
                 SocketAddr::new(ip, port)
             }
@@ -392,6 +396,15 @@ mod tests {
             (Address::Ip("0.0.0.0:5000".parse().unwrap()), FALLBACK),
             (Address::Ip("[::]:5000".parse().unwrap()), FALLBACK),
             (Address::Ip("198.18.0.9:7".parse().unwrap()), "198.18.0.9:7"),
+            (
+                Address::Ip("[::ffff:198.18.0.9]:7".parse().unwrap()),
+                "198.18.0.9:7",
+            ),
+            (
+                Address::Ip("[::ffff:0.0.0.0]:7".parse().unwrap()),
+                "198.18.0.2:7",
+            ),
+            (name("::ffff:198.18.0.9", 7), "198.18.0.9:7"),
             (name("198.18.0.9", 7), "198.18.0.9:7"),
             (name("0.0.0.0", 8), "198.18.0.2:8"),
             (name("[fd18::9]", 9), "[fd18::9]:9"),
