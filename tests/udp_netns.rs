@@ -496,3 +496,78 @@ fn the_tunnel_raises_its_open_files_limit() -> Result<()> {
     tunnel.terminate()?;
     Ok(())
 }
+
+/// A SOCKS5 server (no login) in `ns` at `listen` that grants every UDP ASSOCIATE
+/// with `relay` as its relay and keeps the control connection open; it relays
+/// nothing. Served by a thread of the test; returns how many it granted.
+fn granting_server(
+    ns: &Namespace,
+    listen: SocketAddr,
+    relay: SocketAddr,
+) -> Result<std::sync::Arc<std::sync::atomic::AtomicUsize>> {
+    use std::io::{Read, Write};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = ns.within(move || std::net::TcpListener::bind(listen))?;
+    let granted = std::sync::Arc::new(AtomicUsize::new(0));
+    let counter = granted.clone();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for control in listener.incoming() {
+            let Ok(mut control) = control else { return };
+            let mut head = [0u8; 2];
+            let mut request = [0u8; 10];
+            let ok = control.read_exact(&mut head).is_ok()
+                && control
+                    .read_exact(&mut vec![0u8; usize::from(head[1])])
+                    .is_ok()
+                && control.write_all(&[5, 0]).is_ok()
+                && control.read_exact(&mut request).is_ok();
+            let SocketAddr::V4(relay) = relay else { return };
+            let mut reply = vec![5, 0, 0, 1];
+            reply.extend(relay.ip().octets());
+            reply.extend(relay.port().to_be_bytes());
+            if ok && control.write_all(&reply).is_ok() {
+                counter.fetch_add(1, Ordering::Relaxed);
+                held.push(control);
+            }
+        }
+    });
+    Ok(granted)
+}
+
+/// A server that announces a UDP relay reached through the tunnel itself (here: an
+/// address in the target network, which the app namespace routes into the TUN).
+/// Each datagram to it would re-enter the TUN as a new datagram from the tunnel's own
+/// socket, needing an association of its own: one datagram used to open thousands.
+/// The association is refused instead, the application hears port unreachable at
+/// once, and the log says why.
+#[test]
+fn a_relay_routed_through_the_tunnel_is_refused_not_looped() -> Result<()> {
+    needs_root!("a_relay_routed_through_the_tunnel_is_refused_not_looped");
+    let mut net = Net::new("udprloop")?;
+    let listen = SocketAddr::new(proxy_addr().ip(), 1099);
+    let looping_relay = SocketAddr::new(TARGET_V4.into(), 1091);
+    let granted = granting_server(net.topo.proxy(), listen, looping_relay)?;
+    net.tunnel_attached(&format!("socks5://{listen}"), &[])?;
+    let target = SocketAddr::new(TARGET_V4.into(), UDP_ECHO_PORT);
+    for attempt in 0..3 {
+        let took = time_to_refusal(net.app(), target)?
+            .with_context(|| format!("no port unreachable, attempt {attempt}"))?;
+        ensure!(took < Duration::from_millis(500), "refused after {took:?}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let log = net.stop_tunnel()?;
+    let granted = granted.load(std::sync::atomic::Ordering::Relaxed);
+    ensure!(
+        granted == 1,
+        "the proxy granted {granted} associations\n{log}"
+    );
+    ensure!(stat(&log, "udp_associations") == 0, "{log}");
+    ensure!(stat(&log, "udp_up") == 0, "{log}");
+    ensure!(stat(&log, "udp_refused") == 3, "{log}");
+    ensure!(
+        log.contains("routing loop: the proxy's UDP relay 198.19.2.2:1091"),
+        "{log}"
+    );
+    Ok(())
+}

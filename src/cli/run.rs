@@ -157,6 +157,8 @@ pub(crate) fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             }
         };
         let _routing = routing; // undone when this block ends, after the stack stopped
+        let mut upstream = upstream;
+        upstream.guard_relays(device.ifindex(), device.name());
         let tunnel = Tunnel {
             stack_config,
             upstream,

@@ -125,6 +125,19 @@ pub enum UpstreamError {
         /// What went wrong, as the codec sees it.
         source: socks::Error,
     },
+    /// The UDP relay the proxy announced is routed through the tunnel itself:
+    /// datagrams to it would come back in as new datagrams, each needing an
+    /// association of its own.
+    #[error(
+        "routing loop: the proxy's UDP relay {relay} is routed through {device}, the tunnel \
+         itself; route it as the proxy is routed"
+    )]
+    RelayLoop {
+        /// The relay's address.
+        relay: SocketAddr,
+        /// The TUN device.
+        device: String,
+    },
     /// The proxy closed the connection before the handshake completed.
     #[error("proxy {proxy} closed the connection {}", ClosedWhen(*after_request))]
     Closed {
@@ -220,6 +233,8 @@ pub struct Upstream {
     addrs: Arc<ProxyAddrs>,
     /// The UDP relay names the proxy announced ([`relay`]).
     relay_names: Arc<relay::RelayNames>,
+    /// Keeps UDP relays off the TUN ([`Upstream::guard_relays`]).
+    relay_guard: Option<Arc<relay::RelayGuard>>,
     /// Pipeline the SOCKS5 handshake? ([`Upstream::pipelining`]).
     pipelining: Pipelining,
     /// What `auto` has learnt about the proxy.
@@ -238,6 +253,7 @@ impl Upstream {
             options,
             addrs,
             relay_names: Arc::default(),
+            relay_guard: None,
             pipelining: Pipelining::default(),
             pipeline_state: Arc::new(PipelineState::new()),
         }
@@ -252,6 +268,15 @@ impl Upstream {
     pub fn pipelining(mut self, mode: Pipelining) -> Self {
         self.pipelining = mode;
         self
+    }
+
+    /// Refuses a UDP association whose relay (at another address than the proxy,
+    /// which the start-up loop check covers) would be reached through the TUN
+    /// `device` (index `ifindex`): with this socket's mark and no `--interface`, as
+    /// `ip route get` answers, asked once per relay address. Not for `exec`, whose
+    /// device lives in another network namespace.
+    pub fn guard_relays(&mut self, ifindex: u32, device: &str) {
+        self.relay_guard = Some(Arc::new(relay::RelayGuard::new(ifindex, device)));
     }
 
     /// Resolves the proxy's host name now (a no-op for an address). Returns the

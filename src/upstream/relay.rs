@@ -304,6 +304,74 @@ impl RelayNames {
     }
 }
 
+/// The loop check for relays at other addresses than the proxy's
+/// ([`super::Upstream::guard_relays`]).
+#[derive(Debug)]
+pub(super) struct RelayGuard {
+    ifindex: u32,
+    device: String,
+    /// Relay addresses already asked about: does the route enter the TUN?
+    seen: Mutex<HashMap<IpAddr, bool>>,
+}
+
+impl RelayGuard {
+    pub(super) fn new(ifindex: u32, device: &str) -> Self {
+        RelayGuard {
+            ifindex,
+            device: device.to_owned(),
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Fails with [`UpstreamError::RelayLoop`] if `route` (the interface a packet to
+    /// an address leaves by) says `relay` is reached through the TUN. Asked once per
+    /// address; a failed question is logged and lets the relay be.
+    pub(super) fn check(
+        &self,
+        relay: SocketAddr,
+        route: impl FnOnce(IpAddr) -> Result<Option<u32>, String>,
+    ) -> Result<(), UpstreamError> {
+        let ip = relay.ip().to_canonical();
+        let known = self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&ip)
+            .copied();
+        let looped = match known {
+            Some(looped) => looped,
+            None => {
+                let looped = match route(ip) {
+                    Ok(out) => out == Some(self.ifindex),
+                    Err(error) => {
+                        tracing::debug!(relay = %ip, error, "cannot ask the route to the UDP relay");
+                        false
+                    }
+                };
+                let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+                if seen.len() >= MAX_NAMES {
+                    seen.clear();
+                }
+                seen.insert(ip, looped);
+                if looped {
+                    tracing::warn!(
+                        relay = %relay, device = %self.device,
+                        "the proxy's UDP relay is routed through the tunnel itself; refusing its associations"
+                    );
+                }
+                looped
+            }
+        };
+        if looped {
+            return Err(UpstreamError::RelayLoop {
+                relay,
+                device: self.device.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// The system resolver, for [`RelayNames::resolve`].
 pub(super) async fn system_lookup(name: String) -> io::Result<Vec<IpAddr>> {
     Ok(tokio::net::lookup_host((name.as_str(), 0))
@@ -537,6 +605,39 @@ mod tests {
         let hung = at(&names, &host, "hang.example", |_| std::future::pending()).await;
         assert_eq!(hung, FALLBACK.parse().unwrap());
         assert_eq!(started.elapsed(), LOOKUP_TIMEOUT);
+    }
+
+    #[test]
+    fn a_relay_routed_through_the_tunnel_is_refused_and_asked_about_once() {
+        let guard = RelayGuard::new(7, "tun0");
+        let asked = AtomicUsize::new(0);
+        let route = |out: Option<u32>| {
+            let asked = &asked;
+            move |_| {
+                asked.fetch_add(1, SeqCst);
+                Ok(out)
+            }
+        };
+        let inside: SocketAddr = "198.19.2.2:5000".parse().unwrap();
+        for _ in 0..3 {
+            let err = guard.check(inside, route(Some(7))).unwrap_err();
+            assert!(matches!(err, UpstreamError::RelayLoop { .. }), "{err}");
+            assert!(err.to_string().contains("routing loop"), "{err}");
+        }
+        // v4-mapped is the same address.
+        let mapped: SocketAddr = "[::ffff:198.19.2.2]:5001".parse().unwrap();
+        assert!(guard.check(mapped, route(Some(2))).is_err());
+        assert_eq!(asked.load(SeqCst), 1, "asked once per address");
+        let outside: SocketAddr = "198.19.1.9:5000".parse().unwrap();
+        guard.check(outside, route(Some(2))).unwrap();
+        // No route, or a question that fails, is not a loop.
+        guard
+            .check("198.19.1.10:1".parse().unwrap(), route(None))
+            .unwrap();
+        guard
+            .check("198.19.1.11:1".parse().unwrap(), |_| Err("EPERM".into()))
+            .unwrap();
+        assert_eq!(asked.load(SeqCst), 3);
     }
 
     #[tokio::test(start_paused = true)]

@@ -66,6 +66,17 @@ impl Upstream {
                 super::relay::system_lookup,
             )
             .await?;
+        if let Some(guard) = &self.relay_guard
+            && self.options.interface.is_none()
+            && relay.ip().to_canonical() != proxy.ip().to_canonical()
+        {
+            let fwmark = self.options.fwmark;
+            guard.check(relay, |ip| {
+                tun2socks_platform::Routing::new()
+                    .and_then(|routing| routing.output_interface(ip, fwmark))
+                    .map_err(|e| e.to_string())
+            })?;
+        }
         socket.connect(relay).await.map_err(io_err)?;
         Ok(UdpAssociation {
             control,
