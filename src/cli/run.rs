@@ -158,7 +158,7 @@ pub(crate) fn run_tunnel(args: &TunnelArgs) -> ExitCode {
         };
         let _routing = routing; // undone when this block ends, after the stack stopped
         let mut upstream = upstream;
-        upstream.guard_relays(device.ifindex(), device.name());
+        upstream.guard_loops(device.ifindex(), device.name());
         let tunnel = Tunnel {
             stack_config,
             upstream,

@@ -13,7 +13,7 @@ mod resolve;
 mod udp;
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -212,6 +212,13 @@ impl UpstreamError {
     }
 }
 
+/// The interface a packet to `ip` carrying `fwmark` leaves by (`ip route get`).
+fn route_out(ip: IpAddr, fwmark: Option<u32>) -> Result<Option<u32>, String> {
+    tun2socks_platform::Routing::new()
+        .and_then(|routing| routing.output_interface(ip, fwmark))
+        .map_err(|e| e.to_string())
+}
+
 /// A TCP stream through the proxy to the destination.
 #[derive(Debug)]
 pub struct Connected {
@@ -233,8 +240,8 @@ pub struct Upstream {
     addrs: Arc<ProxyAddrs>,
     /// The UDP relay names the proxy announced ([`relay`]).
     relay_names: Arc<relay::RelayNames>,
-    /// Keeps UDP relays off the TUN ([`Upstream::guard_relays`]).
-    relay_guard: Option<Arc<relay::RelayGuard>>,
+    /// Keeps addresses learnt while running off the TUN ([`Upstream::guard_loops`]).
+    loop_guard: Option<Arc<relay::RelayGuard>>,
     /// Pipeline the SOCKS5 handshake? ([`Upstream::pipelining`]).
     pipelining: Pipelining,
     /// What `auto` has learnt about the proxy.
@@ -253,7 +260,7 @@ impl Upstream {
             options,
             addrs,
             relay_names: Arc::default(),
-            relay_guard: None,
+            loop_guard: None,
             pipelining: Pipelining::default(),
             pipeline_state: Arc::new(PipelineState::new()),
         }
@@ -270,19 +277,36 @@ impl Upstream {
         self
     }
 
-    /// Refuses a UDP association whose relay (at another address than the proxy,
-    /// which the start-up loop check covers) would be reached through the TUN
-    /// `device` (index `ifindex`): with this socket's mark and no `--interface`, as
-    /// `ip route get` answers, asked once per relay address. Not for `exec`, whose
-    /// device lives in another network namespace.
-    pub fn guard_relays(&mut self, ifindex: u32, device: &str) {
-        self.relay_guard = Some(Arc::new(relay::RelayGuard::new(ifindex, device)));
+    /// Keeps addresses learnt while running from looping through the TUN `device`
+    /// (index `ifindex`), as the start-up check does for the proxy's first
+    /// addresses: a UDP relay at another address than the proxy's, and the proxy's
+    /// addresses when its name is looked up again (a lookup that enters the tunnel
+    /// may be answered from the fake-IP pool). An address whose route, with this
+    /// socket's mark and no `--interface`, leaves through the TUN (`ip route get`,
+    /// asked once per address) is refused. Not for `exec`, whose device lives in
+    /// another network namespace.
+    pub fn guard_loops(&mut self, ifindex: u32, device: &str) {
+        self.loop_guard = Some(Arc::new(relay::RelayGuard::new(ifindex, device)));
+    }
+
+    /// Whether `ip` is reached through the TUN ([`Upstream::guard_loops`]).
+    fn loops(&self, ip: IpAddr) -> bool {
+        let Some(guard) = &self.loop_guard else {
+            return false;
+        };
+        if self.options.interface.is_some() {
+            return false;
+        }
+        let fwmark = self.options.fwmark;
+        guard.loops(ip, |ip| route_out(ip, fwmark))
     }
 
     /// Resolves the proxy's host name now (a no-op for an address). Returns the
     /// addresses in use.
     pub async fn resolve(&self) -> Result<Vec<SocketAddr>, UpstreamError> {
-        self.addrs.resolve(&self.proxy, true).await
+        self.addrs
+            .resolve(&self.proxy, true, |ip| !self.loops(ip))
+            .await
     }
 
     /// The proxy's addresses as last resolved (empty before the first lookup).
@@ -352,7 +376,10 @@ impl Upstream {
     /// [`Upstream::dial`], also returning the address that answered (no
     /// `getpeername` needed).
     async fn dial_addr(&self) -> Result<(TcpStream, SocketAddr), UpstreamError> {
-        let addrs = self.addrs.resolve(&self.proxy, false).await?;
+        let addrs = self
+            .addrs
+            .resolve(&self.proxy, false, |ip| !self.loops(ip))
+            .await?;
         let mut last = None;
         for addr in addrs {
             match self.dial_one(addr).await {

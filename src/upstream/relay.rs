@@ -304,8 +304,9 @@ impl RelayNames {
     }
 }
 
-/// The loop check for relays at other addresses than the proxy's
-/// ([`super::Upstream::guard_relays`]).
+/// The loop check for addresses learnt while running: relays at other addresses
+/// than the proxy's, and the proxy's own addresses when looked up again
+/// ([`super::Upstream::guard_loops`]).
 #[derive(Debug)]
 pub(super) struct RelayGuard {
     ifindex: u32,
@@ -323,52 +324,64 @@ impl RelayGuard {
         }
     }
 
-    /// Fails with [`UpstreamError::RelayLoop`] if `route` (the interface a packet to
-    /// an address leaves by) says `relay` is reached through the TUN. Asked once per
-    /// address; a failed question is logged and lets the relay be.
-    pub(super) fn check(
+    /// Whether `route` (the interface a packet to an address leaves by) says `ip`
+    /// is reached through the TUN. Asked once per address; a failed question is
+    /// logged and counts as no loop.
+    pub(super) fn loops(
         &self,
-        relay: SocketAddr,
+        ip: IpAddr,
         route: impl FnOnce(IpAddr) -> Result<Option<u32>, String>,
-    ) -> Result<(), UpstreamError> {
-        let ip = relay.ip().to_canonical();
+    ) -> bool {
+        let ip = ip.to_canonical();
         let known = self
             .seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&ip)
             .copied();
-        let looped = match known {
-            Some(looped) => looped,
-            None => {
-                let looped = match route(ip) {
-                    Ok(out) => out == Some(self.ifindex),
-                    Err(error) => {
-                        tracing::debug!(relay = %ip, error, "cannot ask the route to the UDP relay");
-                        false
-                    }
-                };
-                let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
-                if seen.len() >= MAX_NAMES {
-                    seen.clear();
-                }
-                seen.insert(ip, looped);
-                if looped {
-                    tracing::warn!(
-                        relay = %relay, device = %self.device,
-                        "the proxy's UDP relay is routed through the tunnel itself; refusing its associations"
-                    );
-                }
-                looped
+        if let Some(looped) = known {
+            return looped;
+        }
+        let looped = match route(ip) {
+            Ok(out) => out == Some(self.ifindex),
+            Err(error) => {
+                tracing::debug!(address = %ip, error, "cannot ask the route");
+                false
             }
         };
-        if looped {
-            return Err(UpstreamError::RelayLoop {
-                relay,
-                device: self.device.clone(),
-            });
+        let mut seen = self.seen.lock().unwrap_or_else(PoisonError::into_inner);
+        if seen.len() >= MAX_NAMES {
+            seen.clear();
         }
-        Ok(())
+        seen.insert(ip, looped);
+        looped
+    }
+
+    /// Fails with [`UpstreamError::RelayLoop`] if `relay` is reached through the
+    /// TUN ([`RelayGuard::loops`]).
+    pub(super) fn check(
+        &self,
+        relay: SocketAddr,
+        route: impl FnOnce(IpAddr) -> Result<Option<u32>, String>,
+    ) -> Result<(), UpstreamError> {
+        let first = !self
+            .seen
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains_key(&relay.ip().to_canonical());
+        if !self.loops(relay.ip(), route) {
+            return Ok(());
+        }
+        if first {
+            tracing::warn!(
+                relay = %relay, device = %self.device,
+                "the proxy's UDP relay is routed through the tunnel itself; refusing its associations"
+            );
+        }
+        Err(UpstreamError::RelayLoop {
+            relay,
+            device: self.device.clone(),
+        })
     }
 }
 

@@ -3,7 +3,7 @@
 //! allows. Once the host's DNS goes through the tunnel, a lookup per flow would
 //! loop (the lookup would need the proxy, whose address needs the lookup).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -87,11 +87,15 @@ impl ProxyAddrs {
 
     /// The addresses to dial. Looks the name up when there are none yet, when every
     /// address failed, or when `force`d; but never before the backoff allows, and
-    /// while a lookup is running the others wait for it.
+    /// while a lookup is running the others wait for it. Addresses `keep` refuses
+    /// (their route enters the TUN: the lookup went through the tunnel and was
+    /// answered from the fake-IP pool, say) are dropped; a lookup that leaves none
+    /// counts as failed, and the last good addresses stay.
     pub(super) async fn resolve(
         &self,
         proxy: &ProxyUrl,
         force: bool,
+        keep: impl Fn(IpAddr) -> bool,
     ) -> Result<Vec<SocketAddr>, UpstreamError> {
         let ProxyHost::Name(name) = &proxy.host else {
             return Ok(self.current());
@@ -127,7 +131,16 @@ impl ProxyAddrs {
         let result = tokio::net::lookup_host((name.as_str(), proxy.port)).await;
         let mut state = self.state();
         state.lookups = state.lookups.saturating_add(1);
-        match result.map(|addrs| addrs.collect::<Vec<_>>()) {
+        let result = result.and_then(|addrs| {
+            let (kept, looping): (Vec<_>, Vec<_>) = addrs.partition(|a| keep(a.ip()));
+            if kept.is_empty() && !looping.is_empty() {
+                return Err(std::io::Error::other(format!(
+                    "every address ({looping:?}) is routed through the tunnel itself"
+                )));
+            }
+            Ok(kept)
+        });
+        match result {
             Ok(addrs) if !addrs.is_empty() => {
                 tracing::info!(proxy = %name, ?addrs, "resolved the proxy");
                 state.addrs = addrs;
@@ -173,18 +186,18 @@ mod tests {
         let proxy: ProxyUrl = "socks5://localhost:1080".parse().unwrap();
         let addrs = ProxyAddrs::new(&proxy);
         assert!(addrs.current().is_empty());
-        let first = addrs.resolve(&proxy, false).await.unwrap();
+        let first = addrs.resolve(&proxy, false, |_| true).await.unwrap();
         assert!(!first.is_empty());
         for _ in 0..100 {
-            addrs.resolve(&proxy, false).await.unwrap();
+            addrs.resolve(&proxy, false, |_| true).await.unwrap();
         }
         assert_eq!(addrs.lookups(), 1, "no lookup per dial");
         assert!(addrs.contains(first[0]));
         addrs.all_failed();
-        addrs.resolve(&proxy, false).await.unwrap();
+        addrs.resolve(&proxy, false, |_| true).await.unwrap();
         assert_eq!(addrs.lookups(), 2);
         addrs.dialled();
-        addrs.resolve(&proxy, false).await.unwrap();
+        addrs.resolve(&proxy, false, |_| true).await.unwrap();
         assert_eq!(addrs.lookups(), 2);
     }
 
@@ -192,19 +205,44 @@ mod tests {
     async fn failed_lookups_back_off() {
         let proxy: ProxyUrl = "socks5://no-such-host.invalid:1080".parse().unwrap();
         let addrs = ProxyAddrs::new(&proxy);
-        assert!(addrs.resolve(&proxy, false).await.is_err());
+        assert!(addrs.resolve(&proxy, false, |_| true).await.is_err());
         for _ in 0..50 {
-            let err = addrs.resolve(&proxy, false).await.unwrap_err();
+            let err = addrs.resolve(&proxy, false, |_| true).await.unwrap_err();
             assert!(err.to_string().contains("next try"), "{err}");
         }
         assert_eq!(addrs.lookups(), 1, "the backoff holds further lookups");
     }
 
     #[tokio::test]
+    async fn addresses_that_loop_are_dropped_and_the_last_good_ones_kept() {
+        let proxy: ProxyUrl = "socks5://localhost:1080".parse().unwrap();
+        let addrs = ProxyAddrs::new(&proxy);
+        let good = addrs.resolve(&proxy, false, |_| true).await.unwrap();
+        assert!(!good.is_empty());
+        // Looked up again, every answer now routes into the TUN (a fake-IP answer):
+        // refused, and the last good addresses stay in use.
+        addrs.all_failed();
+        let kept = addrs.resolve(&proxy, false, |_| false).await.unwrap();
+        assert_eq!(kept, good);
+        assert_eq!(addrs.lookups(), 2);
+        // With no good address yet, a looping answer is an error.
+        let proxy: ProxyUrl = "socks5://localhost:1080".parse().unwrap();
+        let fresh = ProxyAddrs::new(&proxy);
+        let err = fresh.resolve(&proxy, false, |_| false).await.unwrap_err();
+        assert!(
+            err.to_string().contains("routed through the tunnel"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
     async fn an_address_needs_no_lookup() {
         let proxy: ProxyUrl = "socks5://[fd19:1::2]:1080".parse().unwrap();
         let addrs = ProxyAddrs::new(&proxy);
-        assert_eq!(addrs.resolve(&proxy, true).await.unwrap().len(), 1);
+        assert_eq!(
+            addrs.resolve(&proxy, true, |_| true).await.unwrap().len(),
+            1
+        );
         assert!(addrs.contains("[fd19:1::2]:1080".parse().unwrap()));
         assert!(!addrs.contains("[fd19:1::2]:1081".parse().unwrap()));
         assert_eq!(addrs.lookups(), 0);

@@ -66,16 +66,12 @@ impl Upstream {
                 super::relay::system_lookup,
             )
             .await?;
-        if let Some(guard) = &self.relay_guard
+        if let Some(guard) = &self.loop_guard
             && self.options.interface.is_none()
             && relay.ip().to_canonical() != proxy.ip().to_canonical()
         {
             let fwmark = self.options.fwmark;
-            guard.check(relay, |ip| {
-                tun2socks_platform::Routing::new()
-                    .and_then(|routing| routing.output_interface(ip, fwmark))
-                    .map_err(|e| e.to_string())
-            })?;
+            guard.check(relay, |ip| super::route_out(ip, fwmark))?;
         }
         socket.connect(relay).await.map_err(io_err)?;
         Ok(UdpAssociation {
