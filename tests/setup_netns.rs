@@ -578,3 +578,64 @@ fn dns_to_a_resolver_past_the_tunnel_is_carried_with_fake_ip() {
     assert_clean_exit(tunnel);
     assert_restored(topo.app(), &before);
 }
+
+/// The proxy given by name, `--setup --dns fake-ip`, and the proxy down for a moment.
+/// Once every address has failed the tunnel looks the name up again; that lookup now
+/// goes through the tunnel and is answered from the fake-IP pool. The fake answer
+/// must be refused and the real address kept: before, the tunnel dialled the proxy
+/// at a fake address for good, and nothing worked after the proxy came back.
+#[test]
+fn the_proxy_looked_up_again_through_the_tunnel_keeps_its_real_address() {
+    root_test!("the_proxy_looked_up_again_through_the_tunnel_keeps_its_real_address");
+    use tun2socks::testbed::dnsmasq::Dnsmasq;
+    use tun2socks::testbed::topology::PROXY_OUT_V6;
+    let (topo, _services) = ordinary_host("setupre");
+    // The resolver is in the target network: reached directly (forwarding) at start,
+    // through the tunnel (rule 7266, fake-ip) afterwards.
+    let _dns = Dnsmasq::start(
+        topo.target(),
+        &[("proxy.t2s.test", PROXY_OUT_V4, PROXY_OUT_V6)],
+    )
+    .unwrap();
+    topo.app().set_resolv_conf(&[TARGET_V4.into()]).unwrap();
+    let far = SocketAddr::from((PROXY_OUT_V4, PROXY_PORT)).to_string();
+    let server = start_server(topo.proxy(), &binary(), &["--listen", &far]).unwrap();
+    let url = format!("socks5://proxy.t2s.test:{PROXY_PORT}");
+    let mut args = TUN_ADDRESSES.to_vec();
+    args.extend(["--dns", "fake-ip"]);
+    let tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &args).unwrap();
+    topo.set_forwarding(false).unwrap();
+    assert_reaches_target(topo.app(), "through --setup and SOCKS");
+    let log = tunnel.log().unwrap();
+    assert!(log.contains("resolved the proxy"), "{log}");
+
+    // The proxy goes away: connections fail, every address is marked failed, and
+    // later dials look the name up again (through the tunnel: a fake answer).
+    drop(server);
+    let lookups_before = tunnel.log().unwrap().matches("the proxy proxy=").count();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tunnel.log().unwrap().matches("the proxy proxy=").count() <= lookups_before {
+        assert!(Instant::now() < deadline, "{}", tunnel.log().unwrap());
+        let _ = topo
+            .app()
+            .command("curl")
+            .args(["-s", "-m", "1", &format!("http://{TARGET_V4}/")])
+            .output();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = tunnel.log().unwrap();
+    assert!(
+        log.contains("routed through the tunnel itself"),
+        "the second lookup was not answered from the pool, or not refused:\n{log}"
+    );
+
+    // Back: the tunnel still dials the real address.
+    let _server = start_server(topo.proxy(), &binary(), &["--listen", &far]).unwrap();
+    assert_reaches_target(topo.app(), "after the proxy came back");
+    let log = tunnel.log().unwrap();
+    assert!(
+        !log.contains("a connection to the proxy itself entered the tunnel"),
+        "{log}"
+    );
+    assert_clean_exit(tunnel);
+}

@@ -158,7 +158,11 @@ pub(crate) fn run_tunnel(args: &TunnelArgs) -> ExitCode {
         };
         let _routing = routing; // undone when this block ends, after the stack stopped
         let mut upstream = upstream;
-        upstream.guard_loops(device.ifindex(), device.name());
+        let fake_pools = match stack_config.dns.mode {
+            DnsMode::FakeIp => stack_config.dns.fake_pools.clone(),
+            _ => Vec::new(),
+        };
+        upstream.guard_loops(device.ifindex(), device.name(), &fake_pools);
         let tunnel = Tunnel {
             stack_config,
             upstream,

@@ -284,9 +284,12 @@ impl Upstream {
     /// may be answered from the fake-IP pool). An address whose route, with this
     /// socket's mark and no `--interface`, leaves through the TUN (`ip route get`,
     /// asked once per address) is refused. Not for `exec`, whose device lives in
-    /// another network namespace.
-    pub fn guard_loops(&mut self, ifindex: u32, device: &str) {
-        self.loop_guard = Some(Arc::new(relay::RelayGuard::new(ifindex, device)));
+    /// another network namespace. Addresses in `fake_pools` (the fake-IP pools, with
+    /// `--dns fake-ip`) are refused whatever their route.
+    pub fn guard_loops(&mut self, ifindex: u32, device: &str, fake_pools: &[ipnet::IpNet]) {
+        self.loop_guard = Some(Arc::new(relay::RelayGuard::new(
+            ifindex, device, fake_pools,
+        )));
     }
 
     /// Whether `ip` is reached through the TUN ([`Upstream::guard_loops`]).

@@ -311,15 +311,19 @@ impl RelayNames {
 pub(super) struct RelayGuard {
     ifindex: u32,
     device: String,
+    /// The fake-IP pools (with `--dns fake-ip`): an address in them is the
+    /// tunnel's own invention, however it routes.
+    fake_pools: Vec<ipnet::IpNet>,
     /// Relay addresses already asked about: does the route enter the TUN?
     seen: Mutex<HashMap<IpAddr, bool>>,
 }
 
 impl RelayGuard {
-    pub(super) fn new(ifindex: u32, device: &str) -> Self {
+    pub(super) fn new(ifindex: u32, device: &str, fake_pools: &[ipnet::IpNet]) -> Self {
         RelayGuard {
             ifindex,
             device: device.to_owned(),
+            fake_pools: fake_pools.to_vec(),
             seen: Mutex::new(HashMap::new()),
         }
     }
@@ -333,6 +337,9 @@ impl RelayGuard {
         route: impl FnOnce(IpAddr) -> Result<Option<u32>, String>,
     ) -> bool {
         let ip = ip.to_canonical();
+        if self.fake_pools.iter().any(|pool| pool.contains(&ip)) {
+            return true;
+        }
         let known = self
             .seen
             .lock()
@@ -622,7 +629,7 @@ mod tests {
 
     #[test]
     fn a_relay_routed_through_the_tunnel_is_refused_and_asked_about_once() {
-        let guard = RelayGuard::new(7, "tun0");
+        let guard = RelayGuard::new(7, "tun0", &["198.18.128.0/17".parse().unwrap()]);
         let asked = AtomicUsize::new(0);
         let route = |out: Option<u32>| {
             let asked = &asked;
@@ -650,6 +657,10 @@ mod tests {
         guard
             .check("198.19.1.11:1".parse().unwrap(), |_| Err("EPERM".into()))
             .unwrap();
+        assert_eq!(asked.load(SeqCst), 3);
+        // A fake address loops whatever its route says, and needs no question.
+        let fake: SocketAddr = "198.18.128.1:1080".parse().unwrap();
+        assert!(guard.check(fake, route(Some(2))).is_err());
         assert_eq!(asked.load(SeqCst), 3);
     }
 
