@@ -51,6 +51,8 @@ pub const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const WAIT_FOR_LOOKUP: Duration = Duration::from_millis(500);
 /// How long an answer past its time is still served while it is renewed.
 const STALE_FOR: Duration = Duration::from_secs(3600);
+/// How long an answer of the routing table about an address is trusted.
+pub const ROUTE_TTL: Duration = Duration::from_secs(30);
 /// Names kept at most (a proxy announces one or a few).
 const MAX_NAMES: usize = 64;
 
@@ -314,8 +316,9 @@ pub(super) struct RelayGuard {
     /// The fake-IP pools (with `--dns fake-ip`): an address in them is the
     /// tunnel's own invention, however it routes.
     fake_pools: Vec<ipnet::IpNet>,
-    /// Relay addresses already asked about: does the route enter the TUN?
-    seen: Mutex<HashMap<IpAddr, bool>>,
+    /// Addresses already asked about: does the route enter the TUN, and until when
+    /// that answer holds ([`ROUTE_TTL`]: a user who fixes the routing is heard).
+    seen: Mutex<HashMap<IpAddr, (bool, Instant)>>,
 }
 
 impl RelayGuard {
@@ -329,8 +332,8 @@ impl RelayGuard {
     }
 
     /// Whether `route` (the interface a packet to an address leaves by) says `ip`
-    /// is reached through the TUN. Asked once per address; a failed question is
-    /// logged and counts as no loop.
+    /// is reached through the TUN. Asked once per address and [`ROUTE_TTL`]; a
+    /// failed question is logged and counts as no loop.
     pub(super) fn loops(
         &self,
         ip: IpAddr,
@@ -340,13 +343,16 @@ impl RelayGuard {
         if self.fake_pools.iter().any(|pool| pool.contains(&ip)) {
             return true;
         }
+        let now = Instant::now();
         let known = self
             .seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(&ip)
             .copied();
-        if let Some(looped) = known {
+        if let Some((looped, until)) = known
+            && now < until
+        {
             return looped;
         }
         let looped = match route(ip) {
@@ -360,7 +366,7 @@ impl RelayGuard {
         if seen.len() >= MAX_NAMES {
             seen.clear();
         }
-        seen.insert(ip, looped);
+        seen.insert(ip, (looped, now + ROUTE_TTL));
         looped
     }
 
@@ -371,11 +377,13 @@ impl RelayGuard {
         relay: SocketAddr,
         route: impl FnOnce(IpAddr) -> Result<Option<u32>, String>,
     ) -> Result<(), UpstreamError> {
+        let ip = relay.ip().to_canonical();
         let first = !self
             .seen
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .contains_key(&relay.ip().to_canonical());
+            .get(&ip)
+            .is_some_and(|&(looped, until)| looped && Instant::now() < until);
         if !self.loops(relay.ip(), route) {
             return Ok(());
         }
@@ -662,6 +670,18 @@ mod tests {
         let fake: SocketAddr = "198.18.128.1:1080".parse().unwrap();
         assert!(guard.check(fake, route(Some(2))).is_err());
         assert_eq!(asked.load(SeqCst), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_routing_fix_is_heard_after_route_ttl() {
+        let guard = RelayGuard::new(7, "tun0", &[]);
+        let relay: SocketAddr = "198.19.2.2:5000".parse().unwrap();
+        assert!(guard.check(relay, |_| Ok(Some(7))).is_err());
+        // The user routes the relay around the tunnel; the old answer holds a while.
+        tokio::time::advance(ROUTE_TTL - Duration::from_millis(1)).await;
+        assert!(guard.check(relay, |_| Ok(Some(2))).is_err());
+        tokio::time::advance(Duration::from_millis(1)).await;
+        guard.check(relay, |_| Ok(Some(2))).unwrap();
     }
 
     #[tokio::test(start_paused = true)]
