@@ -241,7 +241,7 @@ pub struct Upstream {
     /// The UDP relay names the proxy announced ([`relay`]).
     relay_names: Arc<relay::RelayNames>,
     /// Keeps addresses learnt while running off the TUN ([`Upstream::guard_loops`]).
-    loop_guard: Option<Arc<relay::RelayGuard>>,
+    loop_guard: Option<Arc<relay::LoopGuard>>,
     /// Pipeline the SOCKS5 handshake? ([`Upstream::pipelining`]).
     pipelining: Pipelining,
     /// What `auto` has learnt about the proxy.
@@ -283,25 +283,38 @@ impl Upstream {
     /// addresses when its name is looked up again (a lookup that enters the tunnel
     /// may be answered from the fake-IP pool). An address whose route, with this
     /// socket's mark and no `--interface`, leaves through the TUN (`ip route get`,
-    /// asked once per address) is refused. Not for `exec`, whose device lives in
+    /// asked once per address and 30 s) is refused. Not for `exec`, whose device lives in
     /// another network namespace. Addresses in `fake_pools` (the fake-IP pools, with
     /// `--dns fake-ip`) are refused whatever their route.
     pub fn guard_loops(&mut self, ifindex: u32, device: &str, fake_pools: &[ipnet::IpNet]) {
-        self.loop_guard = Some(Arc::new(relay::RelayGuard::new(
-            ifindex, device, fake_pools,
-        )));
+        self.loop_guard = Some(Arc::new(relay::LoopGuard::new(ifindex, device, fake_pools)));
+    }
+
+    /// The loop guard, when one applies: `--interface` pins every socket to the
+    /// proxy to another interface, so nothing it opens can enter the TUN.
+    fn loop_guard(&self) -> Option<&relay::LoopGuard> {
+        self.loop_guard
+            .as_deref()
+            .filter(|_| self.options.interface.is_none())
     }
 
     /// Whether `ip` is reached through the TUN ([`Upstream::guard_loops`]).
     fn loops(&self, ip: IpAddr) -> bool {
-        let Some(guard) = &self.loop_guard else {
-            return false;
-        };
-        if self.options.interface.is_some() {
-            return false;
-        }
         let fwmark = self.options.fwmark;
-        guard.loops(ip, |ip| route_out(ip, fwmark))
+        self.loop_guard()
+            .is_some_and(|guard| guard.loops(ip, |ip| route_out(ip, fwmark)))
+    }
+
+    /// Refuses a UDP relay reached through the TUN ([`Upstream::guard_loops`]); one
+    /// at the proxy's own address was checked at start.
+    fn check_relay(&self, relay: SocketAddr, proxy: SocketAddr) -> Result<(), UpstreamError> {
+        let fwmark = self.options.fwmark;
+        match self.loop_guard() {
+            Some(guard) if relay.ip().to_canonical() != proxy.ip().to_canonical() => {
+                guard.check(relay, |ip| route_out(ip, fwmark))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Resolves the proxy's host name now (a no-op for an address). Returns the

@@ -310,7 +310,7 @@ impl RelayNames {
 /// than the proxy's, and the proxy's own addresses when looked up again
 /// ([`super::Upstream::guard_loops`]).
 #[derive(Debug)]
-pub(super) struct RelayGuard {
+pub(super) struct LoopGuard {
     ifindex: u32,
     device: String,
     /// The fake-IP pools (with `--dns fake-ip`): an address in them is the
@@ -321,9 +321,9 @@ pub(super) struct RelayGuard {
     seen: Mutex<HashMap<IpAddr, (bool, Instant)>>,
 }
 
-impl RelayGuard {
+impl LoopGuard {
     pub(super) fn new(ifindex: u32, device: &str, fake_pools: &[ipnet::IpNet]) -> Self {
-        RelayGuard {
+        LoopGuard {
             ifindex,
             device: device.to_owned(),
             fake_pools: fake_pools.to_vec(),
@@ -371,7 +371,7 @@ impl RelayGuard {
     }
 
     /// Fails with [`UpstreamError::RelayLoop`] if `relay` is reached through the
-    /// TUN ([`RelayGuard::loops`]).
+    /// TUN ([`LoopGuard::loops`]).
     pub(super) fn check(
         &self,
         relay: SocketAddr,
@@ -637,7 +637,7 @@ mod tests {
 
     #[test]
     fn a_relay_routed_through_the_tunnel_is_refused_and_asked_about_once() {
-        let guard = RelayGuard::new(7, "tun0", &["198.18.128.0/17".parse().unwrap()]);
+        let guard = LoopGuard::new(7, "tun0", &["198.18.128.0/17".parse().unwrap()]);
         let asked = AtomicUsize::new(0);
         let route = |out: Option<u32>| {
             let asked = &asked;
@@ -674,7 +674,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_routing_fix_is_heard_after_route_ttl() {
-        let guard = RelayGuard::new(7, "tun0", &[]);
+        let guard = LoopGuard::new(7, "tun0", &[]);
         let relay: SocketAddr = "198.19.2.2:5000".parse().unwrap();
         assert!(guard.check(relay, |_| Ok(Some(7))).is_err());
         // The user routes the relay around the tunnel; the old answer holds a while.

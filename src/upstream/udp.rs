@@ -66,13 +66,7 @@ impl Upstream {
                 super::relay::system_lookup,
             )
             .await?;
-        if let Some(guard) = &self.loop_guard
-            && self.options.interface.is_none()
-            && relay.ip().to_canonical() != proxy.ip().to_canonical()
-        {
-            let fwmark = self.options.fwmark;
-            guard.check(relay, |ip| super::route_out(ip, fwmark))?;
-        }
+        self.check_relay(relay, proxy)?;
         socket.connect(relay).await.map_err(io_err)?;
         Ok(UdpAssociation {
             control,
