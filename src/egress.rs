@@ -83,6 +83,39 @@ pub trait PacketSink: Send + Sync + 'static {
 /// What egress did (its group of the one set of counters).
 pub use crate::metrics::EgressStats;
 
+/// Why a datagram was not delivered, as an ICMP destination unreachable says it.
+/// Each reason uses a code that the application's kernel reports even to a connected
+/// socket without `IP_RECVERR` (a "hard" error), where the protocol has one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Port unreachable (ICMP 3/3, ICMPv6 1/4): `ECONNREFUSED`.
+    Port,
+    /// Communication administratively prohibited (ICMP 3/13, ICMPv6 1/1):
+    /// `EHOSTUNREACH` over IPv4, `EACCES` over IPv6.
+    Prohibited,
+    /// Network administratively prohibited (ICMP 3/9: `ENETUNREACH`); ICMPv6 has
+    /// only "no route to destination" (1/0).
+    Net,
+}
+
+impl Unreachable {
+    fn icmpv4(self) -> icmpv4::DestUnreachableHeader {
+        match self {
+            Unreachable::Port => icmpv4::DestUnreachableHeader::Port,
+            Unreachable::Prohibited => icmpv4::DestUnreachableHeader::FilterProhibited,
+            Unreachable::Net => icmpv4::DestUnreachableHeader::NetworkProhibited,
+        }
+    }
+
+    fn icmpv6(self) -> icmpv6::DestUnreachableCode {
+        match self {
+            Unreachable::Port => icmpv6::DestUnreachableCode::Port,
+            Unreachable::Prohibited => icmpv6::DestUnreachableCode::Prohibited,
+            Unreachable::Net => icmpv6::DestUnreachableCode::NoRoute,
+        }
+    }
+}
+
 /// Builds packets and writes them to the device. Cheap to share (`Arc`).
 pub struct Egress {
     sink: Arc<dyn PacketSink>,
@@ -294,6 +327,17 @@ impl Egress {
     /// its addresses and payload; the application's stack matches the error by the
     /// quoted addresses and ports).
     pub fn port_unreachable(&self, app: SocketAddr, remote: SocketAddr, payload: &[u8]) -> bool {
+        self.unreachable(app, remote, payload, Unreachable::Port)
+    }
+
+    /// [`Egress::port_unreachable`] with the reason `why` (its ICMP / ICMPv6 code).
+    pub fn unreachable(
+        &self,
+        app: SocketAddr,
+        remote: SocketAddr,
+        payload: &[u8],
+        why: Unreachable,
+    ) -> bool {
         let mut quote = Vec::new();
         let (app_ip, remote_ip) = (canonical(app.ip()), canonical(remote.ip()));
         let original = match (app_ip, remote_ip) {
@@ -311,20 +355,14 @@ impl Egress {
         match (remote_ip, app_ip) {
             (IpAddr::V4(r), IpAddr::V4(a)) => {
                 quote.truncate(ICMP4_QUOTE);
-                let b = PacketBuilder::ipv4(r.octets(), a.octets(), TTL).icmpv4(
-                    etherparse::Icmpv4Type::DestinationUnreachable(
-                        icmpv4::DestUnreachableHeader::Port,
-                    ),
-                );
+                let b = PacketBuilder::ipv4(r.octets(), a.octets(), TTL)
+                    .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(why.icmpv4()));
                 self.emit(|buf| b.write(buf, &quote).is_ok())
             }
             (IpAddr::V6(r), IpAddr::V6(a)) => {
                 quote.truncate(ICMP6_QUOTE);
-                let b = PacketBuilder::ipv6(r.octets(), a.octets(), TTL).icmpv6(
-                    etherparse::Icmpv6Type::DestinationUnreachable(
-                        icmpv6::DestUnreachableCode::Port,
-                    ),
-                );
+                let b = PacketBuilder::ipv6(r.octets(), a.octets(), TTL)
+                    .icmpv6(etherparse::Icmpv6Type::DestinationUnreachable(why.icmpv6()));
                 self.emit(|buf| b.write(buf, &quote).is_ok())
             }
             _ => self.unsendable(),
@@ -607,6 +645,49 @@ mod tests {
             icmp6.icmp_type(),
             etherparse::Icmpv6Type::DestinationUnreachable(icmpv6::DestUnreachableCode::Port)
         );
+    }
+
+    #[test]
+    fn each_reason_has_its_code() {
+        let cap = Arc::new(Capture::default());
+        let egress = Egress::new(cap.clone());
+        let (app, remote): (SocketAddr, SocketAddr) = (
+            "198.18.0.1:5000".parse().unwrap(),
+            "198.19.2.2:7".parse().unwrap(),
+        );
+        let (app6, remote6): (SocketAddr, SocketAddr) = (
+            "[fd18::1]:5000".parse().unwrap(),
+            "[fd19:2::2]:7".parse().unwrap(),
+        );
+        let reasons = [Unreachable::Port, Unreachable::Prohibited, Unreachable::Net];
+        for why in reasons {
+            assert!(egress.unreachable(app, remote, b"x", why));
+            assert!(egress.unreachable(app6, remote6, b"x", why));
+        }
+        let packets = sent(&cap);
+        let codes: Vec<(u8, u8)> = packets
+            .iter()
+            .map(|p| {
+                let at = if p[0] >> 4 == 4 { 20 } else { 40 };
+                (p[at], p[at + 1])
+            })
+            .collect();
+        // ICMP 3/3, 3/13, 3/9; ICMPv6 1/4, 1/1, 1/0.
+        assert_eq!(
+            codes,
+            [(3, 3), (1, 4), (3, 13), (1, 1), (3, 9), (1, 0)],
+            "type and code of each"
+        );
+        for p in &packets {
+            match SlicedPacket::from_ip(p).unwrap().transport {
+                Some(TransportSlice::Icmpv4(icmp)) => assert_eq!(
+                    icmp.checksum(),
+                    icmp.header().icmp_type.calc_checksum(icmp.payload())
+                ),
+                Some(TransportSlice::Icmpv6(_)) => {}
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

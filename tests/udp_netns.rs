@@ -19,7 +19,9 @@ use tun2socks::testbed::udp::{UDP_ECHO_PORT, UdpServices};
 use tun2socks::testbed::udp_client::{
     UdpFanout, max_udp_payload, udp_cone_check, udp_echo_check, udp_echo_windowed,
 };
-use tun2socks::testbed::{Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_root};
+use tun2socks::testbed::{
+    APP_V4, APP_V6, Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_root,
+};
 
 fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_tun2socks"))
@@ -266,6 +268,98 @@ fn a_port_unreachable_through_dante_reaches_the_application() -> Result<()> {
     // socket's three: once that association has sent elsewhere, its socket to the
     // closed port no longer hears the errors.)
     ensure!(stat(&log, "udp_relay_unreachable") >= 2, "{log}");
+    Ok(())
+}
+
+/// A firewall in front of the proxy that rejects the relay's port with "administratively
+/// prohibited" (firewalld answers `icmp-host-prohibited` the same way): each datagram
+/// reaches the application as the same error the kernel's own path would give it
+/// (`EHOSTUNREACH` over IPv4, `EACCES` over IPv6), at once, and not as silence; the
+/// association stays (no handshake per datagram) and carries again once the firewall
+/// is lifted.
+#[test]
+fn a_firewall_rejecting_the_relay_reaches_the_application_as_prohibited() -> Result<()> {
+    needs_root!("a_firewall_rejecting_the_relay_reaches_the_application_as_prohibited");
+    require_or_skip!(
+        tun2socks::testbed::require_program(
+            "nft",
+            "a_firewall_rejecting_the_relay_reaches_the_application_as_prohibited"
+        ),
+        Ok(())
+    );
+    let mut net = Net::new("udpfw")?;
+    net.server(&[])?;
+    net.tunnel_attached(&format!("socks5://{}", proxy_addr()), &[])?;
+    let mut sockets = Vec::new();
+    for (target, _) in echo_targets() {
+        let socket = net.app().within(move || {
+            let any: SocketAddr = if target.is_ipv4() {
+                (Ipv4Addr::UNSPECIFIED, 0).into()
+            } else {
+                "[::]:0".parse().unwrap()
+            };
+            let s = UdpSocket::bind(any)?;
+            s.connect(target)?;
+            Ok(s)
+        })?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        sockets.push((target, socket));
+    }
+    let echo = |socket: &UdpSocket, what: &[u8]| -> Result<()> {
+        socket.send(what)?;
+        let mut buf = [0u8; 64];
+        let n = socket.recv(&mut buf).context("no echo")?;
+        ensure!(buf.get(..n) == Some(what), "echoed {:?}", buf.get(..n));
+        Ok(())
+    };
+    for (target, socket) in &sockets {
+        echo(socket, b"before").with_context(|| format!("{target}, before the firewall"))?;
+    }
+    // Datagrams from the app's address to the proxy's namespace (the relay; the
+    // control connection is TCP), rejected.
+    let firewall = format!(
+        "add table inet relayfw; \
+         add chain inet relayfw input {{ type filter hook input priority 0; }}; \
+         add rule inet relayfw input ip saddr {APP_V4} meta l4proto udp \
+         reject with icmp type admin-prohibited; \
+         add rule inet relayfw input ip6 saddr {APP_V6} meta l4proto udp \
+         reject with icmpv6 type admin-prohibited"
+    );
+    net.topo.proxy().run("nft", [firewall.as_str()])?;
+    for (target, socket) in &sockets {
+        let expected = if target.is_ipv4() {
+            std::io::ErrorKind::HostUnreachable
+        } else {
+            std::io::ErrorKind::PermissionDenied
+        };
+        for round in 0..3u8 {
+            let start = Instant::now();
+            socket.send(&[b'x', round])?;
+            let mut buf = [0u8; 64];
+            match socket.recv(&mut buf) {
+                Err(e) if e.kind() == expected => {}
+                other => {
+                    anyhow::bail!("{target}, round {round}: expected {expected:?}, got {other:?}")
+                }
+            }
+            let took = start.elapsed();
+            ensure!(
+                took < Duration::from_millis(500),
+                "{target}, round {round}: the error came after {took:?}"
+            );
+        }
+    }
+    net.topo
+        .proxy()
+        .run("nft", ["delete", "table", "inet", "relayfw"])?;
+    for (target, socket) in &sockets {
+        echo(socket, b"after").with_context(|| format!("{target}, after the firewall"))?;
+    }
+    let log = net.stop_tunnel()?;
+    ensure!(stat(&log, "udp_relay_unreachable") == 6, "{log}");
+    // One association per socket all along: the error did not end it.
+    ensure!(stat(&log, "udp_associations") == 2, "{log}");
+    ensure!(log.contains("relay is unreachable or prohibited"), "{log}");
     Ok(())
 }
 

@@ -26,7 +26,7 @@ use crate::socks::{self, Address, ClientHandshake, ClientStatus, Command, ReplyC
 use pipelining::PipelineState;
 pub use pipelining::{PROBE_TIMEOUT, Pipelining, ProbeOutcome};
 use resolve::ProxyAddrs;
-pub use udp::{Received, UDP_RECV_BUFFER, UdpAssociation};
+pub use udp::{Received, RelayError, UDP_RECV_BUFFER, UdpAssociation};
 
 /// How sockets to the proxy are opened.
 #[derive(Debug, Clone)]

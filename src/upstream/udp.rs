@@ -5,7 +5,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 
 use socket2::SockRef;
 use tokio::net::{TcpStream, UdpSocket};
@@ -72,7 +72,7 @@ impl Upstream {
             control,
             socket,
             relay,
-            refused: AtomicBool::new(false),
+            pending: AtomicU8::new(RelayError::NONE),
         })
     }
 }
@@ -85,9 +85,68 @@ pub struct UdpAssociation {
     control: TcpStream,
     socket: UdpSocket,
     relay: SocketAddr,
-    /// The socket reported a port unreachable from the relay's address since
-    /// [`UdpAssociation::take_refused`] last looked (see there).
-    refused: AtomicBool,
+    /// The error the socket last reported from the relay's address since
+    /// [`UdpAssociation::take_error`] last looked ([`RelayError::code`], or
+    /// [`RelayError::NONE`]).
+    pending: AtomicU8,
+}
+
+/// An ICMP error the relay socket reported from the relay's address: it belongs to a
+/// datagram sent before, not to the call that reported it (a connected UDP socket
+/// reports it on its next call, and sends nothing on that call). Only the errors
+/// the kernel passes to a connected UDP socket without `IP_RECVERR` (the "hard"
+/// ones) ever show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayError {
+    /// Port unreachable (`ECONNREFUSED`): nothing listens at the relay (ss-local
+    /// without `-u` grants UDP ASSOCIATE with no relay behind it), or the proxy
+    /// passed on a destination's port unreachable from its relay port (Dante does).
+    Refused,
+    /// Host unreachable or administratively prohibited (`EHOSTUNREACH`, `EHOSTDOWN`,
+    /// `ENONET`, and `EACCES` over IPv6): typically a firewall in front of the
+    /// proxy that rejects its relay ports (firewalld answers `icmp-host-prohibited`).
+    Prohibited,
+    /// Network unreachable or prohibited (`ENETUNREACH`).
+    NetUnreachable,
+}
+
+impl RelayError {
+    const NONE: u8 = 0;
+
+    /// The relay error an I/O error is, if it is one.
+    pub fn from_io(e: &io::Error) -> Option<RelayError> {
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused => return Some(RelayError::Refused),
+            io::ErrorKind::HostUnreachable => return Some(RelayError::Prohibited),
+            io::ErrorKind::NetworkUnreachable => return Some(RelayError::NetUnreachable),
+            _ => {}
+        }
+        // EACCES only (ICMPv6 administratively prohibited), not EPERM, which is a
+        // local firewall refusing our own send.
+        match e.raw_os_error() {
+            Some(nix::libc::EACCES | nix::libc::EHOSTDOWN | nix::libc::ENONET) => {
+                Some(RelayError::Prohibited)
+            }
+            _ => None,
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            RelayError::Refused => 1,
+            RelayError::Prohibited => 2,
+            RelayError::NetUnreachable => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<RelayError> {
+        match code {
+            1 => Some(RelayError::Refused),
+            2 => Some(RelayError::Prohibited),
+            3 => Some(RelayError::NetUnreachable),
+            _ => None,
+        }
+    }
 }
 
 /// A datagram from the relay: its source and where its payload lies in the buffer.
@@ -122,39 +181,32 @@ impl UdpAssociation {
     ) -> io::Result<()> {
         scratch.clear();
         udp::encode_datagram(target, payload, scratch);
-        self.retrying_refused(|| self.socket.try_send(scratch).map(|_| ()))
+        self.retrying_pending(|| self.socket.try_send(scratch).map(|_| ()))
     }
 
-    /// Whether the socket reported an ICMP port unreachable from the relay's address
-    /// since the last call (and forgets it). The error belongs to an earlier datagram,
-    /// not to the one whose send or receive reported it: the relay is not listening
-    /// (a server that grants UDP ASSOCIATE with no relay behind it, as ss-local
-    /// without `-u` does), or the proxy passed on a destination's port unreachable
-    /// from its relay port (Dante does). Which datagram it was, the socket does not
-    /// say.
-    pub fn take_refused(&self) -> bool {
-        self.refused.swap(false, Relaxed)
+    /// The ICMP error the socket reported from the relay's address since the last
+    /// call, if any (and forgets it). It belongs to an earlier datagram, not to the
+    /// one whose send or receive reported it; which datagram it was, the socket does
+    /// not say.
+    pub fn take_error(&self) -> Option<RelayError> {
+        RelayError::from_code(self.pending.swap(RelayError::NONE, Relaxed))
     }
 
-    /// Runs a send; when it fails with the port unreachable an earlier datagram left
-    /// pending on the socket (a connected UDP socket reports it on its next call, and
-    /// sends nothing on that call), notes it for [`UdpAssociation::take_refused`] and
-    /// sends again, so that the error costs no datagram of this call.
-    fn retrying_refused<T>(&self, mut send: impl FnMut() -> io::Result<T>) -> io::Result<T> {
+    /// Runs a send; when it fails with an ICMP error an earlier datagram left pending
+    /// on the socket (a connected UDP socket reports it on its next call, and sends
+    /// nothing on that call), notes it for [`UdpAssociation::take_error`] and sends
+    /// again, so that the error costs no datagram of this call.
+    fn retrying_pending<T>(&self, mut send: impl FnMut() -> io::Result<T>) -> io::Result<T> {
         match send() {
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-                self.note_refused();
-                send()
-            }
+            Err(e) if self.noting(&e) => send(),
             other => other,
         }
     }
 
-    /// Resolves once the socket has taken a port unreachable from the relay's
-    /// address that arrived while nothing was sent or received: such an error shows
-    /// only as error readiness, never as readable. Noted for
-    /// [`UdpAssociation::take_refused`]. Other errors pending on the socket are
-    /// taken and logged.
+    /// Resolves once the socket has taken an ICMP error from the relay's address
+    /// that arrived while nothing was sent or received: such an error shows only as
+    /// error readiness, never as readable. Noted for [`UdpAssociation::take_error`].
+    /// Other errors pending on the socket are taken and logged.
     pub async fn refusal(&self) -> io::Result<()> {
         loop {
             self.socket.ready(tokio::io::Interest::ERROR).await?;
@@ -168,10 +220,7 @@ impl UdpAssociation {
                 }
             });
             match taken {
-                Ok(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
-                    self.note_refused();
-                    return Ok(());
-                }
+                Ok(error) if self.noting(&error) => return Ok(()),
                 Ok(error) => {
                     tracing::debug!(%error, relay = %self.relay, "error from the relay's address");
                 }
@@ -181,8 +230,16 @@ impl UdpAssociation {
         }
     }
 
-    fn note_refused(&self) {
-        self.refused.store(true, Relaxed);
+    /// Notes `e` for [`UdpAssociation::take_error`] if it is an ICMP error from the
+    /// relay's address; whether it was.
+    fn noting(&self, e: &io::Error) -> bool {
+        match RelayError::from_io(e) {
+            Some(error) => {
+                self.pending.store(error.code(), Relaxed);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Sends datagrams already encoded for the relay (SOCKS header and payload) as
@@ -197,7 +254,7 @@ impl UdpAssociation {
                 .take(mmsg::MAX_BATCH)
                 .map(|datagram| (*datagram, None))
                 .collect();
-            let result = self.retrying_refused(|| {
+            let result = self.retrying_pending(|| {
                 self.socket.try_io(tokio::io::Interest::WRITABLE, || {
                     mmsg::send_batch(&self.socket, &batch)
                 })
@@ -208,7 +265,7 @@ impl UdpAssociation {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if e.kind() == io::ErrorKind::Unsupported => {
                     for datagram in rest {
-                        match self.retrying_refused(|| self.socket.try_send(datagram)) {
+                        match self.retrying_pending(|| self.socket.try_send(datagram)) {
                             Ok(_) => sent += 1,
                             Err(_) => break,
                         }
@@ -227,7 +284,7 @@ impl UdpAssociation {
     /// runs of one size as one segmented send (UDP GSO) where the kernel allows,
     /// others a batch per system call. Returns how many went, in order.
     pub fn try_send_contiguous(&self, bytes: &[u8], ends: &[usize]) -> io::Result<usize> {
-        let result = self.retrying_refused(|| {
+        let result = self.retrying_pending(|| {
             self.socket.try_io(tokio::io::Interest::WRITABLE, || {
                 mmsg::send_contiguous(&self.socket, bytes, ends, None)
             })
@@ -272,10 +329,9 @@ impl UdpAssociation {
     /// Receives one datagram if one is queued (`WouldBlock` when none is). `Ok(None)`:
     /// one was received but dropped (malformed, or a fragment).
     pub fn try_recv_from(&self, buf: &mut [u8]) -> io::Result<Option<Received>> {
-        let n = self
-            .socket
-            .try_recv(buf)
-            .inspect_err(|e| self.noting_refused(e))?;
+        let n = self.socket.try_recv(buf).inspect_err(|e| {
+            self.noting(e);
+        })?;
         Ok(Self::parse_relayed(buf.get(..n).unwrap_or_default()))
     }
 
@@ -292,14 +348,9 @@ impl UdpAssociation {
             .try_io(tokio::io::Interest::READABLE, || {
                 mmsg::recv_batch(&self.socket, buf, slot, out)
             })
-            .inspect_err(|e| self.noting_refused(e))
-    }
-
-    /// Notes a port unreachable a receive reported (see [`UdpAssociation::take_refused`]).
-    fn noting_refused(&self, e: &io::Error) {
-        if e.kind() == io::ErrorKind::ConnectionRefused {
-            self.note_refused();
-        }
+            .inspect_err(|e| {
+                self.noting(e);
+            })
     }
 
     /// A datagram from the relay: its source and where its payload lies in `datagram`;
@@ -336,5 +387,41 @@ impl UdpAssociation {
                 Err(_) => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_errors_a_relay_socket_reports_from_icmp() {
+        let from = |errno| RelayError::from_io(&io::Error::from_raw_os_error(errno));
+        assert_eq!(from(nix::libc::ECONNREFUSED), Some(RelayError::Refused));
+        for errno in [
+            nix::libc::EHOSTUNREACH,
+            nix::libc::EACCES,
+            nix::libc::EHOSTDOWN,
+            nix::libc::ENONET,
+        ] {
+            assert_eq!(from(errno), Some(RelayError::Prohibited), "errno {errno}");
+        }
+        assert_eq!(
+            from(nix::libc::ENETUNREACH),
+            Some(RelayError::NetUnreachable)
+        );
+        // A local firewall refusing our own send, and ordinary failures: not from
+        // the relay.
+        for errno in [nix::libc::EPERM, nix::libc::EAGAIN, nix::libc::EMSGSIZE] {
+            assert_eq!(from(errno), None, "errno {errno}");
+        }
+        for error in [
+            RelayError::Refused,
+            RelayError::Prohibited,
+            RelayError::NetUnreachable,
+        ] {
+            assert_eq!(RelayError::from_code(error.code()), Some(error));
+        }
+        assert_eq!(RelayError::from_code(RelayError::NONE), None);
     }
 }

@@ -14,7 +14,7 @@ use super::{Assoc, Phase, Queued, Shared};
 use tun2socks_platform::mmsg;
 
 use crate::socks::Address;
-use crate::upstream::UdpAssociation;
+use crate::upstream::{RelayError, UdpAssociation};
 
 /// Datagrams relayed per wake-up before the task lets others run.
 const BATCH: usize = 256;
@@ -192,12 +192,13 @@ fn drain(assoc: &Assoc, shared: &Shared, relay: &UdpAssociation) -> io::Result<(
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                // A port unreachable from the relay's address, for a datagram sent
-                // before: passed on to the application for that datagram. (Not a
+                // An ICMP error from the relay's address (port unreachable, host or
+                // network prohibited), for a datagram sent before: passed on to the
+                // application for that datagram, and the association stays. (Not a
                 // refusal of UDP as a whole: Dante forwards a destination's port
                 // unreachable to the client from its relay port, so one datagram to
                 // a closed port looks the same as a relay that is not there.)
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                Err(e) if RelayError::from_io(&e).is_some() => {
                     shared.settle(assoc, relay, None);
                     continue;
                 }
@@ -228,7 +229,7 @@ fn drain_one_by_one(
             Ok(None) => continue,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            Err(e) if RelayError::from_io(&e).is_some() => {
                 shared.settle(assoc, relay, None);
                 continue;
             }

@@ -8,11 +8,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use super::{Assoc, LastSent, UdpConfig};
-use crate::egress::Egress;
+use crate::egress::{Egress, Unreachable};
 use crate::flow::BurstLog;
 use crate::metrics::{Metrics, SocksCommand};
 use crate::socks::Address;
-use crate::upstream::{UdpAssociation, Upstream, UpstreamError};
+use crate::upstream::{RelayError, UdpAssociation, Upstream, UpstreamError};
 
 /// Why the proxy will not carry UDP right now, and until when we believe it.
 #[derive(Debug, Clone)]
@@ -30,7 +30,7 @@ pub(super) struct NatLogs {
     pub(super) limit: BurstLog,
     /// The proxy speaks SOCKS4.
     pub(super) no_udp: BurstLog,
-    /// The relay socket reported a port unreachable.
+    /// The relay socket reported an ICMP error.
     pub(super) relay_unreachable: BurstLog,
 }
 
@@ -123,36 +123,48 @@ impl Shared {
         self.settle(assoc, relay, sent);
     }
 
-    /// After a send or receive on `assoc`'s relay socket: a port unreachable it
-    /// reported belongs to a datagram sent before (the one sent last, as far as we
-    /// know), and is passed on to the application as a port unreachable from that
-    /// datagram's destination, as the kernel's own path would report it. `sent`: the
-    /// datagram the call sent last, now the one to blame for the next.
+    /// After a send or receive on `assoc`'s relay socket: an ICMP error it reported
+    /// from the relay's address belongs to a datagram sent before (the one sent last,
+    /// as far as we know), and is passed on to the application as the same kind of
+    /// unreachable from that datagram's destination, as the kernel's own path would
+    /// report it. `sent`: the datagram the call sent last, now the one to blame for
+    /// the next.
     pub(super) fn settle(&self, assoc: &Assoc, relay: &UdpAssociation, sent: Option<LastSent>) {
         let blamed = {
             let mut state = assoc.state();
-            let blamed = if relay.take_refused() {
-                state.last_sent.take()
-            } else {
-                None
-            };
+            let blamed = relay
+                .take_error()
+                .and_then(|error| Some((error, state.last_sent.take()?)));
             if sent.is_some() {
                 state.last_sent = sent;
             }
             blamed
         };
-        let Some(blamed) = blamed else {
+        let Some((error, blamed)) = blamed else {
             return;
         };
         self.metrics.udp.relay_unreachable.fetch_add(1, Relaxed);
+        let why = match error {
+            RelayError::Refused => Unreachable::Port,
+            RelayError::Prohibited => Unreachable::Prohibited,
+            RelayError::NetUnreachable => Unreachable::Net,
+        };
         self.egress
-            .port_unreachable(assoc.app, blamed.dst, blamed.head());
+            .unreachable(assoc.app, blamed.dst, blamed.head(), why);
         if let Some(suppressed) = self.logs.relay_unreachable.check(Instant::now()) {
-            tracing::info!(
-                relay = %relay.relay(), to = %blamed.dst, suppressed,
-                "port unreachable from the proxy's UDP relay, passed on to the application \
-                 (the relay is not listening, or the proxy passed on the destination's)"
-            );
+            match error {
+                RelayError::Refused => tracing::info!(
+                    relay = %relay.relay(), to = %blamed.dst, suppressed,
+                    "port unreachable from the proxy's UDP relay, passed on to the application \
+                     (the relay is not listening, or the proxy passed on the destination's)"
+                ),
+                RelayError::Prohibited | RelayError::NetUnreachable => tracing::warn!(
+                    relay = %relay.relay(), to = %blamed.dst, ?error, suppressed,
+                    "the proxy's UDP relay is unreachable or prohibited (ICMP from the relay's \
+                     address; a firewall in front of the proxy rejecting its relay ports?), \
+                     passed on to the application"
+                ),
+            }
         }
     }
 
