@@ -35,7 +35,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicU32};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use etherparse::{PacketBuilder, icmpv4, icmpv6};
+use etherparse::{IpHeaders, PacketBuilder, PacketBuilderStep, icmpv4, icmpv6};
 
 use crate::metrics::Metrics;
 use crate::offload::VnetHdr;
@@ -83,19 +83,22 @@ pub trait PacketSink: Send + Sync + 'static {
 /// What egress did (its group of the one set of counters).
 pub use crate::metrics::EgressStats;
 
-/// Why a datagram was not delivered, as an ICMP destination unreachable says it.
-/// Each reason uses a code that the application's kernel reports even to a connected
-/// socket without `IP_RECVERR` (a "hard" error), where the protocol has one.
+/// Why a datagram or a connection attempt was not delivered, as an ICMP destination
+/// unreachable says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unreachable {
     /// Port unreachable (ICMP 3/3, ICMPv6 1/4): `ECONNREFUSED`.
     Port,
     /// Communication administratively prohibited (ICMP 3/13, ICMPv6 1/1):
-    /// `EHOSTUNREACH` over IPv4, `EACCES` over IPv6.
+    /// `EHOSTUNREACH` over IPv4, `EACCES` over IPv6. A connected UDP socket hears it
+    /// (a "hard" error).
     Prohibited,
-    /// Network administratively prohibited (ICMP 3/9: `ENETUNREACH`); ICMPv6 has
-    /// only "no route to destination" (1/0).
+    /// Network unreachable (ICMP 3/0, ICMPv6 "no route" 1/0): `ENETUNREACH`. A
+    /// connecting TCP socket hears it; a connected UDP socket only with `IP_RECVERR`.
     Net,
+    /// Host unreachable (ICMP 3/1, ICMPv6 "address unreachable" 1/3): `EHOSTUNREACH`,
+    /// heard as `Net` is.
+    Host,
 }
 
 impl Unreachable {
@@ -103,7 +106,8 @@ impl Unreachable {
         match self {
             Unreachable::Port => icmpv4::DestUnreachableHeader::Port,
             Unreachable::Prohibited => icmpv4::DestUnreachableHeader::FilterProhibited,
-            Unreachable::Net => icmpv4::DestUnreachableHeader::NetworkProhibited,
+            Unreachable::Net => icmpv4::DestUnreachableHeader::Network,
+            Unreachable::Host => icmpv4::DestUnreachableHeader::Host,
         }
     }
 
@@ -112,6 +116,7 @@ impl Unreachable {
             Unreachable::Port => icmpv6::DestUnreachableCode::Port,
             Unreachable::Prohibited => icmpv6::DestUnreachableCode::Prohibited,
             Unreachable::Net => icmpv6::DestUnreachableCode::NoRoute,
+            Unreachable::Host => icmpv6::DestUnreachableCode::Address,
         }
     }
 }
@@ -338,18 +343,52 @@ impl Egress {
         payload: &[u8],
         why: Unreachable,
     ) -> bool {
+        self.unreachable_quoting(app, remote, why, |original, quote| {
+            original
+                .udp(app.port(), remote.port())
+                .write(quote, payload)
+                .is_ok()
+        })
+    }
+
+    /// Tells the application at `app` that its connection attempt to `remote` (the
+    /// SYN with sequence number `seq`) failed for `why`: an ICMP destination
+    /// unreachable from `remote` quoting that SYN. A connecting socket takes it at
+    /// once (Linux: any destination unreachable aborts a connect in SYN-SENT, if
+    /// the quoted sequence number is its SYN's).
+    pub fn tcp_unreachable(
+        &self,
+        app: SocketAddr,
+        remote: SocketAddr,
+        seq: u32,
+        why: Unreachable,
+    ) -> bool {
+        self.unreachable_quoting(app, remote, why, |original, quote| {
+            original
+                .tcp(app.port(), remote.port(), seq, 0)
+                .syn()
+                .write(quote, &[])
+                .is_ok()
+        })
+    }
+
+    /// An ICMP / ICMPv6 destination unreachable for `why`, from `remote` to `app`,
+    /// quoting the packet `original` writes (given a header from `app` to `remote`).
+    fn unreachable_quoting(
+        &self,
+        app: SocketAddr,
+        remote: SocketAddr,
+        why: Unreachable,
+        original: impl FnOnce(PacketBuilderStep<IpHeaders>, &mut Vec<u8>) -> bool,
+    ) -> bool {
         let mut quote = Vec::new();
         let (app_ip, remote_ip) = (canonical(app.ip()), canonical(remote.ip()));
-        let original = match (app_ip, remote_ip) {
+        let header = match (app_ip, remote_ip) {
             (IpAddr::V4(a), IpAddr::V4(r)) => PacketBuilder::ipv4(a.octets(), r.octets(), TTL),
             (IpAddr::V6(a), IpAddr::V6(r)) => PacketBuilder::ipv6(a.octets(), r.octets(), TTL),
             _ => return self.unsendable(),
         };
-        if original
-            .udp(app.port(), remote.port())
-            .write(&mut quote, payload)
-            .is_err()
-        {
+        if !original(header, &mut quote) {
             return self.unsendable();
         }
         match (remote_ip, app_ip) {
@@ -659,7 +698,12 @@ mod tests {
             "[fd18::1]:5000".parse().unwrap(),
             "[fd19:2::2]:7".parse().unwrap(),
         );
-        let reasons = [Unreachable::Port, Unreachable::Prohibited, Unreachable::Net];
+        let reasons = [
+            Unreachable::Port,
+            Unreachable::Prohibited,
+            Unreachable::Net,
+            Unreachable::Host,
+        ];
         for why in reasons {
             assert!(egress.unreachable(app, remote, b"x", why));
             assert!(egress.unreachable(app6, remote6, b"x", why));
@@ -672,10 +716,19 @@ mod tests {
                 (p[at], p[at + 1])
             })
             .collect();
-        // ICMP 3/3, 3/13, 3/9; ICMPv6 1/4, 1/1, 1/0.
+        // ICMP 3/3, 3/13, 3/0, 3/1; ICMPv6 1/4, 1/1, 1/0, 1/3.
         assert_eq!(
             codes,
-            [(3, 3), (1, 4), (3, 13), (1, 1), (3, 9), (1, 0)],
+            [
+                (3, 3),
+                (1, 4),
+                (3, 13),
+                (1, 1),
+                (3, 0),
+                (1, 0),
+                (3, 1),
+                (1, 3)
+            ],
             "type and code of each"
         );
         for p in &packets {
@@ -688,6 +741,45 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_refused_syn_is_quoted_with_its_sequence_number() {
+        let cap = Arc::new(Capture::default());
+        let egress = Egress::new(cap.clone());
+        let app: SocketAddr = "198.18.0.1:40000".parse().unwrap();
+        let remote: SocketAddr = "198.19.2.2:80".parse().unwrap();
+        let app6: SocketAddr = "[fd18::1]:40000".parse().unwrap();
+        let remote6: SocketAddr = "[fd19:2::2]:80".parse().unwrap();
+        let seq = 0xdead_beef_u32;
+        assert!(egress.tcp_unreachable(app, remote, seq, Unreachable::Host));
+        assert!(egress.tcp_unreachable(app6, remote6, seq, Unreachable::Host));
+        let packets = sent(&cap);
+        // ICMP host unreachable from the destination, quoting the SYN: IPv4 header
+        // (protocol 6, app -> remote), then ports and sequence number.
+        let v4 = &packets[0];
+        assert_eq!((v4[20], v4[21]), (3, 1));
+        assert_eq!(&v4[12..16], &[198, 19, 2, 2]);
+        let q = &v4[28..];
+        assert_eq!(q[9], 6, "TCP");
+        assert_eq!(&q[12..16], &[198, 18, 0, 1]);
+        assert_eq!(&q[20..22], &40000u16.to_be_bytes());
+        assert_eq!(&q[22..24], &80u16.to_be_bytes());
+        assert_eq!(&q[24..28], &seq.to_be_bytes());
+        let v6 = &packets[1];
+        assert_eq!((v6[40], v6[41]), (1, 3));
+        let q6 = &v6[48..];
+        assert_eq!(q6[6], 6, "TCP");
+        assert_eq!(&q6[40..42], &40000u16.to_be_bytes());
+        assert_eq!(&q6[44..48], &seq.to_be_bytes());
+        let Some(TransportSlice::Icmpv4(icmp)) = SlicedPacket::from_ip(v4).unwrap().transport
+        else {
+            panic!()
+        };
+        assert_eq!(
+            icmp.checksum(),
+            icmp.header().icmp_type.calc_checksum(icmp.payload())
+        );
     }
 
     #[test]

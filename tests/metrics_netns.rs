@@ -134,7 +134,8 @@ fn metrics_move_while_a_flow_runs_and_a_refusal_shows_its_reply_code() -> Result
         sample(t, ACTIVE) == 0
     })?;
 
-    // A destination the proxy denies: reply 0x02, the application gets a reset.
+    // A destination the proxy denies: reply 0x02, the application gets ICMP
+    // "administratively prohibited" for its SYN (then a reset).
     let refused = app.within(|| {
         let r = TcpStream::connect_timeout(
             &SocketAddr::new(DENIED.into(), 80),
@@ -143,7 +144,7 @@ fn metrics_move_while_a_flow_runs_and_a_refusal_shows_its_reply_code() -> Result
         Ok(r.err().map(|e| e.kind()))
     })?;
     ensure!(
-        refused == Some(std::io::ErrorKind::ConnectionRefused),
+        refused == Some(std::io::ErrorKind::HostUnreachable),
         "a denied destination: {refused:?}"
     );
     let after = scrape_until(app, "the refusal was not counted", |t| {

@@ -206,25 +206,39 @@ async fn dead_proxy_means_connection_refused_at_once() {
 }
 
 #[tokio::test]
-async fn socks_error_reply_becomes_rst() {
-    // Our server refuses the destination with 0x02.
+async fn socks_error_reply_becomes_icmp_for_the_syn_then_rst() {
+    // Our server refuses the destination with 0x02 (not allowed).
     let server = TestServer::start(ServerConfig {
         deny: vec!["10.0.0.0/8".parse().unwrap()],
         ..ServerConfig::default()
     })
     .await;
     let mut h = Harness::start(&format!("socks5://{}", server.addr), StackConfig::default());
+    let seq = 0x1234_5678;
     h.send(segment(
         APP,
         "10.1.1.1:22".parse().unwrap(),
-        1,
+        seq,
         None,
         "S",
         b"",
     ))
     .await;
-    let r = h.recv(3000).await.expect("no answer");
-    assert!(r.rst && r.ack == Some(2), "{r:?}");
+    // First ICMP "communication administratively prohibited" from the destination,
+    // quoting the SYN (its sequence number: what the application's stack checks).
+    let icmp = tokio::time::timeout(Duration::from_secs(3), h.from_stack.recv())
+        .await
+        .expect("no answer")
+        .unwrap();
+    assert_eq!(&icmp[12..16], &[10, 1, 1, 1], "from the destination");
+    assert_eq!((icmp[9], icmp[20], icmp[21]), (1, 3, 13), "ICMP 3/13");
+    let quote = &icmp[28..];
+    assert_eq!(quote[9], 6, "quotes a TCP segment");
+    assert_eq!(&quote[22..24], &22u16.to_be_bytes());
+    assert_eq!(&quote[24..28], &seq.to_be_bytes());
+    // Then the reset, for a stack that does not take ICMP while connecting.
+    let r = h.recv(3000).await.expect("no reset");
+    assert!(r.rst && r.ack == Some(seq + 1), "{r:?}");
 }
 
 #[tokio::test]

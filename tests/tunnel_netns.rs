@@ -16,7 +16,7 @@ use tun2socks::testbed::namespace::join;
 use tun2socks::testbed::services::{
     ECHO_PORT, Services, UPLOAD_PORT, blob, echo_round_trip, sha256_hex, upload_sha256,
 };
-use tun2socks::testbed::topology::{PROXY_V4, TARGET_V4, TARGET_V6};
+use tun2socks::testbed::topology::{PROXY_OUT_V6, PROXY_V4, TARGET_V4, TARGET_V6};
 use tun2socks::testbed::tunnel::{
     PROXY_PORT, TUN_NAME, link_is_up, panics_in, proxy_addr, start_server, start_tunnel,
 };
@@ -272,18 +272,69 @@ fn proxy_down_means_connection_refused_within_a_second() {
     net.assert_no_panics();
 }
 
+/// A SOCKS5 error reply reaches the application as the kernel's own path would
+/// report the same failure: an ICMP error for its SYN where the reply says why
+/// (0x02 not allowed: "administratively prohibited"; 0x03: network unreachable;
+/// 0x04: host unreachable), a reset where it does not (0x05, refused), each at once.
 #[test]
-fn socks_error_reply_resets_the_connection() {
-    root_test!("socks_error_reply_resets_the_connection");
-    let deny = format!("{TARGET_V4}/32");
-    let net = Net::ours("deny", &["--deny", &deny], &socks5_url(), &[]);
-    let (r, took) = in_ns(net.app(), || async {
-        Ok(try_connect(target(TARGET_V4, ECHO_PORT)).await)
-    })
+fn socks_error_replies_reach_the_application_as_the_kernel_reports_them() {
+    root_test!("socks_error_replies_reach_the_application_as_the_kernel_reports_them");
+    // The v4 target, and the proxy's own v6 address on the target link.
+    let deny = [format!("{TARGET_V4}/32"), format!("{PROXY_OUT_V6}/128")];
+    let net = Net::ours(
+        "deny",
+        &["--deny", &deny[0], "--deny", &deny[1]],
+        &socks5_url(),
+        &[],
+    );
+    // Host unreachable at the proxy: an "unreachable" route answers its connect with
+    // EHOSTUNREACH at once. Network unreachable: the proxy has no route at all.
+    let proxy = net.topo.proxy();
+    proxy
+        .ip(["route", "add", "unreachable", "198.19.4.0/24"])
+        .unwrap();
+    proxy
+        .ip(["-6", "route", "add", "unreachable", "fd19:4::/64"])
+        .unwrap();
+    let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let cases = [
+        // 0x02: EHOSTUNREACH (ICMP 3/13) over IPv4, EACCES (ICMPv6 1/1) over IPv6.
+        (target(TARGET_V4, ECHO_PORT), io::ErrorKind::HostUnreachable),
+        (
+            target(PROXY_OUT_V6, ECHO_PORT),
+            io::ErrorKind::PermissionDenied,
+        ),
+        (
+            target(v6("198.19.3.3"), 80),
+            io::ErrorKind::NetworkUnreachable,
+        ),
+        (
+            target(v6("fd19:3::3"), 80),
+            io::ErrorKind::NetworkUnreachable,
+        ),
+        (target(v6("198.19.4.4"), 80), io::ErrorKind::HostUnreachable),
+        (target(v6("fd19:4::4"), 80), io::ErrorKind::HostUnreachable),
+    ];
+    for (dst, expected) in cases {
+        let (r, took) =
+            in_ns(net.app(), move || async move { Ok(try_connect(dst).await) }).unwrap();
+        assert_eq!(r.map(|_| ()).unwrap_err().kind(), expected, "{dst}");
+        assert!(took < Duration::from_secs(1), "{dst}: {took:?}");
+    }
+    // 0x05: a reset, as the destination's own stack sends it (nothing listens on
+    // port 9).
+    let closed = target(TARGET_V6, 9);
+    let (r, took) = in_ns(
+        net.app(),
+        move || async move { Ok(try_connect(closed).await) },
+    )
     .unwrap();
-    assert_eq!(r.unwrap_err().kind(), io::ErrorKind::ConnectionRefused);
+    assert_eq!(
+        r.map(|_| ()).unwrap_err().kind(),
+        io::ErrorKind::ConnectionRefused
+    );
     assert!(took < Duration::from_secs(1), "{took:?}");
-    // Only the denied destination is refused.
+    // Only the denied destinations are refused.
     in_ns(net.app(), || echo_once(target(TARGET_V6, ECHO_PORT))).unwrap();
     net.assert_no_panics();
 }

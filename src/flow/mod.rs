@@ -63,6 +63,9 @@ pub struct TcpFlow {
     /// Where the proxy is asked to connect: the destination address, or a name (a
     /// fake-IP destination, which the proxy resolves).
     pub target: crate::socks::Address,
+    /// The sequence number of the application's SYN (an ICMP error about the
+    /// connection attempt quotes it).
+    pub syn_seq: u32,
     /// A set holding exactly the flow's TCP socket. Per-flow sets keep every stack
     /// operation O(1) in the number of flows (smoltcp walks the whole set on egress).
     sockets: Mutex<SocketSet<'static>>,
@@ -86,6 +89,7 @@ impl TcpFlow {
     pub fn new(
         id: FlowId,
         tuple: FourTuple,
+        syn_seq: u32,
         target: crate::socks::Address,
         sockets: SocketSet<'static>,
         handle: SocketHandle,
@@ -94,6 +98,7 @@ impl TcpFlow {
         TcpFlow {
             id,
             tuple,
+            syn_seq,
             target,
             sockets: Mutex::new(sockets),
             handle,

@@ -229,6 +229,7 @@ impl<D: PacketIo> Stack<D> {
             upstream,
             signal: Arc::new(Signal::default()),
             stats: stats.clone(),
+            egress: egress.clone(),
             failures: BurstLog::new(Duration::from_secs(5)),
             dials: Semaphore::new(CONCURRENT_DIALS),
         });

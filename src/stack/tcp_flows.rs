@@ -106,6 +106,7 @@ impl<D: PacketIo> Stack<D> {
         let flow = Arc::new(TcpFlow::new(
             id,
             tuple,
+            syn_seq(syn),
             target,
             sockets,
             handle,
@@ -176,6 +177,18 @@ impl<D: PacketIo> Stack<D> {
             self.timers.schedule(id, at.max(now + MIN_TIMER));
         }
     }
+}
+
+/// The sequence number of the TCP segment in the IP packet `packet` (0 if it cannot
+/// be read: the stack has parsed the packet before, so it can).
+fn syn_seq(packet: &[u8]) -> u32 {
+    etherparse::SlicedPacket::from_ip(packet)
+        .ok()
+        .and_then(|p| match p.transport {
+            Some(etherparse::TransportSlice::Tcp(tcp)) => Some(tcp.sequence_number()),
+            _ => None,
+        })
+        .unwrap_or(0)
 }
 
 fn ip_of(ip: IpAddr) -> smoltcp::wire::IpAddress {

@@ -200,6 +200,18 @@ impl UpstreamError {
         }
     }
 
+    /// The SOCKS5 reply code the proxy refused the request with, if it did (not for
+    /// SOCKS4, whose one refusal code says nothing of why).
+    pub fn reply(&self) -> Option<socks::ReplyCode> {
+        match self {
+            UpstreamError::Protocol {
+                source: socks::Error::Rejected { reply },
+                ..
+            } => Some(*reply),
+            _ => None,
+        }
+    }
+
     /// True when the proxy itself could not be reached (as opposed to the proxy
     /// refusing or failing the request).
     pub fn proxy_unreachable(&self) -> bool {

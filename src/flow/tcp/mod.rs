@@ -28,7 +28,9 @@ use socket2::SockRef;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{BurstLog, Signal, TcpFlow};
+use crate::egress::{Egress, Unreachable};
 use crate::metrics::{Metrics, SocksCommand};
+use crate::socks::ReplyCode;
 use crate::upstream::{Connected, Upstream, UpstreamError};
 use pump::Pump;
 
@@ -41,6 +43,8 @@ pub struct FlowContext {
     pub signal: Arc<Signal>,
     /// Shared counters.
     pub stats: Arc<Metrics>,
+    /// Packets the stack builds itself (an ICMP error for a refused SYN).
+    pub egress: Arc<Egress>,
     /// Rate limit for "cannot reach the proxy" messages.
     pub failures: BurstLog,
     /// Places for CONNECTs in progress. A flow waiting for one costs its paused SYN
@@ -83,6 +87,16 @@ pub async fn run(
         Err(FlowError::Upstream(e)) => {
             cx.stats.flows.failed.fetch_add(1, Ordering::Relaxed);
             cx.stats.socks.record(SocksCommand::Connect, &e);
+            // Why the proxy could not connect, told as the kernel's own path tells
+            // it, where the reply says why: an ICMP error for the SYN (the
+            // application's connect fails with "no route to host" or "network is
+            // unreachable" at once). The reset follows either way, for a stack that
+            // does not take the ICMP error while connecting; one that did has no
+            // socket left for it.
+            if let Some(why) = e.reply().and_then(unreachable_for) {
+                cx.egress
+                    .tcp_unreachable(flow.tuple.src, flow.tuple.dst, flow.syn_seq, why);
+            }
             abort_socket(&flow);
             match cx.failures.check(std::time::Instant::now()) {
                 Some(suppressed) if e.proxy_unreachable() => tracing::warn!(
@@ -99,6 +113,20 @@ pub async fn run(
         }
     }
     cx.signal.finished(&flow);
+}
+
+/// The ICMP error a SOCKS5 refusal becomes (`None`: a reset only). "Connection
+/// refused" is a reset, as the destination's own stack sends it; a general failure
+/// or an unsupported command or address type says nothing of the path.
+fn unreachable_for(reply: ReplyCode) -> Option<Unreachable> {
+    match reply {
+        ReplyCode::NOT_ALLOWED => Some(Unreachable::Prohibited),
+        ReplyCode::NETWORK_UNREACHABLE => Some(Unreachable::Net),
+        // A TTL that expired on the way: the path to the host failed, as a
+        // router's ICMP time exceeded says (Linux reports both as EHOSTUNREACH).
+        ReplyCode::HOST_UNREACHABLE | ReplyCode::TTL_EXPIRED => Some(Unreachable::Host),
+        _ => None,
+    }
 }
 
 fn abort_socket(flow: &TcpFlow) {
