@@ -540,3 +540,61 @@ async fn a_reset_during_a_pending_connect_releases_the_flow_and_its_proxy_socket
 
 #[path = "stack_memory/buffers.rs"]
 mod buffers;
+
+/// `--dns fake-ip`: a TCP connection to port 53 is answered in the tunnel (the proxy
+/// here is dead): SYN-ACK at once, a framed query gets its framed fake answer, and
+/// the application's FIN is answered with ours.
+#[tokio::test]
+async fn fake_ip_answers_dns_over_tcp_in_the_tunnel() {
+    let config = StackConfig {
+        dns: tun2socks::dns::DnsConfig {
+            mode: tun2socks::dns::DnsMode::FakeIp,
+            fake_pools: tun2socks::dns::DnsConfig::default_pools(),
+            ..Default::default()
+        },
+        ..StackConfig::default()
+    };
+    let mut h = Harness::start(&dead_proxy(), config);
+    let resolver: SocketAddr = "203.0.113.53:53".parse().unwrap();
+    h.send(segment(APP, resolver, 100, None, "S", b"")).await;
+    let syn_ack = h.recv(2000).await.expect("no answer to the SYN");
+    assert!(syn_ack.syn && !syn_ack.rst, "{syn_ack:?}");
+    let mut ours = syn_ack.seq.wrapping_add(1);
+    let query = a_query("example.test");
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&query);
+    h.send(segment(APP, resolver, 101, Some(ours), "", b"")).await;
+    h.send(segment(APP, resolver, 101, Some(ours), "", &framed))
+        .await;
+    let mut got = Vec::new();
+    while got.len() < 2 || got.len() < 2 + usize::from(u16::from_be_bytes([got[0], got[1]])) {
+        let s = h.recv(2000).await.expect("no answer over TCP");
+        assert!(!s.rst, "{s:?}");
+        if !s.payload.is_empty() {
+            ours = s.seq.wrapping_add(s.payload.len() as u32);
+            got.extend_from_slice(&s.payload);
+        }
+    }
+    let answer = &got[2..];
+    assert_eq!(&answer[..2], &[0x12, 0x34], "the client's ID");
+    assert_eq!(answer[3] & 0x0f, 0, "NOERROR");
+    assert_eq!(&answer[answer.len() - 4..], &[198, 18, 128, 1]);
+    // The application closes; the tunnel closes too.
+    let at = 101 + framed.len() as u32;
+    h.send(segment(APP, resolver, at, Some(ours), "F", b"")).await;
+    let mut fin = false;
+    for _ in 0..4 {
+        match h.recv(2000).await {
+            Some(s) if s.fin => {
+                fin = true;
+                break;
+            }
+            Some(s) => assert!(!s.rst, "{s:?}"),
+            None => break,
+        }
+    }
+    assert!(fin, "no FIN from the tunnel");
+    let stats = h.stop().await;
+    assert_eq!(stats.dns.answered_fake, 1);
+    assert_eq!(stats.flows_failed, 0);
+}

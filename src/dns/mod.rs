@@ -433,6 +433,39 @@ impl Dns {
         Ok(out)
     }
 
+    /// One query an application sent over TCP to port 53 at `dst` (fake-ip mode,
+    /// which answers those in the tunnel too): the answer to frame and send back, as
+    /// [`Dns::on_query`] decides it; a query it sends on goes over TCP, its whole
+    /// answer returned (no truncation: the client asked over TCP), SERVFAIL if that
+    /// fails. `None`: not a query at all; the connection is to be closed.
+    pub async fn answer_stream(
+        &self,
+        query: &[u8],
+        src: SocketAddr,
+        dst: SocketAddr,
+    ) -> Option<Vec<u8>> {
+        match self.on_query(query, src, dst, Instant::now()) {
+            Decision::Answer(answer) => Some(answer),
+            Decision::Tcp { resolver } | Decision::Relay { resolver } => {
+                match self.tcp.exchange(resolver, query).await {
+                    Ok(answer) => {
+                        bump(&self.metrics.dns.tcp_answers);
+                        Some(answer)
+                    }
+                    Err(e) => {
+                        bump(&self.metrics.dns.tcp_errors);
+                        tracing::debug!(error = %e, %resolver, "DNS over TCP failed");
+                        self.servfail(query)
+                    }
+                }
+            }
+            Decision::Drop(why) => {
+                tracing::debug!(why, "not a DNS query; closing the connection");
+                None
+            }
+        }
+    }
+
     /// A SERVFAIL answer to `query` (for a query over TCP that failed); `None` if the
     /// query does not decode.
     pub fn servfail(&self, query: &[u8]) -> Option<Vec<u8>> {

@@ -57,7 +57,7 @@ use smoltcp::wire::HardwareAddress;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::dns::Dns;
+use crate::dns::{Dns, DnsMode};
 use crate::egress::Egress;
 use crate::flow::buffers::Buffers;
 use crate::flow::tcp::FlowContext;
@@ -205,6 +205,7 @@ impl<D: PacketIo> Stack<D> {
             stats.clone(),
             &shared.fake_ips,
         ));
+        let local_dns = (dns.mode() == DnsMode::FakeIp).then(|| dns.clone());
         let datagrams = Datagrams::new(
             upstream.clone(),
             egress.clone(),
@@ -230,6 +231,7 @@ impl<D: PacketIo> Stack<D> {
             signal: Arc::new(Signal::default()),
             stats: stats.clone(),
             egress: egress.clone(),
+            local_dns,
             failures: BurstLog::new(Duration::from_secs(5)),
             dials: Semaphore::new(CONCURRENT_DIALS),
         });

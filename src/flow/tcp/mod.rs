@@ -14,6 +14,7 @@
 //! end every flow idle that long). A flow that moved no byte either way for
 //! `idle_timeout` is reset on both sides.
 
+mod local_dns;
 mod pump;
 
 use std::future::poll_fn;
@@ -28,6 +29,7 @@ use socket2::SockRef;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{BurstLog, Signal, TcpFlow};
+use crate::dns::{DNS_PORT, Dns};
 use crate::egress::{Egress, Unreachable};
 use crate::metrics::{Metrics, SocksCommand};
 use crate::socks::ReplyCode;
@@ -45,6 +47,9 @@ pub struct FlowContext {
     pub stats: Arc<Metrics>,
     /// Packets the stack builds itself (an ICMP error for a refused SYN).
     pub egress: Arc<Egress>,
+    /// With `--dns fake-ip`: connections to port 53 are answered in the tunnel by
+    /// this DNS module ([`local_dns`]) instead of going to the proxy.
+    pub local_dns: Option<Arc<Dns>>,
     /// Rate limit for "cannot reach the proxy" messages.
     pub failures: BurstLog,
     /// Places for CONNECTs in progress. A flow waiting for one costs its paused SYN
@@ -139,6 +144,14 @@ async fn serve(
     cx: &FlowContext,
     pending: OwnedSemaphorePermit,
 ) -> Result<(u64, u64), FlowError> {
+    if let Some(dns) = cx
+        .local_dns
+        .as_ref()
+        .filter(|_| flow.tuple.dst.port() == DNS_PORT)
+    {
+        drop(pending);
+        return local_dns::serve(flow, cx, dns).await;
+    }
     // The application may give up (reset) while the proxy is still connecting: then
     // the CONNECT is abandoned at once, and its socket closed.
     let connected = tokio::select! {
