@@ -211,15 +211,19 @@ fn options(idle: Option<Duration>, keepalive: Option<Duration>) -> DialOptions {
     }
 }
 
-/// Sends `data` on `conn` and waits for the echo; acknowledges it.
-async fn echo(h: &mut Harness, conn: &mut Conn, data: &[u8]) {
+/// Sends `data` on `conn` and waits for the echo; acknowledges it. Returns the
+/// segments for other connections that arrived meanwhile (a reset of another flow
+/// may come while this one waits for its echo).
+async fn echo(h: &mut Harness, conn: &mut Conn, data: &[u8]) -> Vec<Segment> {
     h.send(segment(conn.src, DST, conn.seq, conn.ack, "A", data))
         .await;
     conn.seq = conn.seq.wrapping_add(data.len() as u32);
     let mut got = 0;
+    let mut others = Vec::new();
     while got < data.len() {
         let s = h.recv(3000).await.expect("no echo");
         if s.dst != conn.src {
+            others.push(s);
             continue;
         }
         assert!(!s.rst, "the active flow was reset");
@@ -230,6 +234,7 @@ async fn echo(h: &mut Harness, conn: &mut Conn, data: &[u8]) {
     }
     h.send(segment(conn.src, DST, conn.seq, conn.ack, "A", b""))
         .await;
+    others
 }
 
 #[tokio::test]
@@ -243,12 +248,16 @@ async fn an_idle_flow_is_reset_both_ways_and_an_active_one_is_not() {
     let mut quiet_reset = None;
     // The busy flow talks every 300 ms for 3.5 s: more than twice the limit.
     while started.elapsed() < Duration::from_millis(3500) {
-        echo(&mut h, &mut busy, b"ping").await;
+        let during = echo(&mut h, &mut busy, b"ping").await;
         let pause = Instant::now() + Duration::from_millis(300);
-        while let Some(s) = h
-            .recv(pause.saturating_duration_since(Instant::now()).as_millis() as u64)
-            .await
-        {
+        let mut seen = during.into_iter();
+        while let Some(s) = match seen.next() {
+            Some(s) => Some(s),
+            None => {
+                h.recv(pause.saturating_duration_since(Instant::now()).as_millis() as u64)
+                    .await
+            }
+        } {
             assert!(
                 !(s.rst && s.dst == busy.src),
                 "the active flow was reset: {s:?}"
