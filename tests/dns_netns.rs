@@ -4,14 +4,15 @@
 //! the UDP association, over TCP through SOCKS CONNECT, or from the fake-IP pool.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use tun2socks::metrics::Snapshot;
 use tun2socks::require_or_skip;
-use tun2socks::testbed::dns_client::{DnsResponse, TYPE_A, TYPE_AAAA, build_query, parse_response};
+use tun2socks::testbed::dns_client::{TYPE_A, TYPE_AAAA, dns_query_tcp};
 use tun2socks::testbed::dnsmasq::{
     BIG_TXT_NAME, DigTransport, Dnsmasq, HUGE_TXT_NAME, PROXY_ONLY_NAME, TARGET_NAME, TXT_NAME,
     TXT_VALUE, default_records, dig, dig_raw, huge_txt_strings, set_proxy_only_name,
@@ -281,10 +282,21 @@ fn fake_ip_lets_the_proxy_resolve_names() -> Result<()> {
         ensure!(&over_tcp == expected, "{qtype} over TCP: {over_tcp:?}");
     }
     // Two queries pipelined on one connection, answered in order.
-    let (first, second) = net.app().within(pipelined_pair)?;
+    let answers = dns_query_tcp(
+        net.app(),
+        SocketAddr::new(NOWHERE, 53),
+        &[(PROXY_ONLY_NAME, TYPE_A), (PROXY_ONLY_NAME, TYPE_AAAA)],
+        Duration::from_secs(5),
+    )?;
     ensure!(
-        first.addresses() == [fake] && second.addresses().len() == 1,
-        "{first:?} {second:?}"
+        answers.len() == 2
+            && answers[0].addresses() == [fake]
+            && answers[1]
+                .addresses()
+                .iter()
+                .map(ToString::to_string)
+                .eq(aaaa.iter().cloned()),
+        "{answers:?}"
     );
     ensure!(
         net.dnsmasq.queries()? == 0,
@@ -344,40 +356,6 @@ fn fake_ip_lets_the_proxy_resolve_names() -> Result<()> {
     ensure!(stat(&log, "dns_answered_fake") > 0, "{log}");
     ensure!(stat(&log, "dns_fake_unknown") == 1, "{log}");
     Ok(())
-}
-
-/// A and AAAA for the proxy-only name, sent back to back over one TCP connection to
-/// a resolver that does not exist; both answers, in order.
-fn pipelined_pair() -> std::io::Result<(DnsResponse, DnsResponse)> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect_timeout(
-        &std::net::SocketAddr::new(NOWHERE, 53),
-        std::time::Duration::from_secs(5),
-    )?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-    let mut out = Vec::new();
-    for (id, qtype) in [(0x1111, TYPE_A), (0x2222, TYPE_AAAA)] {
-        let query = build_query(id, PROXY_ONLY_NAME, qtype)?;
-        out.extend_from_slice(&u16::try_from(query.len()).unwrap().to_be_bytes());
-        out.extend_from_slice(&query);
-    }
-    stream.write_all(&out)?;
-    let mut read_one = || -> std::io::Result<DnsResponse> {
-        let mut len = [0u8; 2];
-        stream.read_exact(&mut len)?;
-        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        stream.read_exact(&mut body)?;
-        parse_response(&body).ok_or_else(|| std::io::Error::other("not a DNS response"))
-    };
-    let first = read_one()?;
-    let second = read_one()?;
-    if (first.id, second.id) != (0x1111, 0x2222) {
-        return Err(std::io::Error::other(format!(
-            "answers out of order: {:#x} {:#x}",
-            first.id, second.id
-        )));
-    }
-    Ok((first, second))
 }
 
 #[test]

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::dns::{DnsConfig, DnsMode};
 use crate::testbed::Namespace;
-use crate::testbed::dns_client::{DnsResponse, TYPE_A, TYPE_AAAA, TYPE_TXT, dns_query};
+use crate::testbed::dns_client::{
+    DnsResponse, TYPE_A, TYPE_AAAA, TYPE_TXT, dns_query, dns_query_tcp,
+};
 use crate::testbed::dnsmasq::{
     DNS_PORT, Dnsmasq, PROXY_ONLY_NAME, TARGET_NAME, TXT_NAME, TXT_VALUE,
 };
@@ -105,6 +107,12 @@ fn fake_ip_rows(app: &Namespace, prefix: &str, dnsmasq: Option<&Dnsmasq>) -> Vec
     let fakes = fake_answers(app, dnsmasq);
     let name = format!("{prefix} A + AAAA from the pool, any resolver address");
     rows.push((name, fakes.as_deref().map(describe).map_err(String::clone)));
+    let name = format!("{prefix} A + AAAA over TCP (pipelined): the same fake addresses");
+    let result = match &fakes {
+        Ok(fakes) => fakes_over_tcp(app, fakes),
+        Err(e) => Err(format!("no fake addresses over UDP: {e}")),
+    };
+    rows.push((name, result));
     let name = format!("{prefix} TXT relayed over TCP");
     let result = match dnsmasq {
         Some(_) => txt(app),
@@ -152,6 +160,24 @@ fn fake_answers(app: &Namespace, dnsmasq: Option<&Dnsmasq>) -> Result<Vec<IpAddr
         }
     }
     Ok(fakes)
+}
+
+/// A and AAAA of [`PROXY_ONLY_NAME`] asked over one TCP connection (both queries sent
+/// before the first answer): answered in the tunnel with the addresses UDP got.
+fn fakes_over_tcp(app: &Namespace, fakes: &[IpAddr]) -> Result<String, String> {
+    let started = Instant::now();
+    let answers = dns_query_tcp(
+        app,
+        SocketAddr::new(NOWHERE.into(), DNS_PORT),
+        &[(PROXY_ONLY_NAME, TYPE_A), (PROXY_ONLY_NAME, TYPE_AAAA)],
+        QUERY_TIMEOUT,
+    )
+    .map_err(|e| e.to_string())?;
+    let got: Vec<IpAddr> = answers.iter().flat_map(DnsResponse::addresses).collect();
+    if got != fakes {
+        return Err(format!("{got:?} over TCP, {fakes:?} over UDP"));
+    }
+    Ok(format!("{} in {}", describe(&got), ms(started.elapsed())))
 }
 
 /// A TXT query (not answered from the pool) goes to dnsmasq over TCP.

@@ -192,6 +192,54 @@ pub fn dns_query(
     }
 }
 
+/// Queries over one TCP connection to `server` from `ns` (RFC 7766 framing), all
+/// sent back to back (pipelined) before the first answer is read; returns the
+/// answers in the order they came, each checked against its query's ID in order.
+pub fn dns_query_tcp(
+    ns: &Namespace,
+    server: SocketAddr,
+    queries: &[(&str, u16)],
+    timeout: Duration,
+) -> io::Result<Vec<DnsResponse>> {
+    use std::io::{Read, Write};
+    let mut framed = Vec::new();
+    let mut ids = Vec::new();
+    for (i, (name, qtype)) in queries.iter().enumerate() {
+        let id = 0x7100_u16.wrapping_add(u16::try_from(i).unwrap_or(u16::MAX));
+        let query = build_query(id, name, *qtype)?;
+        let len = u16::try_from(query.len()).map_err(io::Error::other)?;
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(&query);
+        ids.push(id);
+    }
+    let mut stream = ns.within(move || std::net::TcpStream::connect_timeout(&server, timeout))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream
+        .write_all(&framed)
+        .map_err(context(format!("dns: send to {server} over TCP")))?;
+    let mut answers = Vec::new();
+    for id in ids {
+        let mut len = [0u8; 2];
+        stream
+            .read_exact(&mut len)
+            .map_err(context(format!("dns: answer from {server} over TCP")))?;
+        let mut body = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream
+            .read_exact(&mut body)
+            .map_err(context(format!("dns: answer from {server} over TCP")))?;
+        let response = parse_response(&body)
+            .ok_or_else(|| io::Error::other(format!("dns: not a DNS response from {server}")))?;
+        if response.id != id {
+            return Err(io::Error::other(format!(
+                "dns: answer {:#06x} from {server}, expected {id:#06x} (out of order)",
+                response.id
+            )));
+        }
+        answers.push(response);
+    }
+    Ok(answers)
+}
+
 /// What a query-rate run saw.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueryRateReport {
