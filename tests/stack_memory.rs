@@ -418,16 +418,21 @@ fn a_query(name: &str) -> Vec<u8> {
     q
 }
 
-#[tokio::test]
-async fn fake_ip_answers_through_the_stack_and_unknown_fake_addresses_are_reset() {
-    let config = StackConfig {
+/// The defaults with `--dns fake-ip` and the default pools.
+fn fake_ip_config() -> StackConfig {
+    StackConfig {
         dns: tun2socks::dns::DnsConfig {
             mode: tun2socks::dns::DnsMode::FakeIp,
             fake_pools: tun2socks::dns::DnsConfig::default_pools(),
             ..Default::default()
         },
         ..StackConfig::default()
-    };
+    }
+}
+
+#[tokio::test]
+async fn fake_ip_answers_through_the_stack_and_unknown_fake_addresses_are_reset() {
+    let config = fake_ip_config();
     let mut h = Harness::start(&dead_proxy(), config);
     // Any address on port 53: the tunnel answers, from the address asked.
     let resolver: SocketAddr = "203.0.113.53:53".parse().unwrap();
@@ -546,14 +551,7 @@ mod buffers;
 /// the application's FIN is answered with ours.
 #[tokio::test]
 async fn fake_ip_answers_dns_over_tcp_in_the_tunnel() {
-    let config = StackConfig {
-        dns: tun2socks::dns::DnsConfig {
-            mode: tun2socks::dns::DnsMode::FakeIp,
-            fake_pools: tun2socks::dns::DnsConfig::default_pools(),
-            ..Default::default()
-        },
-        ..StackConfig::default()
-    };
+    let config = fake_ip_config();
     let mut h = Harness::start(&dead_proxy(), config);
     let resolver: SocketAddr = "203.0.113.53:53".parse().unwrap();
     h.send(segment(APP, resolver, 100, None, "S", b"")).await;
@@ -563,7 +561,8 @@ async fn fake_ip_answers_dns_over_tcp_in_the_tunnel() {
     let query = a_query("example.test");
     let mut framed = (query.len() as u16).to_be_bytes().to_vec();
     framed.extend_from_slice(&query);
-    h.send(segment(APP, resolver, 101, Some(ours), "", b"")).await;
+    h.send(segment(APP, resolver, 101, Some(ours), "", b""))
+        .await;
     h.send(segment(APP, resolver, 101, Some(ours), "", &framed))
         .await;
     let mut got = Vec::new();
@@ -581,7 +580,8 @@ async fn fake_ip_answers_dns_over_tcp_in_the_tunnel() {
     assert_eq!(&answer[answer.len() - 4..], &[198, 18, 128, 1]);
     // The application closes; the tunnel closes too.
     let at = 101 + framed.len() as u32;
-    h.send(segment(APP, resolver, at, Some(ours), "F", b"")).await;
+    h.send(segment(APP, resolver, at, Some(ours), "F", b""))
+        .await;
     let mut fin = false;
     for _ in 0..4 {
         match h.recv(2000).await {

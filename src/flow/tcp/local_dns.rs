@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use smoltcp::socket::tcp;
 
-use super::{FlowContext, FlowError, app_established, set_keepalive};
+use super::{FlowContext, FlowError, accept_app};
 use crate::dns::Dns;
 use crate::dns::frames::Frames;
 use crate::flow::{Signal, TcpFlow};
@@ -34,20 +34,7 @@ pub(super) async fn serve(
     cx: &FlowContext,
     dns: &Dns,
 ) -> Result<(u64, u64), FlowError> {
-    {
-        let mut sockets = flow.sockets();
-        let socket = sockets.get_mut::<tcp::Socket>(flow.handle);
-        if socket.state() != tcp::State::SynReceived {
-            return Err(FlowError::AppReset);
-        }
-        if let Some(every) = cx.upstream.options().keepalive {
-            set_keepalive(socket, every);
-        }
-        flow.open_buffers(socket, Instant::now());
-        socket.pause_synack(false);
-    }
-    cx.signal.mark(flow);
-    app_established(flow, cx.upstream.options().keepalive).await?;
+    accept_app(flow, cx).await?;
     tracing::debug!("DNS over TCP answered in the tunnel");
     let mut frames = Frames::default();
     let (mut up, mut down) = (0u64, 0u64);

@@ -162,21 +162,7 @@ async fn serve(
     drop(pending);
     cx.stats.flows.connected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(bound = %connected.bound, "connected");
-    {
-        let mut sockets = flow.sockets();
-        let socket = sockets.get_mut::<tcp::Socket>(flow.handle);
-        if socket.state() != tcp::State::SynReceived {
-            // The application gave up while we were connecting.
-            return Err(FlowError::AppReset);
-        }
-        if let Some(every) = cx.upstream.options().keepalive {
-            set_keepalive(socket, every);
-        }
-        flow.open_buffers(socket, std::time::Instant::now());
-        socket.pause_synack(false);
-    }
-    cx.signal.mark(flow);
-    app_established(flow, cx.upstream.options().keepalive).await?;
+    accept_app(flow, cx).await?;
     let mut pump = Pump {
         flow: flow.clone(),
         upstream: connected.stream,
@@ -198,6 +184,26 @@ async fn serve(
         let _ = SockRef::from(&pump.upstream).set_linger(Some(Duration::ZERO));
     }
     result.map(|()| (pump.up, pump.down))
+}
+
+/// Lets the paused SYN-ACK go (the flow's rings opened, keep-alive set) and waits
+/// for the application's side of the handshake.
+async fn accept_app(flow: &TcpFlow, cx: &FlowContext) -> Result<(), FlowError> {
+    {
+        let mut sockets = flow.sockets();
+        let socket = sockets.get_mut::<tcp::Socket>(flow.handle);
+        if socket.state() != tcp::State::SynReceived {
+            // The application gave up while we were connecting.
+            return Err(FlowError::AppReset);
+        }
+        if let Some(every) = cx.upstream.options().keepalive {
+            set_keepalive(socket, every);
+        }
+        flow.open_buffers(socket, std::time::Instant::now());
+        socket.pause_synack(false);
+    }
+    cx.signal.mark(flow);
+    app_established(flow, cx.upstream.options().keepalive).await
 }
 
 /// Waits for the application's side of the handshake (its ACK of our SYN-ACK; until
