@@ -113,7 +113,7 @@ fn check_class(packet: &[u8], class: Class, checksums_fixed: bool) {
         _ => return,
     };
     match (class, &sliced.transport) {
-        (Class::Tcp { tuple, syn }, Some(TransportSlice::Tcp(tcp))) => {
+        (Class::Tcp { tuple, syn, .. }, Some(TransportSlice::Tcp(tcp))) => {
             assert_eq!(
                 (tuple.src.ip(), tuple.dst.ip()),
                 (src, dst),

@@ -18,6 +18,8 @@ pub enum Class {
         tuple: FourTuple,
         /// Opens a new connection.
         syn: bool,
+        /// The segment's sequence number (a refused SYN's ICMP error quotes it).
+        seq: u32,
     },
     /// A UDP datagram whose length and checksum are right.
     Udp {
@@ -195,6 +197,7 @@ pub fn classify_offload(packet: &[u8], checksum_trusted: bool) -> Class {
             Ok(tuple) => Class::Tcp {
                 tuple,
                 syn: tcp.syn() && !tcp.ack() && !tcp.rst(),
+                seq: tcp.sequence_number(),
             },
             Err(reason) => Class::Drop(reason),
         },
@@ -252,7 +255,7 @@ mod tests {
 
     #[test]
     fn syn_opens_and_syn_ack_does_not() {
-        let Class::Tcp { tuple, syn } = classify(&tcp_v4(true, false)) else {
+        let Class::Tcp { tuple, syn, .. } = classify(&tcp_v4(true, false)) else {
             panic!()
         };
         assert!(syn);

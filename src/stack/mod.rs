@@ -421,7 +421,7 @@ impl<D: PacketIo> Stack<D> {
             Class::Tcp { .. } if ipv6_ext::has_extensions(packet) => {
                 self.dispatch_stripped(packet, class, hdr, now);
             }
-            Class::Tcp { tuple, syn } => match self.by_tuple.get(&tuple).copied() {
+            Class::Tcp { tuple, syn, seq } => match self.by_tuple.get(&tuple).copied() {
                 Some(id) => {
                     if let Some(flow) = self.flows.get(&id).cloned() {
                         let mut sockets = flow.sockets();
@@ -429,7 +429,7 @@ impl<D: PacketIo> Stack<D> {
                         self.dirty.push(id);
                     }
                 }
-                None if syn => self.open(tuple, packet, now),
+                None if syn => self.open(tuple, seq, packet, now),
                 // No such connection: smoltcp answers with RST.
                 None => self.refuse(packet, now),
             },

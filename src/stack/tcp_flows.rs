@@ -23,9 +23,9 @@ use crate::flow::{FlowId, FourTuple, TcpFlow};
 use crate::metrics::bump;
 
 impl<D: PacketIo> Stack<D> {
-    /// A SYN to a connection we do not have: give it a socket whose SYN-ACK waits for
-    /// the flow's upstream CONNECT, and start the flow.
-    pub(super) fn open(&mut self, tuple: FourTuple, syn: &[u8], now: Instant) {
+    /// A SYN (sequence number `seq`) to a connection we do not have: give it a socket
+    /// whose SYN-ACK waits for the flow's upstream CONNECT, and start the flow.
+    pub(super) fn open(&mut self, tuple: FourTuple, seq: u32, syn: &[u8], now: Instant) {
         if self.cx.upstream.is_proxy(tuple.dst) {
             // The proxy's own address through the tunnel would loop: refuse it.
             bump(&self.stats.flows.loops_refused);
@@ -106,7 +106,7 @@ impl<D: PacketIo> Stack<D> {
         let flow = Arc::new(TcpFlow::new(
             id,
             tuple,
-            syn_seq(syn),
+            seq,
             target,
             sockets,
             handle,
@@ -177,18 +177,6 @@ impl<D: PacketIo> Stack<D> {
             self.timers.schedule(id, at.max(now + MIN_TIMER));
         }
     }
-}
-
-/// The sequence number of the TCP segment in the IP packet `packet` (0 if it cannot
-/// be read: the stack has parsed the packet before, so it can).
-fn syn_seq(packet: &[u8]) -> u32 {
-    etherparse::SlicedPacket::from_ip(packet)
-        .ok()
-        .and_then(|p| match p.transport {
-            Some(etherparse::TransportSlice::Tcp(tcp)) => Some(tcp.sequence_number()),
-            _ => None,
-        })
-        .unwrap_or(0)
 }
 
 fn ip_of(ip: IpAddr) -> smoltcp::wire::IpAddress {
