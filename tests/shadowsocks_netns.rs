@@ -23,17 +23,17 @@ use tun2socks::require_or_skip;
 use tun2socks::testbed::dnsmasq::{
     DigTransport, Dnsmasq, PROXY_ONLY_NAME, TARGET_NAME, default_records, dig, set_proxy_only_name,
 };
+use tun2socks::testbed::local_proxy::LocalProxyNet;
 use tun2socks::testbed::namespace::join;
-use tun2socks::testbed::services::{ECHO_PORT, HTTP_PORT, Services, blob, sha256_hex};
+use tun2socks::testbed::services::{ECHO_PORT, HTTP_PORT, blob, sha256_hex};
 use tun2socks::testbed::shadowsocks::{Shadowsocks, require_shadowsocks};
-use tun2socks::testbed::tunnel::{start_tunnel, stop_cleanly};
 use tun2socks::testbed::udp::{CONE_REPLY_PORT, UDP_ECHO_PORT, UdpServices};
 use tun2socks::testbed::udp_client::{
     MIN_PAYLOAD, connected_socket, udp_cone_check, udp_echo_check,
 };
 use tun2socks::testbed::udp_probes::udp_expect_unreachable_from;
 use tun2socks::testbed::{
-    Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_program, require_root,
+    Namespace, TARGET_V4, TARGET_V6, Topology, require_program, require_root,
 };
 
 /// The HTTP blob and the echo payload: 1 MiB each.
@@ -60,77 +60,33 @@ macro_rules! needs {
     };
 }
 
-/// Fields drop in order: the tunnel, ss-local and ss-server, the services, the
-/// namespaces last.
-struct Net {
-    tunnel: Option<Process>,
-    ss: Shadowsocks,
-    dnsmasq: Option<Dnsmasq>,
-    _udp: Option<UdpServices>,
-    _services: Services,
-    topo: Topology,
+type Net = LocalProxyNet<Shadowsocks>;
+
+fn net(tag: &str) -> Result<Net> {
+    net_with(tag, |_| Ok(()))
 }
 
-impl Net {
-    fn new(tag: &str) -> Result<Net> {
-        Self::new_with(tag, |_| Ok(()))
-    }
+/// `prepare` runs before ss-server starts.
+fn net_with(tag: &str, prepare: impl FnOnce(&Topology) -> io::Result<()>) -> Result<Net> {
+    Ok(Net::start(
+        tag,
+        binary(),
+        (BLOB, SEED),
+        prepare,
+        Shadowsocks::start,
+    )?)
+}
 
-    /// `prepare` runs before ss-server starts (`ip netns exec` binds the namespace's
-    /// /etc/netns files when a process starts).
-    fn new_with(tag: &str, prepare: impl FnOnce(&Topology) -> io::Result<()>) -> Result<Net> {
-        Self::build(tag, prepare, Shadowsocks::start)
-    }
+/// As [`net`], with ss-local started without `-u`.
+fn net_without_local_udp(tag: &str) -> Result<Net> {
+    let start = Shadowsocks::start_without_local_udp;
+    Ok(Net::start(tag, binary(), (BLOB, SEED), |_| Ok(()), start)?)
+}
 
-    /// As [`Net::new`], with ss-local started without `-u`.
-    fn without_local_udp(tag: &str) -> Result<Net> {
-        Self::build(tag, |_| Ok(()), Shadowsocks::start_without_local_udp)
-    }
-
-    fn build(
-        tag: &str,
-        prepare: impl FnOnce(&Topology) -> io::Result<()>,
-        start: fn(&Namespace, &Namespace) -> io::Result<Shadowsocks>,
-    ) -> Result<Net> {
-        let topo = Topology::create(tag)?;
-        prepare(&topo)?;
-        let services = Services::start(topo.target(), BLOB, SEED)?;
-        let ss = start(topo.proxy(), topo.app())?;
-        Ok(Net {
-            tunnel: None,
-            ss,
-            dnsmasq: None,
-            _udp: None,
-            _services: services,
-            topo,
-        })
-    }
-
-    fn app(&self) -> &Namespace {
-        self.topo.app()
-    }
-
-    /// The tunnel on a device it creates, through ss-local's SOCKS port.
-    fn tunnel(&mut self, extra: &[&str]) -> Result<()> {
-        self.tunnel = Some(start_tunnel(
-            self.app(),
-            &binary(),
-            &Shadowsocks::url(),
-            extra,
-        )?);
-        Ok(())
-    }
-
-    /// Stops the tunnel with SIGTERM and returns its log (with the stats line).
-    fn stop_tunnel(&mut self) -> Result<String> {
-        Ok(stop_cleanly(self.tunnel.take().context("no tunnel")?)?)
-    }
-
-    /// How often ss-server logged a connection to `to` (`HOST:PORT`, `[V6]:PORT`).
-    fn server_connects(&self, to: &str) -> Result<usize> {
-        let log = self.ss.server().log()?;
-        Ok(log.matches(&format!("connect to {to}\n")).count())
-    }
+/// How often ss-server logged a connection to `to` (`HOST:PORT`, `[V6]:PORT`).
+fn server_connects(net: &Net, to: &str) -> Result<usize> {
+    let log = net.proxy.server().log()?;
+    Ok(log.matches(&format!("connect to {to}\n")).count())
 }
 
 fn stat(log: &str, name: &str) -> u64 {
@@ -168,12 +124,12 @@ fn tcp_through_shadowsocks_is_byte_exact_over_ipv4_and_ipv6() -> Result<()> {
         "tcp_through_shadowsocks_is_byte_exact_over_ipv4_and_ipv6",
         "curl"
     );
-    let mut net = Net::new("sstcp")?;
+    let mut net = net("sstcp")?;
     net.tunnel(&[])?;
     let expected = sha256_hex(&blob(BLOB, SEED));
     for host in [TARGET_V4.to_string(), format!("[{TARGET_V6}]")] {
         let got = curl_sha(net.app(), &host, None)
-            .with_context(|| format!("curl {host}\n{}", net.ss.logs()))?;
+            .with_context(|| format!("curl {host}\n{}", net.logs()))?;
         ensure!(
             got == expected,
             "HTTP from {host}: sha256 {got}, not {expected}"
@@ -188,7 +144,7 @@ fn tcp_through_shadowsocks_is_byte_exact_over_ipv4_and_ipv6() -> Result<()> {
             let mut stream = TcpStream::connect(dst).await?;
             echo_without_half_close(&mut stream, &sent).await
         }))
-        .with_context(|| format!("echo {dst}\n{}", net.ss.logs()))?;
+        .with_context(|| format!("echo {dst}\n{}", net.logs()))?;
         ensure!(back == data, "echo {dst}: the bytes differ");
     }
     // ss-server made each connection, once.
@@ -197,7 +153,7 @@ fn tcp_through_shadowsocks_is_byte_exact_over_ipv4_and_ipv6() -> Result<()> {
             format!("{TARGET_V4}:{port}"),
             format!("[{TARGET_V6}]:{port}"),
         ] {
-            let made = net.server_connects(&to)?;
+            let made = server_connects(&net, &to)?;
             ensure!(made == 1, "ss-server connected to {to} {made} times");
         }
     }
@@ -232,8 +188,8 @@ fn echo_tiny_datagrams(ns: &Namespace, dst: SocketAddr) -> Result<SocketAddr> {
 #[test]
 fn udp_through_ss_local_is_intact_over_ipv4_and_ipv6_and_full_cone() -> Result<()> {
     needs!("udp_through_ss_local_is_intact_over_ipv4_and_ipv6_and_full_cone");
-    let mut net = Net::new("ssudp")?;
-    net._udp = Some(UdpServices::start(net.topo.target())?);
+    let mut net = net("ssudp")?;
+    net.udp = Some(UdpServices::start(net.topo.target())?);
     net.tunnel(&[])?;
     // The probe sockets' own endpoints: a socket may be given the port of an earlier,
     // closed one, and then rightly shares its association (endpoint-independent
@@ -242,16 +198,16 @@ fn udp_through_ss_local_is_intact_over_ipv4_and_ipv6_and_full_cone() -> Result<(
     for ip in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
         let dst = target(ip, UDP_ECHO_PORT);
         let report = udp_echo_check(net.app(), dst, DATAGRAMS, MIN_PAYLOAD..=LARGEST_DATAGRAM)
-            .with_context(|| format!("{dst}\n{}", net.ss.logs()))?;
-        ensure!(report.all_ok(), "{dst}: {report}\n{}", net.ss.logs());
+            .with_context(|| format!("{dst}\n{}", net.logs()))?;
+        ensure!(report.all_ok(), "{dst}: {report}\n{}", net.logs());
         endpoints.extend(report.local);
         let tiny = echo_tiny_datagrams(net.app(), dst)
-            .with_context(|| format!("tiny datagrams to {dst}\n{}", net.ss.logs()))?;
+            .with_context(|| format!("tiny datagrams to {dst}\n{}", net.logs()))?;
         endpoints.insert(tiny);
         // The cone service answers from CONE_REPLY_PORT, a port this socket never
         // sent to: ss-server relays it, and the tunnel delivers it with that source.
         let cone = udp_cone_check(net.app(), ip)
-            .with_context(|| format!("cone via {ip}\n{}", net.ss.logs()))?;
+            .with_context(|| format!("cone via {ip}\n{}", net.logs()))?;
         ensure!(cone.from.port() == CONE_REPLY_PORT, "{cone:?}");
         endpoints.insert(cone.local);
     }
@@ -269,7 +225,7 @@ fn udp_through_ss_local_is_intact_over_ipv4_and_ipv6_and_full_cone() -> Result<(
         stat(&log, "udp_associations") == distinct,
         "{endpoints:?}\n{log}"
     );
-    let local_log = net.ss.local().log()?;
+    let local_log = net.proxy.local().log()?;
     let granted = local_log.matches("udp assc request accepted").count() as u64;
     ensure!(
         granted == distinct,
@@ -287,17 +243,17 @@ fn dns_over_ss_local_udp_and_fake_ip_names_that_only_ss_server_resolves() -> Res
         "curl"
     );
     // The name resolves in the proxy namespace only: ss-server must resolve it.
-    let mut net = Net::new_with("ssdns", |topo| set_proxy_only_name(topo, &[]))?;
+    let mut net = net_with("ssdns", |topo| set_proxy_only_name(topo, &[]))?;
     net.dnsmasq = Some(Dnsmasq::start(net.topo.target(), &default_records())?);
 
     // The default `--dns udp`: queries ride ss-local's UDP relay.
     net.tunnel(&[])?;
     for server in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
         let a = dig(net.app(), server, TARGET_NAME, "A", DigTransport::Udp)
-            .with_context(|| format!("A via {server}\n{}", net.ss.logs()))?;
+            .with_context(|| format!("A via {server}\n{}", net.logs()))?;
         ensure!(a == [TARGET_V4.to_string()], "A via {server}: {a:?}");
         let aaaa = dig(net.app(), server, TARGET_NAME, "AAAA", DigTransport::Udp)
-            .with_context(|| format!("AAAA via {server}\n{}", net.ss.logs()))?;
+            .with_context(|| format!("AAAA via {server}\n{}", net.logs()))?;
         ensure!(
             aaaa == [TARGET_V6.to_string()],
             "AAAA via {server}: {aaaa:?}"
@@ -313,7 +269,7 @@ fn dns_over_ss_local_udp_and_fake_ip_names_that_only_ss_server_resolves() -> Res
     let expected = sha256_hex(&blob(BLOB, SEED));
     for family in ["-4", "-6"] {
         let got = curl_sha(net.app(), PROXY_ONLY_NAME, Some(family))
-            .with_context(|| format!("curl {family} {PROXY_ONLY_NAME}\n{}", net.ss.logs()))?;
+            .with_context(|| format!("curl {family} {PROXY_ONLY_NAME}\n{}", net.logs()))?;
         ensure!(
             got == expected,
             "curl {family}: sha256 {got}, not {expected}"
@@ -323,11 +279,11 @@ fn dns_over_ss_local_udp_and_fake_ip_names_that_only_ss_server_resolves() -> Res
     ensure!(stat(&log, "dns_answered_fake") >= 2, "{log}");
     // The name went through ss-local to ss-server as a name, never to a resolver.
     let by_name = format!("{PROXY_ONLY_NAME}:{HTTP_PORT}");
-    let made = net.server_connects(&by_name)?;
+    let made = server_connects(&net, &by_name)?;
     ensure!(
         made == 2,
         "ss-server got the name {made} times, not 2\n{}",
-        net.ss.logs()
+        net.logs()
     );
     let asked = net.dnsmasq.as_ref().unwrap().queries_for(PROXY_ONLY_NAME)?;
     ensure!(asked == 0, "the name left the machine: {asked} queries");
@@ -344,8 +300,8 @@ fn udp_through_ss_local_without_u_is_answered_with_port_unreachable() -> Result<
         "udp_through_ss_local_without_u_is_answered_with_port_unreachable",
         "curl"
     );
-    let mut net = Net::without_local_udp("ssnoudp")?;
-    net._udp = Some(UdpServices::start(net.topo.target())?);
+    let mut net = net_without_local_udp("ssnoudp")?;
+    net.udp = Some(UdpServices::start(net.topo.target())?);
     net.tunnel(&[])?;
     let mut endpoints = std::collections::HashSet::new();
     for ip in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
@@ -353,7 +309,7 @@ fn udp_through_ss_local_without_u_is_answered_with_port_unreachable() -> Result<
         for attempt in 0..3 {
             let (took, local) =
                 udp_expect_unreachable_from(net.app(), dst, std::time::Duration::from_secs(2))
-                    .with_context(|| format!("{dst}, attempt {attempt}\n{}", net.ss.logs()))?;
+                    .with_context(|| format!("{dst}, attempt {attempt}\n{}", net.logs()))?;
             endpoints.insert(local);
             ensure!(
                 took < std::time::Duration::from_millis(500),

@@ -21,16 +21,14 @@ use tun2socks::require_or_skip;
 use tun2socks::testbed::dnsmasq::{
     DigTransport, Dnsmasq, PROXY_ONLY_NAME, TARGET_NAME, default_records, dig, set_proxy_only_name,
 };
+use tun2socks::testbed::local_proxy::LocalProxyNet;
 use tun2socks::testbed::namespace::join;
-use tun2socks::testbed::services::{
-    ECHO_PORT, HTTP_PORT, Services, blob, echo_round_trip, sha256_hex,
-};
+use tun2socks::testbed::services::{ECHO_PORT, HTTP_PORT, blob, echo_round_trip, sha256_hex};
 use tun2socks::testbed::sshd::{SshProxy, require_openssh};
-use tun2socks::testbed::tunnel::{start_tunnel, stop_cleanly};
 use tun2socks::testbed::udp::{UDP_ECHO_PORT, UdpServices};
 use tun2socks::testbed::udp_probes::udp_expect_unreachable;
 use tun2socks::testbed::{
-    Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_program, require_root,
+    Namespace, TARGET_V4, TARGET_V6, Topology, require_program, require_root,
 };
 
 /// The HTTP blob and the echo payload: 1 MiB each.
@@ -51,67 +49,21 @@ macro_rules! needs {
     };
 }
 
-/// Fields drop in order: the tunnel, ssh (client, then sshd), the services, the
-/// namespaces last.
-struct Net {
-    tunnel: Option<Process>,
-    ssh: SshProxy,
-    dnsmasq: Option<Dnsmasq>,
-    _udp: Option<UdpServices>,
-    _services: Services,
-    topo: Topology,
+type Net = LocalProxyNet<SshProxy>;
+
+fn net(tag: &str) -> Result<Net> {
+    net_with(tag, |_| Ok(()))
 }
 
-impl Net {
-    fn new(tag: &str) -> Result<Net> {
-        Self::new_with(tag, |_| Ok(()))
-    }
-
-    /// `prepare` runs before sshd starts (`ip netns exec` binds the namespace's
-    /// /etc/netns files when a process starts).
-    fn new_with(tag: &str, prepare: impl FnOnce(&Topology) -> io::Result<()>) -> Result<Net> {
-        let topo = Topology::create(tag)?;
-        prepare(&topo)?;
-        let services = Services::start(topo.target(), BLOB, SEED)?;
-        let ssh = SshProxy::start(topo.proxy(), topo.app())?;
-        Ok(Net {
-            tunnel: None,
-            ssh,
-            dnsmasq: None,
-            _udp: None,
-            _services: services,
-            topo,
-        })
-    }
-
-    fn app(&self) -> &Namespace {
-        self.topo.app()
-    }
-
-    /// The tunnel on a device it creates, through the ssh client's SOCKS port.
-    fn tunnel(&mut self, extra: &[&str]) -> Result<()> {
-        self.tunnel = Some(start_tunnel(
-            self.app(),
-            &binary(),
-            &SshProxy::url(),
-            extra,
-        )?);
-        Ok(())
-    }
-
-    /// Stops the tunnel with SIGTERM and returns its log (with the stats line).
-    fn stop_tunnel(&mut self) -> Result<String> {
-        Ok(stop_cleanly(self.tunnel.take().context("no tunnel")?)?)
-    }
-
-    /// What sshd and the ssh client logged, for failure messages.
-    fn ssh_logs(&self) -> String {
-        format!(
-            "--- sshd:\n{}\n--- ssh:\n{}",
-            self.ssh.sshd().log().unwrap_or_default(),
-            self.ssh.client().log().unwrap_or_default()
-        )
-    }
+/// `prepare` runs before sshd starts.
+fn net_with(tag: &str, prepare: impl FnOnce(&Topology) -> io::Result<()>) -> Result<Net> {
+    Ok(Net::start(
+        tag,
+        binary(),
+        (BLOB, SEED),
+        prepare,
+        SshProxy::start,
+    )?)
 }
 
 fn stat(log: &str, name: &str) -> u64 {
@@ -133,12 +85,12 @@ fn target(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
 #[test]
 fn tcp_through_ssh_is_byte_exact_over_ipv4_and_ipv6() -> Result<()> {
     needs!("tcp_through_ssh_is_byte_exact_over_ipv4_and_ipv6", "curl");
-    let mut net = Net::new("sshtcp")?;
+    let mut net = net("sshtcp")?;
     net.tunnel(&[])?;
     let expected = sha256_hex(&blob(BLOB, SEED));
     for host in [TARGET_V4.to_string(), format!("[{TARGET_V6}]")] {
         let got = curl_sha(net.app(), &host, None)
-            .with_context(|| format!("curl {host}\n{}", net.ssh_logs()))?;
+            .with_context(|| format!("curl {host}\n{}", net.logs()))?;
         ensure!(
             got == expected,
             "HTTP from {host}: sha256 {got}, not {expected}"
@@ -153,7 +105,7 @@ fn tcp_through_ssh_is_byte_exact_over_ipv4_and_ipv6() -> Result<()> {
             let mut stream = TcpStream::connect(dst).await?;
             echo_round_trip(&mut stream, &sent).await
         }))
-        .with_context(|| format!("echo {dst}\n{}", net.ssh_logs()))?;
+        .with_context(|| format!("echo {dst}\n{}", net.logs()))?;
         ensure!(
             back.len() == data.len(),
             "echo {dst}: {} bytes back",
@@ -162,7 +114,7 @@ fn tcp_through_ssh_is_byte_exact_over_ipv4_and_ipv6() -> Result<()> {
         ensure!(back == data, "echo {dst}: the bytes differ");
     }
     // sshd made the connections (it logs each forwarded destination).
-    let sshd_log = net.ssh.sshd().log()?;
+    let sshd_log = net.proxy.sshd().log()?;
     for to in [
         format!("target {TARGET_V4} port {HTTP_PORT}"),
         format!("target {TARGET_V6} port {HTTP_PORT}"),
@@ -229,7 +181,7 @@ fn connect_and_read(ns: &Namespace, dst: SocketAddr, limit: Duration) -> Result<
 #[test]
 fn a_closed_port_behind_ssh_ends_the_connection_at_once() -> Result<()> {
     needs!("a_closed_port_behind_ssh_ends_the_connection_at_once");
-    let mut net = Net::new("sshrefuse")?;
+    let mut net = net("sshrefuse")?;
     net.tunnel(&[])?;
     for ip in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
         let dst = target(ip, CLOSED_PORT);
@@ -244,12 +196,12 @@ fn a_closed_port_behind_ssh_ends_the_connection_at_once() -> Result<()> {
             Outcome::Reset(took) => bail!("{dst}: connected, then reset after {took:?}"),
             Outcome::Closed(took) => bail!("{dst}: connected, then closed after {took:?}"),
             Outcome::Data(n) => bail!("{dst}: {n} bytes arrived from a closed port"),
-            Outcome::Hang => bail!("{dst}: the application hangs\n{}", net.ssh_logs()),
-            Outcome::Other(e) => bail!("{dst}: {e}\n{}", net.ssh_logs()),
+            Outcome::Hang => bail!("{dst}: the application hangs\n{}", net.logs()),
+            Outcome::Other(e) => bail!("{dst}: {e}\n{}", net.logs()),
         }
     }
     // sshd tried and failed: the refusal came from the target, not from the tunnel.
-    let client_log = net.ssh.client().log()?;
+    let client_log = net.proxy.client().log()?;
     ensure!(
         client_log.matches("open failed").count() == 2,
         "the ssh client did not report both failed channels:\n{client_log}"
@@ -274,15 +226,15 @@ fn a_closed_port_behind_ssh_ends_the_connection_at_once() -> Result<()> {
 #[test]
 fn udp_through_ssh_gets_port_unreachable_at_once() -> Result<()> {
     needs!("udp_through_ssh_gets_port_unreachable_at_once");
-    let mut net = Net::new("sshudp")?;
+    let mut net = net("sshudp")?;
     // An echo is there: if a datagram got through, it would be answered.
-    net._udp = Some(UdpServices::start(net.topo.target())?);
+    net.udp = Some(UdpServices::start(net.topo.target())?);
     net.tunnel(&[])?;
     for _ in 0..3 {
         for ip in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
             let dst = target(ip, UDP_ECHO_PORT);
             let took = udp_expect_unreachable(net.app(), dst, Duration::from_secs(2))
-                .with_context(|| format!("{dst}\n{}", net.ssh_logs()))?;
+                .with_context(|| format!("{dst}\n{}", net.logs()))?;
             ensure!(
                 took < Duration::from_secs(1),
                 "{dst}: refused after {took:?}"
@@ -311,16 +263,16 @@ fn dns_over_tcp_and_fake_ip_names_that_only_sshd_resolves() -> Result<()> {
         "curl"
     );
     // The name resolves in the proxy namespace only: sshd must resolve it.
-    let mut net = Net::new_with("sshdns", |topo| set_proxy_only_name(topo, &[]))?;
+    let mut net = net_with("sshdns", |topo| set_proxy_only_name(topo, &[]))?;
     net.dnsmasq = Some(Dnsmasq::start(net.topo.target(), &default_records())?);
 
     net.tunnel(&["--dns", "tcp"])?;
     for server in [IpAddr::from(TARGET_V4), IpAddr::from(TARGET_V6)] {
         let a = dig(net.app(), server, TARGET_NAME, "A", DigTransport::Udp)
-            .with_context(|| format!("A via {server}\n{}", net.ssh_logs()))?;
+            .with_context(|| format!("A via {server}\n{}", net.logs()))?;
         ensure!(a == [TARGET_V4.to_string()], "A via {server}: {a:?}");
         let aaaa = dig(net.app(), server, TARGET_NAME, "AAAA", DigTransport::Udp)
-            .with_context(|| format!("AAAA via {server}\n{}", net.ssh_logs()))?;
+            .with_context(|| format!("AAAA via {server}\n{}", net.logs()))?;
         ensure!(
             aaaa == [TARGET_V6.to_string()],
             "AAAA via {server}: {aaaa:?}"
@@ -336,7 +288,7 @@ fn dns_over_tcp_and_fake_ip_names_that_only_sshd_resolves() -> Result<()> {
     let expected = sha256_hex(&blob(BLOB, SEED));
     for family in ["-4", "-6"] {
         let got = curl_sha(net.app(), PROXY_ONLY_NAME, Some(family))
-            .with_context(|| format!("curl {family} {PROXY_ONLY_NAME}\n{}", net.ssh_logs()))?;
+            .with_context(|| format!("curl {family} {PROXY_ONLY_NAME}\n{}", net.logs()))?;
         ensure!(
             got == expected,
             "curl {family}: sha256 {got}, not {expected}"
@@ -345,7 +297,7 @@ fn dns_over_tcp_and_fake_ip_names_that_only_sshd_resolves() -> Result<()> {
     let log = net.stop_tunnel()?;
     ensure!(stat(&log, "dns_answered_fake") >= 2, "{log}");
     // The name went to sshd as a name (SOCKS5 ATYP 3), never to a resolver.
-    let sshd_log = net.ssh.sshd().log()?;
+    let sshd_log = net.proxy.sshd().log()?;
     let by_name = format!("target {PROXY_ONLY_NAME} port {HTTP_PORT}");
     ensure!(
         sshd_log.matches(&by_name).count() == 2,

@@ -43,6 +43,9 @@
 //! - [`dnsmasq`]: a resolver in the target, `dig` in a namespace, a proxy-only name;
 //! - [`dns_client`]: hand-built DNS queries and a query-rate client;
 //! - [`dante`]: danted in the proxy namespace with CONNECT and UDP;
+//! - [`sshd`], [`shadowsocks`]: a local SOCKS client in the app namespace in front of
+//!   its server in the proxy namespace (`ssh -D` and sshd, ss-local and ss-server), and
+//!   [`local_proxy`]: the topology the tests through them share;
 //! - [`soak`]: mixed load for a long time, watching for leaks, errors and idle spinning.
 
 pub mod attach;
@@ -51,6 +54,7 @@ pub mod dante;
 pub mod dns_client;
 pub mod dnsmasq;
 pub mod load;
+pub mod local_proxy;
 pub mod namespace;
 pub mod process;
 pub mod services;
