@@ -376,9 +376,17 @@ fn sigterm_stops_the_tunnel_within_a_second_and_removes_the_device() {
     let _ = join(holder);
 }
 
-/// Runs the binary in `ns` and returns its exit code and stderr.
+/// Runs the binary with `args` in `ns` to its exit and returns its exit code and
+/// stderr (killed after 10 s, exit 124: a tunnel that started where it should have
+/// refused fails the test instead of hanging it).
 fn run_binary(ns: &Namespace, args: &[&str]) -> (Option<i32>, String) {
-    let out = ns.command(binary()).args(args).output().unwrap();
+    let out = ns
+        .command("timeout")
+        .arg("10")
+        .arg(binary())
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -394,6 +402,42 @@ fn clear_errors_with_distinct_exit_codes() {
     let (code, err) = run_binary(ns, &["--proxy", "http://127.0.0.1:1", "--device", "t2sx"]);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("unknown scheme"), "{err}");
+
+    // A zero timeout or limit, and first buffers larger than the largest, are usage
+    // errors (they used to be bent to 1 s, 1 flow, the largest buffer, silently).
+    let proxy = socks5_url();
+    for (extra, says) in [
+        (&["--connect-timeout", "0"][..], "--connect-timeout"),
+        (&["--max-flows", "0"], "--max-flows"),
+        (
+            &["--tcp-buffer-initial", "1024"],
+            "--tcp-buffer-initial 1024 KiB is larger",
+        ),
+        (
+            &["--tcp-buffer", "64", "--tcp-buffer-initial", "128"],
+            "larger than --tcp-buffer 64 KiB",
+        ),
+    ] {
+        let mut args = vec!["--proxy", proxy.as_str(), "--device", "t2sx"];
+        args.extend_from_slice(extra);
+        let (code, err) = run_binary(ns, &args);
+        assert_eq!(code, Some(2), "{extra:?}: {err}");
+        assert!(err.contains(says), "{extra:?}: {err}");
+    }
+    for option in [
+        "--handshake-timeout",
+        "--connect-timeout",
+        "--bind-timeout",
+        "--udp-timeout",
+    ] {
+        let (code, err) = run_binary(ns, &["server", "--listen", "127.0.0.1:1", option, "0"]);
+        assert_eq!(code, Some(2), "server {option} 0: {err}");
+        assert!(err.contains(option), "server {option} 0: {err}");
+    }
+    // None of them made a device.
+    let links = ns.command("ip").args(["-o", "link"]).output().unwrap();
+    let links = String::from_utf8_lossy(&links.stdout);
+    assert!(!links.contains("t2sx"), "{links}");
 
     // tun0 is held by the running tunnel.
     let (code, err) = run_binary(ns, &["--proxy", &socks5_url(), "--device", TUN_NAME]);

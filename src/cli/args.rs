@@ -59,8 +59,8 @@ pub(crate) struct TunnelArgs {
     /// while they limit the flow, and shrink back after 5 s idle.
     #[arg(long, value_name = "KIB", default_value_t = 512, value_parser = clap::value_parser!(u32).range(4..=65536))]
     tcp_buffer: u32,
-    /// Buffers of a newly connected TCP flow, in KiB (equal to --tcp-buffer: fixed
-    /// buffers that never grow or shrink).
+    /// Buffers of a newly connected TCP flow, in KiB, at most --tcp-buffer (equal to it:
+    /// fixed buffers that never grow or shrink).
     #[arg(long, value_name = "KIB", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=65536))]
     tcp_buffer_initial: u32,
     /// Memory for all TCP buffers, in MiB. When it is spent, buffers stop growing (the
@@ -70,10 +70,10 @@ pub(crate) struct TunnelArgs {
     /// TCP connections at once; further SYNs are reset [default: from the open-files
     /// limit (raised to its hard limit at start): 256 kept in reserve, three quarters of
     /// the rest (14,808 of 20,000), the last quarter for UDP associations (two each)]
-    #[arg(long, value_name = "N")]
-    max_flows: Option<usize>,
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_flows: Option<u64>,
     /// Seconds to wait for the proxy to accept and answer.
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     connect_timeout: u64,
     /// Microseconds the packet loop keeps polling after traffic before it sleeps, while
     /// traffic comes at least that often (request/response latency for CPU; an idle
@@ -211,16 +211,16 @@ pub(crate) struct ServerArgs {
     #[arg(long)]
     no_bind: bool,
     /// Seconds a client has to complete its handshake.
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     handshake_timeout: u64,
     /// Seconds to wait for a destination to accept a connection.
-    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     connect_timeout: u64,
     /// Seconds a BIND waits for the peer.
-    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     bind_timeout: u64,
     /// Seconds without traffic after which a UDP association is closed.
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
     udp_timeout: u64,
     /// Sessions served at once; clients beyond are closed immediately.
     #[arg(long, value_name = "N", default_value_t = 4096)]
@@ -308,6 +308,12 @@ impl TunnelArgs {
             offload: self.offload,
         };
         let buffer = usize::try_from(self.tcp_buffer).unwrap_or(512) * 1024;
+        if self.tcp_buffer_initial > self.tcp_buffer {
+            return Err(format!(
+                "--tcp-buffer-initial {} KiB is larger than --tcp-buffer {} KiB (the largest a flow's buffers grow to)",
+                self.tcp_buffer_initial, self.tcp_buffer
+            ));
+        }
         let initial = usize::try_from(self.tcp_buffer_initial)
             .unwrap_or(4)
             .saturating_mul(1024)
@@ -315,9 +321,10 @@ impl TunnelArgs {
         let memory_limit = usize::try_from(self.memory_limit)
             .unwrap_or(usize::MAX)
             .saturating_mul(1024 * 1024);
-        let max_flows = self
-            .max_flows
-            .unwrap_or_else(|| tun2socks::stack::default_max_flows(crate::open_files_limit()));
+        let max_flows = self.max_flows.map_or_else(
+            || tun2socks::stack::default_max_flows(crate::open_files_limit()),
+            |n| usize::try_from(n).unwrap_or(usize::MAX),
+        );
         let udp_timeout = Duration::from_secs(self.udp_timeout);
         let udp = UdpConfig {
             idle_timeout: udp_timeout,
@@ -359,7 +366,7 @@ impl TunnelArgs {
             busy_poll: Duration::from_micros(self.busy_poll),
             ..StackConfig::default()
         };
-        let timeout = Duration::from_secs(self.connect_timeout.max(1));
+        let timeout = Duration::from_secs(self.connect_timeout);
         let upstream = Upstream::new(
             proxy,
             DialOptions {

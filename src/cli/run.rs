@@ -82,6 +82,17 @@ fn device_exit_code(error: &DeviceError) -> u8 {
     }
 }
 
+/// Warns about each fake-IP pool too small for more than a few names.
+fn warn_small_pools(config: &StackConfig) {
+    for (pool, size) in config.dns.small_pools() {
+        tracing::warn!(
+            %pool,
+            addresses = size,
+            "a small fake-IP pool: a name keeps its address until unused for the answer's TTL and a grace period (6 min by default), so past this many names further ones are answered SERVFAIL until one is free"
+        );
+    }
+}
+
 pub(crate) fn run_tunnel(args: &TunnelArgs) -> ExitCode {
     let (device_config, stack_config, upstream) = match args.configs() {
         Ok(configs) => configs,
@@ -90,6 +101,7 @@ pub(crate) fn run_tunnel(args: &TunnelArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    warn_small_pools(&stack_config);
     let observe = match args.observe() {
         Ok(observe) => observe,
         Err(e) => {
@@ -319,6 +331,7 @@ pub(crate) fn run_exec(args: &ExecArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    warn_small_pools(&stack_config);
     let mut stack_config = stack_config;
     if stack_config.dns.server.is_none() && stack_config.dns.mode != DnsMode::FakeIp {
         // The program's resolv.conf points into the tunnel; its queries go on to the

@@ -35,6 +35,11 @@ pub const MAX_TCP_PIPELINE: usize = 4096;
 pub const DEFAULT_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// A DNS-over-TCP connection with nothing outstanding is closed after this long.
 pub const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(10);
+/// A fake-IP pool with fewer usable addresses than this is warned about at start: a
+/// name keeps its address until it has gone unused for the answer's TTL and a grace
+/// period, so such a pool runs out after that many names, and further names are
+/// answered SERVFAIL until one is free.
+pub const SMALL_POOL: u128 = 256;
 
 /// What happens to a DNS query (a UDP datagram to port 53) that enters the TUN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -106,6 +111,20 @@ impl DnsConfig {
         [DEFAULT_POOL_V4, DEFAULT_POOL_V6]
             .iter()
             .filter_map(|s| s.parse().ok())
+            .collect()
+    }
+
+    /// In fake-ip mode, the pools with fewer than [`SMALL_POOL`] usable addresses
+    /// (network and IPv4 broadcast addresses are never handed out), with how many
+    /// each has.
+    pub fn small_pools(&self) -> Vec<(IpNet, u128)> {
+        if self.mode != DnsMode::FakeIp {
+            return Vec::new();
+        }
+        self.fake_pools
+            .iter()
+            .map(|pool| (pool.trunc(), super::fakeip::usable_addresses(pool.trunc())))
+            .filter(|(_, usable)| *usable < SMALL_POOL)
             .collect()
     }
 

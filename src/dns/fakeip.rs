@@ -102,6 +102,11 @@ fn from_u128(value: u128, v6: bool) -> Option<IpAddr> {
     }
 }
 
+/// How many addresses of `net` are handed out to names ([`usable`]).
+pub fn usable_addresses(net: IpNet) -> u128 {
+    usable(net).count
+}
+
 /// The usable addresses of a pool: all but its first, and for IPv4 all but its last.
 /// An IPv4 /31 or /32 or an IPv6 /128 keeps its addresses (point-to-point use).
 fn usable(net: IpNet) -> Range {

@@ -118,3 +118,41 @@ fn mode_text_round_trips() {
         Err(DnsError::UnknownMode { .. })
     ));
 }
+
+#[test]
+fn small_fake_ip_pools_are_named_with_their_size() {
+    let pools = |list: &[&str]| list.iter().map(|p| p.parse().unwrap()).collect();
+    let mut c = DnsConfig {
+        mode: DnsMode::FakeIp,
+        ..DnsConfig::default()
+    };
+    // The defaults (a /17 and a /65) are not small.
+    assert_eq!(c.small_pools(), vec![]);
+    // Usable: all but the network address, and for IPv4 the broadcast address; a
+    // /32 and a /31 keep theirs.
+    c.fake_pools = pools(&[
+        "10.0.0.7/32",
+        "10.0.1.0/31",
+        "10.1.0.0/24",
+        "10.2.1.0/25",
+        "fd00::/120",
+        "fd00::100/121",
+        "::/0",
+    ]);
+    assert_eq!(
+        c.small_pools(),
+        vec![
+            ("10.0.0.7/32".parse().unwrap(), 1),
+            ("10.0.1.0/31".parse().unwrap(), 2),
+            ("10.1.0.0/24".parse().unwrap(), 254),
+            ("10.2.1.0/25".parse().unwrap(), 126),
+            ("fd00::/120".parse().unwrap(), 255),
+            ("fd00::100/121".parse().unwrap(), 127),
+        ]
+    );
+    c.fake_pools = pools(&["10.1.0.0/23", "fd00::/119"]);
+    assert_eq!(c.small_pools(), vec![]);
+    // Only fake-ip mode hands addresses out of the pools.
+    c.mode = DnsMode::Udp;
+    assert_eq!(c.small_pools(), vec![]);
+}
