@@ -403,8 +403,9 @@ fn clear_errors_with_distinct_exit_codes() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("unknown scheme"), "{err}");
 
-    // A zero timeout or limit, and first buffers larger than the largest, are usage
-    // errors (they used to be bent to 1 s, 1 flow, the largest buffer, silently).
+    // A zero timeout or limit, first buffers larger than the largest, and the device
+    // itself as the DNS server are usage errors (they used to be bent to 1 s, 1 flow,
+    // the largest buffer, silently; the DNS server, to queries that time out).
     let proxy = socks5_url();
     for (extra, says) in [
         (&["--connect-timeout", "0"][..], "--connect-timeout"),
@@ -416,6 +417,10 @@ fn clear_errors_with_distinct_exit_codes() {
         (
             &["--tcp-buffer", "64", "--tcp-buffer-initial", "128"],
             "larger than --tcp-buffer 64 KiB",
+        ),
+        (
+            &["--dns-server", "198.18.0.1"],
+            "198.18.0.1 is an address of the TUN device itself",
         ),
     ] {
         let mut args = vec!["--proxy", proxy.as_str(), "--device", "t2sx"];

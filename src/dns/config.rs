@@ -129,8 +129,9 @@ impl DnsConfig {
     }
 
     /// Checks the settings against each other and against the TUN device's own
-    /// addresses: a pool must not contain a device address or the `--dns-server`, nor
-    /// overlap another pool; limits must be positive.
+    /// addresses: the `--dns-server` must not be a device address, a pool must not
+    /// contain a device address or the `--dns-server`, nor overlap another pool;
+    /// limits must be positive.
     pub fn validate(&self, device_addrs: &[IpAddr]) -> Result<(), DnsError> {
         let invalid = |name: &'static str, reason: &'static str| {
             Err(DnsError::InvalidSetting { name, reason })
@@ -149,6 +150,9 @@ impl DnsConfig {
         }
         if self.query_timeout.is_zero() {
             return invalid("DNS query timeout", "must be positive");
+        }
+        if let Some(server) = self.server.filter(|s| device_addrs.contains(s)) {
+            return Err(DnsError::ServerIsDevice { server });
         }
         if self.mode == DnsMode::FakeIp && self.fake_pools.is_empty() {
             return invalid("fake-ip pools", "fake-ip mode needs at least one pool");

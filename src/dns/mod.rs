@@ -81,6 +81,15 @@ pub enum DnsError {
         /// The server.
         server: IpAddr,
     },
+    /// `--dns-server` is an address of the TUN device itself: queries sent there
+    /// through the proxy reach nothing.
+    #[error(
+        "--dns-server {server} is an address of the TUN device itself: queries would go through the proxy to an address it cannot reach; give the resolver's own address"
+    )]
+    ServerIsDevice {
+        /// The server.
+        server: IpAddr,
+    },
     /// Two fake-IP pools overlap.
     #[error("fake-IP pools {a} and {b} overlap")]
     PoolsOverlap {

@@ -60,6 +60,18 @@ fn rejects_pools_with_device_addresses_overlaps_and_the_server() {
         c.validate(&device()),
         Err(DnsError::PoolContainsServer { .. })
     ));
+    // In any mode, the resolver must not be the device itself.
+    for server in device() {
+        c.server = Some(server);
+        for mode in [DnsMode::Udp, DnsMode::Tcp, DnsMode::FakeIp] {
+            c.mode = mode;
+            assert!(matches!(
+                c.validate(&device()),
+                Err(DnsError::ServerIsDevice { server: s }) if s == server
+            ));
+        }
+    }
+    c.mode = DnsMode::FakeIp;
     c.server = None;
     c.fake_pools.clear();
     assert!(matches!(
