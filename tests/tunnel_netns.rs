@@ -439,6 +439,30 @@ fn clear_errors_with_distinct_exit_codes() {
         assert_eq!(code, Some(2), "server {option} 0: {err}");
         assert!(err.contains(option), "server {option} 0: {err}");
     }
+    // An --interface that does not exist is allowed (it may come up later), but said
+    // at start, by name.
+    let out = ns
+        .command("timeout")
+        .args(["-s", "TERM", "2"])
+        .arg(binary())
+        .args([
+            "--proxy",
+            &proxy,
+            "--device",
+            "t2sy",
+            "--interface",
+            "nosuchif0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("WARN")
+            && err.contains("--interface names no interface")
+            && err.contains("nosuchif0"),
+        "{err}"
+    );
+    assert!(err.contains("tunnel running"), "{err}");
     // None of them made a device.
     let links = ns.command("ip").args(["-o", "link"]).output().unwrap();
     let links = String::from_utf8_lossy(&links.stdout);

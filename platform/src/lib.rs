@@ -52,8 +52,8 @@ pub use error::{LinkError, LinkOp, RouteError, RouteOp, SandboxError, TunError};
 pub use imp::mmsg;
 pub use imp::{
     LARGE_BLOCK, Link, LinkGuard, LinkState, LinkWatch, Pipe, ProgramExit, RouteGuard, Routing,
-    Sandbox, SandboxSignal, SandboxSpec, Tun, TunOptions, VNET_HDR_LEN, open_tun, open_tun_with,
-    release_code, return_large_blocks,
+    Sandbox, SandboxSignal, SandboxSpec, Tun, TunOptions, VNET_HDR_LEN, if_index, open_tun,
+    open_tun_with, release_code, return_large_blocks,
 };
 pub use offload::Offloads;
 pub use routing::{Family, MAIN_TABLE, ParseError, Route, RoutingEntry, Rule};

@@ -490,7 +490,19 @@ pub fn check_loop(
         Some(interface) if interface == device => {
             return proxy.first().map_or(Ok(()), |ip| Err(looped(*ip)));
         }
-        Some(_) => return Ok(()),
+        Some(interface) => {
+            // Bound to an interface, the proxy's sockets cannot enter the TUN. One
+            // that does not exist (yet: a link that comes up later) fails every
+            // connection with "No such device", which does not name it.
+            if let Err(error) = tun2socks_platform::if_index(interface) {
+                tracing::warn!(
+                    interface,
+                    %error,
+                    "--interface names no interface of this network namespace (yet): every connection to the proxy fails until it exists"
+                );
+            }
+            return Ok(());
+        }
         None => {}
     }
     let routing = Routing::new()?;

@@ -21,7 +21,7 @@ pub use resident::release_code;
 pub use route::{RouteGuard, Routing};
 pub use sandbox::{ProgramExit, Sandbox, SandboxSignal, SandboxSpec};
 pub use splice::Pipe;
-pub use tun::{Tun, TunOptions, VNET_HDR_LEN, open_tun, open_tun_with};
+pub use tun::{Tun, TunOptions, VNET_HDR_LEN, if_index, open_tun, open_tun_with};
 
 /// `IFNAMSIZ` less the terminating NUL.
 pub const MAX_NAME_LEN: usize = libc::IFNAMSIZ - 1;

@@ -98,6 +98,11 @@ impl std::os::fd::AsRawFd for Tun {
     }
 }
 
+/// Not implemented here: fails with `Unsupported`.
+pub fn if_index(_name: &str) -> io::Result<u32> {
+    Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
 /// Always fails with [`TunError::Unsupported`].
 pub fn open_tun(_name: Option<&str>) -> Result<Tun, TunError> {
     Err(TunError::Unsupported)

@@ -24,7 +24,7 @@ use tokio::io::unix::AsyncFd;
 use crate::{Offloads, TunError};
 
 use open::{classify, open_clone_device, set_iff};
-pub use open::{open_tun, open_tun_with};
+pub use open::{if_index, open_tun, open_tun_with};
 
 /// An open TUN device: a non-blocking descriptor that reads and writes raw IPv4 and
 /// IPv6 packets (no packet-information header).

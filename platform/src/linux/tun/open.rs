@@ -221,8 +221,9 @@ fn get_iff(file: &File) -> io::Result<libc::c_int> {
     Ok(libc::c_int::from(flags) & 0xffff)
 }
 
-/// `if_nametoindex(3)` in the calling thread's network namespace.
-fn if_index(name: &str) -> io::Result<u32> {
+/// `if_nametoindex(3)` in the calling thread's network namespace: the index of the
+/// interface called `name`, or an error (`ENODEV`) when there is none.
+pub fn if_index(name: &str) -> io::Result<u32> {
     let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     let cname: &CStr = &cname;
     // SAFETY: `cname` is a valid NUL-terminated string that outlives the call; the
@@ -238,6 +239,16 @@ fn if_index(name: &str) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn interface_indexes_come_from_the_kernel() {
+        // Every network namespace has a loopback interface.
+        assert!(if_index("lo").is_ok_and(|i| i > 0));
+        let missing = if_index("no-such-if-t2s").unwrap_err();
+        assert_eq!(missing.raw_os_error(), Some(libc::ENODEV), "{missing}");
+        let nul = if_index("a\0b").unwrap_err();
+        assert_eq!(nul.kind(), io::ErrorKind::InvalidInput, "{nul}");
+    }
 
     #[test]
     fn names_follow_the_kernel_rules() {
