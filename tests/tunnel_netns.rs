@@ -439,6 +439,22 @@ fn clear_errors_with_distinct_exit_codes() {
         assert_eq!(code, Some(2), "server {option} 0: {err}");
         assert!(err.contains(option), "server {option} 0: {err}");
     }
+    // A BIND address the host does not have: refused at start, not at the first BIND.
+    let (code, err) = run_binary(
+        ns,
+        &[
+            "server",
+            "--listen",
+            "127.0.0.1:1",
+            "--bind-external",
+            "203.0.113.9",
+        ],
+    );
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--bind-external 203.0.113.9: cannot listen there"),
+        "{err}"
+    );
     // An --interface that does not exist is allowed (it may come up later), but said
     // at start, by name.
     let out = ns

@@ -191,6 +191,16 @@ pub async fn run(
     config
         .validate(&listen)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    if let Some(ip) = config.bind_external {
+        // BIND listens there: an address this host does not have would fail every
+        // BIND with a general failure, long after start.
+        std::net::TcpListener::bind((ip, 0)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("--bind-external {ip}: cannot listen there: {e}"),
+            )
+        })?;
+    }
     let shared = Arc::new(Shared {
         sessions: Arc::new(Semaphore::new(config.max_connections)),
         config,
