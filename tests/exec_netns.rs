@@ -173,6 +173,23 @@ fn exec_returns_the_program_exit_status() {
     ]);
     let out = command.output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    // --setup (host routes) has no meaning for exec: a usage error that says so, and
+    // the program does not run.
+    let mut command = net.topo.app().command(binary());
+    command.args(["exec", "--proxy", &format!("socks5://{}", proxy_addr())]);
+    command.args(["--setup", "--", "sh", "-c", "echo ran"]);
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("--setup does not apply to exec"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("ran"),
+        "{}",
+        text(&out)
+    );
     // A program `exec` itself cannot start: 127, like a shell.
     let mut command = net.topo.app().command(binary());
     command.args(["exec", "--proxy", &format!("socks5://{}", proxy_addr())]);

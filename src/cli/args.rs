@@ -139,6 +139,11 @@ impl TunnelArgs {
         self.threads
             .map_or_else(tun2socks::config::default_threads, usize::from)
     }
+
+    /// Whether `--setup` was given.
+    pub(crate) fn setup(&self) -> bool {
+        self.setup
+    }
 }
 
 /// The longest `--tcp-keepalive`: Linux's limit for `TCP_KEEPIDLE` (32767 s).

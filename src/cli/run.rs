@@ -324,6 +324,13 @@ const RELEASE_CODE_AFTER: Duration = Duration::from_millis(250);
 
 /// `tun2socks exec`: forks the sandbox before any runtime exists (`exec::run`).
 pub(crate) fn run_exec(args: &ExecArgs) -> ExitCode {
+    if args.tunnel.setup() {
+        eprintln!(
+            "tun2socks exec: --setup does not apply to exec: the program's private namespace \
+             is routed through the tunnel by itself, and the host's routes stay as they are"
+        );
+        return ExitCode::from(EXIT_USAGE);
+    }
     let (device_config, stack_config, upstream) = match args.tunnel.configs() {
         Ok(configs) => configs,
         Err(e) => {
