@@ -200,6 +200,7 @@ where
 {
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ExecError::Runtime)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(ExecError::Runtime)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(ExecError::Runtime)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let tunnel = tunnel(
         device,
@@ -248,6 +249,15 @@ where
                 }
             }
             _ = terminate.recv() => forward(&sandbox, SandboxSignal::Terminate),
+            // A hang-up: the program decides (an editor saves, a shell exits); the
+            // tunnel serves it until it exits, instead of dying and killing it.
+            _ = hangup.recv() => {
+                if sandbox.shares_terminal() {
+                    tracing::debug!("SIGHUP from the terminal: the program has it too");
+                } else {
+                    forward(&sandbox, SandboxSignal::Hangup);
+                }
+            }
         }
     };
     tracing::debug!(?exit, "program exited");

@@ -70,12 +70,13 @@ pub(crate) async fn shutdown_signal() {
     ShutdownSignals::install().received().await;
 }
 
-/// SIGINT and SIGTERM, caught from the moment [`ShutdownSignals::install`] runs: a
-/// signal that arrives while the tunnel is still setting up (routes, rules, the
-/// device) is kept, and the tunnel stops as soon as it runs, undoing the setup,
+/// SIGINT, SIGTERM and SIGHUP, caught from the moment [`ShutdownSignals::install`]
+/// runs: a signal that arrives while the tunnel is still setting up (routes, rules,
+/// the device) is kept, and the tunnel stops as soon as it runs, undoing the setup,
 /// instead of dying half set up with the default action and leaving rules behind.
+/// SIGHUP (the terminal of an ssh session that dropped) stops it the same way.
 pub(crate) struct ShutdownSignals {
-    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    signals: Option<[tokio::signal::unix::Signal; 3]>,
 }
 
 impl ShutdownSignals {
@@ -85,8 +86,9 @@ impl ShutdownSignals {
         let signals = match (
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
         ) {
-            (Ok(int), Ok(term)) => Some((int, term)),
+            (Ok(int), Ok(term), Ok(hup)) => Some([int, term, hup]),
             _ => {
                 tracing::warn!("cannot install signal handlers; stop with SIGKILL");
                 None
@@ -95,14 +97,15 @@ impl ShutdownSignals {
         ShutdownSignals { signals }
     }
 
-    /// Resolves once SIGINT or SIGTERM has been received (since `install`).
+    /// Resolves once SIGINT, SIGTERM or SIGHUP has been received (since `install`).
     pub(crate) async fn received(self) {
-        let Some((mut int, mut term)) = self.signals else {
+        let Some([mut int, mut term, mut hup]) = self.signals else {
             return std::future::pending().await;
         };
         tokio::select! {
             _ = int.recv() => tracing::info!("SIGINT"),
             _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = hup.recv() => tracing::info!("SIGHUP"),
         }
     }
 }

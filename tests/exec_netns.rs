@@ -200,10 +200,16 @@ fn exec_returns_the_program_exit_status() {
 }
 
 #[test]
-fn sigterm_and_sigint_reach_the_program() {
-    require_or_skip!(require_root("sigterm_and_sigint_reach_the_program"));
+fn sigterm_sigint_and_sighup_reach_the_program() {
+    require_or_skip!(require_root("sigterm_sigint_and_sighup_reach_the_program"));
     let net = Net::new("exec-signals");
-    for (signal, trap, code) in [(Signal::SIGTERM, "TERM", 42), (Signal::SIGINT, "INT", 43)] {
+    // SIGHUP too: the program decides what a hang-up means (tun2socks used to die of
+    // it, killing the program with it).
+    for (signal, trap, code) in [
+        (Signal::SIGTERM, "TERM", 42),
+        (Signal::SIGINT, "INT", 43),
+        (Signal::SIGHUP, "HUP", 44),
+    ] {
         let script = format!("trap 'exit {code}' {trap}; echo ready; while :; do sleep 0.05; done");
         let mut process = net
             .topo

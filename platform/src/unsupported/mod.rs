@@ -387,6 +387,8 @@ pub enum SandboxSignal {
     Interrupt,
     /// SIGTERM.
     Terminate,
+    /// SIGHUP.
+    Hangup,
     /// SIGKILL.
     Kill,
 }

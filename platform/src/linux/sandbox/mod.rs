@@ -71,6 +71,8 @@ pub enum SandboxSignal {
     Interrupt,
     /// SIGTERM.
     Terminate,
+    /// SIGHUP.
+    Hangup,
     /// SIGKILL.
     Kill,
 }
@@ -283,6 +285,7 @@ impl Sandbox {
         }
         let signal = match signal {
             SandboxSignal::Interrupt => Signal::SIGINT,
+            SandboxSignal::Hangup => Signal::SIGHUP,
             SandboxSignal::Terminate => Signal::SIGTERM,
             SandboxSignal::Kill => Signal::SIGKILL,
         };
