@@ -88,7 +88,13 @@ impl ShutdownSignals {
             signal(SignalKind::terminate()),
             signal(SignalKind::hangup()),
         ) {
-            (Ok(int), Ok(term), Ok(hup)) => Some([int, term, hup]),
+            (Ok(int), Ok(term), Ok(hup)) => {
+                // SIGUSR1 asks a running tunnel for its stats line (`Observers`); from
+                // now on it never kills the process (whose default action would leave
+                // `--setup`'s rules in place). Tokio keeps a handler once installed.
+                let _ = signal(SignalKind::user_defined1());
+                Some([int, term, hup])
+            }
             _ => {
                 tracing::warn!("cannot install signal handlers; stop with SIGKILL");
                 None

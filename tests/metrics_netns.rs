@@ -99,7 +99,7 @@ fn metrics_move_while_a_flow_runs_and_a_refusal_shows_its_reply_code() -> Result
     let mut server = start_server(topo.proxy(), &binary(), &["--deny", &deny, "--no-udp"])?;
     let url = format!("socks5://{}", proxy_addr());
     let args = ["--metrics", METRICS, "--stats-interval", "1"];
-    let tunnel = start_tunnel(topo.app(), &binary(), &url, &args)?;
+    let mut tunnel = start_tunnel(topo.app(), &binary(), &url, &args)?;
     let app = topo.app();
 
     let before = scrape(app)?;
@@ -174,11 +174,29 @@ fn metrics_move_while_a_flow_runs_and_a_refusal_shows_its_reply_code() -> Result
         "{udp}"
     );
 
+    // SIGUSR1 logs the line at once, each time, and the tunnel runs on (its default
+    // action would have killed it).
+    for _ in 0..2 {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(tunnel.id() as i32),
+            nix::sys::signal::Signal::SIGUSR1,
+        )?;
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ensure!(tunnel.try_wait()?.is_none(), "SIGUSR1 stopped the tunnel");
     // The periodic summary line, then the stop line with the same counters.
     std::thread::sleep(Duration::from_millis(1200));
     let log = stop_cleanly(tunnel)?;
     let periodic = log.lines().filter(|l| l.contains(" stats stats=")).count();
     ensure!(periodic >= 1, "no --stats-interval line:\n{log}");
+    let on_signal = log
+        .lines()
+        .filter(|l| l.contains("stats (SIGUSR1)"))
+        .count();
+    ensure!(
+        on_signal == 2,
+        "{on_signal} lines on SIGUSR1, not 2:\n{log}"
+    );
     let stop = log
         .lines()
         .rev()

@@ -1,5 +1,5 @@
-//! Running beside a tunnel: `--stats-interval`'s summary line at a fixed period, and
-//! the metrics endpoint.
+//! Running beside a tunnel: `--stats-interval`'s summary line at a fixed period and
+//! on SIGUSR1, and the metrics endpoint.
 
 use std::future::Future;
 use std::io;
@@ -34,6 +34,30 @@ pub async fn log_every(
     }
 }
 
+/// Logs the summary line of `metrics` at info level on each SIGUSR1 until `shutdown`
+/// resolves (`kill -USR1 PID`: the counters now, without `--stats-interval` or the
+/// endpoint). If the handler cannot be installed, logs that once and waits.
+pub async fn log_on_signal(metrics: Arc<Metrics>, shutdown: impl Future<Output = ()>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut shutdown = pin!(shutdown);
+    let mut usr1 = match signal(SignalKind::user_defined1()) {
+        Ok(usr1) => usr1,
+        Err(error) => {
+            tracing::warn!(%error, "cannot handle SIGUSR1; the stats line is not logged on it");
+            return shutdown.await;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            got = usr1.recv() => match got {
+                Some(()) => tracing::info!(stats = %metrics.snapshot(), "stats (SIGUSR1)"),
+                None => return shutdown.await,
+            },
+        }
+    }
+}
+
 /// The stats line and the metrics endpoint, running as tasks beside a tunnel until
 /// [`Observers::stop`].
 #[derive(Debug)]
@@ -54,6 +78,10 @@ impl Observers {
         let mut tasks = JoinSet::new();
         let log = log_every(metrics.clone(), interval, stop.clone().cancelled_owned());
         tasks.spawn(log);
+        tasks.spawn(log_on_signal(
+            metrics.clone(),
+            stop.clone().cancelled_owned(),
+        ));
         if let Some(listener) = listener {
             let addr = listener.local_addr()?;
             let listener = tokio::net::TcpListener::from_std(listener)?;
