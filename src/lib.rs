@@ -47,6 +47,7 @@ pub mod offload;
 pub mod selftest;
 pub mod server;
 pub mod setup;
+pub mod signals;
 pub mod socks;
 pub mod stack;
 pub mod testbed;

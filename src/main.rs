@@ -74,9 +74,11 @@ pub(crate) async fn shutdown_signal() {
 /// runs: a signal that arrives while the tunnel is still setting up (routes, rules,
 /// the device) is kept, and the tunnel stops as soon as it runs, undoing the setup,
 /// instead of dying half set up with the default action and leaving rules behind.
-/// SIGHUP (the terminal of an ssh session that dropped) stops it the same way.
+/// SIGHUP (the terminal of an ssh session that dropped) stops it the same way, unless
+/// it was started ignoring SIGHUP (`nohup`), which stays so.
 pub(crate) struct ShutdownSignals {
-    signals: Option<[tokio::signal::unix::Signal; 3]>,
+    signals: Option<[tokio::signal::unix::Signal; 2]>,
+    hangup: Option<tokio::signal::unix::Signal>,
 }
 
 impl ShutdownSignals {
@@ -86,32 +88,43 @@ impl ShutdownSignals {
         let signals = match (
             signal(SignalKind::interrupt()),
             signal(SignalKind::terminate()),
-            signal(SignalKind::hangup()),
         ) {
-            (Ok(int), Ok(term), Ok(hup)) => {
+            (Ok(int), Ok(term)) => {
                 // SIGUSR1 asks a running tunnel for its stats line (`Observers`); from
                 // now on it never kills the process (whose default action would leave
                 // `--setup`'s rules in place). Tokio keeps a handler once installed.
                 let _ = signal(SignalKind::user_defined1());
-                Some([int, term, hup])
+                Some([int, term])
             }
             _ => {
                 tracing::warn!("cannot install signal handlers; stop with SIGKILL");
                 None
             }
         };
-        ShutdownSignals { signals }
+        let hangup = if tun2socks::signals::ignored(SignalKind::hangup().as_raw_value()) {
+            tracing::debug!("SIGHUP is ignored (nohup): it stays so");
+            None
+        } else {
+            signal(SignalKind::hangup()).ok()
+        };
+        ShutdownSignals { signals, hangup }
     }
 
     /// Resolves once SIGINT, SIGTERM or SIGHUP has been received (since `install`).
     pub(crate) async fn received(self) {
-        let Some([mut int, mut term, mut hup]) = self.signals else {
+        let Some([mut int, mut term]) = self.signals else {
             return std::future::pending().await;
+        };
+        let hangup = async {
+            match self.hangup {
+                Some(mut hup) => hup.recv().await,
+                None => std::future::pending().await,
+            }
         };
         tokio::select! {
             _ = int.recv() => tracing::info!("SIGINT"),
             _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = hup.recv() => tracing::info!("SIGHUP"),
+            _ = hangup => tracing::info!("SIGHUP"),
         }
     }
 }

@@ -376,6 +376,49 @@ fn sigterm_stops_the_tunnel_within_a_second_and_removes_the_device() {
     let _ = join(holder);
 }
 
+#[test]
+fn a_hangup_stops_the_tunnel_unless_started_under_nohup() {
+    root_test!("a_hangup_stops_the_tunnel_unless_started_under_nohup");
+    let net = Net::ours("hup", &[], &socks5_url(), &[]);
+    let run = |nohup: bool| {
+        let mut cmd = net.app().command(if nohup { "nohup" } else { "env" });
+        cmd.arg(binary())
+            .args(["--proxy", &socks5_url(), "--device", "t2shup"]);
+        let mut tunnel = net.app().spawn(cmd).unwrap();
+        let started = Instant::now();
+        while !tunnel.log().unwrap_or_default().contains("tunnel running") {
+            assert!(started.elapsed() < Duration::from_secs(10), "never ran");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let pid = nix::unistd::Pid::from_raw(tunnel.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+        let status = tunnel.wait_timeout(Duration::from_millis(1500)).unwrap();
+        (tunnel, status)
+    };
+    // Plainly started: a hang-up is a clean stop (exit 0, the device removed).
+    let (tunnel, status) = run(false);
+    let log = tunnel.log().unwrap_or_default();
+    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{log}");
+    assert!(log.contains("SIGHUP"), "{log}");
+    assert!(
+        !link_is_up(net.app(), "t2shup"),
+        "device still up after exit"
+    );
+    // Under nohup SIGHUP stays ignored: the tunnel runs on, and stops on SIGTERM.
+    let (mut tunnel, status) = run(true);
+    assert!(
+        status.is_none(),
+        "{status:?}: {}",
+        tunnel.log().unwrap_or_default()
+    );
+    let status = tunnel.terminate().unwrap();
+    assert!(
+        status.success(),
+        "{status}: {}",
+        tunnel.log().unwrap_or_default()
+    );
+}
+
 /// Runs the binary with `args` in `ns` to its exit and returns its exit code and
 /// stderr (killed after 10 s, exit 124: a tunnel that started where it should have
 /// refused fails the test instead of hanging it).
