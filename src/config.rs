@@ -101,7 +101,9 @@ impl FromStr for ProxyUrl {
             // `socks5://::1:1080` parses as an empty host: say what was meant.
             let authority = input.split_once("://").map_or("", |(_, rest)| rest);
             let authority = authority.split(['/', '?', '#']).next().unwrap_or_default();
-            let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+            let host = authority
+                .rsplit_once('@')
+                .map_or(authority, |(_, host)| host);
             if host.matches(':').count() > 1 && !host.starts_with('[') {
                 fail(&format!(
                     "{e}: an IPv6 address goes in brackets, as in socks5://[::1]:1080"
@@ -283,7 +285,10 @@ mod tests {
             ("127.0.0.1:1080", ""),
             ("socks5://[::1:1080", "invalid IPv6"),
             ("socks5://::1:1080", "an IPv6 address goes in brackets"),
-            ("socks5://u:p@fd00::2:1080", "an IPv6 address goes in brackets"),
+            (
+                "socks5://u:p@fd00::2:1080",
+                "an IPv6 address goes in brackets",
+            ),
         ] {
             let err = url.parse::<ProxyUrl>().unwrap_err();
             assert!(
