@@ -498,6 +498,22 @@ fn clear_errors_with_distinct_exit_codes() {
         err.contains("--bind-external 203.0.113.9: cannot listen there"),
         "{err}"
     );
+    // No TUN driver to open (a container without /dev/net/tun): said, with the fix.
+    let out = ns
+        .command("unshare")
+        .args(["-m", "sh", "-c"])
+        .arg(format!(
+            "mount -t tmpfs none /dev/net && exec {} --proxy {proxy} --device t2sx",
+            binary().display()
+        ))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("the TUN driver is not available") && err.contains("modprobe tun"),
+        "{err}"
+    );
     // An --interface that does not exist is allowed (it may come up later), but said
     // at start, by name.
     let out = ns

@@ -58,6 +58,20 @@ pub enum TunError {
         /// The interface name.
         name: String,
     },
+    /// There is no TUN driver to open: `/dev/net/tun` is missing (ENOENT; in a
+    /// container that was not given it) or has no driver behind it (ENODEV, ENXIO:
+    /// the `tun` module is not loaded).
+    #[error(
+        "open /dev/net/tun for TUN device {name}: {error}: the TUN driver is not available \
+         here (load it with `modprobe tun`; in a container, pass the device in, e.g. \
+         `docker run --device /dev/net/tun --cap-add NET_ADMIN`)"
+    )]
+    NoDriver {
+        /// The requested name (or the kernel's template).
+        name: String,
+        /// The OS error (ENOENT, ENODEV or ENXIO).
+        error: io::Error,
+    },
     /// Any other OS error, with the step that failed.
     #[error("{op} for TUN device {name}: {error}")]
     Io {
@@ -77,7 +91,9 @@ impl TunError {
     /// The OS error number behind this error, if there is one.
     pub fn errno(&self) -> Option<i32> {
         match self {
-            Self::PermissionDenied { error, .. } | Self::Io { error, .. } => error.raw_os_error(),
+            Self::PermissionDenied { error, .. }
+            | Self::NoDriver { error, .. }
+            | Self::Io { error, .. } => error.raw_os_error(),
             _ => None,
         }
     }

@@ -116,7 +116,7 @@ pub(super) fn open_clone_device(shown: &str) -> Result<File, TunError> {
         .write(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(CLONE_DEVICE)
-        .map_err(|error| classify(error, "open /dev/net/tun", shown, false))
+        .map_err(|error| classify(error, OPEN_DEVICE, shown, false))
 }
 
 /// Applies the kernel's `dev_valid_name` rules, so a bad name fails with a clear
@@ -149,6 +149,9 @@ fn validate_name(name: &str) -> Result<(), TunError> {
 
 /// Maps an OS error to a [`TunError`]. `attaching` tells whether the name is
 /// known to exist, which makes EINVAL mean "not a TUN device".
+/// The step that opens the TUN driver's device file.
+const OPEN_DEVICE: &str = "open /dev/net/tun";
+
 pub(super) fn classify(
     error: io::Error,
     op: &'static str,
@@ -160,6 +163,9 @@ pub(super) fn classify(
         Some(libc::EPERM | libc::EACCES) => TunError::PermissionDenied { name, error },
         Some(libc::EBUSY) => TunError::Busy { name },
         Some(libc::EINVAL) if attaching => TunError::NotTun { name },
+        Some(libc::ENOENT | libc::ENODEV | libc::ENXIO) if op == OPEN_DEVICE => {
+            TunError::NoDriver { name, error }
+        }
         _ => TunError::Io { op, name, error },
     }
 }
@@ -239,6 +245,22 @@ pub fn if_index(name: &str) -> io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_missing_driver_is_told_apart_from_other_errors() {
+        let err = |errno| io::Error::from_raw_os_error(errno);
+        for errno in [libc::ENOENT, libc::ENODEV, libc::ENXIO] {
+            let e = classify(err(errno), OPEN_DEVICE, "t0", false);
+            assert!(matches!(e, TunError::NoDriver { .. }), "{e:?}");
+            assert!(e.to_string().contains("modprobe tun"), "{e}");
+            assert_eq!(e.errno(), Some(errno));
+        }
+        // The same errors at a later step are not about the driver.
+        let e = classify(err(libc::ENODEV), "TUNSETIFF (create)", "t0", false);
+        assert!(matches!(e, TunError::Io { .. }), "{e:?}");
+        let e = classify(err(libc::EACCES), OPEN_DEVICE, "t0", false);
+        assert!(matches!(e, TunError::PermissionDenied { .. }), "{e:?}");
+    }
 
     #[test]
     fn interface_indexes_come_from_the_kernel() {
