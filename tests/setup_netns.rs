@@ -167,6 +167,59 @@ fn setup_carries_v4_and_v6_through_socks_and_sigterm_restores_routing() {
 }
 
 #[test]
+fn a_host_with_ipv6_disabled_gets_an_ipv4_tunnel_from_the_defaults() {
+    root_test!("a_host_with_ipv6_disabled_gets_an_ipv4_tunnel_from_the_defaults");
+    let (topo, _services) = ordinary_host("setup-nov6");
+    let far = SocketAddr::from((PROXY_OUT_V4, PROXY_PORT)).to_string();
+    let _server = start_server(topo.proxy(), &binary(), &["--listen", &far]).unwrap();
+    topo.set_forwarding(false).unwrap();
+    for scope in ["all", "default"] {
+        let key = format!("net.ipv6.conf.{scope}.disable_ipv6");
+        topo.app().set_sysctl(&key, "1").unwrap();
+    }
+    let before = snapshot(topo.app());
+    // The device's default addresses (no --address) include fd18::1/64, which such a
+    // host refuses: the tunnel used to stop there ("IPv6 is disabled on this device").
+    let url = format!("socks5://{far}");
+    let mut cmd = topo.app().command(binary());
+    cmd.args(["--proxy", &url, "--device", TUN_NAME, "--setup"]);
+    let tunnel = topo.app().spawn(cmd).unwrap();
+    let started = Instant::now();
+    while !tunnel.log().unwrap_or_default().contains("routing set up") {
+        let log = tunnel.log().unwrap_or_default();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never set up: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let expected = sha256_hex(&blob(BLOB, SEED));
+    assert_eq!(curl_sha(topo.app(), &TARGET_V4.to_string()), expected);
+    let log = tunnel.log().unwrap_or_default();
+    assert!(
+        log.contains("IPv6 is disabled here: the device carries IPv4 only"),
+        "{log}"
+    );
+    assert!(log.contains("setting up IPv4 only"), "{log}");
+    assert_clean_exit(tunnel);
+    assert_restored(topo.app(), &before);
+    // An IPv6 address asked for is still refused.
+    let (status, log) = run_to_exit(
+        topo.app(),
+        &[
+            "--proxy",
+            &url,
+            "--device",
+            TUN_NAME,
+            "--address",
+            "fd18::1/64",
+        ],
+    );
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains("IPv6 is disabled"), "{log}");
+}
+
+#[test]
 fn a_start_after_kill_9_removes_the_leftovers_and_sets_up_again() {
     root_test!("a_start_after_kill_9_removes_the_leftovers_and_sets_up_again");
     let (topo, _services) = ordinary_host("setup-kill");

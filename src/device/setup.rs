@@ -98,13 +98,33 @@ fn apply(
         Err(error) => return Err(error),
     }
     guards.push(link.set_up()?);
-    let addresses = match (&config.addresses, created) {
-        (Some(addresses), _) => addresses.clone(),
-        (None, true) => default_addresses(),
-        (None, false) => Vec::new(),
+    let (addresses, defaults) = match (&config.addresses, created) {
+        (Some(addresses), _) => (addresses.clone(), false),
+        (None, true) => (default_addresses(), true),
+        (None, false) => (Vec::new(), false),
     };
     for address in addresses {
-        guards.push(link.add_address(address)?);
+        match link.add_address(address) {
+            Ok(guard) => guards.push(guard),
+            // IPv6 turned off on this host (`disable_ipv6`: EACCES; booted with
+            // `ipv6.disable=1`: EAFNOSUPPORT): the default IPv6 address is left out
+            // and the device carries IPv4. An address asked for still fails.
+            Err(error)
+                if defaults
+                    && address.addr().is_ipv6()
+                    && matches!(
+                        error.errno(),
+                        Some(nix::libc::EACCES | nix::libc::EAFNOSUPPORT)
+                    ) =>
+            {
+                tracing::warn!(
+                    %address,
+                    %error,
+                    "IPv6 is disabled here: the device carries IPv4 only"
+                );
+            }
+            Err(error) => return Err(error),
+        }
     }
     Ok(mtu)
 }
