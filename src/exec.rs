@@ -201,11 +201,8 @@ where
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ExecError::Runtime)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(ExecError::Runtime)?;
     // Under `nohup` SIGHUP stays ignored, for the program too (it inherits that).
-    let mut hangup = if crate::signals::ignored(SignalKind::hangup().as_raw_value()) {
-        None
-    } else {
-        Some(signal(SignalKind::hangup()).map_err(ExecError::Runtime)?)
-    };
+    let mut hangup =
+        crate::signals::unless_ignored(SignalKind::hangup()).map_err(ExecError::Runtime)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let tunnel = tunnel(
         device,
@@ -256,12 +253,7 @@ where
             _ = terminate.recv() => forward(&sandbox, SandboxSignal::Terminate),
             // A hang-up: the program decides (an editor saves, a shell exits); the
             // tunnel serves it until it exits, instead of dying and killing it.
-            Some(_) = async {
-                match hangup.as_mut() {
-                    Some(hup) => hup.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => {
+            Some(()) = crate::signals::next(hangup.as_mut()) => {
                 if sandbox.shares_terminal() {
                     tracing::debug!("SIGHUP from the terminal: the program has it too");
                 } else {

@@ -101,12 +101,9 @@ impl ShutdownSignals {
                 None
             }
         };
-        let hangup = if tun2socks::signals::ignored(SignalKind::hangup().as_raw_value()) {
-            tracing::debug!("SIGHUP is ignored (nohup): it stays so");
-            None
-        } else {
-            signal(SignalKind::hangup()).ok()
-        };
+        let hangup = tun2socks::signals::unless_ignored(SignalKind::hangup())
+            .ok()
+            .flatten();
         ShutdownSignals { signals, hangup }
     }
 
@@ -115,12 +112,8 @@ impl ShutdownSignals {
         let Some([mut int, mut term]) = self.signals else {
             return std::future::pending().await;
         };
-        let hangup = async {
-            match self.hangup {
-                Some(mut hup) => hup.recv().await,
-                None => std::future::pending().await,
-            }
-        };
+        let mut hangup = self.hangup;
+        let hangup = tun2socks::signals::next(hangup.as_mut());
         tokio::select! {
             _ = int.recv() => tracing::info!("SIGINT"),
             _ = term.recv() => tracing::info!("SIGTERM"),

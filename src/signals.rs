@@ -15,6 +15,29 @@ pub fn ignored(signal: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// A stream of `kind`, unless the process started with it ignored (`None`: leave it
+/// so). Needs a tokio runtime.
+pub fn unless_ignored(
+    kind: tokio::signal::unix::SignalKind,
+) -> std::io::Result<Option<tokio::signal::unix::Signal>> {
+    if ignored(kind.as_raw_value()) {
+        tracing::debug!(
+            signal = kind.as_raw_value(),
+            "ignored at start: it stays so"
+        );
+        return Ok(None);
+    }
+    tokio::signal::unix::signal(kind).map(Some)
+}
+
+/// The next delivery of `signal`; never, for `None` (an ignored signal).
+pub async fn next(signal: Option<&mut tokio::signal::unix::Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Whether `signal` is set in the `SigIgn:` mask of a `/proc/PID/status` text.
 fn ignored_in(status: &str, signal: i32) -> Option<bool> {
     let mask = status
