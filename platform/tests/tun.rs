@@ -60,6 +60,12 @@ fn create_reports_name_index_and_nonblocking_fd() {
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
 
         drop(tun);
+        // Polled: another test's fork may hold a copy of the fd until its
+        // exec (see `reopen`).
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while ns.has_link(name) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(!ns.has_link(name), "a created device vanishes with its fd");
     });
 }
@@ -326,6 +332,31 @@ fn without_offload_a_vnet_device_segments_in_the_kernel() {
     });
 }
 
+/// Attaches to `name` again right after this process closed its last fd on
+/// it. The tests of this binary run in parallel threads, and another test's
+/// `Command::spawn` (`ns.ip`) can be between its fork and its exec at the
+/// moment of that close: the child then holds a copy of the fd until exec
+/// closes it (O_CLOEXEC), and the device is still busy for that short while.
+/// CI once hit exactly that. So `Busy` is retried, for at most two seconds;
+/// any other error, or a device still busy after that, fails the test.
+fn reopen(name: &str, vnet_hdr: bool) -> tun2socks_platform::Tun {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match open_tun_with(
+            Some(name),
+            &TunOptions {
+                vnet_hdr,
+                ..TunOptions::default()
+            },
+        ) {
+            Err(TunError::Busy { .. }) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
 #[test]
 fn offload_needs_the_header_and_is_undone_on_an_attached_device() {
     if !root_or_skip("offload_needs_the_header_and_is_undone_on_an_attached_device") {
@@ -339,19 +370,12 @@ fn offload_needs_the_header_and_is_undone_on_an_attached_device() {
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
         drop(plain);
 
-        let mut tun = open_tun_with(
-            Some("t2soff2"),
-            &TunOptions {
-                vnet_hdr: true,
-                ..TunOptions::default()
-            },
-        )
-        .unwrap();
+        let mut tun = reopen("t2soff2", true);
         tun.set_offload(Offloads::CSUM.union(Offloads::USO4).union(Offloads::USO6))
             .unwrap();
         drop(tun);
         // The next reader has no header: it must get the datagrams one by one.
-        let plain = open_tun(Some("t2soff2")).unwrap();
+        let plain = reopen("t2soff2", false);
         let link = Link::new(plain.ifindex()).unwrap();
         let _up = link.set_up().unwrap();
         let _addr = link.add_address("10.77.0.1/24".parse().unwrap()).unwrap();
