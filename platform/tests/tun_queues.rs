@@ -74,7 +74,7 @@ fn a_created_device_gets_queues_and_the_kernel_spreads_flows_over_them() {
     assert!(a + b >= 64, "{a} + {b}");
     drop((first, second));
     assert!(
-        !ns.has_link(name),
+        ns.link_gone(name),
         "the device vanishes with its last queue"
     );
 }

@@ -108,6 +108,23 @@ impl Netns {
         self.ip_ok(&["link", "show", "dev", dev])
     }
 
+    /// Whether `dev` is gone within two seconds, for a device that should
+    /// vanish with the fd this process just closed. Polled because the tests
+    /// of one binary run in parallel threads: another test's
+    /// `Command::spawn` may be between its fork and its exec at the moment
+    /// of the close, and the child then holds a copy of the fd (O_CLOEXEC
+    /// closes it only at exec), so the device lingers that short while.
+    pub fn link_gone(&self, dev: &str) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        while self.has_link(dev) {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        true
+    }
+
     /// The addresses on `dev`, from `ip -o addr show dev DEV`.
     pub fn addresses(&self, dev: &str) -> Vec<AddrView> {
         AddrView::parse_all(&self.ip(&["-o", "addr", "show", "dev", dev]))
