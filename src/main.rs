@@ -24,7 +24,6 @@ pub(crate) const EXIT_USAGE: u8 = 2;
     name = "tun2socks",
     version,
     about = "System-wide SOCKS proxifier: a TUN device whose TCP and UDP flows go through a SOCKS proxy",
-    args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]
 struct Cli {
@@ -35,7 +34,7 @@ struct Cli {
     tunnel: TunnelArgs,
 
     /// Log level (error, warn, info, debug, trace) or a tracing filter; overrides RUST_LOG.
-    #[arg(long, global = true, value_name = "LEVEL")]
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = cli::args::parse_log_level)]
     log_level: Option<String>,
 }
 
@@ -140,8 +139,40 @@ pub(crate) fn open_files_limit() -> u64 {
     getrlimit(Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft)
 }
 
+/// Parses the command line. The tunnel's options are refused beside a
+/// subcommand (`tun2socks --proxy URL server`): they would be ignored without a
+/// word. clap's `args_conflicts_with_subcommands` did that, but it also refused
+/// the global `--log-level` before a subcommand (`tun2socks --log-level debug
+/// exec -- PROGRAM`), so the check is made here, over the tunnel's own options.
+fn parse_cli() -> Cli {
+    use clap::parser::ValueSource;
+    use clap::{CommandFactory, FromArgMatches};
+    let mut command = Cli::command();
+    let matches = command.get_matches_mut();
+    if let Some((sub, _)) = matches.subcommand() {
+        let tunnel = <TunnelArgs as clap::Args>::augment_args(clap::Command::new("tunnel"));
+        for arg in tunnel.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches.try_get_raw(id).is_ok()
+                && matches.value_source(id) == Some(ValueSource::CommandLine)
+            {
+                let name = arg
+                    .get_long()
+                    .map_or_else(|| id.to_owned(), |long| format!("--{long}"));
+                command
+                    .error(
+                        clap::error::ErrorKind::ArgumentConflict,
+                        format!("the subcommand '{sub}' cannot be used with '{name}'"),
+                    )
+                    .exit();
+            }
+        }
+    }
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut command).exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     // `exec` shares the terminal with its program: only warnings unless asked.
     let default_level = match &cli.command {
         Some(Command::Exec(_)) => "warn",

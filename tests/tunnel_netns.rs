@@ -472,6 +472,35 @@ fn clear_errors_with_distinct_exit_codes() {
         assert_eq!(code, Some(2), "{extra:?}: {err}");
         assert!(err.contains(says), "{extra:?}: {err}");
     }
+    // A log level that is no level used to log nothing at all (the filter syntax
+    // took it for a module name); tunnel options beside a subcommand are refused,
+    // while the global --log-level before a subcommand is taken.
+    for (args, says) in [
+        (
+            &["--proxy", proxy.as_str(), "--log-level", "verbose"][..],
+            "\"verbose\" is not a log level",
+        ),
+        (
+            &[
+                "--proxy",
+                proxy.as_str(),
+                "server",
+                "--listen",
+                "127.0.0.1:1",
+            ],
+            "the subcommand 'server' cannot be used with '--proxy'",
+        ),
+        (
+            &["--setup", "exec", "--proxy", proxy.as_str(), "--", "true"],
+            "the subcommand 'exec' cannot be used with '--setup'",
+        ),
+    ] {
+        let (code, err) = run_binary(ns, args);
+        assert_eq!(code, Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let (code, out) = run_binary(ns, &["--log-level", "debug", "server", "--help"]);
+    assert_eq!(code, Some(0), "{out}");
     for option in [
         "--handshake-timeout",
         "--connect-timeout",

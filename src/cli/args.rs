@@ -264,6 +264,31 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     .map_err(|_| format!("{s:?} is not a 32-bit number (decimal or 0x hexadecimal)"))
 }
 
+/// `--log-level`: a level name, or a tracing filter with at least one directive
+/// (`tun2socks=debug`, `info,tun2socks::flow=trace`). A bare word that is not a
+/// level is refused: the filter syntax would take it as a module name and log
+/// nothing at all, so `--log-level verbose` used to silence every message.
+pub(crate) fn parse_log_level(s: &str) -> Result<String, String> {
+    use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::filter::LevelFilter;
+    const LEVELS: &str = "off, error, warn, info, debug, trace";
+    let word = s.trim();
+    if word.eq_ignore_ascii_case("warning") {
+        return Ok("warn".to_owned());
+    }
+    if !word.contains(['=', ',', '[', ':']) {
+        return match word.parse::<LevelFilter>() {
+            Ok(_) if !word.is_empty() => Ok(word.to_ascii_lowercase()),
+            _ => Err(format!(
+                "{s:?} is not a log level ({LEVELS}) or a filter like tun2socks=debug"
+            )),
+        };
+    }
+    EnvFilter::try_new(word)
+        .map(|_| word.to_owned())
+        .map_err(|e| format!("{s:?} is not a log filter: {e}"))
+}
+
 fn parse_user(s: &str) -> Result<Credentials, String> {
     let (name, pass) = s
         .split_once(':')
@@ -395,5 +420,30 @@ impl TunnelArgs {
             dns_server: self.dns_server.is_some(),
             ..SetupConfig::default()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_log_level;
+
+    #[test]
+    fn log_levels_and_filters_are_taken_and_other_words_refused() {
+        for (given, taken) in [
+            ("info", "info"),
+            ("DEBUG", "debug"),
+            ("warning", "warn"),
+            ("off", "off"),
+            ("tun2socks=debug", "tun2socks=debug"),
+            ("info,tun2socks::flow=trace", "info,tun2socks::flow=trace"),
+        ] {
+            assert_eq!(parse_log_level(given).as_deref(), Ok(taken), "{given}");
+        }
+        for bad in ["verbose", "nonsense", "", "inf"] {
+            let err = parse_log_level(bad).expect_err(bad);
+            assert!(err.contains("not a log level"), "{bad}: {err}");
+        }
+        let err = parse_log_level("tun2socks=loud").expect_err("bad level in a directive");
+        assert!(err.contains("not a log filter"), "{err}");
     }
 }
