@@ -101,6 +101,7 @@ impl ExecConfig {
                 .addresses
                 .clone()
                 .unwrap_or_else(default_addresses),
+            ipv6_optional: self.device.addresses.is_none(),
             resolv_conf: Some(resolv_conf(self.nameserver)),
         })
     }

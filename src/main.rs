@@ -33,7 +33,8 @@ struct Cli {
     #[command(flatten)]
     tunnel: TunnelArgs,
 
-    /// Log level (error, warn, info, debug, trace) or a tracing filter; overrides RUST_LOG.
+    /// Log level (off, error, warn, info, debug, trace) or a tracing filter such as
+    /// tun2socks=debug (any other word is refused); overrides RUST_LOG.
     #[arg(long, global = true, value_name = "LEVEL", value_parser = cli::args::parse_log_level)]
     log_level: Option<String>,
 }

@@ -30,6 +30,7 @@ fn spec(script: &str) -> SandboxSpec {
             "198.18.0.1/15".parse().unwrap(),
             "fd18::1/64".parse().unwrap(),
         ],
+        ipv6_optional: false,
         resolv_conf: Some(RESOLV.to_owned()),
     }
 }

@@ -375,6 +375,8 @@ pub struct SandboxSpec {
     pub txqueuelen: u32,
     /// Addresses of the device.
     pub addresses: Vec<IpNet>,
+    /// Whether IPv6 addresses may be left out where IPv6 is disabled.
+    pub ipv6_optional: bool,
     /// Contents of `/etc/resolv.conf` inside.
     pub resolv_conf: Option<String>,
 }

@@ -17,6 +17,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 
+use ipnet::IpNet;
 use nix::mount::{MsFlags, mount};
 use nix::sched::{CloneFlags, unshare};
 use nix::sys::signal::Signal;
@@ -157,9 +158,27 @@ fn configure(tun: &Tun, spec: &SandboxSpec) -> Result<(), String> {
     link.set_txqueuelen(spec.txqueuelen).map_err(fail)?.forget();
     link.set_up().map_err(fail)?.forget();
     for &address in &spec.addresses {
-        link.add_address(address).map_err(fail)?.forget();
+        match link.add_address(address) {
+            Ok(guard) => guard.forget(),
+            Err(error) if ipv6_refused(spec, address, &error) => {
+                eprintln!(
+                    "tun2socks exec: IPv6 is disabled here ({error}); {address} left out, \
+                     the program gets IPv4 only"
+                );
+            }
+            Err(error) => return Err(fail(error)),
+        }
     }
     Ok(())
+}
+
+/// Whether `error`, adding `address`, is IPv6 being off in this namespace or kernel
+/// (`EACCES`: `disable_ipv6`; `EAFNOSUPPORT`: booted with `ipv6.disable=1`), for an
+/// address the spec lets go.
+fn ipv6_refused(spec: &SandboxSpec, address: IpNet, error: &crate::LinkError) -> bool {
+    spec.ipv6_optional
+        && address.addr().is_ipv6()
+        && matches!(error.errno(), Some(libc::EACCES | libc::EAFNOSUPPORT))
 }
 
 /// The TUN error, with the usual cause spelled out for an ordinary user.
@@ -214,4 +233,49 @@ fn exit(code: i32) -> ! {
     // SAFETY: `_exit` only ends the calling process; it touches no memory of ours
     // and is async-signal-safe, so it is sound at any point after `fork`.
     unsafe { libc::_exit(code) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{LinkError, LinkOp};
+
+    fn spec(ipv6_optional: bool) -> SandboxSpec {
+        SandboxSpec {
+            program: "true".into(),
+            args: vec![],
+            device: "tun0".into(),
+            mtu: 1500,
+            txqueuelen: 1000,
+            addresses: vec![],
+            ipv6_optional,
+            resolv_conf: None,
+        }
+    }
+
+    fn refused(address: IpNet, errno: i32) -> LinkError {
+        LinkError::Refused {
+            op: LinkOp::AddAddress(address),
+            ifindex: 3,
+            errno,
+            message: None,
+        }
+    }
+
+    /// The sandbox's namespace is new, so IPv6 cannot be turned off in it from
+    /// outside: the whole path only runs on a kernel booted with `ipv6.disable=1`,
+    /// which this machine is not. The decision is checked here.
+    #[test]
+    fn only_a_default_ipv6_address_refused_for_ipv6_being_off_is_left_out() {
+        let v6: IpNet = "fd18::1/64".parse().unwrap();
+        let v4: IpNet = "198.18.0.1/16".parse().unwrap();
+        for errno in [libc::EACCES, libc::EAFNOSUPPORT] {
+            assert!(ipv6_refused(&spec(true), v6, &refused(v6, errno)));
+            assert!(!ipv6_refused(&spec(false), v6, &refused(v6, errno)));
+            assert!(!ipv6_refused(&spec(true), v4, &refused(v4, errno)));
+        }
+        for errno in [libc::EEXIST, libc::EPERM, libc::EINVAL] {
+            assert!(!ipv6_refused(&spec(true), v6, &refused(v6, errno)));
+        }
+    }
 }

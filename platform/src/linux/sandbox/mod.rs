@@ -59,6 +59,11 @@ pub struct SandboxSpec {
     pub txqueuelen: u32,
     /// Addresses of the device (with prefix length).
     pub addresses: Vec<IpNet>,
+    /// Whether the IPv6 ones among [`addresses`](Self::addresses) may be left out,
+    /// with a warning, where the namespace refuses them: IPv6 disabled in it
+    /// (`EACCES`), or a kernel booted with `ipv6.disable=1` (`EAFNOSUPPORT`). For
+    /// default addresses; an address the user asked for still fails.
+    pub ipv6_optional: bool,
     /// Contents of `/etc/resolv.conf` inside; `None` leaves the host's file visible.
     pub resolv_conf: Option<String>,
 }
@@ -419,6 +424,7 @@ mod tests {
             mtu: 1500,
             txqueuelen: 1000,
             addresses: vec![],
+            ipv6_optional: false,
             resolv_conf: None,
         };
         match Sandbox::spawn(&spec) {
