@@ -204,6 +204,14 @@ where
     // Under `nohup` SIGHUP stays ignored, for the program too (it inherits that).
     let mut hangup =
         crate::signals::unless_ignored(SignalKind::hangup()).map_err(ExecError::Runtime)?;
+    // SIGQUIT (Ctrl-\, or a JVM's thread dump) and SIGUSR1 / SIGUSR2 (a server's
+    // "reopen your logs") are the program's too: their default action would end
+    // tun2socks and with it the program. A shell's `&` without job control starts
+    // SIGQUIT ignored; it stays so.
+    let mut quit =
+        crate::signals::unless_ignored(SignalKind::quit()).map_err(ExecError::Runtime)?;
+    let mut user1 = signal(SignalKind::user_defined1()).map_err(ExecError::Runtime)?;
+    let mut user2 = signal(SignalKind::user_defined2()).map_err(ExecError::Runtime)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let tunnel = tunnel(
         device,
@@ -261,6 +269,15 @@ where
                     forward(&sandbox, SandboxSignal::Hangup);
                 }
             }
+            Some(()) = crate::signals::next(quit.as_mut()) => {
+                if sandbox.shares_terminal() {
+                    tracing::debug!("SIGQUIT from the terminal: the program has it too");
+                } else {
+                    forward(&sandbox, SandboxSignal::Quit);
+                }
+            }
+            _ = user1.recv() => forward(&sandbox, SandboxSignal::User1),
+            _ = user2.recv() => forward(&sandbox, SandboxSignal::User2),
         }
     };
     tracing::debug!(?exit, "program exited");

@@ -65,7 +65,7 @@ fn init_tracing(level: Option<&str>, default: &str) {
         .init();
 }
 
-/// Resolves on SIGINT or SIGTERM.
+/// Resolves on SIGINT, SIGTERM, SIGHUP or SIGQUIT (see [`ShutdownSignals`]).
 pub(crate) async fn shutdown_signal() {
     ShutdownSignals::install().received().await;
 }
@@ -74,11 +74,14 @@ pub(crate) async fn shutdown_signal() {
 /// runs: a signal that arrives while the tunnel is still setting up (routes, rules,
 /// the device) is kept, and the tunnel stops as soon as it runs, undoing the setup,
 /// instead of dying half set up with the default action and leaving rules behind.
-/// SIGHUP (the terminal of an ssh session that dropped) stops it the same way, unless
-/// it was started ignoring SIGHUP (`nohup`), which stays so.
+/// SIGHUP (the terminal of an ssh session that dropped) and SIGQUIT (Ctrl-\\) stop it
+/// the same way, unless it was started ignoring them (`nohup`; a shell's `&` without
+/// job control ignores SIGQUIT), which stays so: their default actions (SIGQUIT's
+/// dumps core) would leave `--setup`'s rules behind.
 pub(crate) struct ShutdownSignals {
     signals: Option<[tokio::signal::unix::Signal; 2]>,
     hangup: Option<tokio::signal::unix::Signal>,
+    quit: Option<tokio::signal::unix::Signal>,
 }
 
 impl ShutdownSignals {
@@ -90,10 +93,12 @@ impl ShutdownSignals {
             signal(SignalKind::terminate()),
         ) {
             (Ok(int), Ok(term)) => {
-                // SIGUSR1 asks a running tunnel for its stats line (`Observers`); from
-                // now on it never kills the process (whose default action would leave
-                // `--setup`'s rules in place). Tokio keeps a handler once installed.
+                // SIGUSR1 and SIGUSR2 ask a running tunnel for its stats line
+                // (`Observers`); from now on they never kill the process (whose
+                // default action would leave `--setup`'s rules in place). Tokio keeps
+                // a handler once installed.
                 let _ = signal(SignalKind::user_defined1());
+                let _ = signal(SignalKind::user_defined2());
                 Some([int, term])
             }
             _ => {
@@ -101,23 +106,26 @@ impl ShutdownSignals {
                 None
             }
         };
-        let hangup = tun2socks::signals::unless_ignored(SignalKind::hangup())
-            .ok()
-            .flatten();
-        ShutdownSignals { signals, hangup }
+        let unless_ignored = |kind| tun2socks::signals::unless_ignored(kind).ok().flatten();
+        ShutdownSignals {
+            signals,
+            hangup: unless_ignored(SignalKind::hangup()),
+            quit: unless_ignored(SignalKind::quit()),
+        }
     }
 
-    /// Resolves once SIGINT, SIGTERM or SIGHUP has been received (since `install`).
+    /// Resolves once SIGINT, SIGTERM, SIGHUP or SIGQUIT has been received (since
+    /// `install`).
     pub(crate) async fn received(self) {
         let Some([mut int, mut term]) = self.signals else {
             return std::future::pending().await;
         };
-        let mut hangup = self.hangup;
-        let hangup = tun2socks::signals::next(hangup.as_mut());
+        let (mut hangup, mut quit) = (self.hangup, self.quit);
         tokio::select! {
             _ = int.recv() => tracing::info!("SIGINT"),
             _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = hangup => tracing::info!("SIGHUP"),
+            _ = tun2socks::signals::next(hangup.as_mut()) => tracing::info!("SIGHUP"),
+            _ = tun2socks::signals::next(quit.as_mut()) => tracing::info!("SIGQUIT"),
         }
     }
 }

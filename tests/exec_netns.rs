@@ -209,6 +209,11 @@ fn sigterm_sigint_and_sighup_reach_the_program() {
         (Signal::SIGTERM, "TERM", 42),
         (Signal::SIGINT, "INT", 43),
         (Signal::SIGHUP, "HUP", 44),
+        // A JVM's thread dump, a server's "reopen your logs": the program's signals,
+        // whose default action used to end tun2socks, and the program with it.
+        (Signal::SIGQUIT, "QUIT", 45),
+        (Signal::SIGUSR1, "USR1", 46),
+        (Signal::SIGUSR2, "USR2", 47),
     ] {
         let script = format!("trap 'exit {code}' {trap}; echo ready; while :; do sleep 0.05; done");
         let mut process = net

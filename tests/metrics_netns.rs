@@ -174,16 +174,20 @@ fn metrics_move_while_a_flow_runs_and_a_refusal_shows_its_reply_code() -> Result
         "{udp}"
     );
 
-    // SIGUSR1 logs the line at once, each time, and the tunnel runs on (its default
-    // action would have killed it).
-    for _ in 0..2 {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(tunnel.id() as i32),
-            nix::sys::signal::Signal::SIGUSR1,
-        )?;
+    // SIGUSR1 logs the line at once, each time, and so does SIGUSR2; the tunnel runs
+    // on (their default action would have killed it).
+    for signal in [
+        nix::sys::signal::Signal::SIGUSR1,
+        nix::sys::signal::Signal::SIGUSR1,
+        nix::sys::signal::Signal::SIGUSR2,
+    ] {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(tunnel.id() as i32), signal)?;
         std::thread::sleep(Duration::from_millis(200));
     }
-    ensure!(tunnel.try_wait()?.is_none(), "SIGUSR1 stopped the tunnel");
+    ensure!(
+        tunnel.try_wait()?.is_none(),
+        "SIGUSR1 or 2 stopped the tunnel"
+    );
     // The periodic summary line, then the stop line with the same counters.
     std::thread::sleep(Duration::from_millis(1200));
     let log = stop_cleanly(tunnel)?;
@@ -196,6 +200,13 @@ fn metrics_move_while_a_flow_runs_and_a_refusal_shows_its_reply_code() -> Result
     ensure!(
         on_signal == 2,
         "{on_signal} lines on SIGUSR1, not 2:\n{log}"
+    );
+    ensure!(
+        log.lines()
+            .filter(|l| l.contains("stats (SIGUSR2)"))
+            .count()
+            == 1,
+        "no line on SIGUSR2:\n{log}"
     );
     let stop = log
         .lines()

@@ -260,19 +260,22 @@ fn a_signal_at_any_moment_of_setup_leaves_nothing_behind() {
     let ready = started.elapsed();
     assert_clean_exit(tunnel);
     assert_restored(topo.app(), &before);
-    // A hang-up (the terminal of an ssh session that dropped) stops it as cleanly:
-    // it used to kill the process with the default action, rules left in place.
-    let mut tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &TUN_ADDRESSES).unwrap();
-    kill(Pid::from_raw(tunnel.id() as i32), Signal::SIGHUP).unwrap();
-    let status = tunnel.wait_timeout(Duration::from_secs(10)).unwrap();
-    let log = tunnel.log().unwrap_or_default();
-    let status = status.unwrap_or_else(|| panic!("still running 10 s after SIGHUP: {log}"));
-    assert!(status.success(), "SIGHUP: {status}\n{log}");
-    assert!(
-        log.contains("SIGHUP") && log.contains("routing restored"),
-        "{log}"
-    );
-    assert_restored(topo.app(), &before);
+    // A hang-up (the terminal of an ssh session that dropped) and Ctrl-\ (SIGQUIT)
+    // stop it as cleanly: they used to kill the process with the default action,
+    // rules left in place.
+    for signal in [Signal::SIGHUP, Signal::SIGQUIT] {
+        let mut tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &TUN_ADDRESSES).unwrap();
+        kill(Pid::from_raw(tunnel.id() as i32), signal).unwrap();
+        let status = tunnel.wait_timeout(Duration::from_secs(10)).unwrap();
+        let log = tunnel.log().unwrap_or_default();
+        let status = status.unwrap_or_else(|| panic!("still running 10 s after {signal}: {log}"));
+        assert!(status.success(), "{signal}: {status}\n{log}");
+        assert!(
+            log.contains(signal.as_str()) && log.contains("routing restored"),
+            "{log}"
+        );
+        assert_restored(topo.app(), &before);
+    }
     // SIGTERM at 24 moments spread over the start, from the first instant to past
     // ready: whenever it lands, the run ends and the routing is as before (a signal
     // that came between the first rule and the handler used to kill the process

@@ -380,7 +380,7 @@ fn sigterm_stops_the_tunnel_within_a_second_and_removes_the_device() {
 fn a_hangup_stops_the_tunnel_unless_started_under_nohup() {
     root_test!("a_hangup_stops_the_tunnel_unless_started_under_nohup");
     let net = Net::ours("hup", &[], &socks5_url(), &[]);
-    let run = |nohup: bool| {
+    let run = |nohup: bool, signal: nix::sys::signal::Signal| {
         let mut cmd = net.app().command(if nohup { "nohup" } else { "env" });
         cmd.arg(binary())
             .args(["--proxy", &socks5_url(), "--device", "t2shup"]);
@@ -391,21 +391,27 @@ fn a_hangup_stops_the_tunnel_unless_started_under_nohup() {
             std::thread::sleep(Duration::from_millis(20));
         }
         let pid = nix::unistd::Pid::from_raw(tunnel.id() as i32);
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+        nix::sys::signal::kill(pid, signal).unwrap();
         let status = tunnel.wait_timeout(Duration::from_millis(1500)).unwrap();
         (tunnel, status)
     };
-    // Plainly started: a hang-up is a clean stop (exit 0, the device removed).
-    let (tunnel, status) = run(false);
-    let log = tunnel.log().unwrap_or_default();
-    assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{log}");
-    assert!(log.contains("SIGHUP"), "{log}");
-    assert!(
-        !link_is_up(net.app(), "t2shup"),
-        "device still up after exit"
-    );
+    // Plainly started: a hang-up is a clean stop (exit 0, the device removed), and
+    // so is SIGQUIT (Ctrl-\), whose default action dumps core.
+    for signal in [
+        nix::sys::signal::Signal::SIGHUP,
+        nix::sys::signal::Signal::SIGQUIT,
+    ] {
+        let (tunnel, status) = run(false, signal);
+        let log = tunnel.log().unwrap_or_default();
+        assert_eq!(status.map(|s| s.code()), Some(Some(0)), "{signal}: {log}");
+        assert!(log.contains(signal.as_str()), "{log}");
+        assert!(
+            !link_is_up(net.app(), "t2shup"),
+            "device still up after exit"
+        );
+    }
     // Under nohup SIGHUP stays ignored: the tunnel runs on, and stops on SIGTERM.
-    let (mut tunnel, status) = run(true);
+    let (mut tunnel, status) = run(true, nix::sys::signal::Signal::SIGHUP);
     assert!(
         status.is_none(),
         "{status:?}: {}",

@@ -34,26 +34,32 @@ pub async fn log_every(
     }
 }
 
-/// Logs the summary line of `metrics` at info level on each SIGUSR1 until `shutdown`
-/// resolves (`kill -USR1 PID`: the counters now, without `--stats-interval` or the
-/// endpoint). If the handler cannot be installed, logs that once and waits.
+/// Logs the summary line of `metrics` at info level on each SIGUSR1 or SIGUSR2 until
+/// `shutdown` resolves (`kill -USR1 PID`: the counters now, without
+/// `--stats-interval` or the endpoint). If the handlers cannot be installed, logs
+/// that once and waits.
 pub async fn log_on_signal(metrics: Arc<Metrics>, shutdown: impl Future<Output = ()>) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut shutdown = pin!(shutdown);
-    let mut usr1 = match signal(SignalKind::user_defined1()) {
-        Ok(usr1) => usr1,
-        Err(error) => {
-            tracing::warn!(%error, "cannot handle SIGUSR1; the stats line is not logged on it");
+    let (mut usr1, mut usr2) = match (
+        signal(SignalKind::user_defined1()),
+        signal(SignalKind::user_defined2()),
+    ) {
+        (Ok(usr1), Ok(usr2)) => (usr1, usr2),
+        (Err(error), _) | (_, Err(error)) => {
+            tracing::warn!(%error, "cannot handle SIGUSR1 and SIGUSR2; the stats line is not logged on them");
             return shutdown.await;
         }
     };
     loop {
-        tokio::select! {
+        let which = tokio::select! {
             () = &mut shutdown => return,
-            got = usr1.recv() => match got {
-                Some(()) => tracing::info!(stats = %metrics.snapshot(), "stats (SIGUSR1)"),
-                None => return shutdown.await,
-            },
+            got = usr1.recv() => got.map(|()| "stats (SIGUSR1)"),
+            got = usr2.recv() => got.map(|()| "stats (SIGUSR2)"),
+        };
+        match which {
+            Some(message) => tracing::info!(stats = %metrics.snapshot(), "{message}"),
+            None => return shutdown.await,
         }
     }
 }

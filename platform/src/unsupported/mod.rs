@@ -391,6 +391,12 @@ pub enum SandboxSignal {
     Terminate,
     /// SIGHUP.
     Hangup,
+    /// SIGQUIT.
+    Quit,
+    /// SIGUSR1.
+    User1,
+    /// SIGUSR2.
+    User2,
     /// SIGKILL.
     Kill,
 }

@@ -78,6 +78,12 @@ pub enum SandboxSignal {
     Terminate,
     /// SIGHUP.
     Hangup,
+    /// SIGQUIT.
+    Quit,
+    /// SIGUSR1.
+    User1,
+    /// SIGUSR2.
+    User2,
     /// SIGKILL.
     Kill,
 }
@@ -292,6 +298,9 @@ impl Sandbox {
             SandboxSignal::Interrupt => Signal::SIGINT,
             SandboxSignal::Hangup => Signal::SIGHUP,
             SandboxSignal::Terminate => Signal::SIGTERM,
+            SandboxSignal::Quit => Signal::SIGQUIT,
+            SandboxSignal::User1 => Signal::SIGUSR1,
+            SandboxSignal::User2 => Signal::SIGUSR2,
             SandboxSignal::Kill => Signal::SIGKILL,
         };
         match kill(self.pid, signal) {
