@@ -117,16 +117,24 @@ impl ShutdownSignals {
     /// Resolves once SIGINT, SIGTERM, SIGHUP or SIGQUIT has been received (since
     /// `install`).
     pub(crate) async fn received(self) {
+        self.which().await;
+    }
+
+    /// As [`received`](Self::received), with the signal that came (its number).
+    pub(crate) async fn which(self) -> i32 {
+        use nix::sys::signal::Signal;
         let Some([mut int, mut term]) = self.signals else {
             return std::future::pending().await;
         };
         let (mut hangup, mut quit) = (self.hangup, self.quit);
-        tokio::select! {
-            _ = int.recv() => tracing::info!("SIGINT"),
-            _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = tun2socks::signals::next(hangup.as_mut()) => tracing::info!("SIGHUP"),
-            _ = tun2socks::signals::next(quit.as_mut()) => tracing::info!("SIGQUIT"),
-        }
+        let signal = tokio::select! {
+            _ = int.recv() => Signal::SIGINT,
+            _ = term.recv() => Signal::SIGTERM,
+            _ = tun2socks::signals::next(hangup.as_mut()) => Signal::SIGHUP,
+            _ = tun2socks::signals::next(quit.as_mut()) => Signal::SIGQUIT,
+        };
+        tracing::info!("{signal}");
+        signal as i32
     }
 }
 

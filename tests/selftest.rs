@@ -81,3 +81,90 @@ fn selftest_without_root_says_why() {
     assert_eq!(out.status.code(), Some(3), "{stderr}");
     assert!(stderr.contains("root"), "{stderr}");
 }
+
+#[test]
+fn a_selftest_stopped_by_a_signal_leaves_nothing_behind() {
+    require_or_skip!(require_root(
+        "a_selftest_stopped_by_a_signal_leaves_nothing_behind"
+    ));
+    use std::time::{Duration, Instant};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tun2socks"))
+        .arg("selftest")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = format!("-{}-", child.id());
+    let ours = || -> Vec<String> {
+        std::fs::read_dir("/run/netns")
+            .map(|dir| {
+                dir.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .filter(|name| name.starts_with("t2s-selftest") && name.contains(&marker))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // Once something runs in its namespaces (server, resolver, tunnel), stop it
+    // the way `timeout` or systemd would.
+    let started = Instant::now();
+    let running = loop {
+        let pids: Vec<String> = ours()
+            .iter()
+            .filter_map(|ns| {
+                let out = std::process::Command::new("ip")
+                    .args(["netns", "pids", ns])
+                    .output()
+                    .ok()?;
+                Some(String::from_utf8_lossy(&out.stdout).into_owned())
+            })
+            .flat_map(|text| {
+                text.split_whitespace()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            // Not the selftest's own threads that entered a namespace.
+            .filter(|pid| *pid != child.id().to_string())
+            .collect();
+        let comm = |pid: &String| std::fs::read_to_string(format!("/proc/{pid}/comm"));
+        // The reference server (or a tunnel) is up: a process of this binary.
+        if pids
+            .iter()
+            .any(|pid| comm(pid).is_ok_and(|c| c.trim() == "tun2socks"))
+        {
+            break pids;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "nothing ran in {:?}",
+            ours()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("selftest still running 10 s after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(128 + 15), "{status}");
+    assert_eq!(ours(), Vec::<String>::new(), "namespaces left behind");
+    // What ran in them is gone (or a zombie waiting for init to reap it).
+    for pid in running {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = state.rsplit(") ").next().unwrap_or_default();
+        assert!(
+            state.is_empty() || state.starts_with('Z'),
+            "process {pid} still runs: {state}"
+        );
+    }
+}

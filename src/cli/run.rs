@@ -376,6 +376,34 @@ pub(crate) fn run_exec(args: &ExecArgs) -> ExitCode {
     }
 }
 
+/// On SIGINT, SIGTERM, SIGHUP or SIGQUIT (caught from here on), the selftest's
+/// namespaces go, with the server, tunnels and resolvers running in them, and it
+/// exits 128 + the signal. Its checks run on this thread and hold their guards, so a
+/// thread of its own waits for the signal.
+fn stop_selftest_on_signal() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!(
+                "tun2socks selftest: no signal handling ({e}); stopped, it leaves its namespaces"
+            );
+            return;
+        }
+    };
+    let signals = {
+        let _inside = runtime.enter();
+        ShutdownSignals::install()
+    };
+    std::thread::spawn(move || {
+        let signal = runtime.block_on(signals.which());
+        eprintln!("tun2socks selftest: stopped by a signal; removing its namespaces");
+        tun2socks::testbed::stale::remove_own_and_exit(128 + signal);
+    });
+}
+
 pub(crate) fn run_selftest() -> ExitCode {
     let binary = match std::env::current_exe() {
         Ok(path) => path,
@@ -388,6 +416,7 @@ pub(crate) fn run_selftest() -> ExitCode {
         "tun2socks selftest: namespaces, reference server and tunnel ({})",
         binary.display()
     );
+    stop_selftest_on_signal();
     let result = tun2socks::selftest::run(&binary, |check| {
         let mark = if check.ok { "ok  " } else { "FAIL" };
         eprintln!("  {mark} {} ({})", check.name, check.detail);

@@ -87,6 +87,21 @@ pub fn cleanup_stale() -> io::Result<Vec<String>> {
     Ok(removed)
 }
 
+/// Deletes every namespace this process created and holds, killing what runs in
+/// each, then exits with `code`; no namespace is created meanwhile (the record
+/// stays locked to the end). For a run told to stop at an odd moment (`selftest` on
+/// SIGINT or SIGTERM), whose guards would otherwise never run: the namespaces, and
+/// the servers and tunnels in them, would stay until the next run.
+pub fn remove_own_and_exit(code: i32) -> ! {
+    let own = OWN.lock().unwrap_or_else(PoisonError::into_inner);
+    for name in own.iter() {
+        if let Err(e) = delete_namespace(name) {
+            eprintln!("{name}: {e}");
+        }
+    }
+    std::process::exit(code)
+}
+
 /// Records that this process is about to create `name`.
 pub(crate) fn register(name: &str) {
     OWN.lock()
