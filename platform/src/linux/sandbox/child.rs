@@ -242,14 +242,8 @@ mod tests {
 
     fn spec(ipv6_optional: bool) -> SandboxSpec {
         SandboxSpec {
-            program: "true".into(),
-            args: vec![],
-            device: "tun0".into(),
-            mtu: 1500,
-            txqueuelen: 1000,
-            addresses: vec![],
             ipv6_optional,
-            resolv_conf: None,
+            ..SandboxSpec::minimal()
         }
     }
 

@@ -409,6 +409,23 @@ impl Drop for ResolvFile {
     }
 }
 
+/// `true`, with a device and nothing else, for unit tests.
+#[cfg(test)]
+impl SandboxSpec {
+    pub(crate) fn minimal() -> SandboxSpec {
+        SandboxSpec {
+            program: "true".into(),
+            args: vec![],
+            device: "tun0".into(),
+            mtu: 1500,
+            txqueuelen: 1000,
+            addresses: vec![],
+            ipv6_optional: false,
+            resolv_conf: None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,17 +443,7 @@ mod tests {
     fn a_multi_threaded_process_is_refused() {
         // The test harness runs tests on threads: this process has more than one.
         let _other = std::thread::spawn(|| std::thread::sleep(std::time::Duration::from_secs(1)));
-        let spec = SandboxSpec {
-            program: "true".into(),
-            args: vec![],
-            device: "tun0".into(),
-            mtu: 1500,
-            txqueuelen: 1000,
-            addresses: vec![],
-            ipv6_optional: false,
-            resolv_conf: None,
-        };
-        match Sandbox::spawn(&spec) {
+        match Sandbox::spawn(&SandboxSpec::minimal()) {
             Err(SandboxError::Threads { threads }) => assert!(threads > 1),
             other => panic!("expected Threads, got {other:?}"),
         }
