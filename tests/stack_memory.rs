@@ -598,3 +598,129 @@ async fn fake_ip_answers_dns_over_tcp_in_the_tunnel() {
     assert_eq!(stats.dns.answered_fake, 1);
     assert_eq!(stats.flows_failed, 0);
 }
+
+/// A query for `name` of type `qtype` (AXFR is 252), id 0x1234, framed for TCP.
+fn framed_query(name: &str, qtype: u16) -> Vec<u8> {
+    let mut query = a_query(name);
+    let at = query.len() - 4;
+    query[at..at + 2].copy_from_slice(&qtype.to_be_bytes());
+    let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&query);
+    framed
+}
+
+/// A SOCKS5 proxy that is also the resolver behind it: it takes one CONNECT, sends
+/// where it was asked to go, reads one framed query and answers it with `answers`
+/// (already framed), then closes.
+async fn transfer_proxy(answers: Vec<u8>) -> (SocketAddr, oneshot::Receiver<(Vec<u8>, Vec<u8>)>) {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut greeting = [0u8; 3];
+        s.read_exact(&mut greeting).await.unwrap();
+        s.write_all(&[5, 0]).await.unwrap();
+        let mut request = [0u8; 10];
+        s.read_exact(&mut request).await.unwrap();
+        s.write_all(&[5, 0, 0, 1, 0, 0, 0, 0, 0, 0]).await.unwrap();
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).await.unwrap();
+        let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut query).await.unwrap();
+        s.write_all(&answers).await.unwrap();
+        s.shutdown().await.unwrap();
+        let _ = tx.send((request.to_vec(), query));
+    });
+    (addr, rx)
+}
+
+/// The application's side of one TCP connection through the harness: the bytes of
+/// the stream that come back, until the tunnel's FIN.
+async fn read_to_fin(h: &mut Harness, resolver: SocketAddr, at: u32, mut ours: u32) -> Vec<u8> {
+    let mut got = Vec::new();
+    loop {
+        let s = h.recv(3000).await.expect("no FIN from the tunnel");
+        assert!(!s.rst, "{s:?}");
+        if !s.payload.is_empty() {
+            got.extend_from_slice(&s.payload);
+            ours = s.seq.wrapping_add(s.payload.len() as u32);
+            h.send(segment(APP, resolver, at, Some(ours), "A", b""))
+                .await;
+        }
+        if s.fin {
+            return got;
+        }
+    }
+}
+
+/// `--dns fake-ip` answers DNS over TCP in the tunnel, one answer per query; a zone
+/// transfer is answered by a stream of messages, so a connection whose first query
+/// is AXFR goes to the resolver through the proxy as it stands: every message comes
+/// back. It used to get the first message only, and then nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_ip_passes_a_zone_transfer_through_whole() {
+    let mut answers = Vec::new();
+    for message in [&b"SOA first"[..], b"A records", b"SOA again"] {
+        answers.extend_from_slice(&(message.len() as u16).to_be_bytes());
+        answers.extend_from_slice(message);
+    }
+    let (proxy, asked) = transfer_proxy(answers.clone()).await;
+    let mut h = Harness::start(&format!("socks5://{proxy}"), fake_ip_config());
+    let resolver: SocketAddr = "203.0.113.53:53".parse().unwrap();
+    h.send(segment(APP, resolver, 100, None, "S", b"")).await;
+    let syn_ack = h.recv(2000).await.expect("no answer to the SYN");
+    assert!(syn_ack.syn && !syn_ack.rst, "{syn_ack:?}");
+    let ours = syn_ack.seq.wrapping_add(1);
+    let query = framed_query("zone.test", 252);
+    h.send(segment(APP, resolver, 101, Some(ours), "", &query))
+        .await;
+    let at = 101 + query.len() as u32;
+    assert_eq!(read_to_fin(&mut h, resolver, at, ours).await, answers);
+    let (request, seen) = asked.await.unwrap();
+    assert_eq!(
+        &request[3..],
+        &[1, 203, 0, 113, 53, 0, 53],
+        "CONNECT resolver:53"
+    );
+    assert_eq!(seen, query[2..], "the query reached the resolver unchanged");
+    let stats = h.stop().await;
+    assert_eq!(stats.flows_connected, 1);
+    assert_eq!(stats.dns.answered_fake, 0);
+}
+
+/// After other queries on the same connection, a zone transfer cannot be handed
+/// over: it is refused (REFUSED), and the connection goes on.
+#[tokio::test]
+async fn fake_ip_refuses_a_zone_transfer_after_other_queries() {
+    let mut h = Harness::start(&dead_proxy(), fake_ip_config());
+    let resolver: SocketAddr = "203.0.113.53:53".parse().unwrap();
+    h.send(segment(APP, resolver, 100, None, "S", b"")).await;
+    let syn_ack = h.recv(2000).await.expect("no answer to the SYN");
+    let mut ours = syn_ack.seq.wrapping_add(1);
+    let mut stream = framed_query("example.test", 1);
+    stream.extend_from_slice(&framed_query("zone.test", 252));
+    h.send(segment(APP, resolver, 101, Some(ours), "", &stream))
+        .await;
+    let mut got = Vec::new();
+    let mut messages = Vec::new();
+    while messages.len() < 2 {
+        let s = h.recv(2000).await.expect("no answers over TCP");
+        assert!(!s.rst, "{s:?}");
+        if !s.payload.is_empty() {
+            ours = s.seq.wrapping_add(s.payload.len() as u32);
+            got.extend_from_slice(&s.payload);
+        }
+        while got.len() >= 2 && got.len() >= 2 + usize::from(u16::from_be_bytes([got[0], got[1]])) {
+            let len = 2 + usize::from(u16::from_be_bytes([got[0], got[1]]));
+            messages.push(got.drain(..len).skip(2).collect::<Vec<u8>>());
+        }
+    }
+    assert_eq!(messages[0][3] & 0x0f, 0, "the A query: NOERROR");
+    assert_eq!(&messages[0][messages[0].len() - 4..], &[198, 18, 128, 1]);
+    assert_eq!(messages[1][3] & 0x0f, 5, "the transfer: REFUSED");
+    let _ = ours;
+    let stats = h.stop().await;
+    assert_eq!(stats.flows_connected, 0, "nothing went to the proxy");
+}

@@ -25,6 +25,15 @@ impl Frames {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// The bytes not yet returned as messages (a partial message among them), taken
+    /// out.
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        let rest = self.buf.split_off(self.start.min(self.buf.len()));
+        self.buf.clear();
+        self.start = 0;
+        rest
+    }
+
     /// The next complete message, if all its bytes are here. Empty messages are skipped.
     pub fn next_message(&mut self) -> Option<Vec<u8>> {
         loop {

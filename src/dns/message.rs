@@ -41,6 +41,8 @@ pub const RCODE_NOERROR: u8 = 0;
 pub const RCODE_FORMERR: u8 = 1;
 /// RCODE 2: the server failed to answer.
 pub const RCODE_SERVFAIL: u8 = 2;
+/// RCODE 5: the server refuses to answer.
+pub const RCODE_REFUSED: u8 = 5;
 
 const FLAG_QR: u16 = 0x8000;
 const FLAG_TC: u16 = 0x0200;
@@ -330,6 +332,15 @@ pub fn address_answer(query: &Message<'_>, ip: IpAddr, ttl: u32, out: &mut Vec<u
     if query.edns.is_some() {
         opt_record(out);
     }
+}
+
+/// Whether `query` asks for a zone transfer (AXFR or IXFR), whose answer is a
+/// stream of messages rather than one.
+pub fn is_zone_transfer(query: &[u8]) -> bool {
+    Message::decode_query(query)
+        .ok()
+        .and_then(|message| message.question().map(|q| q.qtype))
+        .is_some_and(|qtype| matches!(qtype, RecordType::AXFR | RecordType::IXFR))
 }
 
 /// A response with no records and `rcode` (NOERROR for "no data", SERVFAIL, ...).

@@ -478,10 +478,20 @@ impl Dns {
     /// A SERVFAIL answer to `query` (for a query over TCP that failed); `None` if the
     /// query does not decode.
     pub fn servfail(&self, query: &[u8]) -> Option<Vec<u8>> {
-        let parsed = Message::decode_query(query).ok()?;
         bump(&self.metrics.dns.servfail);
+        Self::empty(query, message::RCODE_SERVFAIL)
+    }
+
+    /// A REFUSED answer to `query` (a zone transfer asked for in the middle of a
+    /// connection the tunnel answers itself); `None` if the query does not decode.
+    pub fn refused(&self, query: &[u8]) -> Option<Vec<u8>> {
+        Self::empty(query, message::RCODE_REFUSED)
+    }
+
+    fn empty(query: &[u8], rcode: u8) -> Option<Vec<u8>> {
+        let parsed = Message::decode_query(query).ok()?;
         let mut out = Vec::with_capacity(query.len().saturating_add(16));
-        message::empty_response(&parsed, message::RCODE_SERVFAIL, &mut out);
+        message::empty_response(&parsed, rcode, &mut out);
         Some(out)
     }
 

@@ -231,3 +231,32 @@ fn a_compressed_question_name_is_refused() {
     // Plain names still decode.
     assert!(Message::decode_query(&hex(QUERY_A)).is_ok());
 }
+
+#[test]
+fn zone_transfers_are_told_apart() {
+    for rtype in [RecordType::AXFR, RecordType::IXFR] {
+        assert!(
+            is_zone_transfer(&query(7, "zone.test.", rtype, None)),
+            "{rtype}"
+        );
+    }
+    for rtype in [RecordType::A, RecordType::SOA, RecordType::ANY] {
+        assert!(
+            !is_zone_transfer(&query(7, "zone.test.", rtype, None)),
+            "{rtype}"
+        );
+    }
+    assert!(!is_zone_transfer(&hex("1234 0100 0001")), "truncated");
+    assert!(!is_zone_transfer(&[]));
+}
+
+#[test]
+fn frames_give_back_what_is_not_a_message_yet() {
+    let mut frames = crate::dns::frames::Frames::default();
+    frames.push(&[0, 2, b'a', b'b', 0, 3, b'c']);
+    assert_eq!(frames.next_message().as_deref(), Some(&b"ab"[..]));
+    assert_eq!(frames.take_rest(), [0, 3, b'c']);
+    assert_eq!(frames.take_rest(), Vec::<u8>::new());
+    frames.push(&[0, 1, b'd']);
+    assert_eq!(frames.next_message().as_deref(), Some(&b"d"[..]));
+}

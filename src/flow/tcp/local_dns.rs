@@ -4,7 +4,10 @@
 //! fake-IP pool at once, anything else over TCP through the proxy to the queried
 //! resolver (or `--dns-server`). So `dig +tcp` and resolvers configured for TCP
 //! (`options use-vc`) get the same fake addresses as UDP, and a name only the proxy
-//! can resolve works over either.
+//! can resolve works over either. A zone transfer (AXFR, IXFR) is answered by a
+//! stream of messages, which this one-answer-per-query loop cannot pass on: when it
+//! is the connection's first query, the whole connection goes to the resolver
+//! through the proxy as it stands; after other queries, it is refused (REFUSED).
 //!
 //! Stage: a flow task (instead of the CONNECT and the copy loop); it reads and writes
 //! the flow's smoltcp socket and asks the stack for a poll after each change. Queries
@@ -20,8 +23,8 @@ use std::time::{Duration, Instant};
 use smoltcp::socket::tcp;
 
 use super::{FlowContext, FlowError, accept_app};
-use crate::dns::Dns;
 use crate::dns::frames::Frames;
+use crate::dns::{Dns, message};
 use crate::flow::{Signal, TcpFlow};
 
 /// A connection with no query for this long is closed (our own DNS-over-TCP client's
@@ -38,6 +41,7 @@ pub(super) async fn serve(
     tracing::debug!("DNS over TCP answered in the tunnel");
     let mut frames = Frames::default();
     let (mut up, mut down) = (0u64, 0u64);
+    let mut queries = 0u64;
     loop {
         let read = match tokio::time::timeout(IDLE, read_some(flow, &mut frames)).await {
             Ok(read) => read?,
@@ -53,25 +57,48 @@ pub(super) async fn serve(
         // The ring has room again: the stack may advertise a larger window.
         cx.signal.mark(flow);
         while let Some(query) = frames.next_message() {
-            let Some(answer) = dns
-                .answer_stream(&query, flow.tuple.src, flow.tuple.dst)
-                .await
-            else {
+            queries = queries.saturating_add(1);
+            let answer = if message::is_zone_transfer(&query) {
+                if queries == 1 {
+                    // A zone transfer is answered by a stream of messages: the whole
+                    // connection goes to the resolver as it stands (it is asked for
+                    // on a connection of its own, RFC 5936 §4.1).
+                    tracing::debug!("a zone transfer: the connection passes through");
+                    let mut first = framed(&query);
+                    first.extend_from_slice(&frames.take_rest());
+                    let (more_up, more_down) = super::pass_through(flow, cx, &first).await?;
+                    return Ok((up.saturating_add(more_up), down.saturating_add(more_down)));
+                }
+                tracing::debug!("a zone transfer after other queries: refused");
+                dns.refused(&query)
+            } else {
+                dns.answer_stream(&query, flow.tuple.src, flow.tuple.dst)
+                    .await
+            };
+            let Some(answer) = answer else {
                 close(flow, &cx.signal);
                 return Ok((up, down));
             };
             // A DNS message over TCP is at most 65,535 bytes; a longer one cannot be
             // framed (none is ever built).
-            let Ok(len) = u16::try_from(answer.len()) else {
+            if u16::try_from(answer.len()).is_err() {
                 continue;
-            };
-            let mut framed = Vec::with_capacity(answer.len().saturating_add(2));
-            framed.extend_from_slice(&len.to_be_bytes());
-            framed.extend_from_slice(&answer);
+            }
+            let framed = framed(&answer);
             write_all(flow, &cx.signal, &framed).await?;
             down = down.saturating_add(framed.len() as u64);
         }
     }
+}
+
+/// `message` with its 2-byte length in front (RFC 7766 §8); the caller checks that it
+/// fits.
+fn framed(message: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(message.len()).unwrap_or(u16::MAX);
+    let mut framed = Vec::with_capacity(message.len().saturating_add(2));
+    framed.extend_from_slice(&len.to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
 }
 
 /// Moves what the socket has received into `frames`; 0 once the application has

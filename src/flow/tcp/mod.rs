@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use smoltcp::socket::tcp;
 use socket2::SockRef;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{BurstLog, Signal, TcpFlow};
@@ -163,6 +164,41 @@ async fn serve(
     cx.stats.flows.connected.fetch_add(1, Ordering::Relaxed);
     tracing::debug!(bound = %connected.bound, "connected");
     accept_app(flow, cx).await?;
+    relay(flow, cx, connected).await
+}
+
+/// Carries the rest of an application connection that is already accepted to the
+/// proxy as it stands, `first` (the bytes already read from it) sent ahead: for a
+/// DNS zone transfer that reached the tunnel's own DNS-over-TCP answers
+/// ([`local_dns`]), whose answer is a stream of messages. Returns the bytes moved
+/// each way after `first`.
+async fn pass_through(
+    flow: &Arc<TcpFlow>,
+    cx: &FlowContext,
+    first: &[u8],
+) -> Result<(u64, u64), FlowError> {
+    let mut connected = tokio::select! {
+        biased;
+        () = app_gave_up(flow) => return Err(FlowError::AppReset),
+        connected = dial(flow, cx) => connected?,
+    };
+    cx.stats.flows.connected.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(bound = %connected.bound, "connected, passing the connection through");
+    connected
+        .stream
+        .write_all(first)
+        .await
+        .map_err(FlowError::UpstreamIo)?;
+    relay(flow, cx, connected).await
+}
+
+/// Copies both ways between the application's connection and the proxy's until
+/// both have closed (or one fails, or the idle limit passes).
+async fn relay(
+    flow: &Arc<TcpFlow>,
+    cx: &FlowContext,
+    connected: Connected,
+) -> Result<(u64, u64), FlowError> {
     let mut pump = Pump {
         flow: flow.clone(),
         upstream: connected.stream,
