@@ -720,3 +720,31 @@ async fn fake_ip_refuses_a_zone_transfer_after_other_queries() {
     let stats = h.stop().await;
     assert_eq!(stats.flows_connected, 0, "nothing went to the proxy");
 }
+
+/// A zone transfer whose proxy cannot be reached: the application's connection,
+/// already accepted for the tunnel's own DNS answers, is reset (not left hanging).
+#[tokio::test]
+async fn fake_ip_resets_a_zone_transfer_the_proxy_cannot_carry() {
+    let mut h = Harness::start(&dead_proxy(), fake_ip_config());
+    let resolver: SocketAddr = "203.0.113.53:53".parse().unwrap();
+    h.send(segment(APP, resolver, 100, None, "S", b"")).await;
+    let syn_ack = h.recv(2000).await.expect("no answer to the SYN");
+    let ours = syn_ack.seq.wrapping_add(1);
+    let query = framed_query("zone.test", 252);
+    h.send(segment(APP, resolver, 101, Some(ours), "", &query))
+        .await;
+    let mut reset = false;
+    for _ in 0..4 {
+        match h.recv(3000).await {
+            Some(s) if s.rst => {
+                reset = true;
+                break;
+            }
+            Some(s) => assert!(s.payload.is_empty(), "an answer came: {s:?}"),
+            None => break,
+        }
+    }
+    assert!(reset, "no reset");
+    let stats = h.stop().await;
+    assert_eq!(stats.flows_failed, 1);
+}
