@@ -182,6 +182,38 @@ fn tcp_mode_works_through_a_server_without_udp_and_through_socks4() -> Result<()
 }
 
 #[test]
+fn socks4_gets_dns_over_tcp_unless_udp_is_asked_for() -> Result<()> {
+    needs!("socks4_gets_dns_over_tcp_unless_udp_is_asked_for");
+    let mut net = Net::new("dnss4", &[])?;
+    let url = format!("socks4://{}", proxy_addr());
+    // No --dns: SOCKS4 has no UDP, so DNS goes over TCP (it used to get port
+    // unreachable for every query: no name resolved through a SOCKS4 proxy).
+    net.tunnel(&url, &[])?;
+    check_real_answers(net.app(), TARGET_V4.into(), DigTransport::Udp)?;
+    let log = net.stop()?;
+    ensure!(log.contains("DNS goes over TCP (--dns tcp)"), "{log}");
+    ensure!(stat(&log, "dns_tcp_answers") == 3, "{log}");
+    ensure!(stat(&log, "udp_refused") == 0, "{log}");
+    // --dns udp asked for is kept, with a warning: the query is refused at once.
+    net.tunnel(&url, &["--dns", "udp"])?;
+    let refused = dig(
+        net.app(),
+        TARGET_V4.into(),
+        TARGET_NAME,
+        "A",
+        DigTransport::Udp,
+    );
+    ensure!(refused.is_err(), "{refused:?}");
+    let log = net.stop()?;
+    ensure!(
+        log.contains("every DNS query will be answered port unreachable"),
+        "{log}"
+    );
+    ensure!(stat(&log, "udp_refused") >= 1, "{log}");
+    Ok(())
+}
+
+#[test]
 fn a_large_answer_is_truncated_for_udp_and_whole_over_tcp() -> Result<()> {
     needs!("a_large_answer_is_truncated_for_udp_and_whole_over_tcp");
     let mut net = Net::new("dnstrunc", &[])?;

@@ -95,9 +95,9 @@ pub(crate) struct TunnelArgs {
     /// DNS mode for queries to port 53 entering the TUN (any destination address):
     /// udp (through the UDP association), tcp (DNS over TCP through SOCKS CONNECT; works
     /// with every proxy) or fake-ip (A/AAAA answered locally; flows go to the proxy by
-    /// name).
-    #[arg(long, value_name = "MODE", default_value = "udp")]
-    dns: DnsMode,
+    /// name) [default: udp; tcp with a socks4:// or socks4a:// proxy, which has no UDP]
+    #[arg(long, value_name = "MODE")]
+    dns: Option<DnsMode>,
     /// Send every DNS query to this resolver (port 53) instead of the address it was
     /// sent to; answers still come from the queried address.
     #[arg(long, value_name = "IP")]
@@ -367,7 +367,7 @@ impl TunnelArgs {
             ..UdpConfig::default()
         };
         let dns = DnsConfig {
-            mode: self.dns,
+            mode: self.dns_mode(proxy.protocol),
             server: self.dns_server,
             fake_pools: if self.fake_ip_pool.is_empty() {
                 DnsConfig::default_pools()
@@ -412,11 +412,33 @@ impl TunnelArgs {
         Ok((device, stack, upstream))
     }
 
+    /// `--dns`, or its default: `udp`, except through SOCKS4/4a, which has no UDP
+    /// ASSOCIATE, so that every query would be answered "port unreachable": `tcp`
+    /// there. `--dns udp` asked for with SOCKS4 is kept, with a warning.
+    fn dns_mode(&self, protocol: Protocol) -> DnsMode {
+        let no_udp = matches!(protocol, Protocol::Socks4 | Protocol::Socks4a);
+        match self.dns {
+            Some(DnsMode::Udp) if no_udp => {
+                tracing::warn!(
+                    "--dns udp through a SOCKS4 proxy, which carries no UDP: every DNS \
+                     query will be answered port unreachable; --dns tcp carries DNS over TCP"
+                );
+                DnsMode::Udp
+            }
+            Some(mode) => mode,
+            None if no_udp => {
+                tracing::info!("DNS goes over TCP (--dns tcp): a SOCKS4 proxy carries no UDP");
+                DnsMode::Tcp
+            }
+            None => DnsMode::Udp,
+        }
+    }
+
     pub(crate) fn setup_config(&self) -> Option<SetupConfig> {
         self.setup.then(|| SetupConfig {
             fwmark: self.fwmark.unwrap_or(setup::DEFAULT_FWMARK),
             exclude: self.exclude.clone(),
-            hijack_dns: self.dns == DnsMode::FakeIp || self.dns_server.is_some(),
+            hijack_dns: self.dns == Some(DnsMode::FakeIp) || self.dns_server.is_some(),
             dns_server: self.dns_server.is_some(),
             ..SetupConfig::default()
         })
