@@ -214,6 +214,30 @@ fn socks4_gets_dns_over_tcp_unless_udp_is_asked_for() -> Result<()> {
 }
 
 #[test]
+fn udp_mode_through_a_socks5_server_without_udp_falls_back_to_tcp() -> Result<()> {
+    needs!("udp_mode_through_a_socks5_server_without_udp_falls_back_to_tcp");
+    // Like microsocks or `ssh -D`: SOCKS5 without UDP ASSOCIATE (0x07). With the
+    // default --dns udp, every query used to get port unreachable.
+    let mut net = Net::new("dnsnoudp", &["--no-udp"])?;
+    net.tunnel(&socks5(), &[])?;
+    // The first query waits on the association the proxy refuses and gets port
+    // unreachable; dig asks again (its default 3 tries), over TCP this time.
+    let mut first = net.app().command("dig");
+    first.args([&format!("@{TARGET_V4}"), TARGET_NAME, "A", "+short"]);
+    let out = String::from_utf8_lossy(&first.output()?.stdout).into_owned();
+    let answers: Vec<&str> = out.lines().filter(|l| !l.starts_with(";;")).collect();
+    ensure!(answers == [TARGET_V4.to_string()], "{out}");
+    // From then on every query goes over TCP at once (one try each).
+    check_real_answers(net.app(), TARGET_V4.into(), DigTransport::Udp)?;
+    check_real_answers(net.app(), TARGET_V6.into(), DigTransport::Udp)?;
+    let log = net.stop()?;
+    ensure!(log.contains("DNS queries go over TCP from now on"), "{log}");
+    ensure!(stat(&log, "dns_tcp_answers") >= 7, "{log}");
+    ensure!(stat(&log, "udp_associations") == 0, "{log}");
+    Ok(())
+}
+
+#[test]
 fn a_large_answer_is_truncated_for_udp_and_whole_over_tcp() -> Result<()> {
     needs!("a_large_answer_is_truncated_for_udp_and_whole_over_tcp");
     let mut net = Net::new("dnstrunc", &[])?;

@@ -57,6 +57,9 @@ pub(super) struct Datagrams {
     /// DNS-over-TCP queries in flight.
     dns_tasks: JoinSet<()>,
     dns_permits: Arc<Semaphore>,
+    /// "DNS goes over TCP" was logged (this stack's first query after the proxy
+    /// refused UDP).
+    dns_over_tcp_logged: bool,
 }
 
 impl Datagrams {
@@ -75,6 +78,7 @@ impl Datagrams {
             dns,
             dns_tasks: JoinSet::new(),
             dns_permits: Arc::new(Semaphore::new(MAX_TCP_QUERIES)),
+            dns_over_tcp_logged: false,
         }
     }
 
@@ -142,37 +146,59 @@ impl Datagrams {
             Decision::Answer(answer) => {
                 self.egress.udp(queried, app, &answer);
             }
+            Decision::Relay { resolver } if self.udp.proxy_refused_udp() => {
+                // The proxy has no UDP: the query goes over TCP, as in `--dns tcp`,
+                // instead of each one getting port unreachable.
+                if !self.dns_over_tcp_logged {
+                    self.dns_over_tcp_logged = true;
+                    tracing::info!(
+                        "the proxy refused UDP ASSOCIATE: DNS queries go over TCP from now \
+                         on (as with --dns tcp)"
+                    );
+                }
+                self.query_over_tcp(app, queried, resolver, payload);
+            }
             Decision::Relay { resolver } => {
                 let target = Address::from(resolver);
                 self.send(app, queried, &target, payload, now);
             }
-            Decision::Tcp { resolver } => {
-                let Ok(permit) = self.dns_permits.clone().try_acquire_owned() else {
-                    bump(&self.egress.metrics().dns.seam_dropped);
-                    return;
-                };
-                let (dns, egress) = (self.dns.clone(), self.egress.clone());
-                let query = payload.to_vec();
-                let max = egress.max_udp_payload(queried.ip());
-                self.dns_tasks.spawn(async move {
-                    let _permit = permit;
-                    let answer = match dns.query_tcp(resolver, &query, max).await {
-                        Ok(answer) => Some(answer),
-                        Err(e) => {
-                            tracing::debug!(%resolver, error = %e, "DNS over TCP failed");
-                            dns.servfail(&query)
-                        }
-                    };
-                    if let Some(answer) = answer {
-                        egress.udp(queried, app, &answer);
-                    }
-                });
-            }
+            Decision::Tcp { resolver } => self.query_over_tcp(app, queried, resolver, payload),
             Decision::Drop(reason) => {
                 tracing::trace!(%tuple, reason, "DNS datagram dropped");
                 bump(&self.egress.metrics().dns.seam_dropped);
             }
         }
+    }
+
+    /// Sends `query` (from `app` to `queried`) over TCP to `resolver` and its answer
+    /// back as UDP (SERVFAIL if that fails), in a task.
+    fn query_over_tcp(
+        &mut self,
+        app: SocketAddr,
+        queried: SocketAddr,
+        resolver: SocketAddr,
+        query: &[u8],
+    ) {
+        let Ok(permit) = self.dns_permits.clone().try_acquire_owned() else {
+            bump(&self.egress.metrics().dns.seam_dropped);
+            return;
+        };
+        let (dns, egress) = (self.dns.clone(), self.egress.clone());
+        let query = query.to_vec();
+        let max = egress.max_udp_payload(queried.ip());
+        self.dns_tasks.spawn(async move {
+            let _permit = permit;
+            let answer = match dns.query_tcp(resolver, &query, max).await {
+                Ok(answer) => Some(answer),
+                Err(e) => {
+                    tracing::debug!(%resolver, error = %e, "DNS over TCP failed");
+                    dns.servfail(&query)
+                }
+            };
+            if let Some(answer) = answer {
+                egress.udp(queried, app, &answer);
+            }
+        });
     }
 
     /// Sends the datagrams queued for the proxy during a burst (see

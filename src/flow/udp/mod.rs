@@ -123,6 +123,9 @@ pub struct Outgoing<'a> {
 pub struct NatTable {
     table: Arc<Mutex<HashMap<SocketAddr, Arc<Assoc>>>>,
     refusal: Arc<Mutex<Option<Refusal>>>,
+    /// The proxy has refused a UDP ASSOCIATE (it answered, with a failure) at least
+    /// once: it has no UDP, as far as the tunnel can tell.
+    refused_once: Arc<AtomicBool>,
     /// Once-per-burst warnings, once for all sharers.
     logs: Arc<NatLogs>,
     /// The clock associations count idle time from (one for every sharer).
@@ -134,6 +137,7 @@ impl Default for NatTable {
         NatTable {
             table: Arc::default(),
             refusal: Arc::default(),
+            refused_once: Arc::default(),
             logs: Arc::new(NatLogs {
                 refusals: BurstLog::new(Duration::from_secs(5)),
                 limit: BurstLog::new(Duration::from_secs(5)),
@@ -302,6 +306,7 @@ impl UdpNat {
                 config,
                 table: table.table.clone(),
                 refusal: table.refusal.clone(),
+                refused_once: table.refused_once.clone(),
                 logs: table.logs.clone(),
                 epoch: table.epoch,
             }),
@@ -311,6 +316,13 @@ impl UdpNat {
             in_burst: false,
             scratch: Vec::with_capacity(2048),
         }
+    }
+
+    /// Whether the proxy has answered a UDP ASSOCIATE with a failure since the
+    /// tunnel started (any of the NATs sharing the table): it has no UDP, so DNS in
+    /// `udp` mode is better sent over TCP.
+    pub fn proxy_refused_udp(&self) -> bool {
+        self.shared.refused_once.load(Relaxed)
     }
 
     /// The counters.

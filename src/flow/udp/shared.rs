@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
@@ -42,6 +43,8 @@ pub(super) struct Shared {
     pub(super) config: UdpConfig,
     pub(super) table: Arc<Mutex<HashMap<SocketAddr, Arc<Assoc>>>>,
     pub(super) refusal: Arc<Mutex<Option<Refusal>>>,
+    /// The proxy answered a UDP ASSOCIATE with a failure at least once.
+    pub(super) refused_once: Arc<AtomicBool>,
     /// The counters (those of egress: one set for the tunnel).
     pub(super) metrics: Arc<Metrics>,
     pub(super) logs: Arc<NatLogs>,
@@ -74,6 +77,7 @@ impl Shared {
         let memory = if error.proxy_unreachable() {
             self.config.unreachable_memory
         } else {
+            self.refused_once.store(true, Relaxed);
             self.config.refusal_memory
         };
         *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(Refusal {
