@@ -20,7 +20,8 @@ use tun2socks::testbed::dnsmasq::{
 use tun2socks::testbed::services::{HTTP_PORT, Services};
 use tun2socks::testbed::tunnel::{proxy_addr, start_server, start_tunnel, stop_cleanly};
 use tun2socks::testbed::{
-    Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_program, require_root,
+    APP_V4, APP_V6, Namespace, Process, TARGET_V4, TARGET_V6, Topology, require_program,
+    require_root,
 };
 
 fn binary() -> PathBuf {
@@ -234,6 +235,52 @@ fn udp_mode_through_a_socks5_server_without_udp_falls_back_to_tcp() -> Result<()
     ensure!(log.contains("DNS queries go over TCP from now on"), "{log}");
     ensure!(stat(&log, "dns_tcp_answers") >= 7, "{log}");
     ensure!(stat(&log, "udp_associations") == 0, "{log}");
+    Ok(())
+}
+
+#[test]
+fn udp_mode_through_a_relay_that_never_answers_falls_back_to_tcp() -> Result<()> {
+    needs!("udp_mode_through_a_relay_that_never_answers_falls_back_to_tcp");
+    require_or_skip!(
+        require_program(
+            "nft",
+            "udp_mode_through_a_relay_that_never_answers_falls_back_to_tcp"
+        ),
+        Ok(())
+    );
+    // UDP ASSOCIATE succeeds, but a firewall in front of the proxy drops every
+    // datagram to its relay without a word (or a NAT sends them nowhere): with the
+    // default --dns udp, every query used to time out.
+    let mut net = Net::new("dnssilent", &[])?;
+    let firewall = format!(
+        "add table inet silentfw; \
+         add chain inet silentfw input {{ type filter hook input priority 0; }}; \
+         add rule inet silentfw input ip saddr {APP_V4} meta l4proto udp drop; \
+         add rule inet silentfw input ip6 saddr {APP_V6} meta l4proto udp drop"
+    );
+    net.topo.proxy().run("nft", [firewall.as_str()])?;
+    net.tunnel(&socks5(), &[])?;
+    // dig's first try goes to the relay and is lost; its second, 2 s later, goes
+    // over TCP and is answered.
+    let mut first = net.app().command("dig");
+    first.args([
+        &format!("@{TARGET_V4}"),
+        TARGET_NAME,
+        "A",
+        "+short",
+        "+time=2",
+        "+tries=2",
+    ]);
+    let out = String::from_utf8_lossy(&first.output()?.stdout).into_owned();
+    let answers: Vec<&str> = out.lines().filter(|l| !l.starts_with(";;")).collect();
+    ensure!(answers == [TARGET_V4.to_string()], "{out}");
+    check_real_answers(net.app(), TARGET_V4.into(), DigTransport::Udp)?;
+    let log = net.stop()?;
+    ensure!(
+        log.contains("no DNS answer (no datagram at all) has come back"),
+        "{log}"
+    );
+    ensure!(stat(&log, "dns_tcp_answers") >= 4, "{log}");
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use crate::dns::{Decision, Dns, Target};
 use crate::egress::{Egress, PacketSink};
 use crate::flow::FourTuple;
-use crate::flow::udp::{NatTable, Outgoing, UdpConfig, UdpNat};
+use crate::flow::udp::{DnsTransport, NatTable, Outgoing, UdpConfig, UdpNat};
 use crate::metrics::bump;
 use crate::socks::Address;
 use crate::upstream::Upstream;
@@ -146,14 +146,15 @@ impl Datagrams {
             Decision::Answer(answer) => {
                 self.egress.udp(queried, app, &answer);
             }
-            Decision::Relay { resolver } if self.udp.proxy_refused_udp() => {
-                // The proxy has no UDP: the query goes over TCP, as in `--dns tcp`,
-                // instead of each one getting port unreachable.
+            Decision::Relay { resolver } if self.dns_over_tcp(now) => {
+                // The proxy has no UDP (or its relay never answers): the query goes
+                // over TCP, as in `--dns tcp`, instead of getting port unreachable
+                // or no answer at all.
                 if !self.dns_over_tcp_logged {
                     self.dns_over_tcp_logged = true;
                     tracing::info!(
-                        "the proxy refused UDP ASSOCIATE: DNS queries go over TCP from now \
-                         on (as with --dns tcp)"
+                        "DNS queries go over TCP from now on (as with --dns tcp): the \
+                         proxy's UDP refused or never answered"
                     );
                 }
                 self.query_over_tcp(app, queried, resolver, payload);
@@ -166,6 +167,27 @@ impl Datagrams {
             Decision::Drop(reason) => {
                 tracing::trace!(%tuple, reason, "DNS datagram dropped");
                 bump(&self.egress.metrics().dns.seam_dropped);
+            }
+        }
+    }
+
+    /// Whether a DNS query in `udp` mode goes over TCP (see
+    /// [`UdpNat::dns_over_tcp_at`]).
+    fn dns_over_tcp(&mut self, now: Instant) -> bool {
+        match self.udp.dns_over_tcp_at(now) {
+            DnsTransport::Udp => false,
+            DnsTransport::Tcp => true,
+            DnsTransport::TcpFromNow {
+                queries,
+                silent_for,
+            } => {
+                tracing::warn!(
+                    queries,
+                    ?silent_for,
+                    "no DNS answer (no datagram at all) has come back through the proxy's \
+                     UDP relay; DNS goes over TCP from now on"
+                );
+                true
             }
         }
     }

@@ -56,6 +56,30 @@ use crate::egress::Egress;
 use crate::socks::{Address, Protocol};
 use crate::upstream::{UdpAssociation, Upstream};
 
+/// DNS queries sent to a relay that has never answered anything, the first at
+/// least [`SILENT_FOR`] ago, after which DNS goes over TCP: the next query (a
+/// resolver retries after 1-5 s) is carried over TCP.
+pub const SILENT_QUERIES: u32 = 1;
+/// See [`SILENT_QUERIES`].
+pub const SILENT_FOR: Duration = Duration::from_secs(1);
+
+/// How a DNS query in `udp` mode goes ([`UdpNat::dns_over_tcp_at`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DnsTransport {
+    /// Through the association, as any datagram.
+    Udp,
+    /// Over TCP: the proxy's UDP was found wanting before.
+    Tcp,
+    /// Over TCP from this query on: the relay has answered nothing while
+    /// `queries` went to it over `silent_for`.
+    TcpFromNow {
+        /// Queries sent to the relay.
+        queries: u32,
+        /// Since the first of them.
+        silent_for: Duration,
+    },
+}
+
 /// The largest UDP payload over IPv4 (65535 - 20 - 8): the relay datagram, SOCKS
 /// header included, must fit in it.
 const MAX_RELAY_DATAGRAM: usize = 65_507;
@@ -123,9 +147,12 @@ pub struct Outgoing<'a> {
 pub struct NatTable {
     table: Arc<Mutex<HashMap<SocketAddr, Arc<Assoc>>>>,
     refusal: Arc<Mutex<Option<Refusal>>>,
-    /// The proxy has refused a UDP ASSOCIATE (it answered, with a failure) at least
-    /// once: it has no UDP, as far as the tunnel can tell.
-    refused_once: Arc<AtomicBool>,
+    /// DNS in `udp` mode goes over TCP from now on: the proxy has refused a UDP
+    /// ASSOCIATE (it answered, with a failure), or its relay never answered.
+    dns_over_tcp: Arc<AtomicBool>,
+    /// While the relay has never answered anything: when the first DNS query went
+    /// to it, and how many have gone since (every stack's).
+    dns_silence: Arc<Mutex<Option<(Instant, u32)>>>,
     /// Once-per-burst warnings, once for all sharers.
     logs: Arc<NatLogs>,
     /// The clock associations count idle time from (one for every sharer).
@@ -137,7 +164,8 @@ impl Default for NatTable {
         NatTable {
             table: Arc::default(),
             refusal: Arc::default(),
-            refused_once: Arc::default(),
+            dns_over_tcp: Arc::default(),
+            dns_silence: Arc::default(),
             logs: Arc::new(NatLogs {
                 refusals: BurstLog::new(Duration::from_secs(5)),
                 limit: BurstLog::new(Duration::from_secs(5)),
@@ -306,7 +334,8 @@ impl UdpNat {
                 config,
                 table: table.table.clone(),
                 refusal: table.refusal.clone(),
-                refused_once: table.refused_once.clone(),
+                dns_over_tcp: table.dns_over_tcp.clone(),
+                dns_silence: table.dns_silence.clone(),
                 logs: table.logs.clone(),
                 epoch: table.epoch,
             }),
@@ -318,11 +347,37 @@ impl UdpNat {
         }
     }
 
-    /// Whether the proxy has answered a UDP ASSOCIATE with a failure since the
-    /// tunnel started (any of the NATs sharing the table): it has no UDP, so DNS in
-    /// `udp` mode is better sent over TCP.
-    pub fn proxy_refused_udp(&self) -> bool {
-        self.shared.refused_once.load(Relaxed)
+    /// How a DNS query in `udp` mode, about to go to the proxy at `now`, should go
+    /// (the same answer for every NAT sharing the table): over TCP once the proxy
+    /// has refused UDP ASSOCIATE, or once its relay has never answered anything
+    /// while [`SILENT_QUERIES`] queries went to it, the first at least
+    /// [`SILENT_FOR`] ago (a relay that a firewall or NAT in front of the proxy
+    /// swallows: UDP ASSOCIATE succeeds, every datagram vanishes). Once anything has
+    /// come back from the relay, its silence no longer counts.
+    pub fn dns_over_tcp_at(&self, now: Instant) -> DnsTransport {
+        let shared = &self.shared;
+        if shared.dns_over_tcp.load(Relaxed) {
+            return DnsTransport::Tcp;
+        }
+        let mut silence = shared
+            .dns_silence
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if shared.metrics.udp.datagrams_down.load(Relaxed) > 0 {
+            *silence = None;
+            return DnsTransport::Udp;
+        }
+        let (first, sent) = silence.get_or_insert((now, 0));
+        let silent_for = now.saturating_duration_since(*first);
+        if *sent >= SILENT_QUERIES && silent_for >= SILENT_FOR {
+            shared.dns_over_tcp.store(true, Relaxed);
+            return DnsTransport::TcpFromNow {
+                queries: *sent,
+                silent_for,
+            };
+        }
+        *sent = sent.saturating_add(1);
+        DnsTransport::Udp
     }
 
     /// The counters.

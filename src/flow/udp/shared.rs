@@ -43,8 +43,10 @@ pub(super) struct Shared {
     pub(super) config: UdpConfig,
     pub(super) table: Arc<Mutex<HashMap<SocketAddr, Arc<Assoc>>>>,
     pub(super) refusal: Arc<Mutex<Option<Refusal>>>,
-    /// The proxy answered a UDP ASSOCIATE with a failure at least once.
-    pub(super) refused_once: Arc<AtomicBool>,
+    /// DNS in `udp` mode goes over TCP (see [`super::NatTable`]).
+    pub(super) dns_over_tcp: Arc<AtomicBool>,
+    /// See [`super::NatTable`].
+    pub(super) dns_silence: Arc<Mutex<Option<(Instant, u32)>>>,
     /// The counters (those of egress: one set for the tunnel).
     pub(super) metrics: Arc<Metrics>,
     pub(super) logs: Arc<NatLogs>,
@@ -77,7 +79,7 @@ impl Shared {
         let memory = if error.proxy_unreachable() {
             self.config.unreachable_memory
         } else {
-            self.refused_once.store(true, Relaxed);
+            self.dns_over_tcp.store(true, Relaxed);
             self.config.refusal_memory
         };
         *self.refusal.lock().unwrap_or_else(PoisonError::into_inner) = Some(Refusal {
