@@ -260,7 +260,7 @@ fn udp_mode_through_a_relay_that_never_answers_falls_back_to_tcp() -> Result<()>
     );
     net.topo.proxy().run("nft", [firewall.as_str()])?;
     net.tunnel(&socks5(), &[])?;
-    // dig's first try goes to the relay and is lost; its second, 2 s later, goes
+    // dig's first try goes to the relay and is lost; its second, 3 s later, goes
     // over TCP and is answered.
     let mut first = net.app().command("dig");
     first.args([
@@ -268,7 +268,7 @@ fn udp_mode_through_a_relay_that_never_answers_falls_back_to_tcp() -> Result<()>
         TARGET_NAME,
         "A",
         "+short",
-        "+time=2",
+        "+time=3",
         "+tries=2",
     ]);
     let out = String::from_utf8_lossy(&first.output()?.stdout).into_owned();

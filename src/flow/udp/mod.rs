@@ -61,7 +61,7 @@ use crate::upstream::{UdpAssociation, Upstream};
 /// resolver retries after 1-5 s) is carried over TCP.
 pub const SILENT_QUERIES: u32 = 1;
 /// See [`SILENT_QUERIES`].
-pub const SILENT_FOR: Duration = Duration::from_secs(1);
+pub const SILENT_FOR: Duration = Duration::from_secs(2);
 
 /// How a DNS query in `udp` mode goes ([`UdpNat::dns_over_tcp_at`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
