@@ -214,6 +214,19 @@ fn socks4_gets_dns_over_tcp_unless_udp_is_asked_for() -> Result<()> {
     Ok(())
 }
 
+/// `dig @TARGET_V4 TARGET_NAME A +short EXTRA...`, with dig's own retries: the
+/// target's address must be the answer in the end (a try that failed prints a `;;`
+/// line, skipped here).
+fn answered_after_retries(ns: &Namespace, extra: &[&str]) -> Result<()> {
+    let mut dig = ns.command("dig");
+    dig.args([&format!("@{TARGET_V4}"), TARGET_NAME, "A", "+short"])
+        .args(extra);
+    let out = String::from_utf8_lossy(&dig.output()?.stdout).into_owned();
+    let answers: Vec<&str> = out.lines().filter(|l| !l.starts_with(";;")).collect();
+    ensure!(answers == [TARGET_V4.to_string()], "{out}");
+    Ok(())
+}
+
 #[test]
 fn udp_mode_through_a_socks5_server_without_udp_falls_back_to_tcp() -> Result<()> {
     needs!("udp_mode_through_a_socks5_server_without_udp_falls_back_to_tcp");
@@ -223,11 +236,7 @@ fn udp_mode_through_a_socks5_server_without_udp_falls_back_to_tcp() -> Result<()
     net.tunnel(&socks5(), &[])?;
     // The first query waits on the association the proxy refuses and gets port
     // unreachable; dig asks again (its default 3 tries), over TCP this time.
-    let mut first = net.app().command("dig");
-    first.args([&format!("@{TARGET_V4}"), TARGET_NAME, "A", "+short"]);
-    let out = String::from_utf8_lossy(&first.output()?.stdout).into_owned();
-    let answers: Vec<&str> = out.lines().filter(|l| !l.starts_with(";;")).collect();
-    ensure!(answers == [TARGET_V4.to_string()], "{out}");
+    answered_after_retries(net.app(), &[])?;
     // From then on every query goes over TCP at once (one try each).
     check_real_answers(net.app(), TARGET_V4.into(), DigTransport::Udp)?;
     check_real_answers(net.app(), TARGET_V6.into(), DigTransport::Udp)?;
@@ -262,18 +271,7 @@ fn udp_mode_through_a_relay_that_never_answers_falls_back_to_tcp() -> Result<()>
     net.tunnel(&socks5(), &[])?;
     // dig's first try goes to the relay and is lost; its second, 3 s later, goes
     // over TCP and is answered.
-    let mut first = net.app().command("dig");
-    first.args([
-        &format!("@{TARGET_V4}"),
-        TARGET_NAME,
-        "A",
-        "+short",
-        "+time=3",
-        "+tries=2",
-    ]);
-    let out = String::from_utf8_lossy(&first.output()?.stdout).into_owned();
-    let answers: Vec<&str> = out.lines().filter(|l| !l.starts_with(";;")).collect();
-    ensure!(answers == [TARGET_V4.to_string()], "{out}");
+    answered_after_retries(net.app(), &["+time=3", "+tries=2"])?;
     check_real_answers(net.app(), TARGET_V4.into(), DigTransport::Udp)?;
     let log = net.stop()?;
     ensure!(
