@@ -234,16 +234,17 @@ fn udp_mode_through_a_socks5_server_without_udp_falls_back_to_tcp() -> Result<()
     // default --dns udp, every query used to get port unreachable.
     let mut net = Net::new("dnsnoudp", &["--no-udp"])?;
     net.tunnel(&socks5(), &[])?;
-    // The first query waits on the association the proxy refuses and gets port
-    // unreachable; dig asks again (its default 3 tries), over TCP this time.
-    answered_after_retries(net.app(), &[])?;
+    // The first query waits on the association the proxy refuses, and then goes
+    // over TCP: answered on dig's one try.
+    answered_after_retries(net.app(), &["+tries=1", "+time=3"])?;
     // From then on every query goes over TCP at once (one try each).
     check_real_answers(net.app(), TARGET_V4.into(), DigTransport::Udp)?;
     check_real_answers(net.app(), TARGET_V6.into(), DigTransport::Udp)?;
     let log = net.stop()?;
     ensure!(log.contains("DNS queries go over TCP from now on"), "{log}");
-    ensure!(stat(&log, "dns_tcp_answers") >= 7, "{log}");
+    ensure!(stat(&log, "dns_tcp_answers") == 7, "{log}");
     ensure!(stat(&log, "udp_associations") == 0, "{log}");
+    ensure!(stat(&log, "udp_refused") == 0, "{log}");
     Ok(())
 }
 

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use crate::dns::{Decision, Dns, Target};
 use crate::egress::{Egress, PacketSink};
 use crate::flow::FourTuple;
-use crate::flow::udp::{DnsTransport, NatTable, Outgoing, UdpConfig, UdpNat};
+use crate::flow::udp::{DnsFallback, DnsTransport, NatTable, Outgoing, UdpConfig, UdpNat};
 use crate::metrics::bump;
 use crate::socks::Address;
 use crate::upstream::Upstream;
@@ -71,8 +71,24 @@ impl Datagrams {
         dns: Arc<Dns>,
         table: &NatTable,
     ) -> Self {
+        // The queries that waited on an association the proxy refused go over TCP.
+        let fallback = {
+            let (dns, egress) = (dns.clone(), egress.clone());
+            let permits = Arc::new(Semaphore::new(MAX_TCP_QUERIES));
+            DnsFallback(Arc::new(move |app, queried, resolver, query: &[u8]| {
+                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                    return;
+                };
+                let (dns, egress, query) = (dns.clone(), egress.clone(), query.to_vec());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    answer_over_tcp(&dns, &egress, app, queried, resolver, &query).await;
+                });
+            }))
+        };
         Datagrams {
-            udp: UdpNat::with_table(upstream.clone(), egress.clone(), config, table),
+            udp: UdpNat::with_table(upstream.clone(), egress.clone(), config, table)
+                .with_dns_fallback(fallback),
             egress,
             upstream,
             dns,
@@ -207,19 +223,9 @@ impl Datagrams {
         };
         let (dns, egress) = (self.dns.clone(), self.egress.clone());
         let query = query.to_vec();
-        let max = egress.max_udp_payload(queried.ip());
         self.dns_tasks.spawn(async move {
             let _permit = permit;
-            let answer = match dns.query_tcp(resolver, &query, max).await {
-                Ok(answer) => Some(answer),
-                Err(e) => {
-                    tracing::debug!(%resolver, error = %e, "DNS over TCP failed");
-                    dns.servfail(&query)
-                }
-            };
-            if let Some(answer) = answer {
-                egress.udp(queried, app, &answer);
-            }
+            answer_over_tcp(&dns, &egress, app, queried, resolver, &query).await;
         });
     }
 
@@ -240,5 +246,28 @@ impl Datagrams {
     pub(super) async fn close(&mut self) {
         self.dns_tasks.shutdown().await;
         self.udp.close().await;
+    }
+}
+
+/// Asks `resolver` over TCP (through the proxy) and sends the answer to `app` as
+/// UDP from `queried`; SERVFAIL if that fails.
+async fn answer_over_tcp(
+    dns: &Dns,
+    egress: &Egress,
+    app: SocketAddr,
+    queried: SocketAddr,
+    resolver: SocketAddr,
+    query: &[u8],
+) {
+    let max = egress.max_udp_payload(queried.ip());
+    let answer = match dns.query_tcp(resolver, query, max).await {
+        Ok(answer) => Some(answer),
+        Err(e) => {
+            tracing::debug!(%resolver, error = %e, "DNS over TCP failed");
+            dns.servfail(query)
+        }
+    };
+    if let Some(answer) = answer {
+        egress.udp(queried, app, &answer);
     }
 }

@@ -54,9 +54,17 @@ pub(super) async fn run(assoc: Arc<Assoc>, shared: Arc<Shared>) {
     }
     shared.metrics.udp.active.store(table.len() as u64, Relaxed);
     drop(table);
-    // Whatever still waits was never sent: tell the application.
+    // Whatever still waits was never sent: tell the application; a DNS query goes
+    // over TCP instead once the proxy has refused UDP (see `Shared::dns_fallback`).
     for q in take_queue(&assoc) {
-        shared.unreachable(assoc.app, q.dst, &q.payload);
+        match (&shared.dns_fallback, &q.target) {
+            (Some(fallback), Address::Ip(resolver))
+                if q.dst.port() == 53 && shared.dns_over_tcp.load(Relaxed) =>
+            {
+                (fallback.0)(assoc.app, q.dst, *resolver, &q.payload);
+            }
+            _ => shared.unreachable(assoc.app, q.dst, &q.payload),
+        }
     }
 }
 

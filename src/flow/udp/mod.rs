@@ -63,6 +63,19 @@ pub const SILENT_QUERIES: u32 = 1;
 /// See [`SILENT_QUERIES`].
 pub const SILENT_FOR: Duration = Duration::from_secs(2);
 
+/// Sends one DNS query over TCP: application, queried address, resolver, query.
+pub type DnsSend = dyn Fn(SocketAddr, SocketAddr, SocketAddr, &[u8]) + Send + Sync;
+
+/// A [`DnsSend`] to share ([`UdpNat::with_dns_fallback`]).
+#[derive(Clone)]
+pub struct DnsFallback(pub Arc<DnsSend>);
+
+impl std::fmt::Debug for DnsFallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DnsFallback")
+    }
+}
+
 /// How a DNS query in `udp` mode goes ([`UdpNat::dns_over_tcp_at`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DnsTransport {
@@ -336,6 +349,7 @@ impl UdpNat {
                 refusal: table.refusal.clone(),
                 dns_over_tcp: table.dns_over_tcp.clone(),
                 dns_silence: table.dns_silence.clone(),
+                dns_fallback: None,
                 logs: table.logs.clone(),
                 epoch: table.epoch,
             }),
@@ -345,6 +359,15 @@ impl UdpNat {
             in_burst: false,
             scratch: Vec::with_capacity(2048),
         }
+    }
+
+    /// The NAT with `fallback` for the DNS queries that waited on an association
+    /// the proxy refused: they go over TCP instead of getting port unreachable.
+    pub fn with_dns_fallback(mut self, fallback: DnsFallback) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.dns_fallback = Some(fallback);
+        }
+        self
     }
 
     /// How a DNS query in `udp` mode, about to go to the proxy at `now`, should go

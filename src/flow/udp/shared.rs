@@ -47,6 +47,9 @@ pub(super) struct Shared {
     pub(super) dns_over_tcp: Arc<AtomicBool>,
     /// See [`super::NatTable`].
     pub(super) dns_silence: Arc<Mutex<Option<(Instant, u32)>>>,
+    /// Sends a DNS query (application, queried address, resolver, query) over TCP:
+    /// for the queries that waited on an association the proxy refused.
+    pub(super) dns_fallback: Option<super::DnsFallback>,
     /// The counters (those of egress: one set for the tunnel).
     pub(super) metrics: Arc<Metrics>,
     pub(super) logs: Arc<NatLogs>,
