@@ -655,6 +655,16 @@ async fn read_to_fin(h: &mut Harness, resolver: SocketAddr, at: u32) -> Vec<u8> 
     }
 }
 
+/// Opens a TCP connection from the application to a resolver's port 53 (sequence
+/// 100): the resolver's address, and the first sequence number of ours.
+async fn open_to_resolver(h: &mut Harness) -> (SocketAddr, u32) {
+    let resolver: SocketAddr = "203.0.113.53:53".parse().unwrap();
+    h.send(segment(APP, resolver, 100, None, "S", b"")).await;
+    let syn_ack = h.recv(2000).await.expect("no answer to the SYN");
+    assert!(syn_ack.syn && !syn_ack.rst, "{syn_ack:?}");
+    (resolver, syn_ack.seq.wrapping_add(1))
+}
+
 /// `--dns fake-ip` answers DNS over TCP in the tunnel, one answer per query; a zone
 /// transfer is answered by a stream of messages, so a connection whose first query
 /// is AXFR goes to the resolver through the proxy as it stands: every message comes
@@ -668,11 +678,7 @@ async fn fake_ip_passes_a_zone_transfer_through_whole() {
     }
     let (proxy, asked) = transfer_proxy(answers.clone()).await;
     let mut h = Harness::start(&format!("socks5://{proxy}"), fake_ip_config());
-    let resolver: SocketAddr = "203.0.113.53:53".parse().unwrap();
-    h.send(segment(APP, resolver, 100, None, "S", b"")).await;
-    let syn_ack = h.recv(2000).await.expect("no answer to the SYN");
-    assert!(syn_ack.syn && !syn_ack.rst, "{syn_ack:?}");
-    let ours = syn_ack.seq.wrapping_add(1);
+    let (resolver, ours) = open_to_resolver(&mut h).await;
     let query = framed_query("zone.test", 252);
     h.send(segment(APP, resolver, 101, Some(ours), "", &query))
         .await;
@@ -695,10 +701,7 @@ async fn fake_ip_passes_a_zone_transfer_through_whole() {
 #[tokio::test]
 async fn fake_ip_refuses_a_zone_transfer_after_other_queries() {
     let mut h = Harness::start(&dead_proxy(), fake_ip_config());
-    let resolver: SocketAddr = "203.0.113.53:53".parse().unwrap();
-    h.send(segment(APP, resolver, 100, None, "S", b"")).await;
-    let syn_ack = h.recv(2000).await.expect("no answer to the SYN");
-    let ours = syn_ack.seq.wrapping_add(1);
+    let (resolver, ours) = open_to_resolver(&mut h).await;
     let mut stream = framed_query("example.test", 1);
     stream.extend_from_slice(&framed_query("zone.test", 252));
     h.send(segment(APP, resolver, 101, Some(ours), "", &stream))
@@ -726,10 +729,7 @@ async fn fake_ip_refuses_a_zone_transfer_after_other_queries() {
 #[tokio::test]
 async fn fake_ip_resets_a_zone_transfer_the_proxy_cannot_carry() {
     let mut h = Harness::start(&dead_proxy(), fake_ip_config());
-    let resolver: SocketAddr = "203.0.113.53:53".parse().unwrap();
-    h.send(segment(APP, resolver, 100, None, "S", b"")).await;
-    let syn_ack = h.recv(2000).await.expect("no answer to the SYN");
-    let ours = syn_ack.seq.wrapping_add(1);
+    let (resolver, ours) = open_to_resolver(&mut h).await;
     let query = framed_query("zone.test", 252);
     h.send(segment(APP, resolver, 101, Some(ours), "", &query))
         .await;

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::dns::{Decision, Dns, Target};
@@ -71,12 +71,13 @@ impl Datagrams {
         dns: Arc<Dns>,
         table: &NatTable,
     ) -> Self {
-        // The queries that waited on an association the proxy refused go over TCP.
+        let dns_permits = Arc::new(Semaphore::new(MAX_TCP_QUERIES));
+        // The queries that waited on an association the proxy refused go over TCP
+        // (under the same limit as the others).
         let fallback = {
-            let (dns, egress) = (dns.clone(), egress.clone());
-            let permits = Arc::new(Semaphore::new(MAX_TCP_QUERIES));
+            let (dns, egress, permits) = (dns.clone(), egress.clone(), dns_permits.clone());
             DnsFallback(Arc::new(move |app, queried, resolver, query: &[u8]| {
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                let Some(permit) = tcp_permit(&permits, &egress) else {
                     return;
                 };
                 let (dns, egress, query) = (dns.clone(), egress.clone(), query.to_vec());
@@ -93,7 +94,7 @@ impl Datagrams {
             upstream,
             dns,
             dns_tasks: JoinSet::new(),
-            dns_permits: Arc::new(Semaphore::new(MAX_TCP_QUERIES)),
+            dns_permits,
             dns_over_tcp_logged: false,
         }
     }
@@ -217,8 +218,7 @@ impl Datagrams {
         resolver: SocketAddr,
         query: &[u8],
     ) {
-        let Ok(permit) = self.dns_permits.clone().try_acquire_owned() else {
-            bump(&self.egress.metrics().dns.seam_dropped);
+        let Some(permit) = tcp_permit(&self.dns_permits, &self.egress) else {
             return;
         };
         let (dns, egress) = (self.dns.clone(), self.egress.clone());
@@ -247,6 +247,16 @@ impl Datagrams {
         self.dns_tasks.shutdown().await;
         self.udp.close().await;
     }
+}
+
+/// A place among the DNS-over-TCP queries in flight; `None` (the query dropped and
+/// counted, the client retries) when all are taken.
+fn tcp_permit(permits: &Arc<Semaphore>, egress: &Egress) -> Option<OwnedSemaphorePermit> {
+    let permit = permits.clone().try_acquire_owned().ok();
+    if permit.is_none() {
+        bump(&egress.metrics().dns.seam_dropped);
+    }
+    permit
 }
 
 /// Asks `resolver` over TCP (through the proxy) and sends the answer to `app` as
