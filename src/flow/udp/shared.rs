@@ -79,7 +79,8 @@ impl Shared {
     pub(super) fn refused(&self, error: &UpstreamError) {
         self.metrics.socks.record(SocksCommand::UdpAssociate, error);
         let now = Instant::now();
-        let memory = if error.proxy_unreachable() {
+        let unreachable = error.proxy_unreachable();
+        let memory = if unreachable {
             self.config.unreachable_memory
         } else {
             self.dns_over_tcp.store(true, Relaxed);
@@ -90,10 +91,18 @@ impl Shared {
             why: error.to_string(),
         });
         if let Some(suppressed) = self.logs.refusals.check(now) {
-            tracing::warn!(
-                error = %error, remembered = ?memory, suppressed,
-                "UDP association failed; answering datagrams with port unreachable"
-            );
+            if unreachable {
+                tracing::warn!(
+                    error = %error, remembered = ?memory, suppressed,
+                    "UDP association failed; answering datagrams with port unreachable"
+                );
+            } else {
+                tracing::warn!(
+                    error = %error, remembered = ?memory, suppressed,
+                    "UDP association failed; answering datagrams with port unreachable \
+                     (DNS queries go over TCP from now on)"
+                );
+            }
         }
     }
 
