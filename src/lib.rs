@@ -32,6 +32,7 @@
 //! tunnel, and [`testbed`] builds the network-namespace topology that the integration tests
 //! and `tun2socks selftest` run in.
 
+pub mod busy;
 pub mod config;
 pub mod device;
 pub mod dns;

@@ -17,10 +17,15 @@ use tokio::time::Instant;
 
 use tun2socks_platform::mmsg;
 
+use self::batch::Recv;
 use super::{Shared, refuse, reply};
+use crate::busy::BusyPoll;
 use crate::socks::{Address, ReplyCode, Request, udp};
 
 mod batch;
+mod spin;
+
+pub(super) use spin::SpinSlot;
 
 /// Batches received per wake-up of a socket before the others get a turn (up to
 /// `ROUNDS * batch::SLOTS` datagrams).
@@ -36,6 +41,15 @@ struct Counters {
     to_client: u64,
     to_client_bytes: u64,
     dropped: u64,
+    /// Passes of a busy-poll spin that found datagrams ([`spin`]).
+    spin_hits: u64,
+}
+
+impl Counters {
+    /// Bytes relayed either way so far.
+    fn bytes(&self) -> u64 {
+        self.to_remote_bytes.saturating_add(self.to_client_bytes)
+    }
 }
 
 /// The association's sockets and state.
@@ -49,6 +63,8 @@ struct Association<'a> {
     client_port: Option<u16>,
     names: HashMap<String, IpAddr>,
     counters: Counters,
+    /// When to keep polling after datagrams instead of sleeping ([`spin`]).
+    busy: BusyPoll,
 }
 
 pub(super) async fn serve(
@@ -83,6 +99,7 @@ pub(super) async fn serve(
         client_port: (declared != 0).then_some(declared),
         names: HashMap::new(),
         counters: Counters::default(),
+        busy: BusyPoll::new(shared.config.udp_busy_poll),
     };
     let why = assoc.run(&mut control).await;
     let c = &assoc.counters;
@@ -93,6 +110,7 @@ pub(super) async fn serve(
         received = c.to_client,
         received_bytes = c.to_client_bytes,
         dropped = c.dropped,
+        spin_hits = c.spin_hits,
         "UDP association closed"
     );
     Ok(())
@@ -152,13 +170,20 @@ impl Association<'_> {
             };
             // Everything queued on that socket, up to a few batches: one wake-up (and
             // a system call each way) per burst rather than per datagram.
-            let (active, named) = match ready {
-                Ready::Client => batch::with_batch(|b| self.relay_from_client(b)),
+            let before = self.counters.bytes();
+            let (active, mut named) = match ready {
+                Ready::Client => batch::with_batch(|b| self.relay_from_client(b, Recv::Tracked)),
                 Ready::Remote(family) => (
-                    batch::with_batch(|b| self.relay_to_client(family, b)),
+                    batch::with_batch(|b| self.relay_to_client(family, b, Recv::Tracked)),
                     vec![],
                 ),
             };
+            if active && named.is_empty() {
+                // A busy association polls on for a moment (the next datagram of an
+                // exchange is caught without a wake-up).
+                let moved = self.counters.bytes().saturating_sub(before);
+                named = self.after_work(moved);
+            }
             // Datagrams to names not resolved yet: resolved and sent one by one.
             for (target, payload) in named {
                 self.forward_named(&target, &payload).await;
@@ -172,10 +197,14 @@ impl Association<'_> {
     /// Relays the client's queued datagrams to their destinations; returns whether
     /// any came from the client, and those whose destination is a name that needs
     /// resolving (to send after an await).
-    fn relay_from_client(&mut self, b: &mut batch::Batch) -> (bool, Vec<(Address, Vec<u8>)>) {
+    fn relay_from_client(
+        &mut self,
+        b: &mut batch::Batch,
+        how: Recv,
+    ) -> (bool, Vec<(Address, Vec<u8>)>) {
         let (mut active, mut named) = (false, Vec::new());
         for _ in 0..ROUNDS {
-            if !batch::recv_into(&self.relay, b) {
+            if !batch::recv_into(&self.relay, b, how) {
                 break;
             }
             let mut v4: Vec<mmsg::Outgoing<'_>> = Vec::new();
@@ -315,7 +344,7 @@ impl Association<'_> {
 
     /// Relays the datagrams queued on an outbound socket to the client, each
     /// wrapped with its source; returns whether any was relayed.
-    fn relay_to_client(&mut self, family: Family, b: &mut batch::Batch) -> bool {
+    fn relay_to_client(&mut self, family: Family, b: &mut batch::Batch, how: Recv) -> bool {
         let socket = match family {
             Family::V4 => self.out_v4.as_ref(),
             Family::V6 => self.out_v6.as_ref(),
@@ -324,7 +353,7 @@ impl Association<'_> {
         let mut active = false;
         let mut ends: Vec<usize> = Vec::with_capacity(batch::SLOTS);
         for _ in 0..ROUNDS {
-            if !batch::recv_into(socket, b) {
+            if !batch::recv_into(socket, b, how) {
                 break;
             }
             let Some(port) = self.client_port else {

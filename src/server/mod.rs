@@ -78,6 +78,10 @@ pub struct ServerConfig {
     /// after this long without traffic (parameters: [`relay::keepalive`]).
     /// `None`: no probes.
     pub keepalive: Option<Duration>,
+    /// How long a busy UDP association keeps polling its sockets after a datagram
+    /// before it sleeps ([`crate::busy`]: only while datagrams come at least this
+    /// often; one association at a time; never on a single CPU). Zero: never.
+    pub udp_busy_poll: Duration,
 }
 
 impl Default for ServerConfig {
@@ -95,9 +99,13 @@ impl Default for ServerConfig {
             max_connections: 4096,
             idle_timeout: Some(relay::DEFAULT_IDLE_TIMEOUT),
             keepalive: Some(relay::DEFAULT_KEEPALIVE),
+            udp_busy_poll: DEFAULT_UDP_BUSY_POLL,
         }
     }
 }
+
+/// [`ServerConfig::udp_busy_poll`] by default (as the tunnel's `--busy-poll`).
+pub const DEFAULT_UDP_BUSY_POLL: Duration = Duration::from_micros(200);
 
 /// Why a configuration cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -139,9 +147,23 @@ struct Shared {
     sessions: Arc<Semaphore>,
     next_id: AtomicU64,
     login_failures: penalty::LoginFailures,
+    /// Busy polling of UDP associations ([`associate`]): allowed at all (a window,
+    /// and more than one CPU to spin on), and whether one is spinning now.
+    spin: associate::SpinSlot,
 }
 
 impl Shared {
+    /// Inside the server's runtime (busy polling looks at its workers).
+    fn new(config: ServerConfig) -> Shared {
+        Shared {
+            sessions: Arc::new(Semaphore::new(config.max_connections)),
+            spin: associate::SpinSlot::new(config.udp_busy_poll),
+            config,
+            next_id: AtomicU64::new(1),
+            login_failures: penalty::LoginFailures::default(),
+        }
+    }
+
     fn client_allowed(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
         self.config.allow.is_empty() || self.config.allow.iter().any(|net| net.contains(&ip))
@@ -201,12 +223,7 @@ pub async fn run(
             )
         })?;
     }
-    let shared = Arc::new(Shared {
-        sessions: Arc::new(Semaphore::new(config.max_connections)),
-        config,
-        next_id: AtomicU64::new(1),
-        login_failures: penalty::LoginFailures::default(),
-    });
+    let shared = Arc::new(Shared::new(config));
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     for listener in listeners {

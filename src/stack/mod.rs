@@ -7,7 +7,7 @@
 //! of its own, with its SYN-ACK paused until the flow's upstream CONNECT succeeds),
 //! then lets the sockets that changed transmit, and sleeps until the device has a
 //! packet, a flow asks for a poll, or a socket timer is due (after small traffic it
-//! first polls for a moment: [`busy`]). A flow's start, refusal and transmission are
+//! first polls for a moment: [`crate::busy`]). A flow's start, refusal and transmission are
 //! in `tcp_flows`.
 //!
 //! Every socket lives in a one-socket set of its own ([`TcpFlow`]), so the work per
@@ -24,7 +24,6 @@
     clippy::indexing_slicing
 )]
 
-pub mod busy;
 pub mod classify;
 mod config;
 mod datagram;
@@ -50,7 +49,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use self::busy::BusyPoll;
+use crate::busy::BusyPoll;
 use smoltcp::iface::{Config, Interface, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::HardwareAddress;
@@ -310,7 +309,7 @@ impl<D: PacketIo> Stack<D> {
         }
     }
 
-    /// Busy polling (see [`busy`]): keeps handling packets and flows' requests,
+    /// Busy polling (see [`crate::busy`]): keeps handling packets and flows' requests,
     /// yielding to the runtime between passes, until `until` passes without work or
     /// [`MAX_SPIN`] is reached (so shutdown and timers are never held off).
     async fn spin(&mut self, mut until: Instant, rx: &mut [u8]) -> io::Result<()> {

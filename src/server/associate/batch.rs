@@ -50,36 +50,53 @@ pub(super) fn with_batch<R>(f: impl FnOnce(&mut Batch) -> R) -> R {
     })
 }
 
+/// How a receive learns that a socket has datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Recv {
+    /// Through the runtime's readiness: no system call when the reactor has not
+    /// seen the socket readable; a `WouldBlock` clears the readiness, so the next
+    /// `readable()` waits.
+    Tracked,
+    /// A system call whatever the reactor saw (busy polling: the reactor is not
+    /// polled meanwhile). A datagram that comes later still wakes the reactor, so
+    /// nothing is missed once the association sleeps again.
+    Direct,
+}
+
 /// Receives the datagrams queued on `socket` now, up to a batch, into `buf`'s slots;
-/// `got` says where each lies and who sent it. `WouldBlock` when none is queued (the
-/// socket's readiness is cleared then, so the next `readable()` waits).
+/// `got` says where each lies and who sent it. `WouldBlock` when none is queued.
 pub(super) fn recv(
     socket: &UdpSocket,
     buf: &mut [u8],
     got: &mut Vec<mmsg::Datagram>,
+    how: Recv,
 ) -> io::Result<usize> {
-    socket.try_io(Interest::READABLE, || {
-        match mmsg::recv_batch(socket, buf, SLOT, got) {
-            Err(e) if e.kind() == io::ErrorKind::Unsupported => {
-                let slot = buf.get_mut(..SLOT).unwrap_or_default();
-                let (len, from) = socket.try_recv_from(slot)?;
-                got.push(mmsg::Datagram {
-                    len,
-                    truncated: false,
-                    from: Some(from),
-                });
-                Ok(1)
-            }
-            other => other,
+    let once = |buf: &mut [u8], got: &mut Vec<mmsg::Datagram>| match mmsg::recv_batch(
+        socket, buf, SLOT, got,
+    ) {
+        Err(e) if e.kind() == io::ErrorKind::Unsupported => {
+            let slot = buf.get_mut(..SLOT).unwrap_or_default();
+            let (len, from) = socket.try_recv_from(slot)?;
+            got.push(mmsg::Datagram {
+                len,
+                truncated: false,
+                from: Some(from),
+            });
+            Ok(1)
         }
-    })
+        other => other,
+    };
+    match how {
+        Recv::Tracked => socket.try_io(Interest::READABLE, || once(buf, got)),
+        Recv::Direct => once(buf, got),
+    }
 }
 
 /// [`recv`] into `b`'s slots, retried when interrupted: `true` if datagrams came,
 /// `false` when none is queued (or the socket failed: logged).
-pub(super) fn recv_into(socket: &UdpSocket, b: &mut Batch) -> bool {
+pub(super) fn recv_into(socket: &UdpSocket, b: &mut Batch, how: Recv) -> bool {
     loop {
-        match recv(socket, &mut b.buf, &mut b.got) {
+        match recv(socket, &mut b.buf, &mut b.got, how) {
             Ok(_) => return true,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {

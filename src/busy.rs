@@ -1,7 +1,7 @@
-//! When the poll loop keeps polling for a moment instead of going to sleep.
+//! When a loop keeps polling for a moment instead of going to sleep.
 //!
-//! Stage: a policy inside the stack's loop; sans-IO (time is passed in), it never
-//! touches the device or a socket.
+//! Stage: a policy inside the stack's loop and inside the reference server's UDP
+//! relay; sans-IO (time is passed in), it never touches the device or a socket.
 //!
 //! On a virtual machine, waking a sleeping thread whose CPU is halted costs tens of
 //! microseconds: a request/response exchange through the tunnel wakes it twice (the
