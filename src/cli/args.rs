@@ -453,7 +453,34 @@ impl TunnelArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_log_level;
+    use super::{ServerArgs, parse_log_level};
+    use clap::Parser;
+    use std::time::Duration;
+
+    #[derive(Debug, Parser)]
+    struct Server {
+        #[command(flatten)]
+        args: ServerArgs,
+    }
+
+    #[test]
+    fn the_servers_udp_busy_polling_defaults_to_the_tunnels_and_can_be_turned_off() {
+        let parse = |extra: &[&str]| {
+            let argv = ["server"].iter().chain(extra).copied();
+            Server::try_parse_from(argv).map(|s| s.args.config())
+        };
+        let default = parse(&[]).expect("parses").expect("valid");
+        assert_eq!(default.udp_busy_poll, Duration::from_micros(200));
+        let off = parse(&["--busy-poll", "0"])
+            .expect("parses")
+            .expect("valid");
+        assert_eq!(off.udp_busy_poll, Duration::ZERO);
+        assert!(
+            parse(&["--busy-poll", "10001"]).is_err(),
+            "over 10 ms refused"
+        );
+        assert!(parse(&["--busy-poll", "-1"]).is_err());
+    }
 
     #[test]
     fn log_levels_and_filters_are_taken_and_other_words_refused() {
