@@ -25,6 +25,10 @@
 
 use std::time::{Duration, Instant};
 
+/// The busy-poll window of the tunnel and of the server's UDP relay by default
+/// (their `--busy-poll`).
+pub const DEFAULT_WINDOW: Duration = Duration::from_micros(200);
+
 /// Bytes through the stack in one pass (packets read plus written) from which the
 /// pass is bulk transfer and is not followed by a spin.
 pub const BULK_BYTES: usize = 64 * 1024;

@@ -78,7 +78,7 @@ pub(crate) struct TunnelArgs {
     /// Microseconds the packet loop keeps polling after traffic before it sleeps, while
     /// traffic comes at least that often (request/response latency for CPU; an idle
     /// tunnel never polls); 0 turns it off.
-    #[arg(long, value_name = "MICROS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    #[arg(long, value_name = "MICROS", default_value_t = DEFAULT_BUSY_POLL_MICROS, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     busy_poll: u64,
     /// Send the SOCKS5 greeting, login and request in one write, saving a round trip
     /// per connection: on (the flag alone; for servers known to read it: ours and
@@ -215,7 +215,7 @@ pub(crate) struct ServerArgs {
     /// Microseconds a busy UDP association keeps polling its sockets after a
     /// datagram before it sleeps, while datagrams come at least that often (latency
     /// for CPU; one association at a time, never on one CPU); 0 turns it off.
-    #[arg(long, value_name = "MICROS", default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    #[arg(long, value_name = "MICROS", default_value_t = DEFAULT_BUSY_POLL_MICROS, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     busy_poll: u64,
     /// Refuse BIND (reply 0x07).
     #[arg(long)]
@@ -450,6 +450,9 @@ impl TunnelArgs {
         })
     }
 }
+
+/// `--busy-poll`'s default, for the tunnel and the server alike.
+const DEFAULT_BUSY_POLL_MICROS: u64 = tun2socks::busy::DEFAULT_WINDOW.as_micros() as u64;
 
 #[cfg(test)]
 mod tests {

@@ -99,13 +99,10 @@ impl Default for ServerConfig {
             max_connections: 4096,
             idle_timeout: Some(relay::DEFAULT_IDLE_TIMEOUT),
             keepalive: Some(relay::DEFAULT_KEEPALIVE),
-            udp_busy_poll: DEFAULT_UDP_BUSY_POLL,
+            udp_busy_poll: crate::busy::DEFAULT_WINDOW,
         }
     }
 }
-
-/// [`ServerConfig::udp_busy_poll`] by default (as the tunnel's `--busy-poll`).
-pub const DEFAULT_UDP_BUSY_POLL: Duration = Duration::from_micros(200);
 
 /// Why a configuration cannot be served.
 #[derive(Debug, thiserror::Error)]

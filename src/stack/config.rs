@@ -8,7 +8,7 @@ use crate::flow::buffers::BufferConfig;
 use crate::flow::udp::UdpConfig;
 
 /// The default `--busy-poll` window.
-pub const DEFAULT_BUSY_POLL: Duration = Duration::from_micros(200);
+pub const DEFAULT_BUSY_POLL: Duration = crate::busy::DEFAULT_WINDOW;
 
 /// Default budget for TCP rings: 256 MiB (512 flows with both rings at 256 KiB, or
 /// 32,768 flows with their initial 2 x 4 KiB).
