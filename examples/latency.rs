@@ -1,6 +1,7 @@
-//! Latency and connection rate through the tunnel beside the kernel path, in one run:
-//! TCP request/response p50/p99 (one connection, small messages), connections/s (W
-//! workers: connect, 1-byte echo, close) and UDP echo p50/p99. The kernel path and the
+//! Latency, connection rate and one stream through the tunnel beside the kernel path,
+//! in one run: TCP request/response p50/p99 (one connection, small messages),
+//! connections/s (W workers: connect, 1-byte echo, close), UDP echo p50/p99 and one TCP
+//! stream each way. The kernel path and the
 //! tunnel alternate in every round on the same topology (the app's route to the target
 //! network is switched between the forwarding proxy namespace and the TUN), so load on
 //! the machine hits both alike. Needs root. Prints one row per round and the medians.
@@ -16,7 +17,11 @@
 //! attaches to; `created`: the tunnel creates it), `LAT_TUNNEL_ARGS` (extra tunnel
 //! arguments, split at spaces), `LAT_SERVER_ARGS` (extra server arguments),
 //! `LAT_PROXY` (URL scheme and credentials, default `socks5://`), `LAT_ONLY`
-//! (`rr`, `conn` or `udp`: only that measurement), `LAT_NICE` (a nice value for every
+//! (`rr`, `conn`, `bulk` or `udp`: only that measurement), `LAT_BULK_SECS` (3: one
+//! TCP stream each way, 1 MiB writes and reads, this program's own client and target
+//! services), `LAT_SOCKS_DIRECT` (`1`: a third row per round with no tunnel at all,
+//! this program speaking SOCKS5 to the server itself, for the connection rate and the
+//! stream: what the server alone allows, which bounds any tunnel in front of it), `LAT_NICE` (a nice value for every
 //! thread of this program, the tunnel and the server, e.g. -10 on a shared machine),
 //! `LAT_CPUS` (a CPU list for `taskset`: every thread of this program, the tunnel and
 //! the server runs there, e.g. `0` to see the cost of wake-ups across CPUs).
@@ -29,11 +34,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::Context;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tun2socks::testbed::attach::{create_tun, start_tunnel_attached};
 use tun2socks::testbed::load::{
-    ConnRateReport, EchoServer, LOAD_ECHO_PORT, RrReport, prepare_client, tcp_conn_rate_in,
-    tcp_rr_in,
+    ConnRateReport, EchoServer, LOAD_ECHO_PORT, RrReport, prepare_client, tcp_rr_in,
 };
 use tun2socks::testbed::tunnel::{TUN_NAME, proxy_addr, start_server, start_tunnel};
 use tun2socks::testbed::udp::{UDP_ECHO_PORT, UdpServices};
@@ -54,6 +63,8 @@ struct Row {
     udp: Option<(u64, u64, usize)>,
     /// CPU microseconds per connection of the tunnel and the server.
     cpu: Option<(f64, f64)>,
+    /// One TCP stream for `LAT_BULK_SECS` each way, Gbit/s: (up, down).
+    bulk: Option<(f64, f64)>,
 }
 
 /// utime + stime of a process, in clock ticks (100 per second).
@@ -100,6 +111,173 @@ struct Settings {
     workers: usize,
     udp: usize,
     only: String,
+    bulk_secs: Duration,
+}
+
+/// Opens a TCP connection to `target`: straight (through whatever route the app
+/// namespace has), or with a SOCKS5 CONNECT through `socks` (no authentication).
+async fn open(socks: Option<SocketAddr>, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(proxy) = socks else {
+        let stream = TcpStream::connect(target).await?;
+        stream.set_nodelay(true)?;
+        return Ok(stream);
+    };
+    let std::net::IpAddr::V4(ip) = target.ip() else {
+        return Err(std::io::ErrorKind::Unsupported.into());
+    };
+    let mut stream = TcpStream::connect(proxy).await?;
+    stream.set_nodelay(true)?;
+    stream.write_all(&[5, 1, 0]).await?;
+    let mut method = [0u8; 2];
+    stream.read_exact(&mut method).await?;
+    let mut request = vec![5, 1, 0, 1];
+    request.extend_from_slice(&ip.octets());
+    request.extend_from_slice(&target.port().to_be_bytes());
+    stream.write_all(&request).await?;
+    let mut reply = [0u8; 10];
+    stream.read_exact(&mut reply).await?;
+    if method != [5, 0] || reply[1] != 0 {
+        return Err(std::io::Error::other(format!(
+            "SOCKS5 refused: method {method:?}, reply {}",
+            reply[1]
+        )));
+    }
+    Ok(stream)
+}
+
+/// Connection rate with this example's own client: `workers` at once, each repeating
+/// open (straight or through SOCKS5) + 1-byte echo + close.
+async fn conn_rate(
+    socks: Option<SocketAddr>,
+    target: SocketAddr,
+    workers: usize,
+    duration: Duration,
+) -> std::io::Result<ConnRateReport> {
+    async fn one(socks: Option<SocketAddr>, target: SocketAddr, byte: u8) -> std::io::Result<()> {
+        let mut stream = open(socks, target).await?;
+        stream.write_all(&[byte]).await?;
+        let mut back = [0u8; 1];
+        stream.read_exact(&mut back).await?;
+        if back[0] == byte {
+            Ok(())
+        } else {
+            Err(std::io::ErrorKind::InvalidData.into())
+        }
+    }
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let start = std::time::Instant::now();
+    let deadline = start + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..workers {
+        let (done, failed) = (done.clone(), failed.clone());
+        tasks.spawn(async move {
+            let mut byte = worker as u8;
+            while std::time::Instant::now() < deadline {
+                byte = byte.wrapping_add(1);
+                match tokio::time::timeout(Duration::from_secs(5), one(socks, target, byte)).await {
+                    Ok(Ok(())) => done.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    Ok(ConnRateReport {
+        connections: done.load(Ordering::Relaxed),
+        errors: failed.load(Ordering::Relaxed),
+        first_error: None,
+        elapsed: start.elapsed(),
+    })
+}
+
+/// Bytes per write and per read of the bulk client and the target's bulk services.
+const BULK_CHUNK: usize = 1 << 20;
+
+/// The target's bulk services: a sink on [`BULK_SINK_PORT`] (reads until EOF) and a
+/// source on [`BULK_SOURCE_PORT`] (writes until the peer goes away). Runs until the
+/// program exits.
+async fn bulk_services() -> std::io::Result<()> {
+    let sink = TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, BULK_SINK_PORT)).await?;
+    let source = TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, BULK_SOURCE_PORT)).await?;
+    loop {
+        tokio::select! {
+            accepted = sink.accept() => {
+                let (mut stream, _) = accepted?;
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; BULK_CHUNK];
+                    while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+            }
+            accepted = source.accept() => {
+                let (mut stream, _) = accepted?;
+                tokio::spawn(async move {
+                    let buf = vec![0x5au8; BULK_CHUNK];
+                    while stream.write_all(&buf).await.is_ok() {}
+                });
+            }
+        }
+    }
+}
+const BULK_SINK_PORT: u16 = 7101;
+const BULK_SOURCE_PORT: u16 = 7102;
+
+/// One stream for `secs` each way (straight or through SOCKS5): (up, down) Gbit/s.
+async fn bulk(socks: Option<SocketAddr>, secs: Duration) -> std::io::Result<(f64, f64)> {
+    let gbits = |bytes: u64, elapsed: Duration| bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9;
+    let mut buf = vec![0xa5u8; BULK_CHUNK];
+    let mut up = open(socks, SocketAddr::from((TARGET_V4, BULK_SINK_PORT))).await?;
+    let (start, mut bytes) = (std::time::Instant::now(), 0u64);
+    while start.elapsed() < secs {
+        up.write_all(&buf).await?;
+        bytes += BULK_CHUNK as u64;
+    }
+    let up_rate = gbits(bytes, start.elapsed());
+    drop(up);
+    let mut down = open(socks, SocketAddr::from((TARGET_V4, BULK_SOURCE_PORT))).await?;
+    let (start, mut bytes) = (std::time::Instant::now(), 0u64);
+    while start.elapsed() < secs {
+        let n = down.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        bytes += n as u64;
+    }
+    Ok((up_rate, gbits(bytes, start.elapsed())))
+}
+
+/// The SOCKS-direct row: no tunnel at all, this program speaks SOCKS5 to the server
+/// itself (`LAT_SOCKS_DIRECT=1`). What the server alone allows bounds what any tunnel
+/// in front of it can reach.
+fn measure_socks_direct(topo: &Topology, s: &Settings, pids: (u32, u32)) -> anyhow::Result<Row> {
+    let target = SocketAddr::from((TARGET_V4, LOAD_ECHO_PORT));
+    let (workers, secs, bulk_secs) = (s.workers, Duration::from_secs_f64(s.conn_secs), s.bulk_secs);
+    let mut row = Row::default();
+    if s.only.is_empty() || s.only == "conn" {
+        let before = (cpu_ticks(pids.0), cpu_ticks(pids.1));
+        let conn = topo.app().within(move || {
+            current_thread()?.block_on(conn_rate(Some(proxy_addr()), target, workers, secs))
+        })?;
+        let per_conn = |ticks: u64| ticks as f64 * 10_000.0 / conn.connections.max(1) as f64;
+        row.cpu = Some((
+            per_conn(cpu_ticks(pids.0).saturating_sub(before.0)),
+            per_conn(cpu_ticks(pids.1).saturating_sub(before.1)),
+        ));
+        row.conn = Some(conn);
+    }
+    if s.only.is_empty() || s.only == "bulk" {
+        row.bulk = Some(
+            topo.app()
+                .within(move || current_thread()?.block_on(bulk(Some(proxy_addr()), bulk_secs)))?,
+        );
+    }
+    Ok(row)
+}
+
+fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 fn measure(topo: &Topology, s: &Settings, pids: (u32, u32)) -> anyhow::Result<Row> {
@@ -112,13 +290,23 @@ fn measure(topo: &Topology, s: &Settings, pids: (u32, u32)) -> anyhow::Result<Ro
     if s.only.is_empty() || s.only == "conn" {
         let secs = Duration::from_secs_f64(s.conn_secs);
         let before = (cpu_ticks(pids.0), cpu_ticks(pids.1));
-        let conn = tcp_conn_rate_in(app, tcp_target, s.workers, secs)?;
+        let workers = s.workers;
+        let conn = app.within(move || {
+            current_thread()?.block_on(conn_rate(None, tcp_target, workers, secs))
+        })?;
         let per_conn = |ticks: u64| ticks as f64 * 10_000.0 / conn.connections.max(1) as f64;
         row.cpu = Some((
             per_conn(cpu_ticks(pids.0).saturating_sub(before.0)),
             per_conn(cpu_ticks(pids.1).saturating_sub(before.1)),
         ));
         row.conn = Some(conn);
+    }
+    if s.only.is_empty() || s.only == "bulk" {
+        let secs = s.bulk_secs;
+        row.bulk = Some(
+            topo.app()
+                .within(move || current_thread()?.block_on(bulk(None, secs)))?,
+        );
     }
     if s.only.is_empty() || s.only == "udp" {
         let udp_target = SocketAddr::from((TARGET_V4, UDP_ECHO_PORT));
@@ -142,7 +330,12 @@ fn print_row(label: &str, row: &Row) {
     let cpu = row.cpu.map_or(String::new(), |(t, s)| {
         format!(" | cpu us/conn tunnel {t:.1} server {s:.1}")
     });
-    println!("{label:<10} | rr p50/p99/max us {rr} | conn/s {conn} | udp p50/p99 us {udp}{cpu}");
+    let bulk = row.bulk.map_or(String::new(), |(up, down)| {
+        format!(" | 1 stream up/down Gbit/s {up:.2} {down:.2}")
+    });
+    println!(
+        "{label:<10} | rr p50/p99/max us {rr} | conn/s {conn} | udp p50/p99 us {udp}{cpu}{bulk}"
+    );
     if let Some(e) = row.conn.as_ref().and_then(|c| c.first_error.as_ref()) {
         println!("{label:<10} | first connection error: {e}");
     }
@@ -153,7 +346,8 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn summary(label: &str, rows: &[Row]) -> (f64, f64, f64, f64) {
+/// Medians of a path's rounds: rr p50, rr p99, conn/s, UDP p50, bulk up, bulk down.
+fn summary(label: &str, rows: &[Row]) -> (f64, f64, f64, f64, f64, f64) {
     let rr50 = median(
         rows.iter()
             .filter_map(|r| r.rr.as_ref())
@@ -180,10 +374,12 @@ fn summary(label: &str, rows: &[Row]) -> (f64, f64, f64, f64) {
     );
     let tcpu = median(rows.iter().filter_map(|r| r.cpu).map(|c| c.0).collect());
     let scpu = median(rows.iter().filter_map(|r| r.cpu).map(|c| c.1).collect());
+    let up = median(rows.iter().filter_map(|r| r.bulk).map(|b| b.0).collect());
+    let down = median(rows.iter().filter_map(|r| r.bulk).map(|b| b.1).collect());
     println!(
-        "{label:<10} | median: rr p50 {rr50:.0} us, rr p99 {rr99:.0} us, {conn:.0} conn/s, udp p50 {udp:.0} us, cpu us/conn tunnel {tcpu:.1} server {scpu:.1}"
+        "{label:<10} | median: rr p50 {rr50:.0} us, rr p99 {rr99:.0} us, {conn:.0} conn/s, udp p50 {udp:.0} us, cpu us/conn tunnel {tcpu:.1} server {scpu:.1}, 1 stream {up:.2} / {down:.2} Gbit/s"
     );
-    (rr50, rr99, conn, udp)
+    (rr50, rr99, conn, udp, up, down)
 }
 
 /// Counters that explain stalls: SYN retransmissions, listen queue drops, TUN drops.
@@ -233,6 +429,7 @@ fn main() -> anyhow::Result<()> {
         rr: env_or("LAT_RR", 5000),
         rr_size: env_or("LAT_RR_SIZE", 1),
         conn_secs: env_or("LAT_CONN_SECS", 3.0),
+        bulk_secs: Duration::from_secs_f64(env_or("LAT_BULK_SECS", 3.0)),
         workers: env_or("LAT_WORKERS", 32),
         udp: env_or("LAT_UDP", 2000),
         only: env_or("LAT_ONLY", String::new()),
@@ -273,6 +470,8 @@ fn main() -> anyhow::Result<()> {
     ])?;
     let _echo = EchoServer::start_in(topo.target()).context("echo server")?;
     let _udp = UdpServices::start(topo.target()).context("udp services")?;
+    // Detached: the services run until this program exits.
+    drop(topo.target().enter_async(bulk_services));
     let mut server_cmd: Vec<&str> = vec!["--log-level", "warn"];
     server_cmd.extend(server_args.iter().map(String::as_str));
     let server = start_server(topo.proxy(), &binary, &server_cmd).context("server")?;
@@ -325,7 +524,14 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     };
     let (mut kernel, mut tunnelled) = (Vec::new(), Vec::new());
+    let socks_direct = std::env::var("LAT_SOCKS_DIRECT").is_ok_and(|v| v == "1");
+    let mut direct = Vec::new();
     for round in 1..=rounds {
+        if socks_direct {
+            let d = measure_socks_direct(&topo, &settings, pids)?;
+            print_row(&format!("socks {round}"), &d);
+            direct.push(d);
+        }
         kernel_route(true)?;
         let k = measure(&topo, &settings, pids)?;
         print_row(&format!("kernel {round}"), &k);
@@ -337,12 +543,24 @@ fn main() -> anyhow::Result<()> {
     }
     let k = summary("kernel", &kernel);
     let t = summary("tunnel", &tunnelled);
+    if socks_direct {
+        let d = summary("socks", &direct);
+        let pct = |ours: f64, kernel: f64| ours / kernel.max(f64::MIN_POSITIVE) * 100.0;
+        println!(
+            "SOCKS5 straight to the server, no tunnel, vs kernel: conn/s {:.0}%, 1 stream up {:.0}% / down {:.0}%",
+            pct(d.2, k.2),
+            pct(d.4, k.4),
+            pct(d.5, k.5)
+        );
+    }
     println!(
-        "tunnel vs kernel: rr p50 +{:.0} us, rr p99 x{:.2}, conn/s {:.0}%, udp p50 +{:.0} us",
+        "tunnel vs kernel: rr p50 +{:.0} us, rr p99 x{:.2}, conn/s {:.0}%, udp p50 +{:.0} us, 1 stream up {:.0}% / down {:.0}%",
         t.0 - k.0,
         t.1 / k.1.max(1.0),
         t.2 / k.2.max(1.0) * 100.0,
-        t.3 - k.3
+        t.3 - k.3,
+        t.4 / k.4.max(f64::MIN_POSITIVE) * 100.0,
+        t.5 / k.5.max(f64::MIN_POSITIVE) * 100.0
     );
     let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("load average at end: {}", uptime.trim());
