@@ -246,45 +246,26 @@ async fn bulk(socks: Option<SocketAddr>, secs: Duration) -> std::io::Result<(f64
     Ok((up_rate, gbits(bytes, start.elapsed())))
 }
 
-/// The SOCKS-direct row: no tunnel at all, this program speaks SOCKS5 to the server
-/// itself (`LAT_SOCKS_DIRECT=1`). What the server alone allows bounds what any tunnel
-/// in front of it can reach.
-fn measure_socks_direct(topo: &Topology, s: &Settings, pids: (u32, u32)) -> anyhow::Result<Row> {
-    let target = SocketAddr::from((TARGET_V4, LOAD_ECHO_PORT));
-    let (workers, secs, bulk_secs) = (s.workers, Duration::from_secs_f64(s.conn_secs), s.bulk_secs);
-    let mut row = Row::default();
-    if s.only.is_empty() || s.only == "conn" {
-        let before = (cpu_ticks(pids.0), cpu_ticks(pids.1));
-        let conn = topo.app().within(move || {
-            current_thread()?.block_on(conn_rate(Some(proxy_addr()), target, workers, secs))
-        })?;
-        let per_conn = |ticks: u64| ticks as f64 * 10_000.0 / conn.connections.max(1) as f64;
-        row.cpu = Some((
-            per_conn(cpu_ticks(pids.0).saturating_sub(before.0)),
-            per_conn(cpu_ticks(pids.1).saturating_sub(before.1)),
-        ));
-        row.conn = Some(conn);
-    }
-    if s.only.is_empty() || s.only == "bulk" {
-        row.bulk = Some(
-            topo.app()
-                .within(move || current_thread()?.block_on(bulk(Some(proxy_addr()), bulk_secs)))?,
-        );
-    }
-    Ok(row)
-}
-
 fn current_thread() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
 }
 
-fn measure(topo: &Topology, s: &Settings, pids: (u32, u32)) -> anyhow::Result<Row> {
+/// One round of one path. With `socks` (`LAT_SOCKS_DIRECT=1`) there is no tunnel at
+/// all: this program speaks SOCKS5 to the server itself, for the connection rate and
+/// the stream (what the server alone allows bounds what any tunnel in front of it can
+/// reach); request/response and UDP are left out then.
+fn measure(
+    topo: &Topology,
+    s: &Settings,
+    pids: (u32, u32),
+    socks: Option<SocketAddr>,
+) -> anyhow::Result<Row> {
     let app = topo.app();
     let tcp_target = SocketAddr::from((TARGET_V4, LOAD_ECHO_PORT));
     let mut row = Row::default();
-    if s.only.is_empty() || s.only == "rr" {
+    if socks.is_none() && (s.only.is_empty() || s.only == "rr") {
         row.rr = Some(tcp_rr_in(app, tcp_target, s.rr, s.rr_size)?);
     }
     if s.only.is_empty() || s.only == "conn" {
@@ -292,7 +273,7 @@ fn measure(topo: &Topology, s: &Settings, pids: (u32, u32)) -> anyhow::Result<Ro
         let before = (cpu_ticks(pids.0), cpu_ticks(pids.1));
         let workers = s.workers;
         let conn = app.within(move || {
-            current_thread()?.block_on(conn_rate(None, tcp_target, workers, secs))
+            current_thread()?.block_on(conn_rate(socks, tcp_target, workers, secs))
         })?;
         let per_conn = |ticks: u64| ticks as f64 * 10_000.0 / conn.connections.max(1) as f64;
         row.cpu = Some((
@@ -305,10 +286,10 @@ fn measure(topo: &Topology, s: &Settings, pids: (u32, u32)) -> anyhow::Result<Ro
         let secs = s.bulk_secs;
         row.bulk = Some(
             topo.app()
-                .within(move || current_thread()?.block_on(bulk(None, secs)))?,
+                .within(move || current_thread()?.block_on(bulk(socks, secs)))?,
         );
     }
-    if s.only.is_empty() || s.only == "udp" {
+    if socks.is_none() && (s.only.is_empty() || s.only == "udp") {
         let udp_target = SocketAddr::from((TARGET_V4, UDP_ECHO_PORT));
         let report = udp_latency(app, udp_target, s.udp, 64)?;
         let us = |p| report.percentile(p).map_or(0, |d| d.as_micros() as u64);
@@ -528,16 +509,16 @@ fn main() -> anyhow::Result<()> {
     let mut direct = Vec::new();
     for round in 1..=rounds {
         if socks_direct {
-            let d = measure_socks_direct(&topo, &settings, pids)?;
+            let d = measure(&topo, &settings, pids, Some(proxy_addr()))?;
             print_row(&format!("socks {round}"), &d);
             direct.push(d);
         }
         kernel_route(true)?;
-        let k = measure(&topo, &settings, pids)?;
+        let k = measure(&topo, &settings, pids, None)?;
         print_row(&format!("kernel {round}"), &k);
         kernel.push(k);
         kernel_route(false)?;
-        let t = measure(&topo, &settings, pids)?;
+        let t = measure(&topo, &settings, pids, None)?;
         print_row(&format!("tunnel {round}"), &t);
         tunnelled.push(t);
     }
