@@ -41,6 +41,9 @@ fn binary() -> PathBuf {
 }
 
 /// Target services and our SOCKS server; the namespaces drop last.
+/// A prefix that starts a command with SIGHUP and SIGQUIT at their default action.
+const DEFAULT_SIGNALS: [&str; 2] = ["env", "--default-signal=HUP,QUIT"];
+
 struct Net {
     server: Process,
     _services: Services,
@@ -216,10 +219,14 @@ fn sigterm_sigint_and_sighup_reach_the_program() {
         (Signal::SIGUSR2, "USR2", 47),
     ] {
         let script = format!("trap 'exit {code}' {trap}; echo ready; while :; do sleep 0.05; done");
+        // Started with SIGHUP and SIGQUIT at their default action whatever this test
+        // inherited (under `nohup`, or `&` without job control, they come ignored:
+        // tun2socks then leaves them so, by design, and a shell cannot trap a signal
+        // ignored on entry). `env` execs in place: the pid is still tun2socks's.
         let mut process = net
             .topo
             .app()
-            .spawn(net.exec_command(&binary(), &[], &script))
+            .spawn(net.exec_command(&binary(), &DEFAULT_SIGNALS, &script))
             .unwrap();
         wait_for_line(&process, "ready");
         // To tun2socks only (`ip netns exec` execs in place: the pid is ours), not to

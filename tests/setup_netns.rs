@@ -264,6 +264,13 @@ fn a_signal_at_any_moment_of_setup_leaves_nothing_behind() {
     // stop it as cleanly: they used to kill the process with the default action,
     // rules left in place.
     for signal in [Signal::SIGHUP, Signal::SIGQUIT] {
+        if tun2socks::signals::ignored(signal as i32) {
+            // This test itself started with it ignored (under nohup, or `&` without
+            // job control): the tunnel inherits that and keeps it so, by design
+            // (tunnel_netns covers nohup). Nothing to check for this signal here.
+            eprintln!("{signal} ignored by the test runner: its clean stop is not checked");
+            continue;
+        }
         let mut tunnel = start_tunnel_setup(topo.app(), &binary(), &url, &TUN_ADDRESSES).unwrap();
         kill(Pid::from_raw(tunnel.id() as i32), signal).unwrap();
         let status = tunnel.wait_timeout(Duration::from_secs(10)).unwrap();

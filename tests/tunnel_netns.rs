@@ -382,6 +382,11 @@ fn a_hangup_stops_the_tunnel_unless_started_under_nohup() {
     let net = Net::ours("hup", &[], &socks5_url(), &[]);
     let run = |nohup: bool, signal: nix::sys::signal::Signal| {
         let mut cmd = net.app().command(if nohup { "nohup" } else { "env" });
+        if !nohup {
+            // Plainly started means at the default action, whatever this test
+            // inherited (it may itself run under nohup).
+            cmd.arg("--default-signal=HUP,QUIT");
+        }
         cmd.arg(binary())
             .args(["--proxy", &socks5_url(), "--device", "t2shup"]);
         let mut tunnel = net.app().spawn(cmd).unwrap();
