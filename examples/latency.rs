@@ -1,10 +1,9 @@
 //! Latency, connection rate and one stream through the tunnel beside the kernel path,
 //! in one run: TCP request/response p50/p99 (one connection, small messages),
 //! connections/s (W workers: connect, 1-byte echo, close), UDP echo p50/p99 and one TCP
-//! stream each way. The kernel path and the
-//! tunnel alternate in every round on the same topology (the app's route to the target
-//! network is switched between the forwarding proxy namespace and the TUN), so load on
-//! the machine hits both alike. Needs root. Prints one row per round and the medians.
+//! stream each way. The kernel path and the tunnel alternate in every round on the
+//! same topology (the app's route to the target network is switched between the
+//! forwarding proxy namespace and the TUN), so load on the machine hits both alike. Needs root. Prints one row per round and the medians.
 //!
 //! ```sh
 //! cargo build --release && sudo target/release/examples/latency
@@ -21,8 +20,9 @@
 //! TCP stream each way, 1 MiB writes and reads, this program's own client and target
 //! services), `LAT_SOCKS_DIRECT` (`1`: a third row per round with no tunnel at all,
 //! this program speaking SOCKS5 to the server itself, for the connection rate and the
-//! stream: what the server alone allows, which bounds any tunnel in front of it), `LAT_NICE` (a nice value for every
-//! thread of this program, the tunnel and the server, e.g. -10 on a shared machine),
+//! stream: what the server alone allows, which bounds any tunnel in front of it),
+//! `LAT_NICE` (a nice value for every thread of this program, the tunnel and the
+//! server, e.g. -10 on a shared machine),
 //! `LAT_CPUS` (a CPU list for `taskset`: every thread of this program, the tunnel and
 //! the server runs there, e.g. `0` to see the cost of wake-ups across CPUs).
 //!
@@ -32,10 +32,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -284,10 +283,7 @@ fn measure(
     }
     if s.only.is_empty() || s.only == "bulk" {
         let secs = s.bulk_secs;
-        row.bulk = Some(
-            topo.app()
-                .within(move || current_thread()?.block_on(bulk(socks, secs)))?,
-        );
+        row.bulk = Some(app.within(move || current_thread()?.block_on(bulk(socks, secs)))?);
     }
     if socks.is_none() && (s.only.is_empty() || s.only == "udp") {
         let udp_target = SocketAddr::from((TARGET_V4, UDP_ECHO_PORT));
@@ -524,9 +520,9 @@ fn main() -> anyhow::Result<()> {
     }
     let k = summary("kernel", &kernel);
     let t = summary("tunnel", &tunnelled);
+    let pct = |ours: f64, kernel: f64| ours / kernel.max(f64::MIN_POSITIVE) * 100.0;
     if socks_direct {
         let d = summary("socks", &direct);
-        let pct = |ours: f64, kernel: f64| ours / kernel.max(f64::MIN_POSITIVE) * 100.0;
         println!(
             "SOCKS5 straight to the server, no tunnel, vs kernel: conn/s {:.0}%, 1 stream up {:.0}% / down {:.0}%",
             pct(d.2, k.2),
@@ -538,10 +534,10 @@ fn main() -> anyhow::Result<()> {
         "tunnel vs kernel: rr p50 +{:.0} us, rr p99 x{:.2}, conn/s {:.0}%, udp p50 +{:.0} us, 1 stream up {:.0}% / down {:.0}%",
         t.0 - k.0,
         t.1 / k.1.max(1.0),
-        t.2 / k.2.max(1.0) * 100.0,
+        pct(t.2, k.2),
         t.3 - k.3,
-        t.4 / k.4.max(f64::MIN_POSITIVE) * 100.0,
-        t.5 / k.5.max(f64::MIN_POSITIVE) * 100.0
+        pct(t.4, k.4),
+        pct(t.5, k.5)
     );
     let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("load average at end: {}", uptime.trim());
