@@ -550,3 +550,59 @@ fn crashed_run_is_cleaned_by_the_next() -> Result<()> {
     }
     Ok(())
 }
+
+const BIG_EXIT_ENV: &str = "T2S_TESTBED_BIG_EXIT_HELPER";
+
+/// Does nothing unless run as the child of
+/// [`a_deleted_namespace_waits_for_its_processes_to_finish_exiting`]: then it holds
+/// 2 GiB of written memory (which takes tens of milliseconds to free once killed),
+/// says so and sleeps.
+#[test]
+fn big_exit_helper() {
+    if std::env::var_os(BIG_EXIT_ENV).is_none() {
+        return;
+    }
+    let memory = vec![1u8; 2 << 30];
+    // The harness printed "test big_exit_helper ... " without a newline.
+    println!("\nready {}", memory.len());
+    std::thread::sleep(Duration::from_secs(1000));
+}
+
+/// A namespace's deletion returns only once what it killed has finished exiting, so
+/// whoever deletes it (a selftest stopped by a signal, a test's guard) leaves
+/// nothing running behind it. A process holding 2 GiB took 60 ms to exit after
+/// SIGKILL here; deleting the namespace takes a few.
+#[test]
+fn a_deleted_namespace_waits_for_its_processes_to_finish_exiting() -> Result<()> {
+    needs_root!("a_deleted_namespace_waits_for_its_processes_to_finish_exiting");
+    let namespace = Namespace::create("bigexit")?;
+    let mut child = namespace
+        .command(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "big_exit_helper",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(BIG_EXIT_ENV, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let mut stdout = child.stdout.take().context("stdout")?;
+    let mut seen = String::new();
+    let mut buf = [0u8; 256];
+    while !seen.contains("ready") {
+        let n = stdout.read(&mut buf)?;
+        ensure!(n > 0, "helper ended before it was ready: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    namespace.delete()?;
+    let exited = tun2socks::testbed::namespace::has_exited(pid);
+    let status = child.wait()?;
+    ensure!(
+        exited,
+        "the helper was still exiting when the deletion returned"
+    );
+    ensure!(status.signal() == Some(9), "helper ended with {status}");
+    Ok(())
+}

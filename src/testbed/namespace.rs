@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, PoisonError};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nix::sched::{CloneFlags, setns};
 use nix::sys::signal::{Signal, kill};
@@ -30,9 +31,9 @@ static CREATE_LOCK: Mutex<()> = Mutex::new(());
 
 /// A named network namespace that this process created, deleted on drop.
 ///
-/// Drop kills every process still inside (`ip netns pids`), deletes the namespace
-/// and removes `/etc/netns/NAME`; failures there are logged, not raised. Use
-/// [`Namespace::delete`] to see them.
+/// Drop kills every process still inside (`ip netns pids`), waits (up to 5 s) until
+/// they have exited, deletes the namespace and removes `/etc/netns/NAME`; failures
+/// there are logged, not raised. Use [`Namespace::delete`] to see them.
 #[derive(Debug)]
 pub struct Namespace {
     name: String,
@@ -249,7 +250,10 @@ pub(crate) fn delete_namespace(name: &str) -> io::Result<()> {
     let mut first_error = None;
     if Path::new(NETNS_RUN_DIR).join(name).exists() {
         match pids(name) {
-            Ok(pids) => kill_all(&pids),
+            Ok(pids) => {
+                kill_all(&pids);
+                wait_exited(&pids, EXIT_WAIT);
+            }
             Err(e) => first_error = Some(e),
         }
         if let Err(e) = ip(["netns", "delete", name]) {
@@ -272,6 +276,35 @@ fn pids(name: &str) -> io::Result<Vec<u32>> {
         .split_whitespace()
         .filter_map(|pid| pid.parse().ok())
         .collect())
+}
+
+/// How long [`delete_namespace`] waits for the processes it killed to finish exiting.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until each of `pids` has exited (gone, or a zombie left for its parent),
+/// for at most `limit` in all. SIGKILL is delivered at once, but a process takes a
+/// while to finish exiting: one holding 2 GiB took 60 ms here, so a caller that
+/// exits or checks right after the kill would still see it running.
+fn wait_exited(pids: &[u32], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let own = std::process::id();
+    for &pid in pids.iter().filter(|&&pid| pid != own) {
+        while !has_exited(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Whether `pid` is gone or a zombie (state `Z` or `X` in `/proc/PID/stat`).
+pub fn has_exited(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    // The state follows the command name, which is in parentheses and may hold any
+    // character, ")" too: take the text after the last ")".
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .is_none_or(|state| state == "Z" || state == "X")
 }
 
 /// SIGKILLs `pids`, never this process. Processes that are already gone are fine.
@@ -313,4 +346,30 @@ fn program_name(command: &Command) -> String {
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_else(|| "process".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_running_process_has_not_exited_a_zombie_and_a_missing_one_have() {
+        assert!(!has_exited(std::process::id()));
+        // Beyond the kernel's largest pid (4,194,304).
+        assert!(has_exited(u32::MAX));
+        let mut child = Command::new("sh")
+            .args(["-c", "exit 0"])
+            .spawn()
+            .expect("sh");
+        // Not reaped yet: a zombie once it has exited.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !has_exited(child.id()) {
+            assert!(Instant::now() < deadline, "sh never exited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let stat = fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+        assert!(stat.contains(") Z "), "{stat}");
+        assert!(child.wait().expect("wait").success());
+        assert!(has_exited(child.id()));
+    }
 }
