@@ -106,16 +106,7 @@ fn wait_until_inside(namespace: &Namespace, pid: u32) -> Result<()> {
 
 /// Whether `pid` exists and is not a zombie.
 fn is_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|stat| {
-            let (_, after_name) = stat.rsplit_once(')')?;
-            after_name
-                .split_whitespace()
-                .next()
-                .map(|state| state != "Z")
-        })
-        .unwrap_or(false)
+    !tun2socks::testbed::namespace::has_exited(pid)
 }
 
 #[test]
@@ -597,7 +588,7 @@ fn a_deleted_namespace_waits_for_its_processes_to_finish_exiting() -> Result<()>
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     namespace.delete()?;
-    let exited = tun2socks::testbed::namespace::has_exited(pid);
+    let exited = !is_alive(pid);
     let status = child.wait()?;
     ensure!(
         exited,
