@@ -110,6 +110,15 @@ mod tests {
 
     const US: Duration = Duration::from_micros(1);
 
+    /// A policy of `window` that has seen 40 bursts of work `every` apart from `t0`.
+    fn after_bursts(window: Duration, t0: Instant, every: Duration) -> BusyPoll {
+        let mut busy = BusyPoll::new(window);
+        for i in 0..40 {
+            busy.work(t0 + every * i);
+        }
+        busy
+    }
+
     #[test]
     fn off_never_spins() {
         let mut busy = BusyPoll::new(Duration::ZERO);
@@ -125,18 +134,16 @@ mod tests {
         let window = US * 200;
         let t0 = Instant::now();
 
-        let mut busy = BusyPoll::new(window);
-        assert_eq!(busy.spin_until(t0), None, "no spin before a gap is known");
-        for i in 0..40 {
-            busy.work(t0 + US * 60 * i);
-        }
+        assert_eq!(
+            BusyPoll::new(window).spin_until(t0),
+            None,
+            "no spin before a gap is known"
+        );
+        let busy = after_bursts(window, t0, US * 60);
         let now = t0 + US * 60 * 40;
         assert_eq!(busy.spin_until(now), Some(now + window));
 
-        let mut trickle = BusyPoll::new(window);
-        for i in 0..40 {
-            trickle.work(t0 + Duration::from_millis(100) * i);
-        }
+        let trickle = after_bursts(window, t0, Duration::from_millis(100));
         assert_eq!(trickle.spin_until(t0 + Duration::from_secs(5)), None);
     }
 
@@ -167,10 +174,7 @@ mod tests {
     fn work_during_a_spin_extends_it() {
         let window = US * 100;
         let t0 = Instant::now();
-        let mut busy = BusyPoll::new(window);
-        for i in 0..40 {
-            busy.work(t0 + US * 10 * i);
-        }
+        let mut busy = after_bursts(window, t0, US * 10);
         let now = t0 + US * 400 + US * 30;
         assert_eq!(busy.extend(now, 1500), Some(now + window));
     }
@@ -179,10 +183,7 @@ mod tests {
     fn bulk_transfer_never_spins() {
         let window = US * 200;
         let t0 = Instant::now();
-        let mut busy = BusyPoll::new(window);
-        for i in 0..40 {
-            busy.work(t0 + US * 10 * i);
-        }
+        let mut busy = after_bursts(window, t0, US * 10);
         let now = t0 + US * 400;
         busy.moved(now, 600);
         assert_eq!(busy.spin_until(now), Some(now + window), "small: spins");
